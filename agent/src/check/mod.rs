@@ -1,0 +1,1 @@
+//! `ckpt-agent check`: probes of every kernel feature the engine uses.

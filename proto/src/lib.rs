@@ -1,0 +1,42 @@
+//! ckpt's image messages (generated from `proto/*.proto`) and the framing of
+//! image files: a header with magic, format version and kind, length-delimited
+//! records each with its own crc32c, and a trailer that seals the file.
+
+pub mod frame;
+
+/// Messages stored in checkpoint images.
+pub mod image {
+    include!(concat!(env!("OUT_DIR"), "/ckpt.image.rs"));
+}
+
+pub use frame::{
+    decode_image, decode_one, encode_image, read_image_file, write_image_file, FrameError,
+    ImageKind, FORMAT_VERSION, MAGIC,
+};
+
+/// Serializes binary blobs as hex strings in JSON output.
+pub fn hexbytes<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&hex::encode(bytes))
+}
+
+/// Decodes any framed image into its kind and a JSON rendering of its records.
+pub fn describe(bytes: &[u8]) -> Result<(ImageKind, serde_json::Value), FrameError> {
+    use image::*;
+    fn one<M: prost::Message + Default + serde::Serialize>(
+        bytes: &[u8],
+        kind: ImageKind,
+    ) -> Result<serde_json::Value, FrameError> {
+        let m: M = decode_one(bytes, kind)?;
+        Ok(serde_json::to_value(&m).expect("image messages serialize to JSON"))
+    }
+    let (kind, _) = frame::decode_image(bytes)?;
+    let v = match kind {
+        ImageKind::Inventory => one::<Inventory>(bytes, kind)?,
+        ImageKind::Core => one::<TaskCore>(bytes, kind)?,
+        ImageKind::Mm => one::<MmImage>(bytes, kind)?,
+        ImageKind::PageMap => one::<PageMap>(bytes, kind)?,
+        ImageKind::Files => one::<FdTable>(bytes, kind)?,
+        ImageKind::Node => one::<NodeFingerprint>(bytes, kind)?,
+    };
+    Ok((kind, v))
+}
