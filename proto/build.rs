@@ -25,5 +25,6 @@ fn main() {
     ] {
         cfg.field_attribute(field, "#[serde(serialize_with = \"crate::hexbytes\")]");
     }
-    cfg.compile_fds(fds).expect("generate Rust from .proto files");
+    cfg.compile_fds(fds)
+        .expect("generate Rust from .proto files");
 }

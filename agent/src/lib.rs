@@ -6,4 +6,18 @@
 //! each holding both the dump and the restore of its object.
 
 pub mod check;
+pub mod dump;
+pub mod error;
+pub mod files;
+pub mod images;
+pub mod inject;
+pub mod mm;
+pub mod pages;
+pub mod proc;
+pub mod restore;
+pub mod seize;
+pub mod show;
 pub mod sys;
+pub mod task;
+
+pub use error::{Error, Result};

@@ -1,1 +1,194 @@
-fn main() {}
+//! `ckpt-agent`: the node agent's command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use ckpt_agent::{dump, restore, show};
+use clap::{Parser, Subcommand};
+
+/// Checkpoint and restore of process trees on this node.
+#[derive(Parser)]
+#[command(name = "ckpt-agent", version)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Probe the kernel features dump and restore use, or whether this node
+    /// can restore a checkpoint.
+    Check {
+        /// Only these probes (repeatable).
+        #[arg(long = "feature")]
+        features: Vec<String>,
+        /// Say whether this node can restore the checkpoint in DIR.
+        #[arg(long)]
+        images: Option<PathBuf>,
+    },
+    /// Checkpoint a process into an image directory.
+    Dump {
+        /// The process to checkpoint.
+        #[arg(long = "tree", short = 't')]
+        pid: i32,
+        /// Directory for the images (created; must not hold a checkpoint).
+        #[arg(long, short = 'D')]
+        images: PathBuf,
+        /// Keep the process running after the dump (default: kill it).
+        #[arg(long)]
+        leave_running: bool,
+    },
+    /// Recreate a checkpointed process with its PID.
+    Restore {
+        /// The checkpoint directory.
+        #[arg(long, short = 'D')]
+        images: PathBuf,
+        /// Return once the process runs, printing its PID.
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// Write the restored root PID into FILE.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+    },
+    /// Decode any image file.
+    Show {
+        /// The image file.
+        path: PathBuf,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(e: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ckpt-agent: error: {e}");
+    ExitCode::from(1)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match cli.cmd {
+        Cmd::Check { features, images } => match images {
+            Some(dir) => check_images(&dir, cli.json),
+            None => ExitCode::from(ckpt_agent::check::run_cli(cli.json, &features) as u8),
+        },
+        Cmd::Dump {
+            pid,
+            images,
+            leave_running,
+        } => {
+            let req = dump::DumpRequest {
+                pid,
+                images,
+                leave_running,
+            };
+            match dump::dump(&req) {
+                Ok(r) => {
+                    if cli.json {
+                        println!("{}", serde_json::to_string(&r).expect("report serializes"));
+                    } else {
+                        eprintln!(
+                            "dumped pid {} ({} threads, {} MiB of pages) into {} in {:.1} ms, frozen {:.1} ms",
+                            r.pid,
+                            r.threads,
+                            r.pages_bytes >> 20,
+                            r.images.display(),
+                            r.total_ms,
+                            r.frozen_ms
+                        );
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Restore {
+            images,
+            detach,
+            pidfile,
+        } => {
+            let req = restore::RestoreRequest {
+                images,
+                detach,
+                pidfile,
+            };
+            match restore::restore(&req) {
+                Ok((r, code)) => {
+                    if cli.json {
+                        println!("{}", serde_json::to_string(&r).expect("report serializes"));
+                    } else if detach {
+                        println!("{}", r.pid);
+                    }
+                    match code {
+                        Some(c) => ExitCode::from(c as u8),
+                        None => ExitCode::SUCCESS,
+                    }
+                }
+                Err(e) => fail(e),
+            }
+        }
+        Cmd::Show { path } => match show::show(&path, cli.json) {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+fn check_images(dir: &std::path::Path, json: bool) -> ExitCode {
+    let inv = match ckpt_agent::images::read_inventory(dir) {
+        Ok(i) => i,
+        Err(e) => return fail(e),
+    };
+    let here = match ckpt_agent::check::fingerprint() {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    let why = match &inv.node {
+        Some(n) => ckpt_agent::check::incompatibilities(n, &here),
+        None => vec!["the checkpoint does not say which node it was taken on".to_string()],
+    };
+    let verify = ckpt_agent::images::verify(dir, &inv)
+        .err()
+        .map(|e| e.to_string());
+    let ok = why.is_empty() && verify.is_none();
+    if json {
+        let v = serde_json::json!({"ok": ok, "incompatibilities": why, "integrity_error": verify});
+        println!("{v}");
+    } else if ok {
+        println!("this node can restore the checkpoint in {}", dir.display());
+    } else {
+        for w in &why {
+            println!("cannot restore: {w}");
+        }
+        if let Some(v) = &verify {
+            println!("cannot restore: {v}");
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}

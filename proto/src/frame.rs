@@ -69,7 +69,9 @@ pub enum FrameError {
     },
     #[error("not a ckpt image (bad magic)")]
     BadMagic,
-    #[error("image format version {found} is not supported (this build reads version {FORMAT_VERSION})")]
+    #[error(
+        "image format version {found} is not supported (this build reads version {FORMAT_VERSION})"
+    )]
     Version { found: u32 },
     #[error("unknown image kind {0}")]
     UnknownKind(u32),
@@ -294,7 +296,10 @@ mod tests {
     fn truncation_is_caught() {
         let bytes = encode_image(ImageKind::Inventory, &[sample()]);
         for len in 0..bytes.len() {
-            assert!(decode_image(&bytes[..len]).is_err(), "cut at {len} accepted");
+            assert!(
+                decode_image(&bytes[..len]).is_err(),
+                "cut at {len} accepted"
+            );
         }
     }
 
@@ -307,8 +312,14 @@ mod tests {
         ));
         let mut b = encode_image(ImageKind::Inventory, &[sample()]);
         b[8] = 9;
-        assert!(matches!(decode_image(&b), Err(FrameError::Version { found: 9 })));
-        assert!(matches!(decode_image(b"hello world"), Err(FrameError::BadMagic)));
+        assert!(matches!(
+            decode_image(&b),
+            Err(FrameError::Version { found: 9 })
+        ));
+        assert!(matches!(
+            decode_image(b"hello world"),
+            Err(FrameError::BadMagic)
+        ));
     }
 
     #[test]

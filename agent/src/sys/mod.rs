@@ -1,2 +1,15 @@
 //! The thin syscall layer: every raw syscall, ioctl and ptrace request that
 //! nix does not wrap. Each `unsafe` block carries a `// SAFETY:` note.
+
+pub mod clone;
+pub mod gadget;
+pub mod misc;
+pub mod pagemap;
+pub mod pidfd;
+pub mod ptrace;
+
+pub use misc::mmap_readonly;
+
+pub mod probe;
+pub mod tcp;
+pub mod uffd;

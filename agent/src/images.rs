@@ -1,0 +1,168 @@
+//! A checkpoint directory: image files named after their kind and pid, an
+//! inventory of every file with its size and checksum, written last. A
+//! directory without an inventory holds no checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ckpt_proto::image::{FileEntry, Inventory, PageMap};
+use ckpt_proto::{read_image_file, write_image_file, ImageKind};
+
+use crate::error::{Error, Result};
+use crate::pages;
+
+/// Name of the inventory file.
+pub const INVENTORY: &str = "inventory.img";
+
+/// Name of the image of `kind` for process `pid`.
+pub fn image_name(kind: ImageKind, pid: i32) -> String {
+    format!("{}-{pid}.img", kind.name())
+}
+
+/// Name of the raw pages file of process `pid`.
+pub fn pages_name(pid: i32) -> String {
+    format!("pages-{pid}.img")
+}
+
+/// Writes the files of one checkpoint and remembers them for the inventory.
+pub struct ImageWriter {
+    dir: PathBuf,
+    entries: Mutex<Vec<FileEntry>>,
+}
+
+impl ImageWriter {
+    /// Prepares `dir` (created if needed) for a new checkpoint; refuses a
+    /// directory that already holds a committed one.
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if dir.join(INVENTORY).exists() {
+            return Err(Error::BadImages {
+                dir: dir.to_owned(),
+                reason: "it already holds a checkpoint; choose an empty directory".into(),
+            });
+        }
+        Ok(ImageWriter {
+            dir: dir.to_owned(),
+            entries: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The checkpoint directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn record(&self, name: &str, size: u64, crc32c: u32) {
+        self.entries
+            .lock()
+            .expect("image list lock")
+            .push(FileEntry {
+                name: name.to_string(),
+                size,
+                crc32c,
+            });
+    }
+
+    /// Writes a framed image holding `msg`.
+    pub fn write<M: prost::Message>(&self, name: &str, kind: ImageKind, msg: &M) -> Result<()> {
+        let bytes = write_image_file(&self.dir.join(name), kind, msg)?;
+        self.record(name, bytes.len() as u64, crc32c::crc32c(&bytes));
+        Ok(())
+    }
+
+    /// Records a raw file already written into the directory.
+    pub fn add_raw(&self, name: &str) -> Result<()> {
+        let path = self.dir.join(name);
+        let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        self.record(name, data.len() as u64, crc32c::crc32c(&data));
+        Ok(())
+    }
+
+    /// Records a pages file whose block checksums are in `pm`.
+    pub fn add_pages(&self, pm: &PageMap) {
+        let crc = pages::whole_crc(&pm.block_crc32c, pm.pages_file_size);
+        self.record(&pm.pages_file, pm.pages_file_size, crc);
+    }
+
+    /// Writes the inventory last, which makes the checkpoint exist.
+    pub fn commit(&self, mut inv: Inventory) -> Result<()> {
+        inv.files = self.entries.lock().expect("image list lock").clone();
+        write_image_file(&self.dir.join(INVENTORY), ImageKind::Inventory, &inv)?;
+        let d = std::fs::File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        d.sync_all().map_err(|e| Error::io(&self.dir, e))?;
+        Ok(())
+    }
+
+    /// Removes every file this writer created (after a failed dump).
+    pub fn discard(&self) {
+        for e in self.entries.lock().expect("image list lock").iter() {
+            let _ = std::fs::remove_file(self.dir.join(&e.name));
+        }
+    }
+}
+
+/// Reads a checkpoint's inventory, refusing a directory without one.
+pub fn read_inventory(dir: &Path) -> Result<Inventory> {
+    let path = dir.join(INVENTORY);
+    if !path.exists() {
+        return Err(Error::BadImages {
+            dir: dir.to_owned(),
+            reason: format!("no {INVENTORY}: not a complete checkpoint"),
+        });
+    }
+    Ok(read_image_file(&path, ImageKind::Inventory)?)
+}
+
+/// Checks every file the inventory lists (size and checksum) before
+/// anything is restored. Pages files are checked block by block in
+/// parallel against their index.
+pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
+    let bad = |reason: String| Error::BadImages {
+        dir: dir.to_owned(),
+        reason,
+    };
+    let mut page_files = Vec::new();
+    for e in &inv.files {
+        let path = dir.join(&e.name);
+        let md = std::fs::metadata(&path).map_err(|err| Error::io(&path, err))?;
+        if md.len() != e.size {
+            return Err(bad(format!(
+                "{} is {} bytes, the inventory says {}",
+                e.name,
+                md.len(),
+                e.size
+            )));
+        }
+        if e.name.starts_with("pages-") {
+            page_files.push(e);
+            continue;
+        }
+        let data = std::fs::read(&path).map_err(|err| Error::io(&path, err))?;
+        if crc32c::crc32c(&data) != e.crc32c {
+            return Err(bad(format!(
+                "{} fails its checksum: the image is corrupt",
+                e.name
+            )));
+        }
+    }
+    for e in page_files {
+        let pid: i32 = e
+            .name
+            .trim_start_matches("pages-")
+            .trim_end_matches(".img")
+            .parse()
+            .map_err(|_| bad(format!("unexpected file name {}", e.name)))?;
+        let pm: PageMap = read_image_file(
+            &dir.join(image_name(ImageKind::PageMap, pid)),
+            ImageKind::PageMap,
+        )?;
+        let crc = pages::verify(&pm, &dir.join(&e.name))?;
+        if crc != e.crc32c {
+            return Err(bad(format!(
+                "{} fails its checksum: the image is corrupt",
+                e.name
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,584 @@
+//! A process's address space: dump and restore of its mappings, their
+//! protections and advice, guard regions, the vdso, and the mm fields
+//! (`MmImage`, mm.proto). Page contents go through `pages`.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+
+use ckpt_proto::image::{MmFields, MmImage, PageRange, Vma, VmaKind};
+
+use crate::error::{Error, Result};
+use crate::inject::{read_mem, Remote, Scratch};
+use crate::pages::Extent;
+use crate::proc::{self, MapEntry};
+use crate::sys::pagemap::{self, category, ScanQuery};
+
+/// Advice bits kept in `Vma.madv`, as VmFlags shows them.
+pub mod madv {
+    pub const DONTFORK: u32 = 1 << 0;
+    pub const WIPEONFORK: u32 = 1 << 1;
+    pub const DONTDUMP: u32 = 1 << 2;
+    pub const HUGEPAGE: u32 = 1 << 3;
+    pub const NOHUGEPAGE: u32 = 1 << 4;
+    pub const MERGEABLE: u32 = 1 << 5;
+}
+
+const MADV_GUARD_INSTALL: u64 = 102;
+const PAGE: u64 = 4096;
+
+/// (VmFlags token, our bit, the madvise(2) advice that sets it).
+const ADVICE: [(&str, u32, i32); 6] = [
+    ("dc", madv::DONTFORK, libc::MADV_DONTFORK),
+    ("wf", madv::WIPEONFORK, libc::MADV_WIPEONFORK),
+    ("dd", madv::DONTDUMP, libc::MADV_DONTDUMP),
+    ("hg", madv::HUGEPAGE, libc::MADV_HUGEPAGE),
+    ("nh", madv::NOHUGEPAGE, libc::MADV_NOHUGEPAGE),
+    ("mg", madv::MERGEABLE, libc::MADV_MERGEABLE),
+];
+
+fn special_kind(path: &str) -> Option<VmaKind> {
+    Some(match path {
+        "[vdso]" => VmaKind::VmaVdso,
+        "[vvar]" => VmaKind::VmaVvar,
+        "[vvar_vclock]" => VmaKind::VmaVvarVclock,
+        "[vsyscall]" => VmaKind::VmaVsyscall,
+        _ => return None,
+    })
+}
+
+/// Whether a mapping is one of the kernel's special mappings (vdso and co).
+pub fn is_special(kind: VmaKind) -> bool {
+    matches!(
+        kind,
+        VmaKind::VmaVdso | VmaKind::VmaVvar | VmaKind::VmaVvarVclock | VmaKind::VmaVsyscall
+    )
+}
+
+fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
+    let unsupported = |what: &str| Error::UnsupportedVma {
+        pid,
+        start: m.start,
+        end: m.end,
+        what: format!(
+            "{what}: {}",
+            if m.path.is_empty() {
+                "anonymous"
+            } else {
+                &m.path
+            }
+        ),
+    };
+    if let Some(k) = special_kind(&m.path) {
+        return Ok(k);
+    }
+    if m.has_flag("io") || m.has_flag("pf") {
+        return Err(unsupported("device (I/O or PFN) mapping"));
+    }
+    let deleted = m.path.ends_with(" (deleted)");
+    if m.shared() {
+        if m.path.starts_with("/dev/zero") || (m.inode != 0 && m.path.starts_with("/dev/zero")) {
+            return Ok(VmaKind::VmaAnonShared);
+        }
+        if m.path.starts_with("/SYSV") {
+            return Err(unsupported("SysV shared memory"));
+        }
+        if m.path.starts_with("/memfd:") {
+            return Err(unsupported("shared memfd mapping"));
+        }
+        if deleted || m.inode == 0 {
+            return Err(unsupported("shared mapping of a deleted file"));
+        }
+        return Ok(VmaKind::VmaFileShared);
+    }
+    if m.inode != 0 {
+        if deleted {
+            return Err(unsupported("private mapping of a deleted file"));
+        }
+        if !m.path.starts_with('/') {
+            return Err(unsupported("file mapping without a path"));
+        }
+        return Ok(VmaKind::VmaFilePrivate);
+    }
+    Ok(VmaKind::VmaAnonPrivate)
+}
+
+/// What the dump of an address space produced: its image and the memory
+/// ranges whose content must go to the page store.
+pub struct MmDump {
+    pub image: MmImage,
+    pub extents: Vec<Extent>,
+}
+
+fn file_ident(path: &str) -> (u64, u64) {
+    std::fs::metadata(path)
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        })
+        .unwrap_or((0, 0))
+}
+
+/// Reads the mappings of stopped process `pid` and finds the pages to save:
+/// present anonymous pages (not the shared zero page) and, in private file
+/// mappings, only pages the process changed.
+pub fn dump(pid: i32, brk: u64) -> Result<MmDump> {
+    let maps = proc::smaps(pid)?;
+    let pm_path = format!("/proc/{pid}/pagemap");
+    let pm = std::fs::File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
+    let mut vmas = Vec::with_capacity(maps.len());
+    let mut extents = Vec::new();
+    let mut regions = Vec::new();
+    for m in &maps {
+        let kind = classify(pid, m)?;
+        let mut madv = 0;
+        for (tok, bit, _) in ADVICE {
+            if m.has_flag(tok) {
+                madv |= bit;
+            }
+        }
+        let mut guards = Vec::new();
+        if !is_special(kind) {
+            regions.clear();
+            pagemap::scan(
+                pm.as_fd(),
+                m.start,
+                m.end,
+                ScanQuery {
+                    required: category::GUARD,
+                    returned: category::GUARD,
+                    ..Default::default()
+                },
+                &mut regions,
+            )
+            .map_err(|e| Error::sys(pid, format!("PAGEMAP_SCAN guards {:#x}", m.start), e))?;
+            guards.extend(regions.iter().map(|r| PageRange {
+                start: r.start,
+                end: r.end,
+            }));
+            let save = match kind {
+                VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared => Some(ScanQuery {
+                    inverted: category::PFNZERO,
+                    required: category::PFNZERO,
+                    anyof: category::PRESENT | category::SWAPPED,
+                    returned: category::PRESENT | category::SWAPPED,
+                }),
+                VmaKind::VmaFilePrivate => Some(ScanQuery {
+                    inverted: category::PFNZERO | category::FILE,
+                    required: category::PFNZERO | category::FILE,
+                    anyof: category::PRESENT | category::SWAPPED,
+                    returned: category::PRESENT | category::SWAPPED,
+                }),
+                _ => None,
+            };
+            if let Some(q) = save {
+                regions.clear();
+                pagemap::scan(pm.as_fd(), m.start, m.end, q, &mut regions).map_err(|e| {
+                    Error::sys(pid, format!("PAGEMAP_SCAN {:#x}-{:#x}", m.start, m.end), e)
+                })?;
+                for r in &regions {
+                    match extents.last_mut() {
+                        Some(Extent { end, .. }) if *end == r.start => *end = r.end,
+                        _ => extents.push(Extent {
+                            start: r.start,
+                            end: r.end,
+                        }),
+                    }
+                }
+            }
+        }
+        let (dev, ino) = if kind == VmaKind::VmaFilePrivate || kind == VmaKind::VmaFileShared {
+            file_ident(&m.path)
+        } else {
+            (0, 0)
+        };
+        vmas.push(Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.prot(),
+            kind: kind as i32,
+            path: m.path.clone(),
+            pgoff: m.offset,
+            dev,
+            ino,
+            growsdown: m.has_flag("gd"),
+            madv,
+            vm_flags: m.vm_flags.clone(),
+            guards,
+            shmid: 0,
+        });
+    }
+    let stat = proc::stat(pid, None)?;
+    let auxv_raw = std::fs::read(format!("/proc/{pid}/auxv"))
+        .map_err(|e| Error::io(format!("/proc/{pid}/auxv"), e))?;
+    let auxv = auxv_raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let exe_path = proc::readlink(pid, "exe")?;
+    if exe_path.ends_with(" (deleted)") {
+        return Err(Error::Refused {
+            pid,
+            reason: format!("its executable {exe_path} was deleted; not supported yet"),
+        });
+    }
+    let (exe_dev, exe_ino) = file_ident(&exe_path);
+    let fields = MmFields {
+        start_code: stat.field(26),
+        end_code: stat.field(27),
+        start_stack: stat.field(28),
+        start_data: stat.field(45),
+        end_data: stat.field(46),
+        start_brk: stat.field(47),
+        brk,
+        arg_start: stat.field(48),
+        arg_end: stat.field(49),
+        env_start: stat.field(50),
+        env_end: stat.field(51),
+        auxv,
+        exe_path,
+        exe_dev,
+        exe_ino,
+    };
+    Ok(MmDump {
+        image: MmImage {
+            pid,
+            fields: Some(fields),
+            vmas,
+        },
+        extents,
+    })
+}
+
+/// The vdso-related areas of an address space as (name, start, size).
+fn vdso_areas<'a>(vmas: impl Iterator<Item = (&'a str, u64, u64)>) -> Vec<(String, u64, u64)> {
+    let mut v: Vec<(String, u64, u64)> = vmas
+        .filter(|(p, _, _)| matches!(*p, "[vdso]" | "[vvar]" | "[vvar_vclock]"))
+        .map(|(p, s, e)| (p.to_string(), s, e - s))
+        .collect();
+    v.sort_by_key(|a| a.1);
+    v
+}
+
+/// The vdso layout as names, sizes and offsets from the first area, for
+/// comparing two address spaces.
+fn layout(areas: &[(String, u64, u64)]) -> Vec<(String, u64, i64)> {
+    let base = areas.first().map_or(0, |a| a.1);
+    areas
+        .iter()
+        .map(|(n, s, len)| (n.clone(), *len, *s as i64 - base as i64))
+        .collect()
+}
+
+/// Picks a free, page-aligned range of `size` bytes that overlaps none of
+/// `busy`, high in the address space (where nothing is usually mapped
+/// below the stack).
+pub fn find_gap(busy: &[(u64, u64)], size: u64) -> Option<u64> {
+    let mut b: Vec<(u64, u64)> = busy.to_vec();
+    b.sort_unstable();
+    let top = 0x7ff0_0000_0000u64;
+    let mut hi = top;
+    for &(s, e) in b.iter().rev() {
+        if s >= hi {
+            hi = hi.min(s);
+            continue;
+        }
+        if e <= hi && hi - e >= size + 2 * PAGE {
+            return Some((hi - size - PAGE) & !(PAGE - 1));
+        }
+        hi = hi.min(s);
+    }
+    (hi > size + 0x100_0000).then(|| (hi - size - PAGE) & !(PAGE - 1))
+}
+
+/// Clears the restoring child's address space, inherited from the agent,
+/// keeping only the scratch area and its vdso, which it moves to where the
+/// image had it (refusing when this kernel's vdso layout differs).
+pub fn prepare_address_space(
+    img: &MmImage,
+    child: i32,
+    remote: &Remote,
+    keep: (u64, u64),
+) -> Result<()> {
+    let cur = proc::maps(child)?;
+    let mine = vdso_areas(cur.iter().map(|m| (m.path.as_str(), m.start, m.end)));
+    let theirs = vdso_areas(img.vmas.iter().map(|v| (v.path.as_str(), v.start, v.end)));
+    for m in &cur {
+        let special = special_kind(&m.path).is_some();
+        let is_keep = m.start == keep.0 && m.end == keep.1;
+        if !special && !is_keep {
+            remote.syscall(libc::SYS_munmap, &[m.start, m.end - m.start])?;
+        }
+    }
+    if theirs.is_empty() {
+        for (_, s, len) in &mine {
+            remote.syscall(libc::SYS_munmap, &[*s, *len])?;
+        }
+        return Ok(());
+    }
+    if layout(&mine) != layout(&theirs) {
+        return Err(Error::Incompatible(format!(
+            "the vdso layout of this node {:?} differs from the checkpoint's {:?}",
+            layout(&mine),
+            layout(&theirs)
+        )));
+    }
+    if mine.first().map(|a| a.1) == theirs.first().map(|a| a.1) {
+        return Ok(());
+    }
+    // Move through a temporary place so no area lands on another one.
+    let mut busy: Vec<(u64, u64)> = img.vmas.iter().map(|v| (v.start, v.end)).collect();
+    busy.extend(mine.iter().map(|(_, s, l)| (*s, s + l)));
+    busy.push(keep);
+    let total = theirs.last().map(|a| a.1 + a.2).unwrap_or(0) - theirs[0].1;
+    let tmp = find_gap(&busy, total).ok_or_else(|| Error::Refused {
+        pid: child,
+        reason: "no room to move the vdso".into(),
+    })?;
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    let base = mine[0].1;
+    for (_, s, len) in &mine {
+        remote.syscall(libc::SYS_mremap, &[*s, *len, *len, flags, tmp + (s - base)])?;
+    }
+    for ((_, s, len), (_, dst, _)) in mine.iter().zip(&theirs) {
+        remote.syscall(
+            libc::SYS_mremap,
+            &[tmp + (s - base), *len, *len, flags, *dst],
+        )?;
+    }
+    Ok(())
+}
+
+/// Sets the mm fields and the exe link with one PR_SET_MM_MAP.
+pub fn restore_fields(img: &MmImage, remote: &Remote, scratch: &mut Scratch) -> Result<()> {
+    let f = img.fields.as_ref().ok_or_else(|| Error::Refused {
+        pid: img.pid,
+        reason: "mm image has no fields".into(),
+    })?;
+    scratch.reset();
+    let path = scratch.put_cstr(&f.exe_path)?;
+    let fd = remote.syscall(
+        libc::SYS_openat,
+        &[
+            libc::AT_FDCWD as u64,
+            path,
+            (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+            0,
+        ],
+    )?;
+    let auxv: Vec<u8> = f.auxv.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let auxv_p = scratch.put(&auxv)?;
+    let mut map = Vec::with_capacity(104);
+    for v in [
+        f.start_code,
+        f.end_code,
+        f.start_data,
+        f.end_data,
+        f.start_brk,
+        f.brk,
+        f.start_stack,
+        f.arg_start,
+        f.arg_end,
+        f.env_start,
+        f.env_end,
+        auxv_p,
+    ] {
+        map.extend_from_slice(&v.to_le_bytes());
+    }
+    map.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
+    map.extend_from_slice(&(fd as u32).to_le_bytes());
+    let map_p = scratch.put(&map)?;
+    const PR_SET_MM: u64 = 35;
+    const PR_SET_MM_MAP: u64 = 14;
+    let r = remote.syscall(
+        libc::SYS_prctl,
+        &[PR_SET_MM, PR_SET_MM_MAP, map_p, map.len() as u64, 0],
+    );
+    remote.syscall(libc::SYS_close, &[fd])?;
+    r.map(|_| ())
+}
+
+/// Creates every mapping of the image (writable for now, so that pages can
+/// be filled in), leaving the special ones alone.
+pub fn restore_mappings(img: &MmImage, remote: &Remote, scratch: &mut Scratch) -> Result<()> {
+    let mut fds: HashMap<(String, bool), u64> = HashMap::new();
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let result = (|| -> Result<()> {
+        for v in &img.vmas {
+            let kind = VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaAnonPrivate);
+            let len = v.end - v.start;
+            let grows = if v.growsdown { libc::MAP_GROWSDOWN } else { 0 };
+            let fixed = libc::MAP_FIXED;
+            match kind {
+                VmaKind::VmaAnonPrivate => {
+                    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | fixed | grows;
+                    remote.syscall(
+                        libc::SYS_mmap,
+                        &[v.start, len, rw, flags as u64, u64::MAX, 0],
+                    )?;
+                }
+                VmaKind::VmaAnonShared => {
+                    let flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | fixed;
+                    remote.syscall(
+                        libc::SYS_mmap,
+                        &[v.start, len, rw, flags as u64, u64::MAX, 0],
+                    )?;
+                }
+                VmaKind::VmaFilePrivate | VmaKind::VmaFileShared => {
+                    let shared = kind == VmaKind::VmaFileShared;
+                    let writable = shared && v.vm_flags.iter().any(|f| f == "mw");
+                    let key = (v.path.clone(), writable);
+                    let fd = match fds.get(&key) {
+                        Some(fd) => *fd,
+                        None => {
+                            scratch.reset();
+                            let p = scratch.put_cstr(&v.path)?;
+                            let mode = if writable {
+                                libc::O_RDWR
+                            } else {
+                                libc::O_RDONLY
+                            };
+                            let fd = remote
+                                .syscall(
+                                    libc::SYS_openat,
+                                    &[libc::AT_FDCWD as u64, p, (mode | libc::O_CLOEXEC) as u64, 0],
+                                )
+                                .map_err(|e| Error::Refused {
+                                    pid: img.pid,
+                                    reason: format!(
+                                        "cannot open {} to map it at {:#x}: {e}",
+                                        v.path, v.start
+                                    ),
+                                })?;
+                            fds.insert(key, fd);
+                            fd
+                        }
+                    };
+                    let (prot, share) = if shared {
+                        (v.prot as u64, libc::MAP_SHARED)
+                    } else {
+                        (rw | v.prot as u64, libc::MAP_PRIVATE)
+                    };
+                    remote.syscall(
+                        libc::SYS_mmap,
+                        &[
+                            v.start,
+                            len,
+                            prot,
+                            (share | fixed | grows) as u64,
+                            fd,
+                            v.pgoff,
+                        ],
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    })();
+    for fd in fds.values() {
+        remote.syscall(libc::SYS_close, &[*fd])?;
+    }
+    result
+}
+
+/// Gives every mapping its final protection and advice, and reinstalls
+/// guard regions, once its pages are in.
+pub fn finish_mappings(img: &MmImage, remote: &Remote) -> Result<()> {
+    for v in &img.vmas {
+        let kind = VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaAnonPrivate);
+        if is_special(kind) {
+            continue;
+        }
+        let len = v.end - v.start;
+        for (_, bit, advice) in ADVICE {
+            if v.madv & bit != 0 {
+                remote.syscall(libc::SYS_madvise, &[v.start, len, advice as u64])?;
+            }
+        }
+        for g in &v.guards {
+            remote.syscall(
+                libc::SYS_madvise,
+                &[g.start, g.end - g.start, MADV_GUARD_INSTALL],
+            )?;
+        }
+        remote.syscall(libc::SYS_mprotect, &[v.start, len, v.prot as u64])?;
+    }
+    Ok(())
+}
+
+/// Reads the current program break of a stopped task (brk(0) inside it).
+pub fn current_brk(remote: &Remote) -> Result<u64> {
+    remote.syscall(libc::SYS_brk, &[0])
+}
+
+/// Finds a `syscall` instruction (bytes 0f 05) in the task's vdso, to make
+/// it run injected system calls without writing to its code.
+pub fn find_syscall_gadget(pid: i32) -> Result<u64> {
+    let maps = proc::maps(pid)?;
+    let candidates = maps.iter().filter(|m| m.path == "[vdso]").chain(
+        maps.iter()
+            .filter(|m| m.perms.starts_with("r-x") && m.path != "[vsyscall]"),
+    );
+    for m in candidates {
+        let len = (m.end - m.start).min(1 << 20) as usize;
+        let Ok(code) = read_mem(pid, m.start, len) else {
+            continue;
+        };
+        if let Some(i) = code.windows(2).position(|w| w == [0x0f, 0x05]) {
+            return Ok(m.start + i as u64);
+        }
+    }
+    Err(Error::Refused {
+        pid,
+        reason: "no syscall instruction found in its vdso or code".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gap_avoids_busy_ranges() {
+        let busy = [
+            (0x7fef_ffff_0000, 0x7ff0_0000_0000),
+            (0x7fef_fff0_0000, 0x7fef_fff8_0000),
+        ];
+        let g = find_gap(&busy, 0x10000).unwrap();
+        for (s, e) in busy {
+            assert!(
+                g + 0x10000 <= s || g >= e,
+                "gap {g:#x} overlaps {s:#x}-{e:#x}"
+            );
+        }
+        assert_eq!(g % PAGE, 0);
+    }
+
+    #[test]
+    fn vdso_layout_compares_relative_offsets() {
+        let a = vdso_areas(
+            [
+                ("[vvar]", 0x1000u64, 0x5000u64),
+                ("[vdso]", 0x7000, 0x9000),
+                ("x", 0, 1),
+            ]
+            .into_iter(),
+        );
+        let b = vdso_areas(
+            [
+                ("[vdso]", 0x17000u64, 0x19000u64),
+                ("[vvar]", 0x11000, 0x15000),
+            ]
+            .into_iter(),
+        );
+        assert_eq!(layout(&a), layout(&b));
+        let c = vdso_areas(
+            [
+                ("[vdso]", 0x16000u64, 0x18000u64),
+                ("[vvar]", 0x11000, 0x15000),
+            ]
+            .into_iter(),
+        );
+        assert_ne!(layout(&a), layout(&c));
+    }
+}

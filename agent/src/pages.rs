@@ -1,0 +1,299 @@
+//! The page store: page contents of a process in one raw file, indexed by
+//! a `PageMap` (pagemap.proto) of runs of virtual pages with their offsets,
+//! checked by a crc32c per block.
+//!
+//! Copying is parallel (rayon) in chunks aligned to the crc blocks, each
+//! worker reusing one chunk-sized buffer: the agent's memory stays bounded
+//! whatever the size of the process.
+
+use std::fs::File;
+use std::io::{IoSlice, IoSliceMut};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use ckpt_proto::image::{PageMap, PageRun};
+use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::unistd::Pid;
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Flag of a `PageRun` whose content is in the pages file.
+pub const PAGE_PRESENT: u32 = 1;
+/// Size of a checksummed block of the pages file.
+pub const BLOCK: u64 = 1 << 20;
+/// Size of one copy job; a multiple of `BLOCK`.
+pub const CHUNK: u64 = 4 << 20;
+/// Most remote iovecs one process_vm_* call takes (IOV_MAX).
+const MAX_IOV: usize = 1024;
+
+/// A range of virtual memory whose content must be saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A piece of copy work: a contiguous range of the pages file and the
+/// virtual ranges that fill it, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Job {
+    file_off: u64,
+    len: u64,
+    iov: Vec<(u64, u64)>,
+}
+
+/// Lays extents out in the pages file and cuts the result into jobs that
+/// never cross a `CHUNK` boundary of the file (so block checksums can be
+/// computed by the job that owns the block).
+fn plan(extents: &[Extent]) -> (Vec<PageRun>, Vec<Job>, u64) {
+    let mut runs = Vec::with_capacity(extents.len());
+    let mut jobs: Vec<Job> = Vec::new();
+    let mut off = 0u64;
+    for e in extents {
+        let page = 4096;
+        runs.push(PageRun {
+            vaddr: e.start,
+            nr_pages: (e.end - e.start) / page,
+            offset: off,
+            flags: PAGE_PRESENT,
+        });
+        let mut va = e.start;
+        while va < e.end {
+            let chunk_end = (off / CHUNK + 1) * CHUNK;
+            let n = (e.end - va).min(chunk_end - off);
+            match jobs.last_mut() {
+                Some(j)
+                    if j.file_off + j.len == off && off % CHUNK != 0 && j.iov.len() < MAX_IOV =>
+                {
+                    j.len += n;
+                    j.iov.push((va, n));
+                }
+                _ => jobs.push(Job {
+                    file_off: off,
+                    len: n,
+                    iov: vec![(va, n)],
+                }),
+            }
+            va += n;
+            off += n;
+        }
+    }
+    (runs, jobs, off)
+}
+
+fn remote_iov(iov: &[(u64, u64)]) -> Vec<RemoteIoVec> {
+    iov.iter()
+        .map(|&(base, len)| RemoteIoVec {
+            base: base as usize,
+            len: len as usize,
+        })
+        .collect()
+}
+
+/// Reads a job's memory, through /proc/PID/mem when process_vm_readv
+/// cannot (PROT_NONE or otherwise unreadable pages).
+fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8]) -> Result<()> {
+    let n = process_vm_readv(
+        Pid::from_raw(pid),
+        &mut [IoSliceMut::new(buf)],
+        &remote_iov(&job.iov),
+    )
+    .unwrap_or(0);
+    if n as u64 == job.len {
+        return Ok(());
+    }
+    let mut at = 0usize;
+    for &(va, len) in &job.iov {
+        mem.read_exact_at(&mut buf[at..at + len as usize], va)
+            .map_err(|e| Error::sys(pid, format!("reading memory at {va:#x}+{len:#x}"), e))?;
+        at += len as usize;
+    }
+    Ok(())
+}
+
+/// Copies the given extents of process `pid` into `pages_path` and returns
+/// the index. Extents must be page-aligned and sorted.
+pub fn dump(pid: i32, extents: &[Extent], pages_path: &Path, pages_name: &str) -> Result<PageMap> {
+    let (runs, jobs, total) = plan(extents);
+    let file = File::create(pages_path).map_err(|e| Error::io(pages_path, e))?;
+    file.set_len(total).map_err(|e| Error::io(pages_path, e))?;
+    let mem_path = format!("/proc/{pid}/mem");
+    let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
+    let nblocks = total.div_ceil(BLOCK) as usize;
+    let pieces: Vec<Vec<(u64, u32, u64)>> = jobs
+        .par_iter()
+        .map_init(
+            || vec![0u8; CHUNK as usize],
+            |buf, job| -> Result<Vec<(u64, u32, u64)>> {
+                let b = &mut buf[..job.len as usize];
+                read_job(pid, &mem, job, b)?;
+                file.write_all_at(b, job.file_off)
+                    .map_err(|e| Error::io(pages_path, e))?;
+                // Checksum while the chunk is still in cache: one piece per
+                // block the job touches, combined into block sums below.
+                let mut out = Vec::new();
+                let mut s = job.file_off;
+                let end = job.file_off + job.len;
+                while s < end {
+                    let e = ((s / BLOCK + 1) * BLOCK).min(end);
+                    let piece = &b[(s - job.file_off) as usize..(e - job.file_off) as usize];
+                    out.push((s, crc32c::crc32c(piece), e - s));
+                    s = e;
+                }
+                Ok(out)
+            },
+        )
+        .collect::<Result<_>>()?;
+    let mut pieces: Vec<(u64, u32, u64)> = pieces.into_iter().flatten().collect();
+    pieces.sort_unstable_by_key(|p| p.0);
+    let mut block_crc32c = vec![0u32; nblocks];
+    for (off, crc, len) in pieces {
+        let b = (off / BLOCK) as usize;
+        block_crc32c[b] = crc32c::crc32c_combine(block_crc32c[b], crc, len as usize);
+    }
+    Ok(PageMap {
+        pid,
+        page_size: 4096,
+        pages_file: pages_name.to_string(),
+        pages_file_size: total,
+        block_size: BLOCK,
+        block_crc32c,
+        runs,
+    })
+}
+
+/// Checksums every block of the pages file, in parallel.
+fn block_checksums(file: &File, path: &Path, total: u64) -> Result<Vec<u32>> {
+    if total == 0 {
+        return Ok(Vec::new());
+    }
+    let map = crate::sys::mmap_readonly(file).map_err(|e| Error::io(path, e))?;
+    Ok(map.par_chunks(BLOCK as usize).map(crc32c::crc32c).collect())
+}
+
+/// Checks every block of a pages file against its index, before anything
+/// is restored from it, and returns the whole file's checksum.
+pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let bad = |reason: String| Error::BadImages {
+        dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        reason,
+    };
+    if len != pm.pages_file_size {
+        return Err(bad(format!(
+            "{} is {len} bytes, its index says {}",
+            pm.pages_file, pm.pages_file_size
+        )));
+    }
+    let sums = block_checksums(&file, path, len)?;
+    if sums.len() != pm.block_crc32c.len() {
+        return Err(bad(format!("{}: block count mismatch", pm.pages_file)));
+    }
+    if let Some(i) = sums.iter().zip(&pm.block_crc32c).position(|(a, b)| a != b) {
+        return Err(bad(format!(
+            "{}: block {i} (bytes {}..{}) fails its checksum: the image is corrupt",
+            pm.pages_file,
+            i as u64 * BLOCK,
+            ((i as u64 + 1) * BLOCK).min(len)
+        )));
+    }
+    Ok(whole_crc(&sums, len))
+}
+
+/// The crc32c of a whole file from the crc32c of its blocks.
+pub fn whole_crc(blocks: &[u32], len: u64) -> u32 {
+    let mut crc = 0u32;
+    for (i, b) in blocks.iter().enumerate() {
+        let blen = (len - i as u64 * BLOCK).min(BLOCK);
+        crc = crc32c::crc32c_combine(crc, *b, blen as usize);
+    }
+    crc
+}
+
+/// Writes the saved pages into process `pid`, whose mappings must already
+/// exist and be writable.
+pub fn restore(pid: i32, pm: &PageMap, path: &Path) -> Result<()> {
+    if pm.pages_file_size == 0 {
+        return Ok(());
+    }
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(path, e))?;
+    let extents: Vec<Extent> = pm
+        .runs
+        .iter()
+        .filter(|r| r.flags & PAGE_PRESENT != 0)
+        .map(|r| Extent {
+            start: r.vaddr,
+            end: r.vaddr + r.nr_pages * pm.page_size as u64,
+        })
+        .collect();
+    let (_, jobs, total) = plan(&extents);
+    if total != pm.pages_file_size {
+        return Err(Error::BadImages {
+            dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+            reason: format!("{}: index does not cover the pages file", pm.pages_file),
+        });
+    }
+    jobs.par_iter().try_for_each(|job| -> Result<()> {
+        let src = &map[job.file_off as usize..(job.file_off + job.len) as usize];
+        let n = process_vm_writev(
+            Pid::from_raw(pid),
+            &[IoSlice::new(src)],
+            &remote_iov(&job.iov),
+        )
+        .map_err(|e| Error::sys(pid, format!("process_vm_writev at {:#x}", job.iov[0].0), e))?;
+        if n as u64 != job.len {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "short write of pages at {:#x}: {n} of {} bytes",
+                    job.iov[0].0, job.len
+                ),
+            });
+        }
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_respects_chunks_and_order() {
+        let ex = [
+            Extent {
+                start: 0x1000,
+                end: 0x3000,
+            },
+            Extent {
+                start: 0x10000,
+                end: 0x10000 + 2 * CHUNK,
+            },
+        ];
+        let (runs, jobs, total) = plan(&ex);
+        assert_eq!(total, 0x2000 + 2 * CHUNK);
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[1].offset, 0x2000);
+        // Jobs tile the file exactly, in order, none crossing a chunk edge.
+        let mut off = 0;
+        for j in &jobs {
+            assert_eq!(j.file_off, off);
+            assert_eq!(j.iov.iter().map(|i| i.1).sum::<u64>(), j.len);
+            assert_eq!(j.file_off / CHUNK, (j.file_off + j.len - 1) / CHUNK);
+            off += j.len;
+        }
+        assert_eq!(off, total);
+    }
+
+    #[test]
+    fn whole_crc_matches_direct() {
+        let data: Vec<u8> = (0..(BLOCK as usize * 2 + 777))
+            .map(|i| (i * 7) as u8)
+            .collect();
+        let blocks: Vec<u32> = data.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
+        assert_eq!(whole_crc(&blocks, data.len() as u64), crc32c::crc32c(&data));
+    }
+}

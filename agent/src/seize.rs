@@ -1,0 +1,214 @@
+//! Stopping every thread of a process under ptrace, and letting them go
+//! again exactly as they were.
+
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::unistd::Pid;
+use tracing::{debug, warn};
+
+use crate::error::{Context, Error, Result};
+use crate::inject::{self, Regs};
+use crate::proc;
+use crate::sys;
+
+/// A seized thread with the state it had when it stopped.
+pub struct Thread {
+    pub tid: i32,
+    pub regs: Regs,
+    pub sigmask: u64,
+}
+
+/// Every thread of one process, stopped. Dropping it lets them run again
+/// with their original registers and signal masks, so that any failure
+/// leaves the process as it was.
+pub struct Seized {
+    pub pid: i32,
+    pub threads: Vec<Thread>,
+    released: bool,
+}
+
+/// Refuses targets that must never be checkpointed.
+pub fn check_target(pid: i32) -> Result<()> {
+    if pid <= 0 {
+        return Err(Error::Refused {
+            pid,
+            reason: "not a valid process id".into(),
+        });
+    }
+    let stat = proc::stat(pid, None)?;
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    if stat.field(9) & PF_KTHREAD != 0 {
+        return Err(Error::Refused {
+            pid,
+            reason: format!(
+                "it is a kernel thread ({}); only user processes can be checkpointed",
+                stat.comm
+            ),
+        });
+    }
+    if pid == 1 {
+        return Err(Error::Refused {
+            pid,
+            reason: "it is this system's init; checkpointing it would stop the machine".into(),
+        });
+    }
+    let me = std::process::id() as i32;
+    let mut p = me;
+    while p > 1 {
+        if p == pid {
+            return Err(Error::Refused {
+                pid,
+                reason: "it is the agent itself or one of its ancestors".into(),
+            });
+        }
+        p = proc::stat(p, None).map(|s| s.field(4) as i32).unwrap_or(0);
+    }
+    Ok(())
+}
+
+impl Seized {
+    /// Seizes and interrupts every thread of `pid`, looping until no new
+    /// thread appears (new clones are auto-attached meanwhile).
+    pub fn process(pid: i32) -> Result<Self> {
+        let mut s = Seized {
+            pid,
+            threads: Vec::new(),
+            released: false,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        loop {
+            let tids = proc::tids(pid)?;
+            let new: Vec<i32> = tids.into_iter().filter(|t| !seen.contains(t)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for tid in new {
+                seen.insert(tid);
+                let t = Pid::from_raw(tid);
+                match ptrace::seize(t, inject::seize_options(false)) {
+                    Ok(()) => {
+                        ptrace::interrupt(t).ctx(tid, || "PTRACE_INTERRUPT".into())?;
+                    }
+                    // A thread that exited between listing and seizing.
+                    Err(Errno::ESRCH) => continue,
+                    // Auto-attached already as a clone of a seized thread.
+                    Err(Errno::EPERM) if traced_by_us(pid, tid) => {}
+                    Err(e) => {
+                        return Err(Error::sys(
+                            tid,
+                            "PTRACE_SEIZE (is it traced by a debugger, or protected by Yama?)",
+                            e,
+                        ))
+                    }
+                }
+                inject::wait_interrupt_stop(t)?;
+                let regs = inject::get_regs(t)?;
+                let sigmask =
+                    sys::ptrace::get_sigmask(t).ctx(tid, || "PTRACE_GETSIGMASK".into())?;
+                s.threads.push(Thread { tid, regs, sigmask });
+            }
+        }
+        if s.threads.is_empty() {
+            return Err(Error::NoProcess { pid });
+        }
+        // The thread group leader comes first: it is the one we inject into.
+        s.threads.sort_by_key(|t| (t.tid != pid, t.tid));
+        if s.threads[0].tid != pid {
+            return Err(Error::Refused {
+                pid,
+                reason: "its main thread has exited (zombie leader); not supported yet".into(),
+            });
+        }
+        debug!(pid, threads = s.threads.len(), "seized");
+        Ok(s)
+    }
+
+    /// Blocks every signal in every thread, so none is delivered while the
+    /// agent makes them run system calls (the original masks come back on release).
+    pub fn block_signals(&self) -> Result<()> {
+        for t in &self.threads {
+            sys::ptrace::set_sigmask(Pid::from_raw(t.tid), !0u64)
+                .ctx(t.tid, || "PTRACE_SETSIGMASK".into())?;
+        }
+        Ok(())
+    }
+
+    /// Lets every thread run on as before.
+    pub fn release(mut self) -> Result<()> {
+        self.released = true;
+        let mut first_err = None;
+        for t in &self.threads {
+            if let Err(e) = resume_thread(t) {
+                warn!(tid = t.tid, "could not resume thread cleanly: {e}");
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Kills the process (after a dump without --leave-running) and waits
+    /// until it is gone.
+    pub fn kill(mut self) -> Result<()> {
+        self.released = true;
+        let pidfd = sys::pidfd::pidfd_open(self.pid).ctx(self.pid, || "pidfd_open".into())?;
+        nix::sys::signal::kill(Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL)
+            .ctx(self.pid, || "kill(SIGKILL)".into())?;
+        // Killed tracees linger as zombies until their tracer collects
+        // them; the leader is reported only after every other thread.
+        for t in self.threads.iter().rev() {
+            loop {
+                match nix::sys::wait::waitpid(
+                    Pid::from_raw(t.tid),
+                    Some(nix::sys::wait::WaitPidFlag::__WALL),
+                ) {
+                    Ok(
+                        nix::sys::wait::WaitStatus::Exited(..)
+                        | nix::sys::wait::WaitStatus::Signaled(..),
+                    ) => break,
+                    Ok(_) | Err(Errno::EINTR) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        use std::os::fd::AsFd;
+        let mut fds = [nix::poll::PollFd::new(
+            pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
+            .ctx(self.pid, || "waiting for the process to exit".into())?;
+        Ok(())
+    }
+}
+
+fn resume_thread(t: &Thread) -> Result<()> {
+    let tid = Pid::from_raw(t.tid);
+    inject::set_regs(tid, inject::normalize_restart(t.regs, true))?;
+    sys::ptrace::set_sigmask(tid, t.sigmask).ctx(t.tid, || "PTRACE_SETSIGMASK".into())?;
+    ptrace::detach(tid, None).ctx(t.tid, || "PTRACE_DETACH".into())
+}
+
+fn traced_by_us(pid: i32, tid: i32) -> bool {
+    proc::read(pid, &format!("task/{tid}/status"))
+        .map(|s| {
+            proc::parse_status(&s).get("TracerPid").map(String::as_str)
+                == Some(&std::process::id().to_string())
+        })
+        .unwrap_or(false)
+}
+
+impl Drop for Seized {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        for t in &self.threads {
+            if let Err(e) = resume_thread(t) {
+                warn!(
+                    tid = t.tid,
+                    "could not resume thread after a failed dump: {e}"
+                );
+            }
+        }
+    }
+}
