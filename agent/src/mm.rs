@@ -156,15 +156,16 @@ pub fn dump(pid: i32, brk: u64) -> Result<MmDump> {
                 end: r.end,
             }));
             let save = match kind {
+                // Guard markers are swap-like entries: never content.
                 VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared => Some(ScanQuery {
-                    inverted: category::PFNZERO,
-                    required: category::PFNZERO,
+                    inverted: category::PFNZERO | category::GUARD,
+                    required: category::PFNZERO | category::GUARD,
                     anyof: category::PRESENT | category::SWAPPED,
                     returned: category::PRESENT | category::SWAPPED,
                 }),
                 VmaKind::VmaFilePrivate => Some(ScanQuery {
-                    inverted: category::PFNZERO | category::FILE,
-                    required: category::PFNZERO | category::FILE,
+                    inverted: category::PFNZERO | category::FILE | category::GUARD,
+                    required: category::PFNZERO | category::FILE | category::GUARD,
                     anyof: category::PRESENT | category::SWAPPED,
                     returned: category::PRESENT | category::SWAPPED,
                 }),

@@ -64,7 +64,9 @@ fn plan(extents: &[Extent]) -> (Vec<PageRun>, Vec<Job>, u64) {
             let n = (e.end - va).min(chunk_end - off);
             match jobs.last_mut() {
                 Some(j)
-                    if j.file_off + j.len == off && off % CHUNK != 0 && j.iov.len() < MAX_IOV =>
+                    if j.file_off + j.len == off
+                        && !off.is_multiple_of(CHUNK)
+                        && j.iov.len() < MAX_IOV =>
                 {
                     j.len += n;
                     j.iov.push((va, n));

@@ -246,6 +246,8 @@ pub struct TimerInfo {
     pub sigev_value: u64,
     /// "signal", "thread", or "none".
     pub notify: String,
+    /// Whether the signal goes to one thread (SIGEV_THREAD_ID).
+    pub to_thread: bool,
     pub notify_tid: i32,
     pub clock_id: i32,
 }
@@ -272,6 +274,7 @@ pub fn parse_timers(text: &str) -> Vec<TimerInfo> {
             "notify" => {
                 if let (Some(t), Some((kind, who))) = (out.last_mut(), v.split_once('/')) {
                     t.notify = kind.to_string();
+                    t.to_thread = who.starts_with("tid");
                     t.notify_tid = who
                         .split_once('.')
                         .and_then(|(_, n)| n.parse().ok())
@@ -284,6 +287,48 @@ pub fn parse_timers(text: &str) -> Vec<TimerInfo> {
                 }
             }
             _ => {}
+        }
+    }
+    out
+}
+
+/// Parses /proc/PID/limits into (resource number, soft, hard) triples.
+pub fn parse_limits(text: &str) -> Vec<(i32, u64, u64)> {
+    // The rows follow the kernel's RLIMIT_* order.
+    const NAMES: [&str; 16] = [
+        "Max cpu time",
+        "Max file size",
+        "Max data size",
+        "Max stack size",
+        "Max core file size",
+        "Max resident set",
+        "Max processes",
+        "Max open files",
+        "Max locked memory",
+        "Max address space",
+        "Max file locks",
+        "Max pending signals",
+        "Max msgqueue size",
+        "Max nice priority",
+        "Max realtime priority",
+        "Max realtime timeout",
+    ];
+    let val = |s: &str| {
+        if s == "unlimited" {
+            u64::MAX
+        } else {
+            s.parse().unwrap_or(u64::MAX)
+        }
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        for (i, name) in NAMES.iter().enumerate() {
+            if let Some(rest) = line.strip_prefix(name) {
+                let mut it = rest.split_whitespace();
+                if let (Some(soft), Some(hard)) = (it.next(), it.next()) {
+                    out.push((i as i32, val(soft), val(hard)));
+                }
+            }
         }
     }
     out
@@ -332,8 +377,20 @@ VmFlags: rd ex mr mw me dc \n";
         assert_eq!(t[0].signo, 14);
         assert_eq!(t[0].sigev_value, 0x7f00deadbeef);
         assert_eq!(t[0].notify, "thread");
+        assert!(t[0].to_thread);
         assert_eq!(t[0].notify_tid, 77);
         assert_eq!(t[1].notify, "none");
+        assert!(!t[1].to_thread);
+    }
+
+    #[test]
+    fn limits_parse() {
+        let l = parse_limits(
+            "Limit                     Soft Limit           Hard Limit           Units     \n\
+Max cpu time              unlimited            unlimited            seconds   \n\
+Max open files            512                  1024                 files     \n",
+        );
+        assert_eq!(l, vec![(0, u64::MAX, u64::MAX), (7, 512, 1024)]);
     }
 
     #[test]

@@ -306,7 +306,7 @@ fn build(img: &Images, dir: &Path, child: i32, detach: bool) -> Result<f64> {
     }
     task::restore_seccomp(&img.core, &remotes, &mut scratch)?;
     task::restore_creds(&img.core, main, &mut scratch)?;
-    task::restore_pending(&img.core, main, &mut scratch)?;
+    task::restore_pending(&img.core, &remotes, &mut scratch)?;
     main.syscall(libc::SYS_munmap, &[scratch_addr, SCRATCH_LEN])?;
     for th in &img.core.threads {
         task::restore_cpu(th)?;

@@ -17,7 +17,6 @@ fn settable_signals() -> impl Iterator<Item = i32> {
     (1..=64).filter(|&s| s != libc::SIGKILL && s != libc::SIGSTOP)
 }
 
-const RLIMIT_COUNT: i32 = 16;
 const PR_GET_TID_ADDRESS: u64 = 40;
 const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 
@@ -151,6 +150,7 @@ pub fn dump_thread_outside(pid: i32, tid: i32, regs: &Regs) -> Result<ThreadCore
         clear_tid_address: 0,
         seccomp,
         seccomp_mode,
+        nice: sys::misc::getpriority(tid).ctx(tid, || "getpriority".into())?,
     })
 }
 
@@ -252,8 +252,12 @@ pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<Ta
             clock_id: t.clock_id,
             notify: match t.notify.as_str() {
                 "none" => libc::SIGEV_NONE,
-                "thread" => libc::SIGEV_THREAD_ID,
+                "thread" => libc::SIGEV_THREAD,
                 _ => libc::SIGEV_SIGNAL,
+            } | if t.to_thread {
+                libc::SIGEV_THREAD_ID
+            } else {
+                0
             },
             signo: t.signo,
             sigev_value: t.sigev_value,
@@ -264,16 +268,12 @@ pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<Ta
         });
     }
 
-    let mut rlimits = Vec::new();
-    for res in 0..RLIMIT_COUNT {
-        let (cur, max) =
-            sys::misc::prlimit(pid, res, None).ctx(pid, || format!("prlimit({res})"))?;
-        rlimits.push(Rlimit {
-            resource: res,
-            cur,
-            max,
-        });
-    }
+    // /proc/PID/limits, because prlimit() on another process needs
+    // CAP_SYS_RESOURCE once its credentials differ from ours.
+    let rlimits = proc::parse_limits(&proc::read(pid, "limits")?)
+        .into_iter()
+        .map(|(resource, cur, max)| Rlimit { resource, cur, max })
+        .collect();
 
     let out = scratch.alloc(8)?;
     let prctl_out = |opt: u64| -> Result<i32> {
@@ -483,16 +483,27 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
             )?;
         }
     }
+    // Limits are set from inside: prlimit() on another process needs
+    // CAP_SYS_RESOURCE, which root lacks on some machines.
     for r in &core.rlimits {
-        sys::misc::prlimit(pid, r.resource, Some((r.cur, r.max))).map_err(|e| Error::Refused {
-            pid,
-            reason: format!(
-                "cannot set resource limit {} to {}/{}: {e} (raising a hard limit needs CAP_SYS_RESOURCE)",
-                r.resource, r.cur, r.max
-            ),
-        })?;
+        let mut b = Vec::with_capacity(16);
+        b.extend_from_slice(&r.cur.to_le_bytes());
+        b.extend_from_slice(&r.max.to_le_bytes());
+        let a = scratch.put(&b)?;
+        main.syscall(libc::SYS_prlimit64, &[0, r.resource as u64, a, 0])
+            .map_err(|e| Error::Refused {
+                pid,
+                reason: format!(
+                    "cannot set resource limit {} to {}/{}: {e} (raising a hard limit needs CAP_SYS_RESOURCE)",
+                    r.resource, r.cur, r.max
+                ),
+            })?;
+        scratch.reset();
     }
-    sys::misc::setpriority(pid, core.nice).ctx(pid, || format!("setpriority({})", core.nice))?;
+    for th in &core.threads {
+        sys::misc::setpriority(th.tid, th.nice)
+            .ctx(th.tid, || format!("setpriority({})", th.nice))?;
+    }
     Ok(())
 }
 
@@ -584,10 +595,16 @@ pub fn restore_creds(core: &TaskCore, main: &Remote, scratch: &mut Scratch) -> R
             let _ = main.syscall(libc::SYS_prctl, &[libc::PR_CAPBSET_DROP as u64, cap]);
         }
     }
+    // Securebits need CAP_SETPCAP, so they are set while still root, with
+    // KEEP_CAPS added so that setresuid keeps the permitted set for capset;
+    // KEEP_CAPS alone can be put back unprivileged afterwards.
     const SECBIT_KEEP_CAPS: u64 = 1 << 4;
     main.syscall(
         libc::SYS_prctl,
-        &[libc::PR_SET_SECUREBITS as u64, SECBIT_KEEP_CAPS],
+        &[
+            libc::PR_SET_SECUREBITS as u64,
+            c.securebits as u64 | SECBIT_KEEP_CAPS,
+        ],
     )?;
     main.syscall(
         libc::SYS_setresuid,
@@ -621,29 +638,28 @@ pub fn restore_creds(core: &TaskCore, main: &Remote, scratch: &mut Scratch) -> R
             )?;
         }
     }
-    main.syscall(
-        libc::SYS_prctl,
-        &[libc::PR_SET_SECUREBITS as u64, c.securebits as u64],
-    )?;
+    let keep = (c.securebits as u64 & SECBIT_KEEP_CAPS != 0) as u64;
+    main.syscall(libc::SYS_prctl, &[libc::PR_SET_KEEPCAPS as u64, keep])?;
     Ok(())
 }
 
-/// Queues the pending signals back, from the main thread (a task may queue
-/// any siginfo to itself, but not to others).
-pub fn restore_pending(core: &TaskCore, main: &Remote, scratch: &mut Scratch) -> Result<()> {
+/// Queues the pending signals back. A task may queue any siginfo to
+/// itself but not to others, so each thread queues its own and the main
+/// thread the process-wide ones.
+pub fn restore_pending(core: &TaskCore, remotes: &[Remote], scratch: &mut Scratch) -> Result<()> {
     for s in &core.shared_pending {
         scratch.reset();
         let a = scratch.put(&s.raw)?;
-        main.syscall(
+        remotes[0].syscall(
             libc::SYS_rt_sigqueueinfo,
             &[core.pid as u64, s.signo as u64, a],
         )?;
     }
-    for th in &core.threads {
+    for (th, r) in core.threads.iter().zip(remotes) {
         for s in &th.pending {
             scratch.reset();
             let a = scratch.put(&s.raw)?;
-            main.syscall(
+            r.syscall(
                 libc::SYS_rt_tgsigqueueinfo,
                 &[core.pid as u64, th.tid as u64, s.signo as u64, a],
             )?;

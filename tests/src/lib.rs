@@ -1,1 +1,593 @@
 //! Test harness shared by the suites.
+//!
+//! The zdtm-style flow ([`run_case`]): start a `zdtm-case` program, wait
+//! until it has built its state, checkpoint it with `ckpt-agent dump`,
+//! restore it with `ckpt-agent restore --detach`, send SIGTERM and read the
+//! verdict the restored process wrote about itself. The building blocks
+//! ([`CaseProcess`], [`agent`], [`Workdir`]) are public for the bad-input
+//! tests.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, Once};
+use std::time::{Duration, Instant};
+
+/// Time allowed to a case to build its state.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed to one agent invocation.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time allowed to a case between SIGTERM and its exit (the longest case
+/// sleeps 3 s on purpose).
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a case is taken through checkpoint and restore.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Dump (which kills the case), restore, check the restored process.
+    Kill,
+    /// Dump with `--leave-running`, check the original, then restore from
+    /// the images and check the restored process too.
+    LeaveRunning,
+    /// No checkpoint at all: validates the case programs themselves.
+    /// Selected for every test by `CKPT_ZDTM_NOCKPT=1`.
+    NoCheckpoint,
+}
+
+/// True when `CKPT_ZDTM_NOCKPT=1` asks to skip checkpoint and restore.
+pub fn no_checkpoint() -> bool {
+    std::env::var("CKPT_ZDTM_NOCKPT").is_ok_and(|v| v == "1")
+}
+
+/// The mode a test asked for, unless `CKPT_ZDTM_NOCKPT=1` overrides it.
+pub fn effective_mode(requested: Mode) -> Mode {
+    if no_checkpoint() {
+        Mode::NoCheckpoint
+    } else {
+        requested
+    }
+}
+
+// ------------------------------------------------------------ binaries
+
+/// `ckpt-agent`: `$CKPT_AGENT`, else the one built next to this test
+/// executable (target/{debug,release}/ckpt-agent, same profile first).
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CKPT_AGENT") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let mut candidates = vec![profile_dir.join("ckpt-agent")];
+    if let Some(target) = profile_dir.parent() {
+        for profile in ["debug", "release"] {
+            candidates.push(target.join(profile).join("ckpt-agent"));
+        }
+    }
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!(
+                "ckpt-agent not found (looked at {candidates:?}); build it with \
+                 `cargo build -p ckpt-agent` or set CKPT_AGENT"
+            )
+        })
+}
+
+// ------------------------------------------------------------ work dirs
+
+/// A per-case directory under `$CKPT_TEST_DIR` or the system temp dir,
+/// removed when dropped unless the test is failing (then kept, and its path
+/// printed, for a post-mortem).
+pub struct Workdir {
+    pub path: PathBuf,
+    /// Every agent invocation made for this case, described, in order.
+    runs: Mutex<Vec<String>>,
+}
+
+impl Workdir {
+    pub fn new(name: &str) -> Workdir {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var_os("CKPT_TEST_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let path = base.join(format!(
+            "ckpt-zdtm-{}-{}-{}",
+            name,
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(path.join("tmp")).expect("create work dir");
+        // Cases that drop privileges (creds) still create their files here.
+        for d in [path.clone(), path.join("tmp")] {
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).expect("chmod work dir");
+        }
+        Workdir {
+            path,
+            runs: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The agent invocations made so far, for a failure message.
+    pub fn agent_report(&self) -> String {
+        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        runs.iter().map(|r| format!("\n=== {r}")).collect()
+    }
+
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for Workdir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept work dir {}", self.path.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+// ------------------------------------------------------------ processes
+
+/// Makes this test process a child subreaper, once: a restored process is
+/// a child of the restoring agent, and when `--detach` lets the agent exit
+/// it is reparented here, so that it can be waited for.
+pub fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: an integer prctl on this process.
+        let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        assert_eq!(r, 0, "PR_SET_CHILD_SUBREAPER failed");
+    });
+}
+
+/// Whether a process with this PID exists (zombies included).
+pub fn pid_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// PIDs of processes whose command line contains `needle` (a work dir path
+/// identifies a test's own processes, whatever else runs in parallel).
+pub fn pids_mentioning(needle: &str) -> Vec<i32> {
+    let mut v: Vec<i32> = fs::read_dir("/proc")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// waitpid(pid) with a timeout; the process must be our child (or have
+/// been reparented to us). Returns the raw wait status.
+pub fn wait_pid(pid: i32, timeout: Duration) -> Result<i32, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: out-pointer only.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            return Ok(status);
+        }
+        if r < 0 {
+            return Err(format!(
+                "waitpid({pid}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("pid {pid} still running after {timeout:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn describe_status(status: i32) -> String {
+    if libc::WIFEXITED(status) {
+        format!("exit {}", libc::WEXITSTATUS(status))
+    } else if libc::WIFSIGNALED(status) {
+        format!("killed by signal {}", libc::WTERMSIG(status))
+    } else {
+        format!("status {status:#x}")
+    }
+}
+
+fn kill(pid: i32, sig: i32) -> bool {
+    // SAFETY: no pointers.
+    unsafe { libc::kill(pid, sig) == 0 }
+}
+
+/// A running case program (the original, or the restored process under the
+/// same PID). Dropping it SIGKILLs and reaps whatever is still ours.
+pub struct CaseProcess {
+    pub name: String,
+    pub pid: i32,
+    /// The original, spawned by us; None once reaped or for a restored one.
+    child: Option<Child>,
+    /// True while a restored process with `pid` is believed alive and ours.
+    restored: bool,
+    pub ready: PathBuf,
+    pub result: PathBuf,
+    pub log: PathBuf,
+}
+
+impl CaseProcess {
+    /// Starts `zdtm-case NAME` with stdin /dev/null and stdout+stderr on one
+    /// log file, and no descriptors but those three.
+    pub fn spawn(case_bin: &Path, name: &str, dir: &Workdir) -> Result<CaseProcess, String> {
+        become_subreaper();
+        let (ready, result, log) = (dir.join("ready"), dir.join("result"), dir.join("case.log"));
+        let log_file = fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
+        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(case_bin);
+        cmd.arg(name)
+            .arg("--ready")
+            .arg(&ready)
+            .arg("--result")
+            .arg(&result)
+            .env("CKPT_ZDTM_TMP", dir.join("tmp"))
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(err_file);
+        // SAFETY: close_range is async-signal-safe. Descriptors inherited by
+        // the test runner without CLOEXEC (a make jobserver pipe, say) would
+        // otherwise become part of every case's state.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::close_range(3, u32::MAX, 0);
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", case_bin.display()))?;
+        Ok(CaseProcess {
+            name: name.to_string(),
+            pid: child.id() as i32,
+            child: Some(child),
+            restored: false,
+            ready,
+            result,
+            log,
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<no log: {e}>"))
+    }
+
+    /// Waits for the ready file; fails fast, with the log, if the case
+    /// exits first.
+    pub fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.ready.exists() {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(st)) = child.try_wait() {
+                    self.child = None;
+                    return Err(format!(
+                        "case {} exited before ready ({st}); result: {}; log:\n{}",
+                        self.name,
+                        read_or(&self.result),
+                        self.log_text()
+                    ));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "case {} not ready after {READY_TIMEOUT:?}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// After a successful dump without --leave-running the original must be
+    /// gone: reaps it and reports how it ended.
+    pub fn expect_gone(&mut self) -> Result<String, String> {
+        let child = self.child.as_mut().ok_or("original already reaped")?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                self.child = None;
+                return Ok(st.to_string());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "original pid {} still running 5 s after a successful dump",
+                    self.pid
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Records that a restore recreated this case under its PID.
+    pub fn adopt_restored(&mut self) {
+        self.restored = true;
+    }
+
+    /// Sends SIGTERM, waits for the exit and returns the verdict file's text
+    /// (which must be PASS) or a failure message with everything known.
+    pub fn terminate_and_check(&mut self, context: &str) -> Result<(), String> {
+        clear_result(&self.result);
+        if !kill(self.pid, libc::SIGTERM) {
+            return Err(format!(
+                "{context}: cannot signal pid {}: {}; log:\n{}",
+                self.pid,
+                std::io::Error::last_os_error(),
+                self.log_text()
+            ));
+        }
+        let status = if let Some(mut child) = self.child.take() {
+            wait_child(&mut child, EXIT_TIMEOUT).map(|s| describe_exit(&s))
+        } else {
+            let r = wait_pid(self.pid, EXIT_TIMEOUT).map(describe_status);
+            if r.is_ok() {
+                self.restored = false;
+            }
+            r
+        };
+        let result = read_or(&self.result);
+        match status {
+            Ok(st) if result.trim() == "PASS" && st == "exit 0" => Ok(()),
+            Ok(st) => Err(format!(
+                "{context}: case {} (pid {}) ended with {st}; result: {}; log:\n{}",
+                self.name,
+                self.pid,
+                result.trim(),
+                self.log_text()
+            )),
+            Err(e) => Err(format!(
+                "{context}: case {}: {e}; result so far: {}; log:\n{}",
+                self.name,
+                result.trim(),
+                self.log_text()
+            )),
+        }
+    }
+}
+
+impl Drop for CaseProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if self.restored && kill(self.pid, libc::SIGKILL) {
+            let _ = wait_pid(self.pid, Duration::from_secs(5));
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Result<ExitStatus, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Ok(st),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("still running after {timeout:?}; killed"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(format!("wait: {e}")),
+        }
+    }
+}
+
+fn describe_exit(st: &ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit {c}"),
+        (_, Some(s)) => format!("killed by signal {s}"),
+        _ => st.to_string(),
+    }
+}
+
+/// Empties a verdict file left by an earlier run. Truncated, not removed:
+/// cases that drop access to the path (chroot, creds) opened it early and
+/// write through that descriptor, restored ones included.
+fn clear_result(p: &Path) {
+    let _ = fs::OpenOptions::new().write(true).truncate(true).open(p);
+}
+
+fn read_or(p: &Path) -> String {
+    fs::read_to_string(p).unwrap_or_else(|_| "<none>".into())
+}
+
+// ------------------------------------------------------------ the agent
+
+/// One finished agent invocation.
+#[derive(Debug)]
+pub struct AgentRun {
+    pub args: Vec<String>,
+    /// None when the agent was killed (timeout or signal).
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl AgentRun {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "`ckpt-agent {}` -> {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.args.join(" "),
+            self.code
+                .map_or("killed/timed out".to_string(), |c| format!("exit {c}")),
+            self.stdout.trim_end(),
+            self.stderr.trim_end()
+        )
+    }
+}
+
+/// Runs `ckpt-agent ARGS` with a timeout. Its output goes to files in
+/// `dir`, not pipes: a detached restored process could otherwise inherit a
+/// pipe and keep it open after the agent exits.
+pub fn agent(args: &[&str], dir: &Workdir, label: &str) -> AgentRun {
+    let out_path = dir.join(&format!("agent-{label}.out"));
+    let err_path = dir.join(&format!("agent-{label}.err"));
+    let args_owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let run = |code| AgentRun {
+        args: args_owned.clone(),
+        code,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+    };
+    let (Ok(out), Ok(err)) = (fs::File::create(&out_path), fs::File::create(&err_path)) else {
+        panic!("cannot create agent output files in {}", dir.path.display());
+    };
+    let spawned = Command::new(agent_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn();
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            let mut r = run(None);
+            let _ = write!(r.stderr, "spawn ckpt-agent: {e}");
+            dir.runs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(r.describe());
+            return r;
+        }
+    };
+    let r = match wait_child(&mut child, AGENT_TIMEOUT) {
+        Ok(st) => run(st.code()),
+        Err(e) => {
+            let mut r = run(None);
+            let _ = write!(r.stderr, "\n[harness] agent {e}");
+            r
+        }
+    };
+    dir.runs
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(r.describe());
+    r
+}
+
+/// `ckpt-agent dump --tree PID --images DIR [extra...]`.
+pub fn dump(pid: i32, images: &Path, extra: &[&str], dir: &Workdir) -> AgentRun {
+    fs::create_dir_all(images).expect("create images dir");
+    let pid_s = pid.to_string();
+    let images_s = images.to_string_lossy().into_owned();
+    let mut args = vec!["dump", "--tree", &pid_s, "--images", &images_s];
+    args.extend_from_slice(extra);
+    agent(&args, dir, "dump")
+}
+
+/// `ckpt-agent restore --images DIR --detach --pidfile DIR/../restore-N.pid`;
+/// returns the run and the PID from the pidfile, if any.
+pub fn restore_detached(images: &Path, dir: &Workdir, label: &str) -> (AgentRun, Option<i32>) {
+    let pidfile = dir.join(&format!("{label}.pid"));
+    let _ = fs::remove_file(&pidfile);
+    let run = agent(
+        &[
+            "restore",
+            "--images",
+            &images.to_string_lossy(),
+            "--detach",
+            "--pidfile",
+            &pidfile.to_string_lossy(),
+        ],
+        dir,
+        label,
+    );
+    let pid = fs::read_to_string(&pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    (run, pid)
+}
+
+// ------------------------------------------------------------ the flow
+
+/// Restores `case` from `images` and checks the restored process.
+fn restore_and_check(case: &mut CaseProcess, images: &Path, dir: &Workdir) -> Result<(), String> {
+    clear_result(&case.result);
+    let (run, pid) = restore_detached(images, dir, "restore");
+    if pid == Some(case.pid) {
+        case.adopt_restored();
+    }
+    if !run.ok() {
+        return Err("restore failed".into());
+    }
+    match pid {
+        Some(p) if p == case.pid => case.terminate_and_check("restored process"),
+        Some(p) => {
+            // Not ours to keep running: a wrong PID is a failed restore.
+            if kill(p, libc::SIGKILL) {
+                let _ = wait_pid(p, Duration::from_secs(5));
+            }
+            Err(format!("restored pid {p} != original pid {}", case.pid))
+        }
+        None => Err("restore wrote no pid to its pidfile".into()),
+    }
+}
+
+/// Runs one zdtm case in `mode` (or without checkpoint when
+/// `CKPT_ZDTM_NOCKPT=1`). Panics on any failure with the reason, the case
+/// log and verdict, and every agent invocation's output.
+pub fn run_case(case_bin: &str, name: &str, mode: Mode) {
+    let mode = effective_mode(mode);
+    let dir = Workdir::new(name);
+    if let Err(e) = run_case_in(Path::new(case_bin), name, mode, &dir) {
+        panic!(
+            "zdtm case {name} ({mode:?}) failed in {}:\n{e}{}",
+            dir.path.display(),
+            dir.agent_report()
+        );
+    }
+}
+
+fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result<(), String> {
+    let images = dir.join("images");
+    let mut case = CaseProcess::spawn(case_bin, name, dir)?;
+    case.wait_ready()?;
+    let dump_failed = |case: &CaseProcess| format!("dump failed; case log:\n{}", case.log_text());
+    match mode {
+        Mode::NoCheckpoint => case.terminate_and_check("no checkpoint"),
+        Mode::Kill => {
+            if !dump(case.pid, &images, &[], dir).ok() {
+                return Err(dump_failed(&case));
+            }
+            case.expect_gone()?;
+            restore_and_check(&mut case, &images, dir)
+        }
+        Mode::LeaveRunning => {
+            if !dump(case.pid, &images, &["--leave-running"], dir).ok() {
+                return Err(dump_failed(&case));
+            }
+            case.terminate_and_check("original after --leave-running dump")?;
+            restore_and_check(&mut case, &images, dir)
+        }
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the system packages ckpt's build, tests and demo need, when missing.
+set -euo pipefail
+
+need=()
+for pkg in gcc make iproute2 nftables util-linux procps; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    echo "installing: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "error: cargo (Rust stable) is not installed; install it with rustup first" >&2
+    exit 1
+fi
+if [ "$(id -u)" != 0 ]; then
+    echo "error: ckpt's tests and demo checkpoint real processes and must run as root" >&2
+    exit 1
+fi

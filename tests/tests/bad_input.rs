@@ -1,0 +1,206 @@
+//! The agent refuses bad input cleanly: impossible targets for dump,
+//! broken or missing images and taken PIDs for restore, unsupported
+//! descriptors. Skipped under CKPT_ZDTM_NOCKPT=1 except for the case-side
+//! half of the unsupported-fd test.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ckpt_tests::{
+    dump, no_checkpoint, pid_exists, pids_mentioning, restore_detached, CaseProcess, Workdir,
+};
+
+const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
+
+/// True (and says so) when the agent is not under test.
+fn skip() -> bool {
+    if no_checkpoint() {
+        eprintln!("skipped: CKPT_ZDTM_NOCKPT=1");
+    }
+    no_checkpoint()
+}
+
+fn assert_refused(run: &ckpt_tests::AgentRun, must_mention: &[&str]) {
+    assert_eq!(run.code, Some(1), "expected exit 1:\n{}", run.describe());
+    for m in must_mention {
+        assert!(
+            run.stderr.contains(m),
+            "stderr should mention {m:?}:\n{}",
+            run.describe()
+        );
+    }
+}
+
+/// Starts a case and dumps it (killing it), for tests that need images.
+fn dumped_case(name: &str, dir: &Workdir) -> (CaseProcess, PathBuf) {
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), name, dir).unwrap();
+    case.wait_ready().unwrap();
+    let images = dir.join("images");
+    let run = dump(case.pid, &images, &[], dir);
+    assert!(
+        run.ok(),
+        "dump needed by this test failed:\n{}",
+        run.describe()
+    );
+    case.expect_gone().unwrap();
+    (case, images)
+}
+
+#[test]
+fn dump_missing_pid() {
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("missing-pid");
+    let pid_max: i32 = fs::read_to_string("/proc/sys/kernel/pid_max")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(32768);
+    let pid = (2..pid_max).rev().find(|p| !pid_exists(*p)).unwrap();
+    let run = dump(pid, &dir.join("images"), &[], &dir);
+    assert_refused(&run, &[&pid.to_string()]);
+}
+
+#[test]
+fn dump_init_refused() {
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("pid1");
+    let run = dump(1, &dir.join("images"), &[], &dir);
+    assert_refused(&run, &[]);
+    assert!(pid_exists(1));
+}
+
+/// PF_KTHREAD in /proc/PID/stat's flags (field 9).
+fn is_kernel_thread(pid: i32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let after = &stat[stat.rfind(')').map_or(0, |i| i + 1)..];
+    after
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & 0x0020_0000 != 0)
+}
+
+#[test]
+fn dump_kernel_thread_refused() {
+    if skip() {
+        return;
+    }
+    // kthreadd is PID 2 on the host; inside a PID namespace look further.
+    let kthread = std::iter::once(2)
+        .chain(
+            fs::read_dir("/proc")
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()),
+        )
+        .find(|&p| is_kernel_thread(p));
+    let Some(pid) = kthread else {
+        eprintln!("skipped: no kernel thread visible in this PID namespace");
+        return;
+    };
+    let dir = Workdir::new("kthread");
+    let run = dump(pid, &dir.join("images"), &[], &dir);
+    assert_refused(&run, &[&pid.to_string()]);
+    assert!(pid_exists(pid));
+}
+
+#[test]
+fn restore_without_inventory() {
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("no-inventory");
+    let images = dir.join("images");
+    fs::create_dir_all(&images).unwrap();
+    let (run, pid) = restore_detached(&images, &dir, "restore");
+    assert_refused(&run, &[]);
+    assert_eq!(pid, None, "no pidfile expected:\n{}", run.describe());
+}
+
+#[test]
+fn restore_corrupt_pages_refused() {
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("corrupt-pages");
+    let (mut case, images) = dumped_case("heap", &dir);
+    let pages = images.join(format!("pages-{}.img", case.pid));
+    let mut bytes = fs::read(&pages).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (images: {:?})",
+            pages.display(),
+            fs::read_dir(&images).map(|d| d.count())
+        )
+    });
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    fs::write(&pages, &bytes).unwrap();
+
+    let (run, _) = restore_detached(&images, &dir, "restore");
+    let appeared = pid_exists(case.pid);
+    if appeared {
+        case.adopt_restored(); // so that the guard kills it
+    }
+    assert_refused(&run, &[]);
+    assert!(
+        !appeared,
+        "a process with pid {} appeared:\n{}",
+        case.pid,
+        run.describe()
+    );
+    let dir_s = dir.path.to_string_lossy();
+    assert_eq!(
+        pids_mentioning(&dir_s),
+        Vec::<i32>::new(),
+        "processes left behind"
+    );
+}
+
+#[test]
+fn restore_pid_taken_refused() {
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("pid-taken");
+    let (mut case, images) = dumped_case("umask", &dir);
+    let (first, pid) = restore_detached(&images, &dir, "restore-1");
+    if pid == Some(case.pid) {
+        case.adopt_restored();
+    }
+    assert!(first.ok(), "first restore failed:\n{}", first.describe());
+    assert_eq!(pid, Some(case.pid), "{}", first.describe());
+
+    let (second, _) = restore_detached(&images, &dir, "restore-2");
+    assert_refused(&second, &[&case.pid.to_string()]);
+    let dir_s = dir.path.to_string_lossy();
+    assert_eq!(
+        pids_mentioning(&dir_s),
+        vec![case.pid],
+        "only the first restored process may exist:\n{}",
+        second.describe()
+    );
+    case.terminate_and_check("first restored process after a refused second restore")
+        .unwrap();
+}
+
+#[test]
+fn dump_refuses_unix_socket() {
+    let dir = Workdir::new("unix-socket");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "unix_socket", &dir).unwrap();
+    case.wait_ready().unwrap();
+    if !no_checkpoint() {
+        let run = dump(case.pid, &dir.join("images"), &[], &dir);
+        assert_refused(&run, &[&case.pid.to_string(), "socket"]);
+        assert!(
+            run.stderr.contains("40") || run.stderr.contains("41"),
+            "stderr should name the fd (40 or 41):\n{}",
+            run.describe()
+        );
+        assert!(pid_exists(case.pid), "the process must keep running");
+    }
+    case.terminate_and_check("after a refused dump").unwrap();
+}

@@ -1,0 +1,126 @@
+//! zdtm-style single-process cases: each one checkpointed, restored and
+//! checked from inside the restored process. `CKPT_ZDTM_NOCKPT=1` runs the
+//! cases without checkpoint, to validate the case programs themselves.
+
+use ckpt_tests::{run_case, Mode};
+
+fn zdtm(name: &str, mode: Mode) {
+    run_case(env!("CARGO_BIN_EXE_zdtm-case"), name, mode)
+}
+
+/// One Kill-mode test per case, plus the list of all of them.
+macro_rules! cases {
+    ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
+        $(
+            #[test]
+            $(#[$attr])*
+            fn $name() {
+                zdtm(stringify!($name), Mode::Kill)
+            }
+        )*
+        const ALL: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+cases!(
+    // memory
+    heap,
+    anon_mmap,
+    stack_deep,
+    file_private,
+    file_shared,
+    ro_prot_none,
+    guard_pages,
+    growsdown,
+    vdso,
+    madvise_fork,
+    mm_fields,
+    // per thread
+    threads,
+    regs_gpr,
+    xsave_avx512,
+    fs_gs,
+    sigmask,
+    pending_signals,
+    sigaltstack,
+    rseq,
+    robust_list,
+    tid_address,
+    // per process
+    sigactions,
+    itimers,
+    posix_timers,
+    rlimits,
+    cwd_root,
+    chroot,
+    umask,
+    comm,
+    creds,
+    nice,
+    prctl_flags,
+    seccomp,
+    // inside system calls
+    nanosleep,
+    futex_wait,
+    #[ignore = "needs pipe support (issue 3)"]
+    read_blocking,
+    #[ignore = "needs epoll support (issue 3)"]
+    epoll_wait,
+    // files
+    file_offsets,
+    unlinked_file,
+    shared_fd,
+    dev_null,
+    stdio_files,
+    #[ignore = "needs unix socket support (issue 3)"]
+    unix_socket,
+);
+
+/// Dumped with --leave-running: the original must still pass, and so must
+/// a copy restored from the same images.
+mod leave_running {
+    use super::*;
+
+    #[test]
+    fn threads() {
+        zdtm("threads", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn pending_signals() {
+        zdtm("pending_signals", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn file_offsets() {
+        zdtm("file_offsets", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn xsave_avx512() {
+        zdtm("xsave_avx512", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn posix_timers() {
+        zdtm("posix_timers", Mode::LeaveRunning)
+    }
+}
+
+/// Every case the program knows has a test above, and no test names a
+/// case the program lacks.
+#[test]
+fn every_case_has_a_test() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zdtm-case"))
+        .arg("--list")
+        .output()
+        .expect("run zdtm-case --list");
+    let mut listed: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut tested: Vec<String> = ALL.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    tested.sort();
+    assert_eq!(listed, tested);
+}
