@@ -226,6 +226,9 @@ pub fn unlinked_file(ctx: &Ctx) -> CaseResult {
             a.link.ends_with(" (deleted)"),
         );
     }
+    // a's old name is free, so the file comes back under it; b's is taken
+    // by a new file, so b's ghost gets another name in the same directory.
+    c.eq("fd 40 link", format!("{a} (deleted)"), fd_state(40).link);
     c.ok("unlinked file a content", pread_fd(40, 20000, 0)? == a_data);
     c.ok("unlinked file b content", pread_fd(41, 20000, 0)? == b_data);
     c.ok(
