@@ -22,6 +22,7 @@ fn main() {
         "ckpt.image.SigInfo.raw",
         "ckpt.image.SeccompFilter.program",
         "ckpt.image.Inventory.signature",
+        "ckpt.image.OpenFile.pipe_data",
     ] {
         cfg.field_attribute(field, "#[serde(serialize_with = \"crate::hexbytes\")]");
     }

@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use ckpt_proto::image::{Fd, FdTable, FileKind, OpenFile};
+use ckpt_proto::image::{EpollTarget, Fd, FdTable, FileKind, OpenFile};
 
 use crate::error::{Error, Result};
 use crate::images::ImageWriter;
@@ -104,9 +104,6 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
             kind: kind.to_string(),
             target: link.clone(),
         };
-        if link.starts_with("anon_inode:") {
-            return Err(refuse(unsupported_kind(&link, mode)));
-        }
         let id = files.len() as u32;
         let mut of = OpenFile {
             id,
@@ -123,16 +120,49 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
             rdev: md.rdev(),
             uid: md.uid(),
             gid: md.gid(),
+            ..Default::default()
         };
-        match mode & libc::S_IFMT {
-            libc::S_IFREG => {
+        let fdinfo_text = proc::read(pid, &format!("fdinfo/{fd}"))?;
+        match (link.as_str(), mode & libc::S_IFMT) {
+            ("anon_inode:[eventpoll]", _) => {
+                of.kind = FileKind::FileEpoll as i32;
+                of.epoll_targets = parse_epoll_targets(&fdinfo_text);
+            }
+            ("anon_inode:[eventfd]", _) => {
+                of.kind = FileKind::FileEventfd as i32;
+                let fi = proc::parse_fdinfo(&fdinfo_text);
+                let count = fi
+                    .extra
+                    .get("eventfd-count")
+                    .map(String::as_str)
+                    .unwrap_or("0");
+                of.eventfd_count = u64::from_str_radix(count.trim(), 16).unwrap_or(0);
+                of.eventfd_semaphore =
+                    fi.extra.get("eventfd-semaphore").map(String::as_str) == Some("1");
+            }
+            (l, _) if l.starts_with("anon_inode:") => {
+                return Err(refuse(unsupported_kind(&link, mode)))
+            }
+            (l, libc::S_IFIFO) if l.starts_with("pipe:") => {
+                if of.flags & libc::O_DIRECT as u32 != 0 {
+                    return Err(refuse("packet-mode pipe (O_DIRECT)"));
+                }
+                of.kind = FileKind::FilePipe as i32;
+                of.pipe_id = md.ino();
+                of.pipe_size = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+                    .map_err(|e| Error::sys(pid, format!("F_GETPIPE_SZ fd {fd}"), e))?
+                    as u32;
+                if of.flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+                    of.pipe_data = sys::misc::pipe_peek(file.as_fd())
+                        .map_err(|e| Error::sys(pid, format!("peeking pipe fd {fd}"), e))?;
+                }
+            }
+            (_, libc::S_IFREG) => {
                 let deleted = link.ends_with(" (deleted)") || md.nlink() == 0;
                 if deleted {
                     let name = format!("ghost-{pid}-{fd}.img");
                     let out = images.dir().join(&name);
                     let mut dst = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
-                    let mut src = &file;
-                    let _ = std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0));
                     copy_at(&file, &mut dst, md.size()).map_err(|e| Error::io(&out, e))?;
                     images.add_raw(&name)?;
                     of.unlinked = true;
@@ -145,8 +175,8 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                     }
                 }
             }
-            libc::S_IFDIR => of.kind = FileKind::FileDirectory as i32,
-            libc::S_IFCHR => {
+            (_, libc::S_IFDIR) => of.kind = FileKind::FileDirectory as i32,
+            (_, libc::S_IFCHR) => {
                 let dev = (dev_major(md.rdev()), dev_minor(md.rdev()));
                 if !SAFE_CHAR_DEVICES.contains(&dev) {
                     return Err(refuse(&format!("character device {}:{}", dev.0, dev.1)));
@@ -157,6 +187,17 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         }
         file_of_fd.insert(fd, id);
         files.push(of);
+    }
+    check_pipes_and_epolls(pid, &files, &fds)?;
+    // Only one read end keeps the buffered bytes.
+    let mut seen_data = std::collections::HashSet::new();
+    for f in files
+        .iter_mut()
+        .filter(|f| f.kind == FileKind::FilePipe as i32)
+    {
+        if !f.pipe_data.is_empty() && !seen_data.insert(f.pipe_id) {
+            f.pipe_data.clear();
+        }
     }
     let mut table = FdTable {
         pid,
@@ -172,6 +213,69 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         });
     }
     Ok(table)
+}
+
+/// Reads the targets an epoll instance watches from its fdinfo.
+fn parse_epoll_targets(text: &str) -> Vec<EpollTarget> {
+    text.lines()
+        .filter(|l| l.starts_with("tfd:"))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let mut field = |name: &str| {
+                it.by_ref()
+                    .skip_while(|w| *w != name)
+                    .nth(1)
+                    .map(str::to_string)
+            };
+            let fd = field("tfd:")?.parse().ok()?;
+            let events = u32::from_str_radix(&field("events:")?, 16).ok()?;
+            let data = u64::from_str_radix(&field("data:")?, 16).ok()?;
+            Some(EpollTarget { fd, events, data })
+        })
+        .collect()
+}
+
+/// A pipe can be rebuilt only with both its ends in hand, and an epoll
+/// only with its targets.
+fn check_pipes_and_epolls(pid: i32, files: &[OpenFile], fds: &[i32]) -> Result<()> {
+    use std::collections::HashMap;
+    let mut ends: HashMap<u64, (bool, bool, String)> = HashMap::new();
+    for f in files.iter().filter(|f| f.kind == FileKind::FilePipe as i32) {
+        let e = ends
+            .entry(f.pipe_id)
+            .or_insert((false, false, f.path.clone()));
+        if f.flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+            e.0 = true;
+        } else {
+            e.1 = true;
+        }
+    }
+    for (_, (r, w, path)) in ends {
+        if !(r && w) {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "{path}: only its {} end belongs to the process; pipes to other processes are not supported yet",
+                    if r { "read" } else { "write" }
+                ),
+            });
+        }
+    }
+    for f in files
+        .iter()
+        .filter(|f| f.kind == FileKind::FileEpoll as i32)
+    {
+        if let Some(t) = f.epoll_targets.iter().find(|t| !fds.contains(&t.fd)) {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "an epoll watches fd {} which is closed; not supported yet",
+                    t.fd
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn copy_at(src: &std::fs::File, dst: &mut std::fs::File, len: u64) -> std::io::Result<()> {
@@ -217,43 +321,179 @@ fn recreate_ghost(of: &OpenFile, images_dir: &Path) -> Result<String> {
     ))
 }
 
-/// Opens every file of the table in the task and puts it at its fds.
+/// Gets a fresh descriptor (in the task) for one open file, creating pipes
+/// whole when their first end comes up.
+struct Opener<'a> {
+    pid: i32,
+    images_dir: &'a Path,
+    remote: &'a Remote,
+    /// Descriptors at or above this number never collide with a target fd.
+    high: u64,
+    /// Both ends of each pipe created so far, and whether each was handed out.
+    pipes: std::collections::HashMap<u64, [(u64, bool); 2]>,
+}
+
+impl Opener<'_> {
+    fn open_path(&self, scratch: &mut Scratch, path: &str, flags: u32) -> Result<u64> {
+        scratch.reset();
+        let p = scratch.put_cstr(path)?;
+        let strip =
+            (libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY)
+                as u32;
+        self.remote.syscall(
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, p, (flags & !strip) as u64, 0],
+        )
+    }
+
+    fn to_high(&self, fd: u64) -> Result<u64> {
+        let h = self
+            .remote
+            .syscall(libc::SYS_fcntl, &[fd, libc::F_DUPFD as u64, self.high])?;
+        self.remote.syscall(libc::SYS_close, &[fd])?;
+        Ok(h)
+    }
+
+    /// Returns a descriptor for `of` and whether the caller must close it.
+    fn open(&mut self, of: &OpenFile, scratch: &mut Scratch) -> Result<(u64, bool)> {
+        let pid = self.pid;
+        let kind = FileKind::try_from(of.kind).unwrap_or(FileKind::FileRegular);
+        let status = (of.flags
+            & (libc::O_NONBLOCK | libc::O_APPEND | libc::O_ASYNC | libc::O_NOATIME) as u32)
+            as u64;
+        match kind {
+            FileKind::FilePipe => {
+                let end = usize::from(of.flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32);
+                if !self.pipes.contains_key(&of.pipe_id) {
+                    let arr = scratch.alloc(8)?;
+                    self.remote.syscall(libc::SYS_pipe2, &[arr, 0])?;
+                    let b = crate::inject::read_mem(pid, arr, 8)?;
+                    let r = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
+                    let w = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;
+                    if of.pipe_size != 0 && of.pipe_size != 65536 {
+                        self.remote.syscall(
+                            libc::SYS_fcntl,
+                            &[w, libc::F_SETPIPE_SZ as u64, of.pipe_size as u64],
+                        )?;
+                    }
+                    let (r, w) = (self.to_high(r)?, self.to_high(w)?);
+                    self.pipes.insert(of.pipe_id, [(r, false), (w, false)]);
+                }
+                let data_fd = self.pipes[&of.pipe_id][1].0;
+                if !of.pipe_data.is_empty() {
+                    self.fill_pipe(data_fd, &of.pipe_data)?;
+                }
+                let (fd, used) = self.pipes[&of.pipe_id][end];
+                let fd = if used {
+                    // A second open file description of the same end.
+                    self.open_path(scratch, &format!("/proc/self/fd/{fd}"), of.flags)?
+                } else {
+                    self.pipes.get_mut(&of.pipe_id).expect("pipe just created")[end].1 = true;
+                    // Pipe ends are closed once every file is placed.
+                    self.remote
+                        .syscall(libc::SYS_fcntl, &[fd, libc::F_DUPFD as u64, self.high])?
+                };
+                self.remote
+                    .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
+                Ok((fd, true))
+            }
+            FileKind::FileEventfd => {
+                let mut flags = of.flags & libc::O_NONBLOCK as u32;
+                if of.eventfd_semaphore {
+                    flags |= libc::EFD_SEMAPHORE as u32;
+                }
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_eventfd2, &[of.eventfd_count, flags as u64])?;
+                Ok((fd, true))
+            }
+            FileKind::FileEpoll => {
+                let fd = self.remote.syscall(libc::SYS_epoll_create1, &[0])?;
+                for t in &of.epoll_targets {
+                    scratch.reset();
+                    let mut ev = Vec::with_capacity(12);
+                    ev.extend_from_slice(&t.events.to_le_bytes());
+                    ev.extend_from_slice(&t.data.to_le_bytes());
+                    let evp = scratch.put(&ev)?;
+                    self.remote
+                        .syscall(
+                            libc::SYS_epoll_ctl,
+                            &[fd, libc::EPOLL_CTL_ADD as u64, t.fd as u64, evp],
+                        )
+                        .map_err(|e| Error::Refused {
+                            pid,
+                            reason: format!("epoll: cannot watch fd {} again: {e}", t.fd),
+                        })?;
+                }
+                Ok((fd, true))
+            }
+            _ => {
+                let mut ghost_path = None;
+                let path = if of.unlinked {
+                    let p = recreate_ghost(of, self.images_dir)?;
+                    ghost_path = Some(p.clone());
+                    p
+                } else {
+                    of.path.clone()
+                };
+                let opened = self.open_path(scratch, &path, of.flags);
+                if let Some(g) = &ghost_path {
+                    let _ = std::fs::remove_file(g);
+                }
+                let fd = opened.map_err(|e| Error::Refused {
+                    pid,
+                    reason: format!("cannot reopen {}: {e}", of.path),
+                })?;
+                let is_path = of.flags & libc::O_PATH as u32 != 0;
+                if of.pos != 0 && !is_path {
+                    self.remote
+                        .syscall(libc::SYS_lseek, &[fd, of.pos, libc::SEEK_SET as u64])?;
+                }
+                Ok((fd, true))
+            }
+        }
+    }
+
+    /// Writes a pipe's saved bytes through our own copy of its write end.
+    fn fill_pipe(&self, write_end: u64, data: &[u8]) -> Result<()> {
+        let pidfd =
+            sys::pidfd::pidfd_open(self.pid).map_err(|e| Error::sys(self.pid, "pidfd_open", e))?;
+        let w = sys::pidfd::pidfd_getfd(pidfd.as_fd(), write_end as i32)
+            .map_err(|e| Error::sys(self.pid, "pidfd_getfd (pipe)", e))?;
+        let mut f = std::fs::File::from(w);
+        std::io::Write::write_all(&mut f, data)
+            .map_err(|e| Error::sys(self.pid, "refilling a pipe", e))
+    }
+}
+
+/// Opens every file of the table in the task and puts it at its fds;
+/// epolls come last, once the files they watch are in place.
 pub fn restore(
     table: &FdTable,
     images_dir: &Path,
     remote: &Remote,
     scratch: &mut Scratch,
 ) -> Result<()> {
-    let pid = table.pid;
-    for of in &table.files {
-        let mut ghost_path = None;
-        let path = if of.unlinked {
-            let p = recreate_ghost(of, images_dir)?;
-            ghost_path = Some(p.clone());
-            p
-        } else {
-            of.path.clone()
-        };
-        scratch.reset();
-        let p = scratch.put_cstr(&path)?;
-        let strip =
-            (libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY)
-                as u32;
-        let opened = remote.syscall(
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, p, (of.flags & !strip) as u64, 0],
-        );
-        if let Some(g) = &ghost_path {
-            let _ = std::fs::remove_file(g);
-        }
-        let tmp = opened.map_err(|e| Error::Refused {
-            pid,
-            reason: format!("cannot reopen {}: {e}", of.path),
-        })?;
-        let is_path = of.flags & libc::O_PATH as u32 != 0;
-        if of.pos != 0 && !is_path {
-            remote.syscall(libc::SYS_lseek, &[tmp, of.pos, libc::SEEK_SET as u64])?;
-        }
+    let high = table
+        .fds
+        .iter()
+        .map(|f| f.fd as u64 + 1)
+        .max()
+        .unwrap_or(0)
+        .max(3);
+    let mut opener = Opener {
+        pid: table.pid,
+        images_dir,
+        remote,
+        high,
+        pipes: Default::default(),
+    };
+    let (epolls, others): (Vec<&OpenFile>, Vec<&OpenFile>) = table
+        .files
+        .iter()
+        .partition(|f| f.kind == FileKind::FileEpoll as i32);
+    for of in others.into_iter().chain(epolls) {
+        let (tmp, _) = opener.open(of, scratch)?;
         let mut keep_tmp = false;
         for fd in table.fds.iter().filter(|f| f.file_id == of.id) {
             let target = fd.fd as u64;
@@ -270,5 +510,37 @@ pub fn restore(
             remote.syscall(libc::SYS_close, &[tmp])?;
         }
     }
+    for ends in opener.pipes.values() {
+        for (fd, _) in ends {
+            remote.syscall(libc::SYS_close, &[*fd])?;
+        }
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoll_fdinfo() {
+        let t = parse_epoll_targets(
+            "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\ntfd:        5 events:       19 data:                5  pos:0 ino:3f sdev:d\ntfd:        7 events: 80000001 data: ffffffffffffffff  pos:0 ino:40 sdev:d\n",
+        );
+        assert_eq!(
+            t,
+            vec![
+                EpollTarget {
+                    fd: 5,
+                    events: 0x19,
+                    data: 5
+                },
+                EpollTarget {
+                    fd: 7,
+                    events: 0x8000_0001,
+                    data: u64::MAX
+                },
+            ]
+        );
+    }
 }

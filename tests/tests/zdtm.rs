@@ -62,10 +62,9 @@ cases!(
     // inside system calls
     nanosleep,
     futex_wait,
-    #[ignore = "needs pipe support (issue 3)"]
     read_blocking,
-    #[ignore = "needs epoll support (issue 3)"]
     epoll_wait,
+    pipe_eventfd_epoll,
     // files
     file_offsets,
     unlinked_file,

@@ -50,3 +50,35 @@ pub fn mmap_readonly(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
     // while the agent reads them (a truncation would SIGBUS, not corrupt).
     unsafe { memmap2::Mmap::map(file) }
 }
+
+/// Copies the bytes buffered in a pipe without consuming them (tee into a
+/// pipe of our own, then read that), given a descriptor of its read end.
+pub fn pipe_peek(read_end: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer.
+    if unsafe { libc::ioctl(read_end.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    // tee copies whole buffers: our pipe gets as many slots as the source,
+    // so one call takes everything the source holds.
+    let capacity = nix::fcntl::fcntl(read_end, nix::fcntl::FcntlArg::F_GETPIPE_SZ)?;
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    nix::fcntl::fcntl(&w, nix::fcntl::FcntlArg::F_SETPIPE_SZ(capacity))?;
+    let got = nix::fcntl::tee(read_end, &w, n, nix::fcntl::SpliceFFlags::SPLICE_F_NONBLOCK)?;
+    if got != n {
+        return Err(io::Error::other(format!(
+            "tee copied {got} of the pipe's {n} bytes"
+        )));
+    }
+    let mut out = vec![0u8; n];
+    let mut read = 0;
+    while read < n {
+        read += nix::unistd::read(&r, &mut out[read..])?;
+    }
+    Ok(out)
+}

@@ -1,6 +1,7 @@
-//! Cases for state the engine supports only in later issues (pipes, epoll,
-//! unix sockets). The unix_socket case also serves the bad-input test: a
-//! dump must refuse it and leave the process running.
+//! Cases with pipes, eventfd and epoll inside one process, and a unix
+//! socket, which the engine does not support yet: the unix_socket case
+//! serves the bad-input test (a dump must refuse it and leave the process
+//! running).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
@@ -159,5 +160,80 @@ pub fn unix_socket(ctx: &Ctx) -> CaseResult {
     c.eq("queued data", b"ping".to_vec(), recv(b)?);
     send(b, b"pong")?;
     c.eq("reply", b"pong".to_vec(), recv(a)?);
+    c.finish()
+}
+
+/// A pipe holding data (bigger than default, read end non-blocking), a
+/// semaphore eventfd with a count, and an epoll watching both.
+pub fn pipe_eventfd_epoll(ctx: &Ctx) -> CaseResult {
+    let mut p = [0i32; 2];
+    // SAFETY: out-array of two fds.
+    cvt(
+        unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK) },
+        "pipe2",
+    )?;
+    let (rd, wr) = (p[0], p[1]);
+    // SAFETY: integer fcntl.
+    cvt(
+        unsafe { libc::fcntl(wr, libc::F_SETPIPE_SZ, 256 * 1024) },
+        "F_SETPIPE_SZ",
+    )?;
+    let data: Vec<u8> = (0..3000u32).map(|i| (i * 7 + 3) as u8).collect();
+    // SAFETY: writes from a live buffer.
+    let n = unsafe { libc::write(wr, data.as_ptr() as *const libc::c_void, data.len()) };
+    if n != data.len() as isize {
+        return Err(os_err("write pipe"));
+    }
+    // SAFETY: no pointers.
+    let efd = cvt(unsafe { libc::eventfd(42, libc::EFD_SEMAPHORE) }, "eventfd")?;
+    // SAFETY: no pointers.
+    let ep = cvt(unsafe { libc::epoll_create1(0) }, "epoll_create1")?;
+    for (fd, tag) in [(rd, 0xabcu64), (efd, 0xdefu64)] {
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: tag,
+        };
+        // SAFETY: ev is a valid epoll_event.
+        cvt(
+            unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) },
+            "epoll_ctl",
+        )?;
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    // SAFETY: integer fcntls.
+    c.eq("pipe size", 256 * 1024, unsafe {
+        libc::fcntl(rd, libc::F_GETPIPE_SZ)
+    });
+    // SAFETY: integer fcntl.
+    let fl = unsafe { libc::fcntl(rd, libc::F_GETFL) };
+    c.ok("read end still O_NONBLOCK", fl & libc::O_NONBLOCK != 0);
+    let mut evs = [libc::epoll_event { events: 0, u64: 0 }; 4];
+    // SAFETY: room for 4 events.
+    let n = unsafe { libc::epoll_wait(ep, evs.as_mut_ptr(), 4, 1000) };
+    let mut tags: Vec<u64> = evs[..n.max(0) as usize].iter().map(|e| e.u64).collect();
+    tags.sort_unstable();
+    c.eq("epoll ready tags", vec![0xabcu64, 0xdef], tags);
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: reads into a live buffer.
+    let got = unsafe { libc::read(rd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    c.eq("pipe bytes", data.len() as isize, got);
+    c.ok("pipe content", got > 0 && buf[..got as usize] == data[..]);
+    let mut v = 0u64;
+    // SAFETY: eventfd reads 8 bytes.
+    unsafe { libc::read(efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+    c.eq("semaphore eventfd read", 1, v);
+    let mut left = 0;
+    for _ in 0..50 {
+        // SAFETY: eventfd reads 8 bytes; non-blocking after count drains is
+        // not set, so stop at 41 reads.
+        unsafe { libc::read(efd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        left += 1;
+        if left == 41 {
+            break;
+        }
+    }
+    c.eq("eventfd count drained", 41, left);
     c.finish()
 }

@@ -72,6 +72,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("stdio_files", files::stdio_files),
     // need engine support that comes in later issues
     ("read_blocking", later::read_blocking),
+    ("pipe_eventfd_epoll", later::pipe_eventfd_epoll),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
