@@ -18,6 +18,7 @@ use tracing::info;
 use crate::error::{Error, Result};
 use crate::images::{image_name, pages_name, ImageWriter};
 use crate::inject::{Remote, Scratch};
+use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
 use crate::{files, mm, pages, proc, task};
 
@@ -61,6 +62,11 @@ fn check_no_children(pid: i32) -> Result<()> {
 
 /// Dumps one process (all its threads) into `req.images`.
 pub fn dump(req: &DumpRequest) -> Result<DumpReport> {
+    dump_with_progress(req, &Quiet)
+}
+
+/// Like `dump`, reporting the page copy to `progress`.
+pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<DumpReport> {
     let t0 = Instant::now();
     let pid = req.pid;
     check_target(pid)?;
@@ -68,7 +74,7 @@ pub fn dump(req: &DumpRequest) -> Result<DumpReport> {
     let writer = ImageWriter::create(&req.images)?;
     let seized = Seized::process(pid)?;
     let frozen_at = Instant::now();
-    let result = dump_seized(&seized, &writer);
+    let result = dump_seized(&seized, &writer, progress);
     let (pages_bytes, pages_ms) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -124,7 +130,11 @@ pub fn dump(req: &DumpRequest) -> Result<DumpReport> {
     })
 }
 
-fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<(u64, f64)> {
+fn dump_seized(
+    seized: &Seized,
+    writer: &ImageWriter,
+    progress: &dyn Progress,
+) -> Result<(u64, f64)> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -155,7 +165,7 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<(u64, f64)> {
     let fds = files::dump(pid, writer)?;
     let tp = Instant::now();
     let pages_path = writer.dir().join(pages_name(pid));
-    let pm = pages::dump(pid, &mmd.extents, &pages_path, &pages_name(pid))?;
+    let pm = pages::dump(pid, &mmd.extents, &pages_path, &pages_name(pid), progress)?;
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
     writer.add_pages(&pm);
     writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &core)?;

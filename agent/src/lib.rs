@@ -14,6 +14,7 @@ pub mod inject;
 pub mod mm;
 pub mod pages;
 pub mod proc;
+pub mod progress;
 pub mod restore;
 pub mod seize;
 pub mod show;

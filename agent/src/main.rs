@@ -63,6 +63,39 @@ enum Cmd {
     },
 }
 
+/// A progress bar on stderr, drawn only on a terminal.
+struct Bar(indicatif::ProgressBar);
+
+impl Bar {
+    fn new(json: bool) -> Self {
+        use std::io::IsTerminal;
+        if json || !std::io::stderr().is_terminal() {
+            return Bar(indicatif::ProgressBar::hidden());
+        }
+        Bar(indicatif::ProgressBar::new(0))
+    }
+}
+
+impl ckpt_agent::progress::Progress for Bar {
+    fn start(&self, what: &str, total: u64) {
+        let style = indicatif::ProgressStyle::with_template(
+            "{msg:>16} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> ");
+        self.0.set_style(style);
+        self.0.set_message(what.to_string());
+        self.0.set_length(total);
+        self.0.set_position(0);
+    }
+    fn advance(&self, n: u64) {
+        self.0.inc(n);
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear();
+    }
+}
+
 fn init_logging(verbose: u8) {
     let level = match verbose {
         0 => "warn",
@@ -101,7 +134,7 @@ fn main() -> ExitCode {
                 images,
                 leave_running,
             };
-            match dump::dump(&req) {
+            match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
                 Ok(r) => {
                     if cli.json {
                         println!("{}", serde_json::to_string(&r).expect("report serializes"));
@@ -131,7 +164,7 @@ fn main() -> ExitCode {
                 detach,
                 pidfile,
             };
-            match restore::restore(&req) {
+            match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
                 Ok((r, code)) => {
                     if cli.json {
                         println!("{}", serde_json::to_string(&r).expect("report serializes"));

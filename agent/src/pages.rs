@@ -17,6 +17,7 @@ use nix::unistd::Pid;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 
 /// Flag of a `PageRun` whose content is in the pages file.
 pub const PAGE_PRESENT: u32 = 1;
@@ -116,8 +117,15 @@ fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8]) -> Result<()> {
 
 /// Copies the given extents of process `pid` into `pages_path` and returns
 /// the index. Extents must be page-aligned and sorted.
-pub fn dump(pid: i32, extents: &[Extent], pages_path: &Path, pages_name: &str) -> Result<PageMap> {
+pub fn dump(
+    pid: i32,
+    extents: &[Extent],
+    pages_path: &Path,
+    pages_name: &str,
+    progress: &dyn Progress,
+) -> Result<PageMap> {
     let (runs, jobs, total) = plan(extents);
+    progress.start("dumping pages", total);
     let file = File::create(pages_path).map_err(|e| Error::io(pages_path, e))?;
     file.set_len(total).map_err(|e| Error::io(pages_path, e))?;
     let mem_path = format!("/proc/{pid}/mem");
@@ -132,6 +140,7 @@ pub fn dump(pid: i32, extents: &[Extent], pages_path: &Path, pages_name: &str) -
                 read_job(pid, &mem, job, b)?;
                 file.write_all_at(b, job.file_off)
                     .map_err(|e| Error::io(pages_path, e))?;
+                progress.advance(job.len);
                 // Checksum while the chunk is still in cache: one piece per
                 // block the job touches, combined into block sums below.
                 let mut out = Vec::new();
@@ -147,6 +156,7 @@ pub fn dump(pid: i32, extents: &[Extent], pages_path: &Path, pages_name: &str) -
             },
         )
         .collect::<Result<_>>()?;
+    progress.finish();
     let mut pieces: Vec<(u64, u32, u64)> = pieces.into_iter().flatten().collect();
     pieces.sort_unstable_by_key(|p| p.0);
     let mut block_crc32c = vec![0u32; nblocks];
@@ -216,7 +226,7 @@ pub fn whole_crc(blocks: &[u32], len: u64) -> u32 {
 
 /// Writes the saved pages into process `pid`, whose mappings must already
 /// exist and be writable.
-pub fn restore(pid: i32, pm: &PageMap, path: &Path) -> Result<()> {
+pub fn restore(pid: i32, pm: &PageMap, path: &Path, progress: &dyn Progress) -> Result<()> {
     if pm.pages_file_size == 0 {
         return Ok(());
     }
@@ -238,7 +248,8 @@ pub fn restore(pid: i32, pm: &PageMap, path: &Path) -> Result<()> {
             reason: format!("{}: index does not cover the pages file", pm.pages_file),
         });
     }
-    jobs.par_iter().try_for_each(|job| -> Result<()> {
+    progress.start("restoring pages", total);
+    let r = jobs.par_iter().try_for_each(|job| -> Result<()> {
         let src = &map[job.file_off as usize..(job.file_off + job.len) as usize];
         let n = process_vm_writev(
             Pid::from_raw(pid),
@@ -255,8 +266,11 @@ pub fn restore(pid: i32, pm: &PageMap, path: &Path) -> Result<()> {
                 ),
             });
         }
+        progress.advance(job.len);
         Ok(())
-    })
+    });
+    progress.finish();
+    r
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ use tracing::{info, warn};
 use crate::error::{Context, Error, Result};
 use crate::images::{image_name, pages_name, read_inventory, verify};
 use crate::inject::{self, Remote, Scratch};
+use crate::progress::{Progress, Quiet};
 use crate::{files, mm, pages, proc, sys, task};
 
 /// What to restore and how.
@@ -102,6 +103,14 @@ impl Drop for ChildGuard {
 /// Restores the checkpoint in `req.images`; with `detach` returns once it
 /// runs, otherwise waits for it and returns its exit status too.
 pub fn restore(req: &RestoreRequest) -> Result<(RestoreReport, Option<i32>)> {
+    restore_with_progress(req, &Quiet)
+}
+
+/// Like `restore`, reporting the page copy to `progress`.
+pub fn restore_with_progress(
+    req: &RestoreRequest,
+    progress: &dyn Progress,
+) -> Result<(RestoreReport, Option<i32>)> {
     let t0 = Instant::now();
     let dir = &req.images;
     let inv = read_inventory(dir)?;
@@ -159,9 +168,7 @@ pub fn restore(req: &RestoreRequest) -> Result<(RestoreReport, Option<i32>)> {
         pid: child,
         armed: true,
     };
-    let tp = Instant::now();
-    let pages_ms = build(&img, dir, child, req.detach)?;
-    let _ = tp;
+    let pages_ms = build(&img, dir, child, req.detach, progress)?;
     if let Some(pf) = &req.pidfile {
         std::fs::write(pf, format!("{child}\n")).map_err(|e| Error::io(pf, e))?;
     }
@@ -198,7 +205,13 @@ fn child_wait_for_agent() -> ! {
     sys::clone::child_park()
 }
 
-fn build(img: &Images, dir: &Path, child: i32, detach: bool) -> Result<f64> {
+fn build(
+    img: &Images,
+    dir: &Path,
+    child: i32,
+    detach: bool,
+    progress: &dyn Progress,
+) -> Result<f64> {
     let pid = child;
     let t = Pid::from_raw(child);
     ptrace::seize(t, inject::seize_options(true)).ctx(pid, || "PTRACE_SEIZE".into())?;
@@ -253,7 +266,7 @@ fn build(img: &Images, dir: &Path, child: i32, detach: bool) -> Result<f64> {
     mm::restore_fields(&img.mm, &main, &mut scratch)?;
     mm::restore_mappings(&img.mm, &main, &mut scratch)?;
     let tp = Instant::now();
-    pages::restore(pid, &img.pm, &dir.join(pages_name(img.core.pid)))?;
+    pages::restore(pid, &img.pm, &dir.join(pages_name(img.core.pid)), progress)?;
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
     mm::finish_mappings(&img.mm, &main)?;
 

@@ -91,3 +91,59 @@ fn scalar(v: &serde_json::Value) -> String {
         other => other.to_string(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_proto::image::{Inventory, ThreadCore};
+    use ckpt_proto::{encode_image, ImageKind};
+
+    fn tmp(name: &str, data: &[u8]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("ckpt-show-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, data).unwrap();
+        p
+    }
+
+    #[test]
+    fn framed_image_as_text_and_json() {
+        let inv = Inventory {
+            root_pid: 42,
+            pids: vec![42],
+            ..Default::default()
+        };
+        let p = tmp("inventory.img", &encode_image(ImageKind::Inventory, &[inv]));
+        let text = show(&p, false).unwrap();
+        assert!(text.contains("kind: inventory"), "{text}");
+        assert!(text.contains("root_pid: 42"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&show(&p, true).unwrap()).unwrap();
+        assert_eq!(v["image"]["pids"][0], 42);
+    }
+
+    #[test]
+    fn long_blobs_are_shortened_in_text() {
+        let core = ckpt_proto::image::TaskCore {
+            threads: vec![ThreadCore {
+                xsave: vec![0xab; 2688],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let p = tmp("core-1.img", &encode_image(ImageKind::Core, &[core]));
+        let text = show(&p, false).unwrap();
+        assert!(text.contains("(5376 hex chars)"), "{text}");
+        let json = show(&p, true).unwrap();
+        assert!(json.contains(&"ab".repeat(2688)));
+    }
+
+    #[test]
+    fn raw_and_foreign_files() {
+        let p = tmp("pages-7.img", &[1, 2, 3, 4]);
+        let v: serde_json::Value = serde_json::from_str(&show(&p, true).unwrap()).unwrap();
+        assert_eq!(v["kind"], "raw");
+        assert_eq!(v["size"], 4);
+        let q = tmp("notes.txt", b"hello");
+        assert!(show(&q, false).is_err());
+    }
+}
