@@ -80,7 +80,7 @@ impl ImageWriter {
 
     /// Records a pages file whose block checksums are in `pm`.
     pub fn add_pages(&self, pm: &PageMap) {
-        let crc = pages::whole_crc(&pm.block_crc32c, pm.pages_file_size);
+        let crc = pages::file_checksum(&pm.block_crc32c);
         self.record(&pm.pages_file, pm.pages_file_size, crc);
     }
 

@@ -107,6 +107,8 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
 pub struct MmDump {
     pub image: MmImage,
     pub extents: Vec<Extent>,
+    /// Mappings the task itself cannot read (PROT_NONE and the like).
+    pub unreadable: Vec<(u64, u64)>,
 }
 
 fn file_ident(path: &str) -> (u64, u64) {
@@ -121,8 +123,11 @@ fn file_ident(path: &str) -> (u64, u64) {
 /// Reads the mappings of stopped process `pid` and finds the pages to save:
 /// present anonymous pages (not the shared zero page) and, in private file
 /// mappings, only pages the process changed.
-pub fn dump(pid: i32, brk: u64) -> Result<MmDump> {
-    let maps = proc::smaps(pid)?;
+///
+/// `skip` is the agent's own scratch mapping in the task, left out.
+pub fn dump(pid: i32, brk: u64, skip: Option<(u64, u64)>) -> Result<MmDump> {
+    let mut maps = proc::smaps(pid)?;
+    maps.retain(|m| Some((m.start, m.end)) != skip);
     let pm_path = format!("/proc/{pid}/pagemap");
     let pm = std::fs::File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
     let mut vmas = Vec::with_capacity(maps.len());
@@ -240,7 +245,13 @@ pub fn dump(pid: i32, brk: u64) -> Result<MmDump> {
         exe_dev,
         exe_ino,
     };
+    let unreadable = vmas
+        .iter()
+        .filter(|v| v.prot & libc::PROT_READ as u32 == 0)
+        .map(|v| (v.start, v.end))
+        .collect();
     Ok(MmDump {
+        unreadable,
         image: MmImage {
             pid,
             fields: Some(fields),
@@ -505,6 +516,22 @@ pub fn finish_mappings(img: &MmImage, remote: &Remote) -> Result<()> {
         remote.syscall(libc::SYS_mprotect, &[v.start, len, v.prot as u64])?;
     }
     Ok(())
+}
+
+/// The private anonymous mappings that get pages from the page store, as
+/// (start, end): restore fills them through userfaultfd.
+pub fn anon_private_with_pages(img: &MmImage, pm: &ckpt_proto::image::PageMap) -> Vec<(u64, u64)> {
+    let page = pm.page_size.max(1) as u64;
+    img.vmas
+        .iter()
+        .filter(|v| v.kind == VmaKind::VmaAnonPrivate as i32)
+        .filter(|v| {
+            pm.runs
+                .iter()
+                .any(|r| r.vaddr < v.end && r.vaddr + r.nr_pages * page > v.start)
+        })
+        .map(|v| (v.start, v.end))
+        .collect()
 }
 
 /// Reads the current program break of a stopped task (brk(0) inside it).

@@ -23,8 +23,10 @@ use crate::progress::Progress;
 pub const PAGE_PRESENT: u32 = 1;
 /// Size of a checksummed block of the pages file.
 pub const BLOCK: u64 = 1 << 20;
-/// Size of one copy job; a multiple of `BLOCK`.
-pub const CHUNK: u64 = 4 << 20;
+/// Size of one copy job: a multiple of `BLOCK`, small enough to stay in
+/// cache and to fit one pipe (pipes hold at most 1 MiB without
+/// CAP_SYS_RESOURCE).
+pub const CHUNK: u64 = 1 << 20;
 /// Most remote iovecs one process_vm_* call takes (IOV_MAX).
 const MAX_IOV: usize = 1024;
 
@@ -115,63 +117,240 @@ fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8]) -> Result<()> {
     Ok(())
 }
 
+/// Checksums one job's bytes, a piece per block it touches, for
+/// `block_sums`.
+fn job_pieces(job: &Job, b: &[u8]) -> Vec<(u64, u32, u64)> {
+    let mut out = Vec::new();
+    let mut s = job.file_off;
+    let end = job.file_off + job.len;
+    while s < end {
+        let e = ((s / BLOCK + 1) * BLOCK).min(end);
+        let piece = &b[(s - job.file_off) as usize..(e - job.file_off) as usize];
+        out.push((s, crc32c::crc32c(piece), e - s));
+        s = e;
+    }
+    out
+}
+
+/// Checksums of pieces of the pages file: (offset, crc32c, length).
+type Pieces = Vec<(u64, u32, u64)>;
+
+/// Copies one job through the agent's buffer and checksums it.
+type ReadJob<'a> = dyn Fn(&mut Vec<u8>, &Job) -> Result<Pieces> + Sync + 'a;
+
+/// Folds per-piece checksums into one checksum per block.
+fn block_sums(mut pieces: Vec<(u64, u32, u64)>, total: u64) -> Vec<u32> {
+    pieces.sort_unstable_by_key(|p| p.0);
+    let mut sums = vec![0u32; total.div_ceil(BLOCK) as usize];
+    for (off, crc, len) in pieces {
+        let b = (off / BLOCK) as usize;
+        // Combining costs ~90 us; a piece that starts its block is its sum.
+        sums[b] = if off % BLOCK == 0 {
+            crc
+        } else {
+            crc32c::crc32c_combine(sums[b], crc, len as usize)
+        };
+    }
+    sums
+}
+
+/// Where page contents come from during a dump: read by the agent with
+/// process_vm_readv (two copies: into a buffer, into the file), or spliced
+/// by the task itself into pipes (`Splicer`) that the agent splices into
+/// the file (one copy).
+pub enum Source<'a> {
+    Read,
+    /// The agent's copies of the pipes' read ends, and the task's side.
+    Splice(&'a [std::os::fd::OwnedFd], &'a mut dyn Splicer),
+}
+
+/// Makes the dumped task vmsplice its own memory into one of its pipes.
+pub trait Splicer {
+    /// vmsplices the ranges `iov` into pipe `k`; returns the bytes queued.
+    fn vmsplice(&mut self, k: usize, iov: &[(u64, u64)]) -> Result<u64>;
+}
+
 /// Copies the given extents of process `pid` into `pages_path` and returns
-/// the index. Extents must be page-aligned and sorted.
+/// the index. Extents must be page-aligned and sorted. Ranges listed in
+/// `unreadable` (PROT_NONE and the like) are read through /proc/PID/mem.
 pub fn dump(
     pid: i32,
     extents: &[Extent],
+    unreadable: &[(u64, u64)],
     pages_path: &Path,
     pages_name: &str,
+    source: Source<'_>,
     progress: &dyn Progress,
 ) -> Result<PageMap> {
     let (runs, jobs, total) = plan(extents);
     progress.start("dumping pages", total);
-    let file = File::create(pages_path).map_err(|e| Error::io(pages_path, e))?;
+    // Readable too: spliced jobs are checksummed from the page cache.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(pages_path)
+        .map_err(|e| Error::io(pages_path, e))?;
     file.set_len(total).map_err(|e| Error::io(pages_path, e))?;
     let mem_path = format!("/proc/{pid}/mem");
     let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
-    let nblocks = total.div_ceil(BLOCK) as usize;
-    let pieces: Vec<Vec<(u64, u32, u64)>> = jobs
-        .par_iter()
-        .map_init(
-            || vec![0u8; CHUNK as usize],
-            |buf, job| -> Result<Vec<(u64, u32, u64)>> {
-                let b = &mut buf[..job.len as usize];
-                read_job(pid, &mem, job, b)?;
-                file.write_all_at(b, job.file_off)
-                    .map_err(|e| Error::io(pages_path, e))?;
-                progress.advance(job.len);
-                // Checksum while the chunk is still in cache: one piece per
-                // block the job touches, combined into block sums below.
-                let mut out = Vec::new();
-                let mut s = job.file_off;
-                let end = job.file_off + job.len;
-                while s < end {
-                    let e = ((s / BLOCK + 1) * BLOCK).min(end);
-                    let piece = &b[(s - job.file_off) as usize..(e - job.file_off) as usize];
-                    out.push((s, crc32c::crc32c(piece), e - s));
-                    s = e;
-                }
-                Ok(out)
-            },
-        )
-        .collect::<Result<_>>()?;
+    let read_one = |buf: &mut Vec<u8>, job: &Job| -> Result<Vec<(u64, u32, u64)>> {
+        let b = &mut buf[..job.len as usize];
+        read_job(pid, &mem, job, b)?;
+        file.write_all_at(b, job.file_off)
+            .map_err(|e| Error::io(pages_path, e))?;
+        progress.advance(job.len);
+        // Checksum while the chunk is still in cache.
+        Ok(job_pieces(job, b))
+    };
+    let pieces: Vec<(u64, u32, u64)> = match source {
+        Source::Read => jobs
+            .par_iter()
+            .map_init(|| vec![0u8; CHUNK as usize], |buf, job| read_one(buf, job))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect(),
+        Source::Splice(pipes, splicer) => spliced(
+            pid, &jobs, unreadable, pipes, splicer, &file, pages_path, &read_one, progress,
+        )?,
+    };
     progress.finish();
-    let mut pieces: Vec<(u64, u32, u64)> = pieces.into_iter().flatten().collect();
-    pieces.sort_unstable_by_key(|p| p.0);
-    let mut block_crc32c = vec![0u32; nblocks];
-    for (off, crc, len) in pieces {
-        let b = (off / BLOCK) as usize;
-        block_crc32c[b] = crc32c::crc32c_combine(block_crc32c[b], crc, len as usize);
-    }
     Ok(PageMap {
         pid,
         page_size: 4096,
         pages_file: pages_name.to_string(),
         pages_file_size: total,
         block_size: BLOCK,
-        block_crc32c,
+        block_crc32c: block_sums(pieces, total),
         runs,
+    })
+}
+
+/// The spliced copy: this (tracer) thread makes the task vmsplice job after
+/// job into free pipes; two workers splice each pipe into the file at the
+/// job's offset and checksum it from the page cache. Jobs touching
+/// unreadable memory are read through /proc/PID/mem by the workers.
+#[allow(clippy::too_many_arguments)]
+fn spliced(
+    pid: i32,
+    jobs: &[Job],
+    unreadable: &[(u64, u64)],
+    pipes: &[std::os::fd::OwnedFd],
+    splicer: &mut dyn Splicer,
+    file: &File,
+    path: &Path,
+    read_one: &ReadJob<'_>,
+    progress: &dyn Progress,
+) -> Result<Vec<(u64, u32, u64)>> {
+    use crossbeam::channel;
+    let npipes = pipes.len();
+    let (free_tx, free_rx) = channel::bounded::<usize>(npipes);
+    for k in 0..npipes {
+        free_tx.send(k).expect("channel has room");
+    }
+    // (pipe, or None for a /proc/PID/mem read; job index)
+    let (work_tx, work_rx) = channel::bounded::<(Option<usize>, usize)>(npipes + 2);
+    let unreadable_job = |j: &Job| {
+        j.iov
+            .iter()
+            .any(|&(va, len)| unreadable.iter().any(|&(s, e)| va < e && va + len > s))
+    };
+    std::thread::scope(|sc| -> Result<Vec<(u64, u32, u64)>> {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                let (work_rx, free_tx) = (work_rx.clone(), free_tx.clone());
+                sc.spawn(move || -> Result<Vec<(u64, u32, u64)>> {
+                    let mut buf = vec![0u8; CHUNK as usize];
+                    let mut out = Vec::new();
+                    for (k, j) in work_rx {
+                        let job = &jobs[j];
+                        let Some(k) = k else {
+                            out.extend(read_one(&mut buf, job)?);
+                            continue;
+                        };
+                        let pipe = &pipes[k];
+                        let mut off = job.file_off as i64;
+                        let mut left = job.len as usize;
+                        while left > 0 {
+                            let n = nix::fcntl::splice(
+                                pipe,
+                                None,
+                                file,
+                                Some(&mut off),
+                                left,
+                                nix::fcntl::SpliceFFlags::SPLICE_F_MOVE,
+                            )
+                            .map_err(|e| {
+                                Error::sys(pid, format!("splice into {}", path.display()), e)
+                            })?;
+                            if n == 0 {
+                                return Err(Error::Refused {
+                                    pid,
+                                    reason: format!("pipe ran dry at {:#x}", job.file_off),
+                                });
+                            }
+                            left -= n;
+                        }
+                        let _ = free_tx.send(k);
+                        let b = &mut buf[..job.len as usize];
+                        file.read_exact_at(b, job.file_off)
+                            .map_err(|e| Error::io(path, e))?;
+                        out.extend(job_pieces(job, b));
+                        progress.advance(job.len);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        drop(work_rx);
+        let mut failed = None;
+        let (mut t_wait, mut t_inject) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
+        for (j, job) in jobs.iter().enumerate() {
+            if unreadable_job(job) {
+                if work_tx.send((None, j)).is_err() {
+                    break;
+                }
+                continue;
+            }
+            let t = std::time::Instant::now();
+            let Ok(k) = free_rx.recv() else { break };
+            t_wait += t.elapsed();
+            let t = std::time::Instant::now();
+            let queued = splicer.vmsplice(k, &job.iov);
+            t_inject += t.elapsed();
+            match queued {
+                Ok(n) if n == job.len => {}
+                Ok(n) => {
+                    failed = Some(Error::Refused {
+                        pid,
+                        reason: format!(
+                            "vmsplice queued {n} of {} bytes at {:#x}",
+                            job.len, job.iov[0].0
+                        ),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if work_tx.send((Some(k), j)).is_err() {
+                break;
+            }
+        }
+        drop(work_tx);
+        tracing::debug!(pid, ?t_wait, ?t_inject, "splice injector");
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.join().expect("splice worker panicked")?);
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(all),
+        }
     })
 }
 
@@ -185,7 +364,7 @@ fn block_checksums(file: &File, path: &Path, total: u64) -> Result<Vec<u32>> {
 }
 
 /// Checks every block of a pages file against its index, before anything
-/// is restored from it, and returns the whole file's checksum.
+/// is restored from it, and returns the file's checksum (see `file_checksum`).
 pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -211,22 +390,27 @@ pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
             ((i as u64 + 1) * BLOCK).min(len)
         )));
     }
-    Ok(whole_crc(&sums, len))
+    Ok(file_checksum(&sums))
 }
 
-/// The crc32c of a whole file from the crc32c of its blocks.
-pub fn whole_crc(blocks: &[u32], len: u64) -> u32 {
-    let mut crc = 0u32;
-    for (i, b) in blocks.iter().enumerate() {
-        let blen = (len - i as u64 * BLOCK).min(BLOCK);
-        crc = crc32c::crc32c_combine(crc, *b, blen as usize);
-    }
-    crc
+/// The checksum the inventory records for a pages file: the crc32c of its
+/// block checksums (each block is checked against its own), which costs
+/// nothing to compute, unlike combining block checksums into a whole-file one.
+pub fn file_checksum(blocks: &[u32]) -> u32 {
+    let bytes: Vec<u8> = blocks.iter().flat_map(|b| b.to_le_bytes()).collect();
+    crc32c::crc32c(&bytes)
 }
 
 /// Writes the saved pages into process `pid`, whose mappings must already
-/// exist and be writable.
-pub fn restore(pid: i32, pm: &PageMap, path: &Path, progress: &dyn Progress) -> Result<()> {
+/// exist and be writable: through `filler` where it has registered the
+/// memory, with process_vm_writev elsewhere.
+pub fn restore(
+    pid: i32,
+    pm: &PageMap,
+    path: &Path,
+    progress: &dyn Progress,
+    filler: Option<&UffdFiller>,
+) -> Result<()> {
     if pm.pages_file_size == 0 {
         return Ok(());
     }
@@ -248,29 +432,117 @@ pub fn restore(pid: i32, pm: &PageMap, path: &Path, progress: &dyn Progress) -> 
             reason: format!("{}: index does not cover the pages file", pm.pages_file),
         });
     }
+    let ranges = filler.map_or(&[][..], |f| &f.ranges[..]);
     progress.start("restoring pages", total);
     let r = jobs.par_iter().try_for_each(|job| -> Result<()> {
-        let src = &map[job.file_off as usize..(job.file_off + job.len) as usize];
-        let n = process_vm_writev(
-            Pid::from_raw(pid),
-            &[IoSlice::new(src)],
-            &remote_iov(&job.iov),
-        )
-        .map_err(|e| Error::sys(pid, format!("process_vm_writev at {:#x}", job.iov[0].0), e))?;
-        if n as u64 != job.len {
-            return Err(Error::Refused {
-                pid,
-                reason: format!(
-                    "short write of pages at {:#x}: {n} of {} bytes",
-                    job.iov[0].0, job.len
-                ),
-            });
+        let mut at = job.file_off as usize;
+        for &(va, len) in &job.iov {
+            for (start, end, by_uffd) in split_by(va, va + len, ranges) {
+                let n = (end - start) as usize;
+                let src = &map[at..at + n];
+                match (by_uffd, filler) {
+                    (true, Some(f)) => f.copy(start, src).map_err(|e| {
+                        Error::sys(pid, format!("UFFDIO_COPY at {start:#x}+{n:#x}"), e)
+                    })?,
+                    _ => write_remote(pid, start, src)?,
+                }
+                at += n;
+            }
         }
         progress.advance(job.len);
         Ok(())
     });
     progress.finish();
     r
+}
+
+/// Fills fresh anonymous memory of a process being restored through its
+/// userfaultfd: UFFDIO_COPY puts our data straight into new pages, where
+/// process_vm_writev would first fault in zeroed pages and then copy.
+pub struct UffdFiller {
+    uffd: crate::sys::uffd::Userfaultfd,
+    /// Registered ranges, sorted.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl UffdFiller {
+    /// Registers `ranges` (whole mappings, so none is split) of the process
+    /// behind `uffd` for missing-page filling.
+    pub fn new(
+        pid: i32,
+        uffd: crate::sys::uffd::Userfaultfd,
+        mut ranges: Vec<(u64, u64)>,
+    ) -> Result<Self> {
+        uffd.api(0).map_err(|e| Error::sys(pid, "UFFDIO_API", e))?;
+        ranges.sort_unstable();
+        for &(s, e) in &ranges {
+            uffd.register(s, e - s, crate::sys::uffd::UFFDIO_REGISTER_MODE_MISSING)
+                .map_err(|err| Error::sys(pid, format!("UFFDIO_REGISTER {s:#x}-{e:#x}"), err))?;
+        }
+        Ok(UffdFiller { uffd, ranges })
+    }
+
+    fn copy(&self, dst: u64, src: &[u8]) -> std::result::Result<(), nix::errno::Errno> {
+        self.uffd.copy(dst, src)
+    }
+
+    /// Unregisters every range, leaving the mappings as they were.
+    pub fn finish(self, pid: i32) -> Result<()> {
+        for &(s, e) in &self.ranges {
+            self.uffd
+                .unregister(s, e - s)
+                .map_err(|err| Error::sys(pid, format!("UFFDIO_UNREGISTER {s:#x}-{e:#x}"), err))?;
+        }
+        Ok(())
+    }
+}
+
+/// Cuts `[start, end)` into pieces inside and outside the filler's ranges.
+fn split_by(start: u64, end: u64, ranges: &[(u64, u64)]) -> Vec<(u64, u64, bool)> {
+    let mut out = Vec::new();
+    let mut cur = start;
+    while cur < end {
+        let i = ranges.partition_point(|r| r.1 <= cur);
+        match ranges.get(i) {
+            Some(&(s, e)) if s <= cur => {
+                let stop = e.min(end);
+                out.push((cur, stop, true));
+                cur = stop;
+            }
+            Some(&(s, _)) => {
+                let stop = s.min(end);
+                out.push((cur, stop, false));
+                cur = stop;
+            }
+            None => {
+                out.push((cur, end, false));
+                cur = end;
+            }
+        }
+    }
+    out
+}
+
+fn write_remote(pid: i32, addr: u64, src: &[u8]) -> Result<()> {
+    let n = process_vm_writev(
+        Pid::from_raw(pid),
+        &[IoSlice::new(src)],
+        &[RemoteIoVec {
+            base: addr as usize,
+            len: src.len(),
+        }],
+    )
+    .map_err(|e| Error::sys(pid, format!("process_vm_writev at {addr:#x}"), e))?;
+    if n != src.len() {
+        return Err(Error::Refused {
+            pid,
+            reason: format!(
+                "short write of pages at {addr:#x}: {n} of {} bytes",
+                src.len()
+            ),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -305,11 +577,27 @@ mod tests {
     }
 
     #[test]
-    fn whole_crc_matches_direct() {
-        let data: Vec<u8> = (0..(BLOCK as usize * 2 + 777))
-            .map(|i| (i * 7) as u8)
-            .collect();
-        let blocks: Vec<u32> = data.chunks(BLOCK as usize).map(crc32c::crc32c).collect();
-        assert_eq!(whole_crc(&blocks, data.len() as u64), crc32c::crc32c(&data));
+    fn split_by_ranges() {
+        assert_eq!(split_by(0, 10, &[]), vec![(0, 10, false)]);
+        let r = [(10, 20), (30, 40)];
+        assert_eq!(
+            split_by(5, 35, &r),
+            vec![
+                (5, 10, false),
+                (10, 20, true),
+                (20, 30, false),
+                (30, 35, true)
+            ]
+        );
+        assert_eq!(split_by(12, 18, &r), vec![(12, 18, true)]);
+        assert_eq!(split_by(40, 50, &r), vec![(40, 50, false)]);
+    }
+
+    #[test]
+    fn file_checksum_follows_every_block() {
+        let a = file_checksum(&[1, 2, 3]);
+        assert_ne!(a, file_checksum(&[1, 2, 4]));
+        assert_ne!(a, file_checksum(&[1, 2]));
+        assert_eq!(a, file_checksum(&[1, 2, 3]));
     }
 }

@@ -200,6 +200,37 @@ pub fn restore_with_progress(
     Ok((report, Some(code)))
 }
 
+/// Gives the agent a userfaultfd of the child, registered on its private
+/// anonymous mappings that get pages, to fill them with UFFDIO_COPY. None
+/// when the kernel offers no userfaultfd: process_vm_writev does it all.
+fn attach_filler(
+    pid: i32,
+    mm: &MmImage,
+    pm: &PageMap,
+    main: &Remote,
+) -> Result<Option<(pages::UffdFiller, u64)>> {
+    let ranges = mm::anon_private_with_pages(mm, pm);
+    if ranges.is_empty() {
+        return Ok(None);
+    }
+    let fd = match main.syscall(libc::SYS_userfaultfd, &[libc::O_CLOEXEC as u64]) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(
+                pid,
+                "no userfaultfd, filling pages with process_vm_writev: {e}"
+            );
+            return Ok(None);
+        }
+    };
+    let pidfd = sys::pidfd::pidfd_open(pid).ctx(pid, || "pidfd_open".into())?;
+    use std::os::fd::AsFd;
+    let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+        .ctx(pid, || "pidfd_getfd (userfaultfd)".into())?;
+    let filler = pages::UffdFiller::new(pid, sys::uffd::Userfaultfd::from_fd(ours), ranges)?;
+    Ok(Some((filler, fd)))
+}
+
 /// The forked child's side: wait to be seized; never runs agent code again.
 fn child_wait_for_agent() -> ! {
     sys::clone::child_park()
@@ -266,7 +297,18 @@ fn build(
     mm::restore_fields(&img.mm, &main, &mut scratch)?;
     mm::restore_mappings(&img.mm, &main, &mut scratch)?;
     let tp = Instant::now();
-    pages::restore(pid, &img.pm, &dir.join(pages_name(img.core.pid)), progress)?;
+    let filler = attach_filler(pid, &img.mm, &img.pm, &main)?;
+    pages::restore(
+        pid,
+        &img.pm,
+        &dir.join(pages_name(img.core.pid)),
+        progress,
+        filler.as_ref().map(|f| &f.0),
+    )?;
+    if let Some((f, remote_fd)) = filler {
+        f.finish(pid)?;
+        main.syscall(libc::SYS_close, &[remote_fd])?;
+    }
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
     mm::finish_mappings(&img.mm, &main)?;
 

@@ -3,12 +3,14 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
 use memmap2::MmapMut;
 use nix::errno::Errno;
 
-use super::{ctx, Outcome, CHILD_TIMEOUT};
+use super::{ctx, errno_ctx, Outcome, CHILD_TIMEOUT};
+use crate::sys::pagemap::{self, category, PageRegion, ScanQuery};
 use crate::sys::probe::{self, fork_child, PrctlMmMap};
 use crate::sys::uffd::{self, Userfaultfd};
 
@@ -135,6 +137,25 @@ pub(super) fn pagemap() -> Outcome {
     }
 }
 
+/// One PAGEMAP_SCAN call over `[start, end)` for pages with every category
+/// of `cat` (and reporting just those), with room for 8 regions.
+fn scan_once(
+    pm: &File,
+    start: u64,
+    end: u64,
+    cat: u64,
+    flags: u64,
+) -> std::io::Result<Vec<PageRegion>> {
+    let q = ScanQuery {
+        required: cat,
+        returned: cat,
+        ..Default::default()
+    };
+    let mut buf = [PageRegion::default(); 8];
+    let (n, _) = pagemap::scan_once(pm.as_fd(), start, end, q, flags, &mut buf)?;
+    Ok(buf[..n].to_vec())
+}
+
 pub(super) fn pagemap_scan() -> Outcome {
     let ps = page_size();
     let mut buf = anon(4 * ps)?;
@@ -142,16 +163,8 @@ pub(super) fn pagemap_scan() -> Outcome {
     let c = touched_child(&mut buf)?;
     let path = format!("/proc/{}/pagemap", c.pid());
     let f = File::open(&path).map_err(|e| format!("{path}: {e}"))?;
-    let (regions, _) = uffd::pagemap_scan(
-        &f,
-        addr,
-        addr + 4 * ps as u64,
-        uffd::PAGE_IS_PRESENT,
-        uffd::PAGE_IS_PRESENT,
-        0,
-        8,
-    )
-    .map_err(ctx("ioctl PAGEMAP_SCAN"))?;
+    let regions = scan_once(&f, addr, addr + 4 * ps as u64, category::PRESENT, 0)
+        .map_err(errno_ctx("ioctl PAGEMAP_SCAN"))?;
     let got: Vec<(u64, u64)> = regions
         .iter()
         .map(|r| ((r.start - addr) / ps as u64, (r.end - addr) / ps as u64))
@@ -271,20 +284,11 @@ pub(super) fn uffd_wp_async() -> Outcome {
         buf[ps] = 2;
         let pm = File::open("/proc/self/pagemap").map_err(ctx("/proc/self/pagemap"))?;
         let scan = |flags| {
-            uffd::pagemap_scan(
-                &pm,
-                addr,
-                addr + len,
-                uffd::PAGE_IS_WRITTEN,
-                uffd::PAGE_IS_WRITTEN,
-                flags,
-                8,
-            )
-            .map(|(r, _)| r)
-            .map_err(ctx("ioctl PAGEMAP_SCAN"))
+            scan_once(&pm, addr, addr + len, category::WRITTEN, flags)
+                .map_err(errno_ctx("ioctl PAGEMAP_SCAN"))
         };
-        let written = scan(uffd::PM_SCAN_CHECK_WPASYNC | uffd::PM_SCAN_WP_MATCHING)?;
-        let again = scan(uffd::PM_SCAN_CHECK_WPASYNC)?;
+        let written = scan(pagemap::flags::CHECK_WPASYNC | pagemap::flags::WP_MATCHING)?;
+        let again = scan(pagemap::flags::CHECK_WPASYNC)?;
         let got: Vec<(u64, u64)> = written
             .iter()
             .map(|r| ((r.start - addr) / ps as u64, (r.end - addr) / ps as u64))

@@ -268,6 +268,12 @@ fn ctx<E: Display>(what: &'static str) -> impl Fn(E) -> String {
     move |e| format!("{what}: {e}")
 }
 
+/// Like [`ctx`] for the engine's `io::Error` wrappers: words the error as
+/// its errno, the way the probes' own wrappers do.
+fn errno_ctx(what: &'static str) -> impl Fn(std::io::Error) -> String {
+    move |e| format!("{what}: {}", crate::sys::probe::errno_of(e))
+}
+
 /// Runs the check for the command line; returns the exit code.
 pub fn run_cli(json: bool, features: &[String]) -> i32 {
     let probes = match run_probes(features) {

@@ -1,6 +1,6 @@
 //! Probes of ptrace, pidfd and kcmp against a sleeping child.
 
-use std::os::fd::{AsRawFd, IntoRawFd};
+use std::os::fd::{AsFd, AsRawFd, IntoRawFd};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
@@ -8,8 +8,9 @@ use nix::sys::ptrace::{self as pt, Options};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::{ctx, Outcome, CHILD_TIMEOUT};
+use super::{ctx, errno_ctx, Outcome, CHILD_TIMEOUT};
 use crate::sys::probe::{self, fork_child, ProbeChild};
+use crate::sys::{pidfd as pfd, ptrace as sp};
 
 /// PTRACE_O_SUSPEND_SECCOMP (not in nix's Options).
 const PTRACE_O_SUSPEND_SECCOMP: libc::c_int = 0x0020_0000;
@@ -94,8 +95,8 @@ pub(super) fn interrupt_syscall() -> Outcome {
 pub(super) fn xstate() -> Outcome {
     let c = stopped_sleeper()?;
     let mut buf = vec![0u8; 64 * 1024];
-    let n = probe::ptrace_get_xstate(c.pid(), &mut buf)
-        .map_err(ctx("PTRACE_GETREGSET NT_X86_XSTATE"))?;
+    let n = sp::get_xstate_into(c.pid(), &mut buf)
+        .map_err(errno_ctx("PTRACE_GETREGSET NT_X86_XSTATE"))?;
     let cpuid_size = probe::cpuid(0xd, 0).1 as usize;
     let note = if cpuid_size == n {
         " (matches cpuid 0xD)".to_string()
@@ -108,11 +109,11 @@ pub(super) fn xstate() -> Outcome {
 pub(super) fn sigmask() -> Outcome {
     let c = stopped_sleeper()?;
     let pid = c.pid();
-    let orig = probe::ptrace_get_sigmask(pid).map_err(ctx("PTRACE_GETSIGMASK"))?;
+    let orig = sp::get_sigmask(pid).map_err(errno_ctx("PTRACE_GETSIGMASK"))?;
     let want = orig | 1 << (libc::SIGUSR1 - 1) | 1 << (libc::SIGRTMIN() + 3 - 1);
-    probe::ptrace_set_sigmask(pid, want).map_err(ctx("PTRACE_SETSIGMASK"))?;
-    let got = probe::ptrace_get_sigmask(pid).map_err(ctx("PTRACE_GETSIGMASK"))?;
-    probe::ptrace_set_sigmask(pid, orig).map_err(ctx("PTRACE_SETSIGMASK"))?;
+    sp::set_sigmask(pid, want).map_err(errno_ctx("PTRACE_SETSIGMASK"))?;
+    let got = sp::get_sigmask(pid).map_err(errno_ctx("PTRACE_GETSIGMASK"))?;
+    sp::set_sigmask(pid, orig).map_err(errno_ctx("PTRACE_SETSIGMASK"))?;
     if got == want {
         Ok(format!("round-trip {orig:#x} -> {want:#x}"))
     } else {
@@ -122,7 +123,7 @@ pub(super) fn sigmask() -> Outcome {
 
 pub(super) fn rseq() -> Outcome {
     let c = stopped_sleeper()?;
-    let r = probe::ptrace_get_rseq(c.pid()).map_err(ctx("PTRACE_GET_RSEQ_CONFIGURATION"))?;
+    let r = sp::get_rseq_config(c.pid()).map_err(errno_ctx("PTRACE_GET_RSEQ_CONFIGURATION"))?;
     if r.rseq_abi_pointer == 0 {
         Ok("works; child has no rseq registered (glibc.pthread.rseq=0?)".into())
     } else {
@@ -137,14 +138,15 @@ pub(super) fn seccomp() -> Outcome {
     let c = sleeper_with(probe::install_allow_all_seccomp)?;
     let opts = Options::from_bits_retain(PTRACE_O_SUSPEND_SECCOMP);
     seize_stop(c.pid(), opts).map_err(|e| format!("with PTRACE_O_SUSPEND_SECCOMP: {e}"))?;
-    let prog =
-        probe::ptrace_seccomp_filter(c.pid(), 0).map_err(ctx("PTRACE_SECCOMP_GET_FILTER"))?;
-    if prog == [probe::BPF_RET_ALLOW] {
+    let prog = sp::seccomp_get_filter(c.pid(), 0)
+        .and_then(|p| p.ok_or_else(|| std::io::Error::from_raw_os_error(libc::ENOENT)))
+        .map_err(errno_ctx("PTRACE_SECCOMP_GET_FILTER"))?;
+    if prog == probe::BPF_RET_ALLOW {
         Ok("suspended seccomp; read back the child's 1-instruction filter".into())
     } else {
         Err(format!(
             "filter read back with {} instructions, expected 1",
-            prog.len()
+            prog.len() / probe::BPF_RET_ALLOW.len()
         ))
     }
 }
@@ -167,8 +169,8 @@ pub(super) fn pidfd() -> Outcome {
         return Err(format!("child pipe: {}", r.errno));
     }
     let target = r.vals[0] as i32;
-    let pidfd = probe::pidfd_open(c.pid()).map_err(ctx("pidfd_open"))?;
-    let got = probe::pidfd_getfd(&pidfd, target).map_err(ctx("pidfd_getfd"))?;
+    let pidfd = pfd::pidfd_open(c.pid().as_raw()).map_err(errno_ctx("pidfd_open"))?;
+    let got = pfd::pidfd_getfd(pidfd.as_fd(), target).map_err(errno_ctx("pidfd_getfd"))?;
     let mine = nix::sys::stat::fstat(&got).map_err(ctx("fstat"))?;
     let link = format!("/proc/{}/fd/{target}", c.pid());
     let theirs = nix::sys::stat::stat(link.as_str()).map_err(ctx("stat /proc/PID/fd"))?;
@@ -206,10 +208,10 @@ pub(super) fn kcmp() -> Outcome {
     if r.step != 0 {
         return Err(format!("child setup step {}: {}", r.step, r.errno));
     }
-    let pid = c.pid();
+    let pid = c.pid().as_raw();
     let [a, b, o] = [r.vals[0] as i32, r.vals[1] as i32, r.vals[2] as i32];
-    let same = probe::kcmp_file(pid, pid, a, b).map_err(ctx("kcmp(KCMP_FILE)"))?;
-    let diff = probe::kcmp_file(pid, pid, a, o).map_err(ctx("kcmp(KCMP_FILE)"))?;
+    let same = pfd::kcmp_file(pid, a, pid, b).map_err(errno_ctx("kcmp(KCMP_FILE)"))?;
+    let diff = pfd::kcmp_file(pid, a, pid, o).map_err(errno_ctx("kcmp(KCMP_FILE)"))?;
     if same == 0 && diff != 0 {
         Ok("KCMP_FILE: dup'ed fds equal, other pipe differs".into())
     } else {

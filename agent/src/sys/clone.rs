@@ -20,6 +20,7 @@ struct CloneArgs {
 
 /// Size of `struct clone_args` as this layer passes it (CLONE_ARGS_SIZE_VER2).
 pub const CLONE_ARGS_SIZE: usize = std::mem::size_of::<CloneArgs>();
+const _: () = assert!(CLONE_ARGS_SIZE == 88);
 
 /// Encodes a `struct clone_args` for a clone3 call injected into another
 /// task: `set_tid_ptr` is the address of the TID array in that task.
@@ -50,18 +51,19 @@ pub fn encode_clone_args(
 /// and `None` in the child, like fork.
 ///
 /// The child of a multi-threaded program may only make async-signal-safe
-/// calls; callers use the raw helpers of this layer there.
-pub fn fork_with_pid(set_tid: &[i32]) -> io::Result<Option<i32>> {
-    let tids: Vec<libc::pid_t> = set_tid.to_vec();
+/// calls; callers use the raw helpers of this layer there. This function
+/// does not allocate, so such a child may itself call it.
+pub fn fork_with_pid(set_tid: &[libc::pid_t]) -> io::Result<Option<i32>> {
     let args = CloneArgs {
         exit_signal: libc::SIGCHLD as u64,
-        set_tid: tids.as_ptr() as u64,
-        set_tid_size: tids.len() as u64,
+        set_tid: set_tid.as_ptr() as u64,
+        set_tid_size: set_tid.len() as u64,
         ..Default::default()
     };
-    // SAFETY: args is a valid clone_args and tids outlives the call; without
-    // CLONE_VM the child gets its own copy of memory, so returning into Rust
-    // code in it is sound as long as it sticks to async-signal-safe calls.
+    // SAFETY: args is a valid clone_args and set_tid outlives the call;
+    // without CLONE_VM the child gets its own copy of memory, so returning
+    // into Rust code in it is sound as long as it sticks to
+    // async-signal-safe calls.
     let r = unsafe {
         libc::syscall(
             libc::SYS_clone3,

@@ -17,6 +17,15 @@ pub mod category {
     pub const GUARD: u64 = 1 << 8;
 }
 
+/// Flags of a PAGEMAP_SCAN call.
+pub mod flags {
+    /// Write-protect the matching pages atomically (PM_SCAN_WP_MATCHING).
+    pub const WP_MATCHING: u64 = 1 << 0;
+    /// Fail unless the range is registered with userfaultfd WP_ASYNC
+    /// (PM_SCAN_CHECK_WPASYNC).
+    pub const CHECK_WPASYNC: u64 = 1 << 1;
+}
+
 const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
 
 #[repr(C)]
@@ -45,6 +54,9 @@ pub struct PageRegion {
     pub categories: u64,
 }
 
+const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
+const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
+
 /// What to look for: pages must have every bit of `required` (after
 /// flipping the bits of `inverted`) and at least one bit of `anyof`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,6 +65,46 @@ pub struct ScanQuery {
     pub required: u64,
     pub anyof: u64,
     pub returned: u64,
+}
+
+/// One PAGEMAP_SCAN call over `[start, end)` with `flags` (see [`flags`]):
+/// fills `buf` with at most `buf.len()` regions, as the kernel reports them
+/// (unmerged), and returns how many it filled and where the walk ended
+/// (`end` when the whole range was walked).
+pub fn scan_once(
+    pagemap: BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+    q: ScanQuery,
+    flags: u64,
+    buf: &mut [PageRegion],
+) -> io::Result<(usize, u64)> {
+    let mut arg = PmScanArg {
+        size: std::mem::size_of::<PmScanArg>() as u64,
+        flags,
+        start,
+        end,
+        vec: buf.as_mut_ptr() as u64,
+        vec_len: buf.len() as u64,
+        category_inverted: q.inverted,
+        category_mask: q.required,
+        category_anyof_mask: q.anyof,
+        return_mask: q.returned,
+        ..Default::default()
+    };
+    // SAFETY: arg is a valid pm_scan_arg whose vec points to buf, which
+    // has vec_len entries and outlives the call.
+    let r = unsafe {
+        libc::ioctl(
+            pagemap.as_raw_fd(),
+            PAGEMAP_SCAN,
+            &mut arg as *mut PmScanArg,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r as usize, arg.walk_end))
 }
 
 /// Scans `[start, end)` and appends matching regions to `out`. Loops until
@@ -67,31 +119,7 @@ pub fn scan(
     let mut buf = vec![PageRegion::default(); 1024];
     let mut cur = start;
     while cur < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            start: cur,
-            end,
-            vec: buf.as_mut_ptr() as u64,
-            vec_len: buf.len() as u64,
-            category_inverted: q.inverted,
-            category_mask: q.required,
-            category_anyof_mask: q.anyof,
-            return_mask: q.returned,
-            ..Default::default()
-        };
-        // SAFETY: arg is a valid pm_scan_arg whose vec points to buf, which
-        // has vec_len entries and outlives the call.
-        let r = unsafe {
-            libc::ioctl(
-                pagemap.as_raw_fd(),
-                PAGEMAP_SCAN,
-                &mut arg as *mut PmScanArg,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let n = r as usize;
+        let (n, walk_end) = scan_once(pagemap, cur, end, q, 0, &mut buf)?;
         for reg in &buf[..n] {
             match out.last_mut() {
                 Some(last) if last.end == reg.start && last.categories == reg.categories => {
@@ -100,10 +128,10 @@ pub fn scan(
                 _ => out.push(*reg),
             }
         }
-        if arg.walk_end <= cur {
+        if walk_end <= cur {
             break;
         }
-        cur = arg.walk_end;
+        cur = walk_end;
     }
     Ok(())
 }

@@ -32,7 +32,16 @@ const KCMP_FILE: libc::c_int = 0;
 /// 2 greater, as kcmp(2) defines), so fds can be grouped by what they share.
 pub fn kcmp_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<i32> {
     // SAFETY: no pointers are passed.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) };
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1,
+            pid2,
+            KCMP_FILE,
+            fd1 as libc::c_ulong,
+            fd2 as libc::c_ulong,
+        )
+    };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

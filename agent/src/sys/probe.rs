@@ -1,12 +1,14 @@
 //! Raw syscalls behind `ckpt-agent check`: probe children forked from a
-//! multi-threaded agent, clone3 with set_tid, pidfd, kcmp, the ptrace
-//! requests nix lacks, cpuid/xgetbv, PR_SET_MM_MAP, SysV IPC objects,
+//! multi-threaded agent, clone3 with set_tid in such a child, a seccomp
+//! filter to read back, cpuid/xgetbv, PR_SET_MM_MAP, SysV IPC objects,
 //! interface flags and the vdso move.
 //!
-//! The engine's own wrappers live in sibling modules; these are kept
-//! separate so the probes never depend on engine code being finished.
+//! The probes exercise the engine's own wrappers (ptrace, clone, pidfd,
+//! pagemap) wherever those exist, so that `check` tests what dump and
+//! restore really call; only what the engine has no use for lives here.
 
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -15,6 +17,8 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, getppid, pipe2, read, write, ForkResult, Pid};
+
+use super::clone;
 
 /// Why talking to a probe child failed.
 #[derive(Debug, thiserror::Error)]
@@ -177,10 +181,7 @@ pub fn set_pdeathsig_kill() {
 }
 
 /// Ends the calling process at once, skipping atexit handlers and stdio.
-pub fn exit_now(code: i32) -> ! {
-    // SAFETY: _exit never returns and touches no user-space state.
-    unsafe { libc::_exit(code) }
-}
+pub use super::clone::exit_now;
 
 impl ProbeChild {
     /// The child's pid.
@@ -383,123 +384,6 @@ fn cvt(r: libc::c_long) -> Result<libc::c_long, Errno> {
     }
 }
 
-/// `NT_X86_XSTATE` regset number.
-pub const NT_X86_XSTATE: libc::c_int = 0x202;
-const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
-const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
-const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
-const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
-
-/// Reads a stopped tracee's xsave area into `buf`; returns the size the
-/// kernel filled in.
-pub fn ptrace_get_xstate(pid: Pid, buf: &mut [u8]) -> Result<usize, Errno> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: iov describes `buf`, which outlives the call; the kernel
-    // writes at most iov_len bytes and updates iov_len.
-    let r = unsafe {
-        libc::ptrace(
-            libc::PTRACE_GETREGSET,
-            pid.as_raw(),
-            NT_X86_XSTATE as usize as *mut libc::c_void,
-            &mut iov as *mut libc::iovec,
-        )
-    };
-    cvt(r)?;
-    Ok(iov.iov_len)
-}
-
-/// Reads a stopped tracee's blocked-signal mask.
-pub fn ptrace_get_sigmask(pid: Pid) -> Result<u64, Errno> {
-    let mut mask = 0u64;
-    // SAFETY: the kernel writes exactly 8 bytes (the size we pass) to `mask`.
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_GETSIGMASK,
-            pid.as_raw(),
-            8usize as *mut libc::c_void,
-            &mut mask as *mut u64,
-        )
-    };
-    cvt(r)?;
-    Ok(mask)
-}
-
-/// Sets a stopped tracee's blocked-signal mask.
-pub fn ptrace_set_sigmask(pid: Pid, mask: u64) -> Result<(), Errno> {
-    // SAFETY: the kernel reads 8 bytes from `mask`.
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_SETSIGMASK,
-            pid.as_raw(),
-            8usize as *mut libc::c_void,
-            &mask as *const u64,
-        )
-    };
-    cvt(r).map(|_| ())
-}
-
-/// `struct ptrace_rseq_configuration`.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy)]
-pub struct RseqConfig {
-    /// Address of the registered `struct rseq` (0 when none).
-    pub rseq_abi_pointer: u64,
-    /// Registered size.
-    pub rseq_abi_size: u32,
-    /// Signature that abort handlers must carry.
-    pub signature: u32,
-    /// Registration flags.
-    pub flags: u32,
-    /// Padding.
-    pub pad: u32,
-}
-
-/// Reads a stopped tracee's rseq registration.
-pub fn ptrace_get_rseq(pid: Pid) -> Result<RseqConfig, Errno> {
-    let mut c = RseqConfig::default();
-    // SAFETY: the kernel writes at most `size` bytes (our struct's size).
-    let r = unsafe {
-        libc::ptrace(
-            PTRACE_GET_RSEQ_CONFIGURATION,
-            pid.as_raw(),
-            std::mem::size_of::<RseqConfig>() as *mut libc::c_void,
-            &mut c as *mut RseqConfig,
-        )
-    };
-    cvt(r)?;
-    Ok(c)
-}
-
-/// Reads the tracee's seccomp filter number `index` (0 = most recent) as
-/// raw BPF instructions (8 bytes each).
-pub fn ptrace_seccomp_filter(pid: Pid, index: usize) -> Result<Vec<[u8; 8]>, Errno> {
-    // SAFETY: a null buffer asks only for the instruction count.
-    let n = cvt(unsafe {
-        libc::ptrace(
-            PTRACE_SECCOMP_GET_FILTER,
-            pid.as_raw(),
-            index as *mut libc::c_void,
-            std::ptr::null_mut::<libc::c_void>(),
-        )
-    })? as usize;
-    let mut prog = vec![[0u8; 8]; n];
-    // SAFETY: `prog` has room for the `n` instructions the kernel reported;
-    // the filter cannot change once attached.
-    let got = cvt(unsafe {
-        libc::ptrace(
-            PTRACE_SECCOMP_GET_FILTER,
-            pid.as_raw(),
-            index as *mut libc::c_void,
-            prog.as_mut_ptr(),
-        )
-    })? as usize;
-    prog.truncate(got);
-    Ok(prog)
-}
-
 /// The BPF instruction `ret SECCOMP_RET_ALLOW`.
 pub const BPF_RET_ALLOW: [u8; 8] = {
     let code: u16 = 0x06; // BPF_RET | BPF_K
@@ -532,83 +416,23 @@ pub fn install_allow_all_seccomp() -> Result<(), Errno> {
     cvt(r).map(|_| ())
 }
 
-/// pidfd_open(2).
-pub fn pidfd_open(pid: Pid) -> Result<OwnedFd, Errno> {
-    // SAFETY: integer-only syscall; a non-negative result is a new fd we own.
-    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })?;
-    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// pidfd_getfd(2): a duplicate of the target's fd `target_fd`.
-pub fn pidfd_getfd(pidfd: &OwnedFd, target_fd: RawFd) -> Result<OwnedFd, Errno> {
-    // SAFETY: integer-only syscall; a non-negative result is a new fd we own.
-    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target_fd, 0) })?;
-    // SAFETY: as above.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-const KCMP_FILE: libc::c_int = 0;
-
-/// kcmp(KCMP_FILE): 0 when both fds refer to the same open file description.
-pub fn kcmp_file(pid1: Pid, pid2: Pid, fd1: RawFd, fd2: RawFd) -> Result<i32, Errno> {
-    // SAFETY: integer-only syscall.
-    let r = cvt(unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid1.as_raw(),
-            pid2.as_raw(),
-            KCMP_FILE,
-            fd1 as libc::c_ulong,
-            fd2 as libc::c_ulong,
-        )
-    })?;
-    Ok(r as i32)
-}
-
-/// `struct clone_args` (v2, with set_tid).
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-}
-
 /// clone3 with `set_tid = [tid]` (the pid in the innermost namespace), used
 /// like fork: `body` runs in the child, which then `_exit`s. Same contract
 /// as [`fork_child`]: only raw syscalls in `body`. Returns the child's pid
 /// as seen by the caller.
 pub fn clone3_with_tid<F: FnOnce() -> i32>(tid: i32, body: F) -> Result<Pid, Errno> {
-    let tids = [tid as libc::pid_t];
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: tids.as_ptr() as u64,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    // SAFETY: without a stack, clone3 behaves like fork: the child continues
-    // on a copy of this stack. The child runs only `body` (raw syscalls by
-    // contract) and `_exit`s; glibc's cached state is never consulted.
-    let r = cvt(unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    })?;
-    if r == 0 {
-        let code = body();
-        exit_now(code);
+    match clone::fork_with_pid(&[tid]) {
+        Ok(Some(pid)) => Ok(Pid::from_raw(pid)),
+        Ok(None) => exit_now(body()),
+        Err(e) => Err(errno_of(e)),
     }
-    Ok(Pid::from_raw(r as i32))
+}
+
+/// The errno behind an error of the engine's wrappers (which report
+/// `io::Error`), so probes word it as they word their own. Does not
+/// allocate.
+pub fn errno_of(e: io::Error) -> Errno {
+    Errno::try_from(e).unwrap_or(Errno::UnknownErrno)
 }
 
 /// Raw getpid (glibc's cache would be stale after a raw clone3).
@@ -898,8 +722,6 @@ mod tests {
     #[test]
     fn abi_sizes() {
         assert_eq!(std::mem::size_of::<PrctlMmMap>(), 104);
-        assert_eq!(std::mem::size_of::<RseqConfig>(), 32 - 8);
-        assert_eq!(std::mem::size_of::<CloneArgs>(), 80);
     }
 
     #[test]

@@ -42,6 +42,14 @@ fn ptrace_raw(req: libc::c_uint, tid: Pid, addr: usize, data: usize) -> io::Resu
 /// Reads the XSAVE area of a stopped tracee.
 pub fn get_xstate(tid: Pid) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; XSTATE_MAX];
+    let n = get_xstate_into(tid, &mut buf)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Reads the XSAVE area of a stopped tracee into `buf`; returns the size
+/// the kernel filled in (at most `buf.len()`).
+pub fn get_xstate_into(tid: Pid, buf: &mut [u8]) -> io::Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -52,8 +60,7 @@ pub fn get_xstate(tid: Pid) -> io::Result<Vec<u8>> {
         NT_X86_XSTATE as usize,
         &mut iov as *mut libc::iovec as usize,
     )?;
-    buf.truncate(iov.iov_len);
-    Ok(buf)
+    Ok(iov.iov_len)
 }
 
 /// Writes the XSAVE area of a stopped tracee.
@@ -128,6 +135,8 @@ pub struct RseqConfig {
     pub flags: u32,
     pub pad: u32,
 }
+
+const _: () = assert!(std::mem::size_of::<RseqConfig>() == 24);
 
 /// Reads the rseq registration of a stopped tracee (size 0 when none).
 pub fn get_rseq_config(tid: Pid) -> io::Result<RseqConfig> {

@@ -1,5 +1,5 @@
-//! userfaultfd and the PAGEMAP_SCAN ioctl: the raw interfaces behind lazy
-//! restore and write-protect based dirty tracking.
+//! userfaultfd: the raw interface behind lazy restore and write-protect
+//! based dirty tracking (whose PAGEMAP_SCAN side is in [`super::pagemap`]).
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -17,15 +17,6 @@ pub const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 /// Register for write-protect faults.
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-
-/// PAGEMAP_SCAN category: the page was written since it was protected.
-pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
-/// PAGEMAP_SCAN category: the page is present.
-pub const PAGE_IS_PRESENT: u64 = 1 << 3;
-/// PAGEMAP_SCAN flag: write-protect the matching pages atomically.
-pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-/// PAGEMAP_SCAN flag: fail unless the range is registered WP_ASYNC.
-pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 
 #[repr(C)]
 #[derive(Default)]
@@ -123,6 +114,15 @@ impl Userfaultfd {
         })
     }
 
+    /// Wraps a userfaultfd obtained elsewhere (e.g. from another process
+    /// with pidfd_getfd).
+    pub fn from_fd(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            source: "passed",
+        }
+    }
+
     /// UFFDIO_API: enables `features` (0 asks what is supported).
     pub fn api(&self, features: u64) -> Result<UffdApi, Errno> {
         let mut a = UffdioApi {
@@ -190,87 +190,12 @@ fn userfaultfd_ioc_new_code() -> libc::Ioctl {
     nix::request_code_none!(0xAA, 0x00) as libc::Ioctl
 }
 
-/// `struct pm_scan_arg` (96 bytes).
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-/// One `struct page_region` answered by PAGEMAP_SCAN.
-#[repr(C)]
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct PageRegion {
-    /// First byte.
-    pub start: u64,
-    /// One past the last byte.
-    pub end: u64,
-    /// Categories (masked by the return mask).
-    pub categories: u64,
-}
-
-/// The PAGEMAP_SCAN ioctl number.
-pub const PAGEMAP_SCAN: u64 = 0xc060_6610;
-
-/// PAGEMAP_SCAN on an open /proc/PID/pagemap over `[start, end)`: regions
-/// whose pages have every category of `mask`, at most `max_regions` of
-/// them; `flags` may write-protect what matched.
-pub fn pagemap_scan(
-    pagemap: &impl AsRawFd,
-    start: u64,
-    end: u64,
-    mask: u64,
-    return_mask: u64,
-    flags: u64,
-    max_regions: usize,
-) -> Result<(Vec<PageRegion>, u64), Errno> {
-    let mut out = vec![PageRegion::default(); max_regions];
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        flags,
-        start,
-        end,
-        vec: out.as_mut_ptr() as u64,
-        vec_len: out.len() as u64,
-        category_mask: mask,
-        return_mask,
-        ..Default::default()
-    };
-    // SAFETY: `arg` is a valid pm_scan_arg whose vec points at `out`, with
-    // room for vec_len regions; the kernel writes at most that many.
-    let r = unsafe {
-        libc::ioctl(
-            pagemap.as_raw_fd(),
-            PAGEMAP_SCAN as libc::Ioctl,
-            &mut arg as *mut PmScanArg,
-        )
-    };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    out.truncate(r as usize);
-    Ok((out, arg.walk_end))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn abi_sizes() {
-        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
-        assert_eq!(std::mem::size_of::<PageRegion>(), 24);
         assert_eq!(std::mem::size_of::<UffdioApi>(), 24);
         assert_eq!(std::mem::size_of::<UffdioCopy>(), 40);
     }
