@@ -13,15 +13,14 @@ use std::time::Instant;
 use ckpt_proto::image::{DumpOptions, Inventory};
 use ckpt_proto::{ImageKind, FORMAT_VERSION};
 use nix::unistd::Pid;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::error::{Error, Result};
 use crate::images::{image_name, pages_name, ImageWriter};
 use crate::inject::{Remote, Scratch};
-use crate::pages::{Source, Splicer};
 use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
-use crate::{files, mm, pages, proc, sys, task};
+use crate::{files, mm, pages, proc, task};
 
 /// What to dump and how.
 #[derive(Debug, Clone)]
@@ -44,11 +43,6 @@ pub struct DumpReport {
 }
 
 const SCRATCH_LEN: u64 = 64 * 1024;
-/// Pipes the task splices its pages into: two per copy worker keep both
-/// workers busy while the next job is queued.
-const SPLICE_PIPES: usize = 4;
-/// Capacity of each (the most a pipe may hold without CAP_SYS_RESOURCE).
-const SPLICE_PIPE_SIZE: u64 = 1 << 20;
 
 /// Refuses a tree (children come with process-tree support).
 fn check_no_children(pid: i32) -> Result<()> {
@@ -163,7 +157,6 @@ fn dump_seized(
         &[want, SCRATCH_LEN, prot, flags, u64::MAX, 0],
     )?;
     let mut scratch = Scratch::new(pid, addr, SCRATCH_LEN);
-    let mut pipes: Vec<[u64; 2]> = Vec::new();
     let result = (|| -> Result<_> {
         let mut core = task::dump_process(pid, &main, &mut scratch)?;
         for (th, t) in threads.iter_mut().zip(&seized.threads) {
@@ -172,30 +165,13 @@ fn dump_seized(
         }
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
-        // Files before the splice pipes exist in the task's fd table.
         let fds = files::dump(pid, writer)?;
         let mmd = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)))?;
         let tp = Instant::now();
         let pages_path = writer.dir().join(pages_name(pid));
-        let (ex, unr, name) = (&mmd.extents, &mmd.unreadable, pages_name(pid));
-        let pm = match TaskSplicer::open(&main, &mut scratch, &mut pipes) {
-            Ok((mut sp, reads)) => {
-                let src = Source::Splice(&reads, &mut sp);
-                pages::dump(pid, ex, unr, &pages_path, &name, src, progress)?
-            }
-            Err(e) => {
-                debug!(
-                    pid,
-                    "no splice pipes in the task ({e}); the agent reads the pages"
-                );
-                pages::dump(pid, ex, unr, &pages_path, &name, Source::Read, progress)?
-            }
-        };
+        let pm = pages::dump(pid, &mmd.extents, &pages_path, &pages_name(pid), progress)?;
         Ok((core, fds, mmd, pm, tp))
     })();
-    for fd in pipes.iter().flatten() {
-        let _ = main.syscall(libc::SYS_close, &[*fd]);
-    }
     main.syscall(libc::SYS_munmap, &[addr, SCRATCH_LEN])?;
     let (core, fds, mmd, pm, tp) = result?;
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
@@ -209,76 +185,4 @@ fn dump_seized(
     )?;
     writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, &fds)?;
     Ok((pm.pages_file_size, pages_ms))
-}
-
-/// The task's side of a spliced page copy: pipes it holds, which it fills
-/// with vmsplice calls the agent injects (vmsplice only references the
-/// pages: the one copy is the agent's splice into the pages file).
-struct TaskSplicer<'a> {
-    main: &'a Remote,
-    /// Per pipe, a scratch area for the iovec array of its next call.
-    slots: Vec<u64>,
-    write_fds: Vec<u64>,
-}
-
-impl<'a> TaskSplicer<'a> {
-    /// Creates the pipes in the task (recording their fds in `created`, for
-    /// the caller to close on every path) and takes copies of the read ends.
-    fn open(
-        main: &'a Remote,
-        scratch: &mut Scratch,
-        created: &mut Vec<[u64; 2]>,
-    ) -> Result<(Self, Vec<std::os::fd::OwnedFd>)> {
-        use std::os::fd::AsFd;
-        let pid = main.tid.as_raw();
-        scratch.reset();
-        let arr = scratch.alloc(8)?;
-        let pidfd = sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
-        let mut reads = Vec::with_capacity(SPLICE_PIPES);
-        let mut sp = TaskSplicer {
-            main,
-            slots: Vec::new(),
-            write_fds: Vec::new(),
-        };
-        for _ in 0..SPLICE_PIPES {
-            main.syscall(libc::SYS_pipe2, &[arr, libc::O_CLOEXEC as u64])?;
-            let b = crate::inject::read_mem(pid, arr, 8)?;
-            let r = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
-            let w = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;
-            created.push([r, w]);
-            main.syscall(
-                libc::SYS_fcntl,
-                &[w, libc::F_SETPIPE_SZ as u64, SPLICE_PIPE_SIZE],
-            )?;
-            let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), r as i32)
-                .map_err(|e| Error::sys(pid, "pidfd_getfd (splice pipe)", e))?;
-            reads.push(ours);
-            sp.write_fds.push(w);
-            // One iovec per page of a full pipe at most.
-            sp.slots
-                .push(scratch.alloc(16 * (SPLICE_PIPE_SIZE / 4096))?);
-        }
-        Ok((sp, reads))
-    }
-}
-
-impl Splicer for TaskSplicer<'_> {
-    fn vmsplice(&mut self, k: usize, iov: &[(u64, u64)]) -> Result<u64> {
-        let pid = self.main.tid.as_raw();
-        let bytes: Vec<u8> = iov
-            .iter()
-            .flat_map(|&(base, len)| base.to_le_bytes().into_iter().chain(len.to_le_bytes()))
-            .collect();
-        crate::inject::write_mem(pid, self.slots[k], &bytes)?;
-        const SPLICE_F_NONBLOCK: u64 = 2;
-        self.main.syscall(
-            libc::SYS_vmsplice,
-            &[
-                self.write_fds[k],
-                self.slots[k],
-                iov.len() as u64,
-                SPLICE_F_NONBLOCK,
-            ],
-        )
-    }
 }

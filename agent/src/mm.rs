@@ -107,8 +107,6 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
 pub struct MmDump {
     pub image: MmImage,
     pub extents: Vec<Extent>,
-    /// Mappings the task itself cannot read (PROT_NONE and the like).
-    pub unreadable: Vec<(u64, u64)>,
 }
 
 fn file_ident(path: &str) -> (u64, u64) {
@@ -245,13 +243,7 @@ pub fn dump(pid: i32, brk: u64, skip: Option<(u64, u64)>) -> Result<MmDump> {
         exe_dev,
         exe_ino,
     };
-    let unreadable = vmas
-        .iter()
-        .filter(|v| v.prot & libc::PROT_READ as u32 == 0)
-        .map(|v| (v.start, v.end))
-        .collect();
     Ok(MmDump {
-        unreadable,
         image: MmImage {
             pid,
             fields: Some(fields),

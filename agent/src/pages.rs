@@ -135,9 +135,6 @@ fn job_pieces(job: &Job, b: &[u8]) -> Vec<(u64, u32, u64)> {
 /// Checksums of pieces of the pages file: (offset, crc32c, length).
 type Pieces = Vec<(u64, u32, u64)>;
 
-/// Copies one job through the agent's buffer and checksums it.
-type ReadJob<'a> = dyn Fn(&mut Vec<u8>, &Job) -> Result<Pieces> + Sync + 'a;
-
 /// Folds per-piece checksums into one checksum per block.
 fn block_sums(mut pieces: Vec<(u64, u32, u64)>, total: u64) -> Vec<u32> {
     pieces.sort_unstable_by_key(|p| p.0);
@@ -154,44 +151,18 @@ fn block_sums(mut pieces: Vec<(u64, u32, u64)>, total: u64) -> Vec<u32> {
     sums
 }
 
-/// Where page contents come from during a dump: read by the agent with
-/// process_vm_readv (two copies: into a buffer, into the file), or spliced
-/// by the task itself into pipes (`Splicer`) that the agent splices into
-/// the file (one copy).
-pub enum Source<'a> {
-    Read,
-    /// The agent's copies of the pipes' read ends, and the task's side.
-    Splice(&'a [std::os::fd::OwnedFd], &'a mut dyn Splicer),
-}
-
-/// Makes the dumped task vmsplice its own memory into one of its pipes.
-pub trait Splicer {
-    /// vmsplices the ranges `iov` into pipe `k`; returns the bytes queued.
-    fn vmsplice(&mut self, k: usize, iov: &[(u64, u64)]) -> Result<u64>;
-}
-
 /// Copies the given extents of process `pid` into `pages_path` and returns
-/// the index. Extents must be page-aligned and sorted. Ranges listed in
-/// `unreadable` (PROT_NONE and the like) are read through /proc/PID/mem.
+/// the index. Extents must be page-aligned and sorted.
 pub fn dump(
     pid: i32,
     extents: &[Extent],
-    unreadable: &[(u64, u64)],
     pages_path: &Path,
     pages_name: &str,
-    source: Source<'_>,
     progress: &dyn Progress,
 ) -> Result<PageMap> {
     let (runs, jobs, total) = plan(extents);
     progress.start("dumping pages", total);
-    // Readable too: spliced jobs are checksummed from the page cache.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(pages_path)
-        .map_err(|e| Error::io(pages_path, e))?;
+    let file = File::create(pages_path).map_err(|e| Error::io(pages_path, e))?;
     file.set_len(total).map_err(|e| Error::io(pages_path, e))?;
     let mem_path = format!("/proc/{pid}/mem");
     let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
@@ -204,18 +175,13 @@ pub fn dump(
         // Checksum while the chunk is still in cache.
         Ok(job_pieces(job, b))
     };
-    let pieces: Vec<(u64, u32, u64)> = match source {
-        Source::Read => jobs
-            .par_iter()
-            .map_init(|| vec![0u8; CHUNK as usize], |buf, job| read_one(buf, job))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect(),
-        Source::Splice(pipes, splicer) => spliced(
-            pid, &jobs, unreadable, pipes, splicer, &file, pages_path, &read_one, progress,
-        )?,
-    };
+    let pieces: Pieces = jobs
+        .par_iter()
+        .map_init(|| vec![0u8; CHUNK as usize], |buf, job| read_one(buf, job))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect();
     progress.finish();
     Ok(PageMap {
         pid,
@@ -225,132 +191,6 @@ pub fn dump(
         block_size: BLOCK,
         block_crc32c: block_sums(pieces, total),
         runs,
-    })
-}
-
-/// The spliced copy: this (tracer) thread makes the task vmsplice job after
-/// job into free pipes; two workers splice each pipe into the file at the
-/// job's offset and checksum it from the page cache. Jobs touching
-/// unreadable memory are read through /proc/PID/mem by the workers.
-#[allow(clippy::too_many_arguments)]
-fn spliced(
-    pid: i32,
-    jobs: &[Job],
-    unreadable: &[(u64, u64)],
-    pipes: &[std::os::fd::OwnedFd],
-    splicer: &mut dyn Splicer,
-    file: &File,
-    path: &Path,
-    read_one: &ReadJob<'_>,
-    progress: &dyn Progress,
-) -> Result<Vec<(u64, u32, u64)>> {
-    use crossbeam::channel;
-    let npipes = pipes.len();
-    let (free_tx, free_rx) = channel::bounded::<usize>(npipes);
-    for k in 0..npipes {
-        free_tx.send(k).expect("channel has room");
-    }
-    // (pipe, or None for a /proc/PID/mem read; job index)
-    let (work_tx, work_rx) = channel::bounded::<(Option<usize>, usize)>(npipes + 2);
-    let unreadable_job = |j: &Job| {
-        j.iov
-            .iter()
-            .any(|&(va, len)| unreadable.iter().any(|&(s, e)| va < e && va + len > s))
-    };
-    std::thread::scope(|sc| -> Result<Vec<(u64, u32, u64)>> {
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                let (work_rx, free_tx) = (work_rx.clone(), free_tx.clone());
-                sc.spawn(move || -> Result<Vec<(u64, u32, u64)>> {
-                    let mut buf = vec![0u8; CHUNK as usize];
-                    let mut out = Vec::new();
-                    for (k, j) in work_rx {
-                        let job = &jobs[j];
-                        let Some(k) = k else {
-                            out.extend(read_one(&mut buf, job)?);
-                            continue;
-                        };
-                        let pipe = &pipes[k];
-                        let mut off = job.file_off as i64;
-                        let mut left = job.len as usize;
-                        while left > 0 {
-                            let n = nix::fcntl::splice(
-                                pipe,
-                                None,
-                                file,
-                                Some(&mut off),
-                                left,
-                                nix::fcntl::SpliceFFlags::SPLICE_F_MOVE,
-                            )
-                            .map_err(|e| {
-                                Error::sys(pid, format!("splice into {}", path.display()), e)
-                            })?;
-                            if n == 0 {
-                                return Err(Error::Refused {
-                                    pid,
-                                    reason: format!("pipe ran dry at {:#x}", job.file_off),
-                                });
-                            }
-                            left -= n;
-                        }
-                        let _ = free_tx.send(k);
-                        let b = &mut buf[..job.len as usize];
-                        file.read_exact_at(b, job.file_off)
-                            .map_err(|e| Error::io(path, e))?;
-                        out.extend(job_pieces(job, b));
-                        progress.advance(job.len);
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        drop(work_rx);
-        let mut failed = None;
-        let (mut t_wait, mut t_inject) = (std::time::Duration::ZERO, std::time::Duration::ZERO);
-        for (j, job) in jobs.iter().enumerate() {
-            if unreadable_job(job) {
-                if work_tx.send((None, j)).is_err() {
-                    break;
-                }
-                continue;
-            }
-            let t = std::time::Instant::now();
-            let Ok(k) = free_rx.recv() else { break };
-            t_wait += t.elapsed();
-            let t = std::time::Instant::now();
-            let queued = splicer.vmsplice(k, &job.iov);
-            t_inject += t.elapsed();
-            match queued {
-                Ok(n) if n == job.len => {}
-                Ok(n) => {
-                    failed = Some(Error::Refused {
-                        pid,
-                        reason: format!(
-                            "vmsplice queued {n} of {} bytes at {:#x}",
-                            job.len, job.iov[0].0
-                        ),
-                    });
-                    break;
-                }
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-            if work_tx.send((Some(k), j)).is_err() {
-                break;
-            }
-        }
-        drop(work_tx);
-        tracing::debug!(pid, ?t_wait, ?t_inject, "splice injector");
-        let mut all = Vec::new();
-        for w in workers {
-            all.extend(w.join().expect("splice worker panicked")?);
-        }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(all),
-        }
     })
 }
 
