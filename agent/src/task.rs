@@ -20,71 +20,25 @@ fn settable_signals() -> impl Iterator<Item = i32> {
 const PR_GET_TID_ADDRESS: u64 = 40;
 const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 
-/// Converts ptrace registers into their image form.
-pub fn regs_to_image(r: &Regs) -> X86Regs {
-    X86Regs {
-        r15: r.r15,
-        r14: r.r14,
-        r13: r.r13,
-        r12: r.r12,
-        rbp: r.rbp,
-        rbx: r.rbx,
-        r11: r.r11,
-        r10: r.r10,
-        r9: r.r9,
-        r8: r.r8,
-        rax: r.rax,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        orig_rax: r.orig_rax,
-        rip: r.rip,
-        cs: r.cs,
-        eflags: r.eflags,
-        rsp: r.rsp,
-        ss: r.ss,
-        fs_base: r.fs_base,
-        gs_base: r.gs_base,
-        ds: r.ds,
-        es: r.es,
-        fs: r.fs,
-        gs: r.gs,
-    }
+/// Both directions of the register conversion, from one list of fields.
+macro_rules! regs_fields {
+    ($($f:ident),*) => {
+        /// Converts ptrace registers into their image form.
+        pub fn regs_to_image(r: &Regs) -> X86Regs {
+            X86Regs { $($f: r.$f),* }
+        }
+
+        /// Converts image registers back into ptrace's form.
+        pub fn regs_from_image(r: &X86Regs) -> Regs {
+            Regs { $($f: r.$f),* }
+        }
+    };
 }
 
-/// Converts image registers back into ptrace's form.
-pub fn regs_from_image(r: &X86Regs) -> Regs {
-    Regs {
-        r15: r.r15,
-        r14: r.r14,
-        r13: r.r13,
-        r12: r.r12,
-        rbp: r.rbp,
-        rbx: r.rbx,
-        r11: r.r11,
-        r10: r.r10,
-        r9: r.r9,
-        r8: r.r8,
-        rax: r.rax,
-        rcx: r.rcx,
-        rdx: r.rdx,
-        rsi: r.rsi,
-        rdi: r.rdi,
-        orig_rax: r.orig_rax,
-        rip: r.rip,
-        cs: r.cs,
-        eflags: r.eflags,
-        rsp: r.rsp,
-        ss: r.ss,
-        fs_base: r.fs_base,
-        gs_base: r.gs_base,
-        ds: r.ds,
-        es: r.es,
-        fs: r.fs,
-        gs: r.gs,
-    }
-}
+regs_fields!(
+    r15, r14, r13, r12, rbp, rbx, r11, r10, r9, r8, rax, rcx, rdx, rsi, rdi, orig_rax, rip, cs,
+    eflags, rsp, ss, fs_base, gs_base, ds, es, fs, gs
+);
 
 fn le_u64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
@@ -682,4 +636,23 @@ pub fn restore_cpu(th: &ThreadCore) -> Result<()> {
         reason: "image has no registers for this thread".into(),
     })?;
     inject::set_regs(t, inject::normalize_restart(regs_from_image(regs), false))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_survive_both_conversions() {
+        let img = X86Regs {
+            r15: 1,
+            rax: 2,
+            orig_rax: u64::MAX,
+            rip: 0x401000,
+            fs_base: 0x7f00_0000_1000,
+            gs: 0x2b,
+            ..Default::default()
+        };
+        assert_eq!(regs_to_image(&regs_from_image(&img)), img);
+    }
 }

@@ -48,21 +48,6 @@ extern "C" fn count_usr1(_: i32) {
 
 extern "C" fn siginfo_noop(_: i32, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-fn set_action(sig: i32, handler: usize, flags: i32, mask: &[i32]) -> CaseResult {
-    // SAFETY: a fully initialised sigaction.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler;
-        sa.sa_flags = flags;
-        sa.sa_mask = sigset(mask);
-        cvt(
-            libc::sigaction(sig, &sa, std::ptr::null_mut()),
-            &format!("sigaction({sig})"),
-        )?;
-    }
-    Ok(())
-}
-
 /// Handlers with SA_RESTART, SA_SIGINFO, SA_ONSTACK, SA_NODEFER,
 /// SA_RESETHAND and masks, ignored signals, SIGCHLD flags: every signal's
 /// action is compared, and one handler is run after the restore.

@@ -452,11 +452,17 @@ pub fn install_handler(
     flags: i32,
     mask: &[i32],
 ) -> CaseResult {
+    set_action(sig, handler as usize, libc::SA_SIGINFO | flags, mask)
+}
+
+/// Sets the disposition of `sig`: a handler address (or SIG_IGN/SIG_DFL),
+/// sa_flags and the signals blocked while it runs.
+pub fn set_action(sig: i32, handler: usize, flags: i32, mask: &[i32]) -> CaseResult {
     // SAFETY: sigaction with a fully initialised struct.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler as usize;
-        sa.sa_flags = libc::SA_SIGINFO | flags;
+        sa.sa_sigaction = handler;
+        sa.sa_flags = flags;
         sa.sa_mask = sigset(mask);
         cvt(
             libc::sigaction(sig, &sa, std::ptr::null_mut()),
