@@ -204,3 +204,41 @@ fn dump_refuses_unix_socket() {
     }
     case.terminate_and_check("after a refused dump").unwrap();
 }
+
+/// A checkpoint taken where the vdso looked different cannot be restored
+/// here (the restored process keeps its vdso at the old address and calls
+/// into it): `check --images` says why, and restore refuses before
+/// creating anything.
+#[test]
+fn restore_other_vdso_layout_refused() {
+    use ckpt_proto::image::Inventory;
+    use ckpt_proto::{read_image_file, write_image_file, ImageKind};
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("vdso-layout");
+    let (mut case, images) = dumped_case("heap", &dir);
+    let inv_path = images.join("inventory.img");
+    let mut inv: Inventory = read_image_file(&inv_path, ImageKind::Inventory).unwrap();
+    let node = inv.node.as_mut().expect("the inventory names its node");
+    let vdso = node
+        .vdso_layout
+        .iter_mut()
+        .find(|a| a.name == "[vdso]")
+        .expect("a [vdso] area");
+    vdso.size += 4096;
+    write_image_file(&inv_path, ImageKind::Inventory, &inv).unwrap();
+
+    let images_s = images.to_string_lossy().into_owned();
+    let check = ckpt_tests::agent(&["check", "--images", &images_s], &dir, "check");
+    assert_eq!(check.code, Some(1), "{}", check.describe());
+    assert!(check.stdout.contains("vdso"), "{}", check.describe());
+
+    let (run, _) = restore_detached(&images, &dir, "restore");
+    let appeared = pid_exists(case.pid);
+    if appeared {
+        case.adopt_restored();
+    }
+    assert_refused(&run, &["vdso"]);
+    assert!(!appeared, "a process with pid {} appeared", case.pid);
+}
