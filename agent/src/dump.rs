@@ -1,11 +1,13 @@
-//! `ckpt-agent dump`: checkpoint a process into an image directory.
+//! `ckpt-agent dump`: checkpoint a process tree into an image directory.
 //!
-//! Order matters: seize and stop every thread; read what ptrace shows;
+//! Order matters: seize and stop every thread of every process of the tree
+//! (looping until no new child appears); then, process by process, read
+//! what ptrace shows;
 //! make the task tell what only it knows (signal handlers, timers, its
 //! alternate stacks) through injected system calls in a scratch page that
 //! is gone again before the address space is read; copy the pages in
 //! parallel; write the images; commit the inventory; then kill or release.
-//! Any failure before the commit releases the process untouched.
+//! Any failure before the commit releases every process untouched.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -44,23 +46,89 @@ pub struct DumpReport {
 
 const SCRATCH_LEN: u64 = 64 * 1024;
 
-/// Refuses a tree (children come with process-tree support).
-fn check_no_children(pid: i32) -> Result<()> {
-    for tid in proc::tids(pid)? {
-        let kids = proc::read(pid, &format!("task/{tid}/children")).unwrap_or_default();
-        if let Some(child) = kids.split_whitespace().next() {
-            return Err(Error::Refused {
-                pid,
-                reason: format!(
-                    "it has child process {child}; dumping process trees is not supported yet"
-                ),
-            });
-        }
-    }
-    Ok(())
+/// A process of the tree being dumped.
+enum Member {
+    Live(Seized),
+    /// Exited, not yet reaped by its parent: only its identity and status.
+    Zombie(Box<ckpt_proto::image::TaskCore>),
 }
 
-/// Dumps one process (all its threads) into `req.images`.
+impl Member {
+    fn pid(&self) -> i32 {
+        match self {
+            Member::Live(s) => s.pid,
+            Member::Zombie(c) => c.pid,
+        }
+    }
+}
+
+/// The child processes of `pid` (of all its threads).
+fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for tid in proc::tids(pid).unwrap_or_default() {
+        let kids = proc::read(pid, &format!("task/{tid}/children")).unwrap_or_default();
+        out.extend(
+            kids.split_whitespace()
+                .filter_map(|k| k.parse::<i32>().ok()),
+        );
+    }
+    out
+}
+
+fn zombie_core(pid: i32) -> Result<ckpt_proto::image::TaskCore> {
+    let st = proc::stat(pid, None)?;
+    Ok(ckpt_proto::image::TaskCore {
+        pid,
+        ppid: st.field(4) as i32,
+        pgid: st.field(5) as i32,
+        sid: st.field(6) as i32,
+        comm: st.comm.clone(),
+        state: "Z".into(),
+        // The wait status, as waitpid would report it.
+        exit_code: st.field(52) as i32,
+        ..Default::default()
+    })
+}
+
+/// Stops every process of the tree rooted at `root`, parents before
+/// children. Stopped processes cannot fork, so re-listing children until
+/// nothing new appears catches every fork that raced the seizing.
+fn seize_tree(root: i32) -> Result<Vec<Member>> {
+    let mut members: Vec<Member> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut queue = std::collections::VecDeque::from([root]);
+    seen.insert(root);
+    loop {
+        while let Some(pid) = queue.pop_front() {
+            let st = proc::stat(pid, None)?;
+            if st.state() == 'Z' {
+                members.push(Member::Zombie(Box::new(zombie_core(pid)?)));
+                continue;
+            }
+            members.push(Member::Live(Seized::process(pid)?));
+            for c in children(pid) {
+                if seen.insert(c) {
+                    queue.push_back(c);
+                }
+            }
+        }
+        let late: Vec<i32> = members
+            .iter()
+            .filter(|m| matches!(m, Member::Live(_)))
+            .flat_map(|m| children(m.pid()))
+            .filter(|c| !seen.contains(c))
+            .collect();
+        if late.is_empty() {
+            return Ok(members);
+        }
+        for c in late {
+            seen.insert(c);
+            queue.push_back(c);
+        }
+    }
+}
+
+/// Dumps a process and all its descendants into `req.images`.
 pub fn dump(req: &DumpRequest) -> Result<DumpReport> {
     dump_with_progress(req, &Quiet)
 }
@@ -70,26 +138,34 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let t0 = Instant::now();
     let pid = req.pid;
     check_target(pid)?;
-    check_no_children(pid)?;
     let writer = ImageWriter::create(&req.images)?;
-    let seized = Seized::process(pid)?;
+    let tree = seize_tree(pid)?;
     let frozen_at = Instant::now();
-    let result = dump_seized(&seized, &writer, progress);
+    let pids: Vec<i32> = tree.iter().map(Member::pid).collect();
+    let result = dump_tree(&tree, &writer, progress);
     let (pages_bytes, pages_ms) = match result {
         Ok(v) => v,
         Err(e) => {
             writer.discard();
-            let _ = std::fs::remove_file(req.images.join(pages_name(pid)));
-            drop(seized);
+            for p in &pids {
+                let _ = std::fs::remove_file(req.images.join(pages_name(*p)));
+            }
+            drop(tree);
             return Err(e);
         }
     };
-    let threads = seized.threads.len();
+    let threads = tree
+        .iter()
+        .map(|m| match m {
+            Member::Live(s) => s.threads.len(),
+            Member::Zombie(_) => 0,
+        })
+        .sum();
     let inv = Inventory {
         format_version: FORMAT_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         root_pid: pid,
-        pids: vec![pid],
+        pids: pids.clone(),
         node: crate::check::fingerprint().ok(),
         files: Vec::new(),
         created_unix_ms: std::time::SystemTime::now()
@@ -109,13 +185,18 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     };
     if let Err(e) = writer.commit(inv) {
         writer.discard();
-        drop(seized);
+        drop(tree);
         return Err(e);
     }
-    if req.leave_running {
-        seized.release()?;
-    } else {
-        seized.kill()?;
+    // Children first, so that no parent is left waiting on a traced zombie.
+    for m in tree.into_iter().rev() {
+        if let Member::Live(s) = m {
+            if req.leave_running {
+                s.release()?;
+            } else {
+                s.kill()?;
+            }
+        }
     }
     let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
     info!(pid, pages_bytes, frozen_ms, "dump complete");
@@ -130,11 +211,48 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     })
 }
 
-fn dump_seized(
-    seized: &Seized,
-    writer: &ImageWriter,
-    progress: &dyn Progress,
-) -> Result<(u64, f64)> {
+/// What one live process's dump produced; the fd tables of all processes
+/// are written once they are linked with each other.
+struct Dumped {
+    core: ckpt_proto::image::TaskCore,
+    fds: ckpt_proto::image::FdTable,
+    pages_bytes: u64,
+    pages_ms: f64,
+}
+
+/// Dumps every process of the tree, one after the other (each with a
+/// parallel page copy), then links their fd tables and writes the images.
+fn dump_tree(tree: &[Member], writer: &ImageWriter, progress: &dyn Progress) -> Result<(u64, f64)> {
+    let mut dumped = Vec::with_capacity(tree.len());
+    for m in tree {
+        match m {
+            Member::Live(s) => dumped.push(dump_seized(s, writer, progress)?),
+            Member::Zombie(core) => {
+                writer.write(
+                    &image_name(ImageKind::Core, core.pid),
+                    ImageKind::Core,
+                    core,
+                )?;
+            }
+        }
+    }
+    let mut tables: Vec<_> = dumped
+        .iter_mut()
+        .map(|d| std::mem::take(&mut d.fds))
+        .collect();
+    files::link_tree(&mut tables)?;
+    let (mut bytes, mut ms) = (0, 0.0);
+    for (d, fds) in dumped.iter().zip(&tables) {
+        let pid = d.core.pid;
+        writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &d.core)?;
+        writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, fds)?;
+        bytes += d.pages_bytes;
+        ms += d.pages_ms;
+    }
+    Ok((bytes, ms))
+}
+
+fn dump_seized(seized: &Seized, writer: &ImageWriter, progress: &dyn Progress) -> Result<Dumped> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -176,13 +294,16 @@ fn dump_seized(
     let (core, fds, mmd, pm, tp) = result?;
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
     writer.add_pages(&pm);
-    writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &core)?;
     writer.write(&image_name(ImageKind::Mm, pid), ImageKind::Mm, &mmd.image)?;
     writer.write(
         &image_name(ImageKind::PageMap, pid),
         ImageKind::PageMap,
         &pm,
     )?;
-    writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, &fds)?;
-    Ok((pm.pages_file_size, pages_ms))
+    Ok(Dumped {
+        core,
+        fds,
+        pages_bytes: pm.pages_file_size,
+        pages_ms,
+    })
 }

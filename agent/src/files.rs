@@ -188,17 +188,7 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         file_of_fd.insert(fd, id);
         files.push(of);
     }
-    check_pipes_and_epolls(pid, &files, &fds)?;
-    // Only one read end keeps the buffered bytes.
-    let mut seen_data = std::collections::HashSet::new();
-    for f in files
-        .iter_mut()
-        .filter(|f| f.kind == FileKind::FilePipe as i32)
-    {
-        if !f.pipe_data.is_empty() && !seen_data.insert(f.pipe_id) {
-            f.pipe_data.clear();
-        }
-    }
+    check_epolls(pid, &files, &fds)?;
     let mut table = FdTable {
         pid,
         fds: Vec::with_capacity(fds.len()),
@@ -235,32 +225,8 @@ fn parse_epoll_targets(text: &str) -> Vec<EpollTarget> {
         .collect()
 }
 
-/// A pipe can be rebuilt only with both its ends in hand, and an epoll
-/// only with its targets.
-fn check_pipes_and_epolls(pid: i32, files: &[OpenFile], fds: &[i32]) -> Result<()> {
-    use std::collections::HashMap;
-    let mut ends: HashMap<u64, (bool, bool, String)> = HashMap::new();
-    for f in files.iter().filter(|f| f.kind == FileKind::FilePipe as i32) {
-        let e = ends
-            .entry(f.pipe_id)
-            .or_insert((false, false, f.path.clone()));
-        if f.flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
-            e.0 = true;
-        } else {
-            e.1 = true;
-        }
-    }
-    for (_, (r, w, path)) in ends {
-        if !(r && w) {
-            return Err(Error::Refused {
-                pid,
-                reason: format!(
-                    "{path}: only its {} end belongs to the process; pipes to other processes are not supported yet",
-                    if r { "read" } else { "write" }
-                ),
-            });
-        }
-    }
+/// An epoll can be rebuilt only with its targets.
+fn check_epolls(pid: i32, files: &[OpenFile], fds: &[i32]) -> Result<()> {
     for f in files
         .iter()
         .filter(|f| f.kind == FileKind::FileEpoll as i32)
@@ -273,6 +239,89 @@ fn check_pipes_and_epolls(pid: i32, files: &[OpenFile], fds: &[i32]) -> Result<(
                     t.fd
                 ),
             });
+        }
+    }
+    Ok(())
+}
+
+/// Links the fd tables of all processes of a checkpoint (in dump order,
+/// parents first, every process still stopped): open file descriptions
+/// held by several processes get a shared id and the first holder as
+/// owner, pipes the first process holding either end; and refuses what
+/// cannot be rebuilt (a pipe end whose other end is outside the tree, an
+/// epoll shared between processes).
+pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
+    use std::collections::HashMap;
+    let mut next_shared = 1u64;
+    // pipe id -> (creator pid, has read end, has write end, path)
+    let mut pipes: HashMap<u64, (i32, bool, bool, String)> = HashMap::new();
+    for i in 0..tables.len() {
+        let (earlier, rest) = tables.split_at_mut(i);
+        let t = &mut rest[0];
+        let pid = t.pid;
+        for f in t.files.iter_mut() {
+            f.owner_pid = pid;
+            if f.kind == FileKind::FilePipe as i32 {
+                let e = pipes
+                    .entry(f.pipe_id)
+                    .or_insert((pid, false, false, f.path.clone()));
+                if f.flags & libc::O_ACCMODE as u32 == libc::O_RDONLY as u32 {
+                    e.1 = true;
+                } else {
+                    e.2 = true;
+                }
+                f.owner_pid = e.0;
+            }
+            let fd = t.fds.iter().find(|d| d.file_id == f.id).map(|d| d.fd);
+            let Some(fd) = fd else { continue };
+            'search: for other in earlier.iter_mut() {
+                for g in other.files.iter_mut() {
+                    if g.kind != f.kind || g.dev != f.dev || g.ino != f.ino {
+                        continue;
+                    }
+                    let Some(gfd) = other.fds.iter().find(|d| d.file_id == g.id).map(|d| d.fd)
+                    else {
+                        continue;
+                    };
+                    if sys::pidfd::kcmp_file(other.pid, gfd, pid, fd).ok() == Some(0) {
+                        if g.kind == FileKind::FileEpoll as i32 {
+                            return Err(Error::Refused {
+                                pid,
+                                reason: format!(
+                                    "an epoll shared with process {}: not supported yet",
+                                    other.pid
+                                ),
+                            });
+                        }
+                        if g.shared_id == 0 {
+                            g.shared_id = next_shared;
+                            next_shared += 1;
+                        }
+                        f.shared_id = g.shared_id;
+                        f.owner_pid = g.owner_pid;
+                        break 'search;
+                    }
+                }
+            }
+        }
+    }
+    for (_, (pid, r, w, path)) in pipes {
+        if !(r && w) {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "{path}: its {} end is outside the dumped processes; external pipes are not supported yet",
+                    if r { "write" } else { "read" }
+                ),
+            });
+        }
+    }
+    // A pipe's buffered bytes are kept once, with its first read end.
+    let mut seen = std::collections::HashSet::new();
+    for f in tables.iter_mut().flat_map(|t| t.files.iter_mut()) {
+        if f.kind == FileKind::FilePipe as i32 && !f.pipe_data.is_empty() && !seen.insert(f.pipe_id)
+        {
+            f.pipe_data.clear();
         }
     }
     Ok(())
@@ -331,9 +380,156 @@ struct Opener<'a> {
     high: u64,
     /// Both ends of each pipe created so far, and whether each was handed out.
     pipes: std::collections::HashMap<u64, [(u64, bool); 2]>,
+    shared: &'a mut Shared,
+    /// The task's socket that receives descriptors from the agent.
+    receiver: Option<u64>,
+}
+
+/// Open file descriptions that several processes of a checkpoint hold:
+/// the agent keeps a copy of each, taken from the process that recreated
+/// it, and passes it to the others with SCM_RIGHTS.
+#[derive(Default)]
+pub struct Shared {
+    files: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
+    pipe_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
+    pipe_data: std::collections::HashMap<u64, Vec<u8>>,
+    sender: Option<std::os::fd::OwnedFd>,
+}
+
+impl Shared {
+    /// Gathers what must be known before any process is restored (the
+    /// buffered bytes of every pipe, which may be kept with an end that
+    /// another process than the pipe's creator holds).
+    pub fn new(tables: &[&FdTable]) -> Self {
+        let mut s = Shared::default();
+        for f in tables.iter().flat_map(|t| t.files.iter()) {
+            if f.kind == FileKind::FilePipe as i32 && !f.pipe_data.is_empty() {
+                s.pipe_data.insert(f.pipe_id, f.pipe_data.clone());
+            }
+        }
+        s
+    }
 }
 
 impl Opener<'_> {
+    /// Takes a copy of descriptor `fd` of the task into the agent.
+    fn take(&self, fd: u64) -> Result<std::os::fd::OwnedFd> {
+        let pidfd =
+            sys::pidfd::pidfd_open(self.pid).map_err(|e| Error::sys(self.pid, "pidfd_open", e))?;
+        sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+            .map_err(|e| Error::sys(self.pid, format!("pidfd_getfd fd {fd}"), e))
+    }
+
+    /// Puts the agent's descriptor `ours` into the task (SCM_RIGHTS over an
+    /// abstract unix socket the task binds) and returns its number there.
+    fn install(&mut self, ours: std::os::fd::BorrowedFd<'_>, scratch: &mut Scratch) -> Result<u64> {
+        use nix::sys::socket::{
+            self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
+        };
+        let pid = self.pid;
+        let name = format!("ckpt-restore-{}-{pid}", std::process::id());
+        let sock = match self.receiver {
+            Some(s) => s,
+            None => {
+                scratch.reset();
+                let s = self.remote.syscall(
+                    libc::SYS_socket,
+                    &[
+                        libc::AF_UNIX as u64,
+                        (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
+                        0,
+                    ],
+                )?;
+                let mut addr = vec![0u8; 2 + 1 + name.len()];
+                addr[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_le_bytes());
+                addr[3..].copy_from_slice(name.as_bytes());
+                let ap = scratch.put(&addr)?;
+                self.remote
+                    .syscall(libc::SYS_bind, &[s, ap, addr.len() as u64])?;
+                // Out of the way of the fds being placed.
+                let s = self.to_high(s)?;
+                self.receiver = Some(s);
+                s
+            }
+        };
+        if self.shared.sender.is_none() {
+            let fd = socket::socket(
+                AddressFamily::Unix,
+                SockType::Datagram,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )
+            .map_err(|e| Error::sys(pid, "socket for passing descriptors", e))?;
+            self.shared.sender = Some(fd);
+        }
+        let sender = self.shared.sender.as_ref().expect("sender just made");
+        let to = UnixAddr::new_abstract(name.as_bytes())
+            .map_err(|e| Error::sys(pid, "abstract address", e))?;
+        let fds = [std::os::fd::AsRawFd::as_raw_fd(&ours)];
+        socket::sendmsg(
+            std::os::fd::AsRawFd::as_raw_fd(sender),
+            &[std::io::IoSlice::new(b"f")],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            Some(&to),
+        )
+        .map_err(|e| Error::sys(pid, "sendmsg(SCM_RIGHTS)", e))?;
+        // recvmsg in the task: msghdr, one 1-byte iovec, room for one fd.
+        scratch.reset();
+        let buf = scratch.alloc(8)?;
+        let iov = scratch.put(&[buf.to_le_bytes(), 1u64.to_le_bytes()].concat())?;
+        let control = scratch.alloc(32)?;
+        let mut hdr = Vec::with_capacity(56);
+        for v in [0u64, 0, iov, 1, control, 32, 0] {
+            hdr.extend_from_slice(&v.to_le_bytes());
+        }
+        let hp = scratch.put(&hdr)?;
+        self.remote.syscall(
+            libc::SYS_recvmsg,
+            &[sock, hp, libc::MSG_CMSG_CLOEXEC as u64],
+        )?;
+        let c = crate::inject::read_mem(pid, control, 24)?;
+        let level = i32::from_le_bytes(c[8..12].try_into().expect("4 bytes"));
+        let kind = i32::from_le_bytes(c[12..16].try_into().expect("4 bytes"));
+        if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
+            return Err(Error::Refused {
+                pid,
+                reason: "no descriptor arrived over the restore socket".into(),
+            });
+        }
+        let fd = i32::from_le_bytes(c[16..20].try_into().expect("4 bytes")) as u64;
+        self.to_high(fd)
+    }
+
+    /// A descriptor, in the task, of an open file another process of the
+    /// checkpoint recreated.
+    fn receive(&mut self, of: &OpenFile, scratch: &mut Scratch) -> Result<u64> {
+        let pid = self.pid;
+        let missing = || Error::Refused {
+            pid,
+            reason: format!(
+                "{} is shared with process {}, which has not provided it",
+                of.path, of.owner_pid
+            ),
+        };
+        let ours = if of.kind == FileKind::FilePipe as i32 {
+            let end = usize::from(of.flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32);
+            self.shared
+                .pipe_ends
+                .get(&(of.pipe_id, end))
+                .ok_or_else(missing)?
+                .try_clone()
+        } else {
+            self.shared
+                .files
+                .get(&of.shared_id)
+                .ok_or_else(missing)?
+                .try_clone()
+        }
+        .map_err(|e| Error::sys(pid, "dup", e))?;
+        self.install(ours.as_fd(), scratch)
+    }
+
     fn open_path(&self, scratch: &mut Scratch, path: &str, flags: u32) -> Result<u64> {
         scratch.reset();
         let p = scratch.put_cstr(path)?;
@@ -378,10 +574,14 @@ impl Opener<'_> {
                     }
                     let (r, w) = (self.to_high(r)?, self.to_high(w)?);
                     self.pipes.insert(of.pipe_id, [(r, false), (w, false)]);
-                }
-                let data_fd = self.pipes[&of.pipe_id][1].0;
-                if !of.pipe_data.is_empty() {
-                    self.fill_pipe(data_fd, &of.pipe_data)?;
+                    if let Some(data) = self.shared.pipe_data.get(&of.pipe_id) {
+                        self.fill_pipe(w, data)?;
+                    }
+                    // Other processes holding an end get it from us.
+                    for (end, fd) in [(0, r), (1, w)] {
+                        let ours = self.take(fd)?;
+                        self.shared.pipe_ends.insert((of.pipe_id, end), ours);
+                    }
                 }
                 let (fd, used) = self.pipes[&of.pipe_id][end];
                 let fd = if used {
@@ -473,6 +673,7 @@ pub fn restore(
     images_dir: &Path,
     remote: &Remote,
     scratch: &mut Scratch,
+    shared: &mut Shared,
 ) -> Result<()> {
     let high = table
         .fds
@@ -487,13 +688,24 @@ pub fn restore(
         remote,
         high,
         pipes: Default::default(),
+        shared,
+        receiver: None,
     };
     let (epolls, others): (Vec<&OpenFile>, Vec<&OpenFile>) = table
         .files
         .iter()
         .partition(|f| f.kind == FileKind::FileEpoll as i32);
     for of in others.into_iter().chain(epolls) {
-        let (tmp, _) = opener.open(of, scratch)?;
+        let tmp = if of.owner_pid != 0 && of.owner_pid != table.pid {
+            opener.receive(of, scratch)?
+        } else {
+            let (tmp, _) = opener.open(of, scratch)?;
+            if of.shared_id != 0 && of.kind != FileKind::FilePipe as i32 {
+                let ours = opener.take(tmp)?;
+                opener.shared.files.insert(of.shared_id, ours);
+            }
+            tmp
+        };
         let mut keep_tmp = false;
         for fd in table.fds.iter().filter(|f| f.file_id == of.id) {
             let target = fd.fd as u64;
@@ -509,6 +721,9 @@ pub fn restore(
         if !keep_tmp {
             remote.syscall(libc::SYS_close, &[tmp])?;
         }
+    }
+    if let Some(s) = opener.receiver {
+        remote.syscall(libc::SYS_close, &[s])?;
     }
     for ends in opener.pipes.values() {
         for (fd, _) in ends {

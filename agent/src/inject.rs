@@ -33,7 +33,8 @@ pub fn seize_options(exit_kill: bool) -> ptrace::Options {
         | ptrace::Options::PTRACE_O_TRACECLONE
         | PTRACE_O_SUSPEND_SECCOMP;
     if exit_kill {
-        o |= ptrace::Options::PTRACE_O_EXITKILL;
+        // Restore: children it forks for us are traced from birth too.
+        o |= ptrace::Options::PTRACE_O_EXITKILL | ptrace::Options::PTRACE_O_TRACEFORK;
     }
     o
 }

@@ -7,6 +7,7 @@
 //! parallel, and sets registers with ptrace. See docs/ARCHITECTURE.md for
 //! why. Any failure kills the child: nothing half-alive is left behind.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -58,9 +59,17 @@ struct Images {
     fds: FdTable,
 }
 
-fn load(dir: &Path, pid: i32) -> Result<Images> {
+fn load_core(dir: &Path, pid: i32) -> Result<TaskCore> {
+    Ok(read_image_file(
+        &dir.join(image_name(ImageKind::Core, pid)),
+        ImageKind::Core,
+    )?)
+}
+
+fn load(dir: &Path, core: TaskCore) -> Result<Images> {
+    let pid = core.pid;
     Ok(Images {
-        core: read_image_file(&dir.join(image_name(ImageKind::Core, pid)), ImageKind::Core)?,
+        core,
         mm: read_image_file(&dir.join(image_name(ImageKind::Mm, pid)), ImageKind::Mm)?,
         pm: read_image_file(
             &dir.join(image_name(ImageKind::PageMap, pid)),
@@ -73,20 +82,23 @@ fn load(dir: &Path, pid: i32) -> Result<Images> {
     })
 }
 
-/// Kills a half-built process unless disarmed.
-struct ChildGuard {
-    pid: i32,
+/// Kills every half-built process unless disarmed, children first.
+struct TreeGuard {
+    pids: Vec<i32>,
     armed: bool,
 }
 
-impl Drop for ChildGuard {
+impl Drop for TreeGuard {
     fn drop(&mut self) {
-        if self.armed {
+        if !self.armed {
+            return;
+        }
+        for &pid in self.pids.iter().rev() {
             // Threads we trace must be collected before the leader can be.
-            let mut tids = proc::tids(self.pid).unwrap_or_default();
-            tids.retain(|&t| t != self.pid);
-            tids.push(self.pid);
-            let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
+            let mut tids = proc::tids(pid).unwrap_or_default();
+            tids.retain(|&t| t != pid);
+            tids.push(pid);
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             for t in tids {
                 loop {
                     match waitpid(Pid::from_raw(t), Some(nix::sys::wait::WaitPidFlag::__WALL)) {
@@ -96,6 +108,142 @@ impl Drop for ChildGuard {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Room for injected-call arguments in a blank process (a fork of the
+/// agent that has not been rebuilt yet): well below its stack pointer.
+fn blank_scratch(pid: i32) -> Result<Scratch> {
+    let rsp = inject::get_regs(Pid::from_raw(pid))?.rsp;
+    Ok(Scratch::new(pid, (rsp - 0x10000) & !0xfff, 0x1000))
+}
+
+/// Creates every process of the checkpoint, parents first, as a blank
+/// copy of the agent forked by its own parent (clone3 with set_tid,
+/// injected into the parent), stopped and traced; then recreates sessions
+/// and process groups, in an order that makes setsid and setpgid legal.
+fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard) -> Result<()> {
+    let gadget = sys::gadget::syscall_gadget_addr();
+    let root = pids[0];
+    let child = match sys::clone::fork_with_pid(&[root]) {
+        Ok(Some(c)) => c,
+        Ok(None) => child_wait_for_agent(),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            return Err(Error::Refused {
+                pid: root,
+                reason: "this PID was taken while restoring; nothing was left behind".into(),
+            })
+        }
+        Err(e) => return Err(Error::sys(root, "clone3 with set_tid", e)),
+    };
+    guard.pids.push(child);
+    let t = Pid::from_raw(child);
+    ptrace::seize(t, inject::seize_options(true)).ctx(child, || "PTRACE_SEIZE".into())?;
+    ptrace::interrupt(t).ctx(child, || "PTRACE_INTERRUPT".into())?;
+    inject::wait_interrupt_stop(t)?;
+    sys::ptrace::set_sigmask(t, !0).ctx(child, || "PTRACE_SETSIGMASK".into())?;
+    let setsid = |pid: i32| -> Result<()> {
+        if cores[&pid].sid == pid {
+            Remote::new(Pid::from_raw(pid), gadget)?.syscall(libc::SYS_setsid, &[])?;
+        }
+        Ok(())
+    };
+    // A session leader's children must be born in its session.
+    setsid(root)?;
+    for &pid in &pids[1..] {
+        let parent = cores[&pid].ppid;
+        if !guard.pids.contains(&parent) {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "its parent {parent} is not part of the checkpoint (re-parented orphans are not supported yet)"
+                ),
+            });
+        }
+        let remote = Remote::new(Pid::from_raw(parent), gadget)?;
+        let mut scratch = blank_scratch(parent)?;
+        let tids = scratch.put(&pid.to_le_bytes())?;
+        let args = sys::clone::encode_clone_args(0, libc::SIGCHLD as u64, tids, 1);
+        let ap = scratch.put(&args)?;
+        let got = match remote.syscall(libc::SYS_clone3, &[ap, args.len() as u64]) {
+            Ok(p) => p as i32,
+            Err(Error::Remote {
+                errno: nix::errno::Errno::EEXIST,
+                ..
+            }) => {
+                return Err(Error::Refused {
+                    pid,
+                    reason: "this PID was taken while restoring; nothing was left behind".into(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        guard.pids.push(got);
+        if got != pid {
+            return Err(Error::Refused {
+                pid,
+                reason: format!("was recreated as {got}"),
+            });
+        }
+        inject::wait_interrupt_stop(Pid::from_raw(pid))?;
+        sys::ptrace::set_sigmask(Pid::from_raw(pid), !0).ctx(pid, || "PTRACE_SETSIGMASK".into())?;
+        setsid(pid)?;
+    }
+    // Group leaders first, then their members; groups led from outside the
+    // checkpoint stay as inherited.
+    for leaders in [true, false] {
+        for &pid in pids {
+            let c = &cores[&pid];
+            let lead = c.pgid == pid;
+            if lead != leaders || c.sid == pid || !pids.contains(&c.pgid) {
+                continue;
+            }
+            Remote::new(Pid::from_raw(pid), gadget)?
+                .syscall(libc::SYS_setpgid, &[0, c.pgid as u64])?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes a blank process exit with a zombie's saved wait status, and
+/// collects it as its tracer, leaving it a zombie for its parent to reap.
+fn make_zombie(core: &TaskCore) -> Result<()> {
+    let pid = core.pid;
+    let t = Pid::from_raw(pid);
+    let status = core.exit_code;
+    let sig = status & 0x7f;
+    if sig == 0 {
+        let mut r = inject::get_regs(t)?;
+        r.rax = libc::SYS_exit_group as u64;
+        r.orig_rax = u64::MAX;
+        r.rdi = ((status >> 8) & 0xff) as u64;
+        r.rip = sys::gadget::syscall_gadget_addr();
+        inject::set_regs(t, r)?;
+        ptrace::cont(t, None).ctx(pid, || "PTRACE_CONT".into())?;
+    } else {
+        // Default action for the signal, delivered as the task resumes.
+        let mut sa = blank_scratch(pid)?;
+        let dfl = sa.put(&[0u8; 32])?;
+        Remote::new(t, sys::gadget::syscall_gadget_addr())?
+            .syscall(libc::SYS_rt_sigaction, &[sig as u64, dfl, 0, 8])?;
+        ptrace::cont(
+            t,
+            Some(Signal::try_from(sig).map_err(|e| Error::sys(pid, "signal number", e))?),
+        )
+        .ctx(pid, || "PTRACE_CONT".into())?;
+    }
+    loop {
+        match waitpid(t, Some(nix::sys::wait::WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(()),
+            Ok(WaitStatus::Stopped(_, s)) => {
+                ptrace::cont(t, Some(s)).ctx(pid, || "PTRACE_CONT".into())?;
+            }
+            Ok(_) => {
+                ptrace::cont(t, None).ctx(pid, || "PTRACE_CONT".into())?;
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Error::sys(pid, "waitpid", e)),
         }
     }
 }
@@ -124,62 +272,77 @@ pub fn restore_with_progress(
             return Err(Error::Incompatible(why.join("; ")));
         }
     }
-    if inv.pids.len() != 1 {
+    if inv.pids.first() != Some(&inv.root_pid) {
         return Err(Error::BadImages {
             dir: dir.clone(),
-            reason: format!(
-                "{} processes in the checkpoint; this agent restores one",
-                inv.pids.len()
-            ),
+            reason: "the inventory does not list its root process first".into(),
         });
     }
-    let pid = inv.root_pid;
-    let img = load(dir, pid)?;
-    if Path::new(&format!("/proc/{pid}")).exists() {
-        let comm = proc::stat(pid, None).map(|s| s.comm).unwrap_or_default();
-        return Err(Error::Refused {
-            pid,
-            reason: format!(
-                "this PID is in use (by '{comm}'); free it or restore in a new PID namespace"
-            ),
-        });
+    let mut cores = HashMap::new();
+    for &pid in &inv.pids {
+        cores.insert(pid, load_core(dir, pid)?);
     }
-    for th in &img.core.threads[1..] {
-        if Path::new(&format!("/proc/{}", th.tid)).exists() {
-            return Err(Error::Refused {
-                pid,
-                reason: format!("thread id {} is in use by another task", th.tid),
-            });
+    let mut live = Vec::new();
+    for &pid in &inv.pids {
+        let core = cores[&pid].clone();
+        if core.state != "Z" {
+            live.push(load(dir, core)?);
+        }
+    }
+    for &pid in &inv.pids {
+        let tids = std::iter::once(pid).chain(cores[&pid].threads.iter().skip(1).map(|t| t.tid));
+        for tid in tids {
+            if Path::new(&format!("/proc/{tid}")).exists() {
+                let comm = proc::stat(tid, None).map(|s| s.comm).unwrap_or_default();
+                return Err(Error::Refused {
+                    pid,
+                    reason: format!(
+                        "id {tid} is in use (by '{comm}'); free it or restore in a new PID namespace"
+                    ),
+                });
+            }
         }
     }
 
-    let child = match sys::clone::fork_with_pid(&[pid]) {
-        Ok(Some(c)) => c,
-        Ok(None) => child_wait_for_agent(),
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            return Err(Error::Refused {
-                pid,
-                reason: "this PID was taken while restoring; nothing was left behind".into(),
-            })
-        }
-        Err(e) => return Err(Error::sys(pid, "clone3 with set_tid", e)),
-    };
-    let mut guard = ChildGuard {
-        pid: child,
+    let mut guard = TreeGuard {
+        pids: Vec::new(),
         armed: true,
     };
-    let pages_ms = build(&img, dir, child, req.detach, progress)?;
-    if let Some(pf) = &req.pidfile {
-        std::fs::write(pf, format!("{child}\n")).map_err(|e| Error::io(pf, e))?;
+    skeleton(&inv.pids, &cores, &mut guard)?;
+    let root = inv.root_pid;
+    let mut shared = files::Shared::new(&live.iter().map(|i| &i.fds).collect::<Vec<_>>());
+    let mut pages_ms = 0.0;
+    for img in &live {
+        let is_root = img.core.pid == root;
+        pages_ms += build(
+            img,
+            dir,
+            req.detach && is_root,
+            is_root,
+            &mut shared,
+            progress,
+        )?;
     }
-    for th in &img.core.threads {
-        ptrace::detach(Pid::from_raw(th.tid), None).ctx(th.tid, || "PTRACE_DETACH".into())?;
+    for &pid in &inv.pids {
+        if cores[&pid].state == "Z" {
+            make_zombie(&cores[&pid])?;
+        }
+    }
+    if let Some(pf) = &req.pidfile {
+        std::fs::write(pf, format!("{root}\n")).map_err(|e| Error::io(pf, e))?;
+    }
+    // Everything is built: let every process go at once.
+    for img in &live {
+        for th in &img.core.threads {
+            ptrace::detach(Pid::from_raw(th.tid), None).ctx(th.tid, || "PTRACE_DETACH".into())?;
+        }
     }
     guard.armed = false;
+    let child = root;
     let report = RestoreReport {
         pid: child,
-        threads: img.core.threads.len(),
-        pages_bytes: img.pm.pages_file_size,
+        threads: live.iter().map(|i| i.core.threads.len()).sum(),
+        pages_bytes: live.iter().map(|i| i.pm.pages_file_size).sum(),
         verify_ms,
         pages_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -236,19 +399,17 @@ fn child_wait_for_agent() -> ! {
     sys::clone::child_park()
 }
 
+/// Rebuilds one blank, stopped process from its images.
 fn build(
     img: &Images,
     dir: &Path,
-    child: i32,
     detach: bool,
+    is_root: bool,
+    shared: &mut files::Shared,
     progress: &dyn Progress,
 ) -> Result<f64> {
-    let pid = child;
-    let t = Pid::from_raw(child);
-    ptrace::seize(t, inject::seize_options(true)).ctx(pid, || "PTRACE_SEIZE".into())?;
-    ptrace::interrupt(t).ctx(pid, || "PTRACE_INTERRUPT".into())?;
-    inject::wait_interrupt_stop(t)?;
-    sys::ptrace::set_sigmask(t, !0).ctx(pid, || "PTRACE_SETSIGMASK".into())?;
+    let pid = img.core.pid;
+    let t = Pid::from_raw(pid);
     let boot = Remote::new(t, sys::gadget::syscall_gadget_addr())?;
 
     // The child inherited the agent's rseq registration: drop it before the
@@ -268,10 +429,7 @@ fn build(
     }
 
     // A scratch area free in both the child's current layout and the image's.
-    let mut busy: Vec<(u64, u64)> = proc::maps(child)?
-        .iter()
-        .map(|m| (m.start, m.end))
-        .collect();
+    let mut busy: Vec<(u64, u64)> = proc::maps(pid)?.iter().map(|m| (m.start, m.end)).collect();
     busy.extend(img.mm.vmas.iter().map(|v| (v.start, v.end)));
     let scratch_addr = mm::find_gap(&busy, SCRATCH_LEN).ok_or_else(|| Error::Refused {
         pid,
@@ -334,7 +492,7 @@ fn build(
     }
     let main = &remotes[0];
     task::restore_process(&img.core, main, &mut scratch)?;
-    files::restore(&img.fds, dir, main, &mut scratch)?;
+    files::restore(&img.fds, dir, main, &mut scratch, shared)?;
     scratch.reset();
     let cwd = scratch.put_cstr(&img.core.cwd)?;
     main.syscall(libc::SYS_chdir, &[cwd])?;
@@ -344,7 +502,7 @@ fn build(
     }
     // The parked child asked for SIGKILL on the agent's death; replace it.
     let pdeath = img.core.flags.as_ref().map_or(0, |f| f.pdeath_signal);
-    if detach && pdeath != 0 {
+    if is_root && detach && pdeath != 0 {
         warn!(
             pid,
             "not restoring the parent-death signal: its parent, the restoring agent, exits now"
@@ -352,12 +510,6 @@ fn build(
         task::set_pdeath_signal(main, 0)?;
     } else {
         task::set_pdeath_signal(main, pdeath)?;
-    }
-    // A restored process keeps its own session and group when it led them.
-    if img.core.sid == img.core.pid {
-        main.syscall(libc::SYS_setsid, &[])?;
-    } else if img.core.pgid == img.core.pid {
-        main.syscall(libc::SYS_setpgid, &[0, 0])?;
     }
     task::restore_seccomp(&img.core, &remotes, &mut scratch)?;
     task::restore_creds(&img.core, main, &mut scratch)?;

@@ -568,6 +568,22 @@ pub fn run_case(case_bin: &str, name: &str, mode: Mode) {
     }
 }
 
+/// After a dump killed a whole tree, the root's children were re-parented
+/// to us (a subreaper): collect them, or their PIDs stay taken.
+fn reap_descendants(root: i32, images: &Path) -> Result<(), String> {
+    use ckpt_proto::image::Inventory;
+    let inv: Inventory = ckpt_proto::read_image_file(
+        &images.join("inventory.img"),
+        ckpt_proto::ImageKind::Inventory,
+    )
+    .map_err(|e| format!("reading the inventory: {e}"))?;
+    for pid in inv.pids.into_iter().filter(|&p| p != root) {
+        wait_pid(pid, Duration::from_secs(5))
+            .map_err(|e| format!("collecting killed pid {pid}: {e}"))?;
+    }
+    Ok(())
+}
+
 fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result<(), String> {
     let images = dir.join("images");
     let mut case = CaseProcess::spawn(case_bin, name, dir)?;
@@ -580,6 +596,7 @@ fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result
                 return Err(dump_failed(&case));
             }
             case.expect_gone()?;
+            reap_descendants(case.pid, &images)?;
             restore_and_check(&mut case, &images, dir)
         }
         Mode::LeaveRunning => {

@@ -65,6 +65,7 @@ cases!(
     read_blocking,
     epoll_wait,
     pipe_eventfd_epoll,
+    process_tree,
     // files
     file_offsets,
     unlinked_file,
@@ -83,6 +84,11 @@ mod leave_running {
     #[test]
     fn threads() {
         zdtm("threads", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn process_tree() {
+        zdtm("process_tree", Mode::LeaveRunning)
     }
 
     #[test]

@@ -237,3 +237,156 @@ pub fn pipe_eventfd_epoll(ctx: &Ctx) -> CaseResult {
     c.eq("eventfd count drained", 41, left);
     c.finish()
 }
+
+fn pipe_pair() -> Result<(i32, i32), String> {
+    let mut p = [0i32; 2];
+    // SAFETY: out-array of two fds.
+    cvt(unsafe { libc::pipe2(p.as_mut_ptr(), 0) }, "pipe2")?;
+    Ok((p[0], p[1]))
+}
+
+fn read_u32(fd: i32) -> Option<u32> {
+    let mut b = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        // SAFETY: reads into a live buffer.
+        let n = unsafe { libc::read(fd, b[got..].as_mut_ptr() as *mut libc::c_void, 4 - got) };
+        if n > 0 {
+            got += n as usize;
+        } else if n == 0 || errno() != libc::EINTR {
+            return None;
+        }
+    }
+    Some(u32::from_le_bytes(b))
+}
+
+fn write_u32(fd: i32, v: u32) -> bool {
+    let b = v.to_le_bytes();
+    // SAFETY: writes from a live buffer.
+    unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, 4) == 4 }
+}
+
+/// (pid, ppid, pgid, sid) of a process, from /proc.
+fn ids(pid: i32) -> (i32, i32, i32, i32) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let rest: Vec<i32> = s
+        .rsplit_once(')')
+        .map(|(_, r)| {
+            r.split_whitespace()
+                .skip(1)
+                .take(3)
+                .filter_map(|v| v.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        pid,
+        *rest.first().unwrap_or(&0),
+        *rest.get(1).unwrap_or(&0),
+        *rest.get(2).unwrap_or(&0),
+    )
+}
+
+/// A tree: two children joined by pipes into a ring through the parent
+/// (parent -> c1 -> c2 -> parent, the middle pipe held by the children
+/// only), c1 leading its own process group, c2 its own session, both
+/// sharing the parent's stdout; and a zombie child with exit status 7.
+pub fn process_tree(ctx: &Ctx) -> CaseResult {
+    let (a_r, a_w) = pipe_pair()?;
+    let (b_r, b_w) = pipe_pair()?;
+    let (c_r, c_w) = pipe_pair()?;
+    // SAFETY: the children only make raw syscalls, then _exit.
+    let c1 = unsafe { libc::fork() };
+    if c1 == 0 {
+        // SAFETY: raw syscalls in the child.
+        unsafe {
+            libc::setpgid(0, 0);
+            while let Some(v) = read_u32(a_r) {
+                let line = b"c1 got a value\n";
+                libc::write(1, line.as_ptr() as *const libc::c_void, line.len());
+                if !write_u32(b_w, v + 1) {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: as above.
+    let c2 = unsafe { libc::fork() };
+    if c2 == 0 {
+        // SAFETY: raw syscalls in the child.
+        unsafe {
+            libc::setsid();
+            while let Some(v) = read_u32(b_r) {
+                if !write_u32(c_w, v * 2) {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: as above.
+    let c3 = unsafe { libc::fork() };
+    if c3 == 0 {
+        // SAFETY: exits at once.
+        unsafe { libc::_exit(7) };
+    }
+    for fd in [a_r, b_r, b_w, c_w] {
+        // SAFETY: closing our copies; the children keep theirs.
+        unsafe { libc::close(fd) };
+    }
+    let round_trip = |v: u32| -> Option<u32> {
+        if !write_u32(a_w, v) {
+            return None;
+        }
+        read_u32(c_r)
+    };
+    if round_trip(5) != Some(12) {
+        return Err("ring does not work before the checkpoint".into());
+    }
+    // Let the zombie be a zombie before the checkpoint.
+    if !wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{c3}/stat")).is_ok_and(|s| s.contains(") Z"))
+    }) {
+        return Err("third child did not exit".into());
+    }
+    let before = [ids(c1), ids(c2)];
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.eq(
+        "children ids (pid, ppid, pgid, sid)",
+        before,
+        [ids(c1), ids(c2)],
+    );
+    // SAFETY: getpid has no arguments.
+    let me = unsafe { libc::getpid() };
+    c.eq("c1 leads its group", c1, ids(c1).2);
+    c.eq("c2 leads its session", c2, ids(c2).3);
+    c.eq("parents", (me, me), (ids(c1).1, ids(c2).1));
+    c.eq("ring after restore", Some(42), round_trip(20));
+    // stdout is one open file shared with c1: our offset moved with its write.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat into a live struct; lseek without pointers.
+    let (size, pos) = unsafe {
+        libc::fstat(1, &mut st);
+        (st.st_size, libc::lseek(1, 0, libc::SEEK_CUR))
+    };
+    c.eq("shared stdout offset", size, pos);
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    let r = unsafe { libc::waitpid(c3, &mut status, libc::WNOHANG) };
+    c.eq("zombie reaped", c3, r);
+    c.ok(
+        &format!("zombie exit status 7 (status {status:#x})"),
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7,
+    );
+    for p in [c1, c2] {
+        // SAFETY: ends and reaps our children.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+            libc::waitpid(p, std::ptr::null_mut(), 0);
+        }
+    }
+    c.finish()
+}

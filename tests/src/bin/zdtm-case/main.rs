@@ -73,6 +73,7 @@ const CASES: &[(&str, CaseFn)] = &[
     // need engine support that comes in later issues
     ("read_blocking", later::read_blocking),
     ("pipe_eventfd_epoll", later::pipe_eventfd_epoll),
+    ("process_tree", later::process_tree),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
