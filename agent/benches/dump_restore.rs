@@ -536,6 +536,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         pid,
         images: dir.0.clone(),
         leave_running: false,
+        tasks_in_parallel: true,
     });
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;

@@ -30,6 +30,9 @@ pub struct DumpRequest {
     pub pid: i32,
     pub images: PathBuf,
     pub leave_running: bool,
+    /// Copy the pages of all processes at once (the default); off dumps
+    /// one process at a time, for comparison in benchmarks.
+    pub tasks_in_parallel: bool,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -142,7 +145,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let tree = seize_tree(pid)?;
     let frozen_at = Instant::now();
     let pids: Vec<i32> = tree.iter().map(Member::pid).collect();
-    let result = dump_tree(&tree, &writer, progress);
+    let result = dump_tree(&tree, &writer, req.tasks_in_parallel, progress);
     let (pages_bytes, pages_ms) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -188,15 +191,19 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         drop(tree);
         return Err(e);
     }
-    // Children first, so that no parent is left waiting on a traced zombie.
-    for m in tree.into_iter().rev() {
-        if let Member::Live(s) = m {
-            if req.leave_running {
-                s.release()?;
-            } else {
-                s.kill()?;
-            }
+    let live: Vec<Seized> = tree
+        .into_iter()
+        .filter_map(|m| match m {
+            Member::Live(s) => Some(s),
+            Member::Zombie(_) => None,
+        })
+        .collect();
+    if req.leave_running {
+        for s in live {
+            s.release()?;
         }
+    } else {
+        Seized::kill_all(live)?;
     }
     let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
     info!(pid, pages_bytes, frozen_ms, "dump complete");
@@ -211,22 +218,28 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     })
 }
 
-/// What one live process's dump produced; the fd tables of all processes
-/// are written once they are linked with each other.
+/// What one live process's dump produced before its pages are copied; the
+/// fd tables of all processes are written once linked with each other.
 struct Dumped {
     core: ckpt_proto::image::TaskCore,
     fds: ckpt_proto::image::FdTable,
-    pages_bytes: u64,
-    pages_ms: f64,
+    mm: mm::MmDump,
 }
 
-/// Dumps every process of the tree, one after the other (each with a
-/// parallel page copy), then links their fd tables and writes the images.
-fn dump_tree(tree: &[Member], writer: &ImageWriter, progress: &dyn Progress) -> Result<(u64, f64)> {
+/// Dumps every process of the tree: the ptrace-bound part one process
+/// after the other (ptrace requests must come from the tracing thread),
+/// then the pages of all processes in one parallel copy, unless
+/// `tasks_in_parallel` is off (one process at a time, for comparison).
+fn dump_tree(
+    tree: &[Member],
+    writer: &ImageWriter,
+    tasks_in_parallel: bool,
+    progress: &dyn Progress,
+) -> Result<(u64, f64)> {
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
         match m {
-            Member::Live(s) => dumped.push(dump_seized(s, writer, progress)?),
+            Member::Live(s) => dumped.push(dump_seized(s, writer)?),
             Member::Zombie(core) => {
                 writer.write(
                     &image_name(ImageKind::Core, core.pid),
@@ -236,23 +249,47 @@ fn dump_tree(tree: &[Member], writer: &ImageWriter, progress: &dyn Progress) -> 
             }
         }
     }
+    let tp = Instant::now();
+    let items: Vec<pages::DumpItem<'_>> = dumped
+        .iter()
+        .map(|d| pages::DumpItem {
+            pid: d.core.pid,
+            extents: &d.mm.extents,
+            path: writer.dir().join(pages_name(d.core.pid)),
+            name: pages_name(d.core.pid),
+        })
+        .collect();
+    let pms = if tasks_in_parallel {
+        pages::dump_all(&items, progress)?
+    } else {
+        let mut v = Vec::new();
+        for it in &items {
+            v.extend(pages::dump_all(std::slice::from_ref(it), progress)?);
+        }
+        v
+    };
+    let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
     let mut tables: Vec<_> = dumped
         .iter_mut()
         .map(|d| std::mem::take(&mut d.fds))
         .collect();
     files::link_tree(&mut tables)?;
-    let (mut bytes, mut ms) = (0, 0.0);
-    for (d, fds) in dumped.iter().zip(&tables) {
+    let mut bytes = 0;
+    for ((d, fds), pm) in dumped.iter().zip(&tables).zip(&pms) {
         let pid = d.core.pid;
+        writer.add_pages(pm);
+        writer.write(&image_name(ImageKind::Mm, pid), ImageKind::Mm, &d.mm.image)?;
+        writer.write(&image_name(ImageKind::PageMap, pid), ImageKind::PageMap, pm)?;
         writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &d.core)?;
         writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, fds)?;
-        bytes += d.pages_bytes;
-        ms += d.pages_ms;
+        bytes += pm.pages_file_size;
     }
-    Ok((bytes, ms))
+    Ok((bytes, pages_ms))
 }
 
-fn dump_seized(seized: &Seized, writer: &ImageWriter, progress: &dyn Progress) -> Result<Dumped> {
+/// The part of a process's dump that needs ptrace: its state, injected
+/// queries, files, and its address space with the pages to save.
+fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -284,26 +321,10 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter, progress: &dyn Progress) -
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
         let fds = files::dump(pid, writer)?;
-        let mmd = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)))?;
-        let tp = Instant::now();
-        let pages_path = writer.dir().join(pages_name(pid));
-        let pm = pages::dump(pid, &mmd.extents, &pages_path, &pages_name(pid), progress)?;
-        Ok((core, fds, mmd, pm, tp))
+        let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)))?;
+        Ok(Dumped { core, fds, mm })
     })();
+    // The scratch area is outside every extent to copy: it can go now.
     main.syscall(libc::SYS_munmap, &[addr, SCRATCH_LEN])?;
-    let (core, fds, mmd, pm, tp) = result?;
-    let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
-    writer.add_pages(&pm);
-    writer.write(&image_name(ImageKind::Mm, pid), ImageKind::Mm, &mmd.image)?;
-    writer.write(
-        &image_name(ImageKind::PageMap, pid),
-        ImageKind::PageMap,
-        &pm,
-    )?;
-    Ok(Dumped {
-        core,
-        fds,
-        pages_bytes: pm.pages_file_size,
-        pages_ms,
-    })
+    result
 }

@@ -133,6 +133,7 @@ fn main() -> ExitCode {
                 pid,
                 images,
                 leave_running,
+                tasks_in_parallel: true,
             };
             match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
                 Ok(r) => {

@@ -151,47 +151,83 @@ fn block_sums(mut pieces: Vec<(u64, u32, u64)>, total: u64) -> Vec<u32> {
     sums
 }
 
-/// Copies the given extents of process `pid` into `pages_path` and returns
-/// the index. Extents must be page-aligned and sorted.
-pub fn dump(
-    pid: i32,
-    extents: &[Extent],
-    pages_path: &Path,
-    pages_name: &str,
-    progress: &dyn Progress,
-) -> Result<PageMap> {
-    let (runs, jobs, total) = plan(extents);
-    progress.start("dumping pages", total);
-    let file = File::create(pages_path).map_err(|e| Error::io(pages_path, e))?;
-    file.set_len(total).map_err(|e| Error::io(pages_path, e))?;
-    let mem_path = format!("/proc/{pid}/mem");
-    let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
-    let read_one = |buf: &mut Vec<u8>, job: &Job| -> Result<Vec<(u64, u32, u64)>> {
-        let b = &mut buf[..job.len as usize];
-        read_job(pid, &mem, job, b)?;
-        file.write_all_at(b, job.file_off)
-            .map_err(|e| Error::io(pages_path, e))?;
-        progress.advance(job.len);
-        // Checksum while the chunk is still in cache.
-        Ok(job_pieces(job, b))
-    };
-    let pieces: Pieces = jobs
-        .par_iter()
-        .map_init(|| vec![0u8; CHUNK as usize], |buf, job| read_one(buf, job))
-        .collect::<Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
+/// The pages of one process to save.
+pub struct DumpItem<'a> {
+    pub pid: i32,
+    /// Page-aligned, sorted ranges with content.
+    pub extents: &'a [Extent],
+    pub path: std::path::PathBuf,
+    pub name: String,
+}
+
+/// Copies the pages of several processes into their pages files, all jobs
+/// of all processes in one parallel pool (so small processes do not leave
+/// cores idle), and returns their indexes in the same order.
+pub fn dump_all(items: &[DumpItem<'_>], progress: &dyn Progress) -> Result<Vec<PageMap>> {
+    struct Out {
+        runs: Vec<PageRun>,
+        jobs: Vec<Job>,
+        total: u64,
+        file: File,
+        mem: File,
+    }
+    let mut outs = Vec::with_capacity(items.len());
+    for it in items {
+        let (runs, jobs, total) = plan(it.extents);
+        let file = File::create(&it.path).map_err(|e| Error::io(&it.path, e))?;
+        file.set_len(total).map_err(|e| Error::io(&it.path, e))?;
+        let mem_path = format!("/proc/{}/mem", it.pid);
+        let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
+        outs.push(Out {
+            runs,
+            jobs,
+            total,
+            file,
+            mem,
+        });
+    }
+    progress.start("dumping pages", outs.iter().map(|o| o.total).sum());
+    let work: Vec<(usize, &Job)> = outs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, o)| o.jobs.iter().map(move |j| (i, j)))
         .collect();
+    let done: Vec<(usize, Pieces)> = work
+        .par_iter()
+        .map_init(
+            || vec![0u8; CHUNK as usize],
+            |buf, &(i, job)| -> Result<(usize, Pieces)> {
+                let (it, o) = (&items[i], &outs[i]);
+                let b = &mut buf[..job.len as usize];
+                read_job(it.pid, &o.mem, job, b)?;
+                o.file
+                    .write_all_at(b, job.file_off)
+                    .map_err(|e| Error::io(&it.path, e))?;
+                progress.advance(job.len);
+                // Checksum while the chunk is still in cache.
+                Ok((i, job_pieces(job, b)))
+            },
+        )
+        .collect::<Result<_>>()?;
     progress.finish();
-    Ok(PageMap {
-        pid,
-        page_size: 4096,
-        pages_file: pages_name.to_string(),
-        pages_file_size: total,
-        block_size: BLOCK,
-        block_crc32c: block_sums(pieces, total),
-        runs,
-    })
+    let mut pieces: Vec<Pieces> = vec![Vec::new(); items.len()];
+    for (i, p) in done {
+        pieces[i].extend(p);
+    }
+    Ok(outs
+        .into_iter()
+        .zip(pieces)
+        .zip(items)
+        .map(|((o, p), it)| PageMap {
+            pid: it.pid,
+            page_size: 4096,
+            pages_file: it.name.clone(),
+            pages_file_size: o.total,
+            block_size: BLOCK,
+            block_crc32c: block_sums(p, o.total),
+            runs: o.runs,
+        })
+        .collect())
 }
 
 /// Checksums every block of the pages file, in parallel.

@@ -146,37 +146,44 @@ impl Seized {
         first_err.map_or(Ok(()), Err)
     }
 
-    /// Kills the process (after a dump without --leave-running) and waits
-    /// until it is gone.
-    pub fn kill(mut self) -> Result<()> {
-        self.released = true;
-        let pidfd = sys::pidfd::pidfd_open(self.pid).ctx(self.pid, || "pidfd_open".into())?;
-        nix::sys::signal::kill(Pid::from_raw(self.pid), nix::sys::signal::Signal::SIGKILL)
-            .ctx(self.pid, || "kill(SIGKILL)".into())?;
-        // Killed tracees linger as zombies until their tracer collects
-        // them; the leader is reported only after every other thread.
-        for t in self.threads.iter().rev() {
-            loop {
-                match nix::sys::wait::waitpid(
-                    Pid::from_raw(t.tid),
-                    Some(nix::sys::wait::WaitPidFlag::__WALL),
-                ) {
-                    Ok(
-                        nix::sys::wait::WaitStatus::Exited(..)
-                        | nix::sys::wait::WaitStatus::Signaled(..),
-                    ) => break,
-                    Ok(_) | Err(Errno::EINTR) => continue,
-                    Err(_) => break,
+    /// Kills processes (after a dump without --leave-running) and waits
+    /// until they are gone. All are killed first, so that they tear their
+    /// address spaces down in parallel.
+    pub fn kill_all(all: Vec<Seized>) -> Result<()> {
+        let mut pidfds = Vec::with_capacity(all.len());
+        for mut s in all {
+            s.released = true;
+            let pidfd = sys::pidfd::pidfd_open(s.pid).ctx(s.pid, || "pidfd_open".into())?;
+            nix::sys::signal::kill(Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL)
+                .ctx(s.pid, || "kill(SIGKILL)".into())?;
+            pidfds.push((s, pidfd));
+        }
+        for (s, pidfd) in &pidfds {
+            // Killed tracees linger as zombies until their tracer collects
+            // them; the leader is reported only after every other thread.
+            for t in s.threads.iter().rev() {
+                loop {
+                    match nix::sys::wait::waitpid(
+                        Pid::from_raw(t.tid),
+                        Some(nix::sys::wait::WaitPidFlag::__WALL),
+                    ) {
+                        Ok(
+                            nix::sys::wait::WaitStatus::Exited(..)
+                            | nix::sys::wait::WaitStatus::Signaled(..),
+                        ) => break,
+                        Ok(_) | Err(Errno::EINTR) => continue,
+                        Err(_) => break,
+                    }
                 }
             }
+            use std::os::fd::AsFd;
+            let mut fds = [nix::poll::PollFd::new(
+                pidfd.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
+                .ctx(s.pid, || "waiting for the process to exit".into())?;
         }
-        use std::os::fd::AsFd;
-        let mut fds = [nix::poll::PollFd::new(
-            pidfd.as_fd(),
-            nix::poll::PollFlags::POLLIN,
-        )];
-        nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
-            .ctx(self.pid, || "waiting for the process to exit".into())?;
         Ok(())
     }
 }
