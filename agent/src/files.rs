@@ -385,15 +385,18 @@ struct Opener<'a> {
     receiver: Option<u64>,
 }
 
-/// Open file descriptions that several processes of a checkpoint hold:
-/// the agent keeps a copy of each, taken from the process that recreated
-/// it, and passes it to the others with SCM_RIGHTS.
+/// Kernel objects that several processes of a checkpoint share. Open file
+/// descriptions: the agent keeps a copy of each, taken from the process
+/// that recreated it, and passes it to the others with SCM_RIGHTS. Shared
+/// anonymous memory: the others map the recreating process's object.
 #[derive(Default)]
 pub struct Shared {
     files: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
     pipe_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
     pipe_data: std::collections::HashMap<u64, Vec<u8>>,
     sender: Option<std::os::fd::OwnedFd>,
+    /// Shared anonymous memory objects recreated so far: (owner, start, end).
+    pub shm: std::collections::HashMap<u64, (i32, u64, u64)>,
 }
 
 impl Shared {

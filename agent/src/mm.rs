@@ -208,7 +208,12 @@ pub fn dump(pid: i32, brk: u64, skip: Option<(u64, u64)>) -> Result<MmDump> {
             madv,
             vm_flags: m.vm_flags.clone(),
             guards,
-            shmid: 0,
+            // The shmem object's inode: the same in every sharer.
+            shmid: if kind == VmaKind::VmaAnonShared {
+                m.inode
+            } else {
+                0
+            },
         });
     }
     let stat = proc::stat(pid, None)?;
@@ -403,7 +408,16 @@ pub fn restore_fields(img: &MmImage, remote: &Remote, scratch: &mut Scratch) -> 
 
 /// Creates every mapping of the image (writable for now, so that pages can
 /// be filled in), leaving the special ones alone.
-pub fn restore_mappings(img: &MmImage, remote: &Remote, scratch: &mut Scratch) -> Result<()> {
+///
+/// `shm` maps the shared anonymous objects already recreated (by earlier
+/// processes of the checkpoint) to where they are mapped; a process that
+/// shares one maps that same object, so the sharing survives.
+pub fn restore_mappings(
+    img: &MmImage,
+    remote: &Remote,
+    scratch: &mut Scratch,
+    shm: &mut HashMap<u64, (i32, u64, u64)>,
+) -> Result<()> {
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
     let result = (|| -> Result<()> {
@@ -420,13 +434,47 @@ pub fn restore_mappings(img: &MmImage, remote: &Remote, scratch: &mut Scratch) -
                         &[v.start, len, rw, flags as u64, u64::MAX, 0],
                     )?;
                 }
-                VmaKind::VmaAnonShared => {
-                    let flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | fixed;
-                    remote.syscall(
-                        libc::SYS_mmap,
-                        &[v.start, len, rw, flags as u64, u64::MAX, 0],
-                    )?;
-                }
+                VmaKind::VmaAnonShared => match shm.get(&v.shmid) {
+                    // Another process of the checkpoint recreated this
+                    // object: map the very same one, through its map_files.
+                    Some(&(owner, s, e)) => {
+                        scratch.reset();
+                        let p =
+                            scratch.put_cstr(&format!("/proc/{owner}/map_files/{s:x}-{e:x}"))?;
+                        let fd = remote.syscall(
+                            libc::SYS_openat,
+                            &[
+                                libc::AT_FDCWD as u64,
+                                p,
+                                (libc::O_RDWR | libc::O_CLOEXEC) as u64,
+                                0,
+                            ],
+                        )?;
+                        let r = remote.syscall(
+                            libc::SYS_mmap,
+                            &[
+                                v.start,
+                                len,
+                                rw,
+                                (libc::MAP_SHARED | fixed) as u64,
+                                fd,
+                                v.pgoff,
+                            ],
+                        );
+                        remote.syscall(libc::SYS_close, &[fd])?;
+                        r?;
+                    }
+                    None => {
+                        let flags = libc::MAP_SHARED | libc::MAP_ANONYMOUS | fixed;
+                        remote.syscall(
+                            libc::SYS_mmap,
+                            &[v.start, len, rw, flags as u64, u64::MAX, 0],
+                        )?;
+                        if v.shmid != 0 {
+                            shm.insert(v.shmid, (img.pid, v.start, v.end));
+                        }
+                    }
+                },
                 VmaKind::VmaFilePrivate | VmaKind::VmaFileShared => {
                     let shared = kind == VmaKind::VmaFileShared;
                     let writable = shared && v.vm_flags.iter().any(|f| f == "mw");

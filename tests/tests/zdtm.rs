@@ -66,6 +66,7 @@ cases!(
     epoll_wait,
     pipe_eventfd_epoll,
     process_tree,
+    shared_anon_tree,
     // files
     file_offsets,
     unlinked_file,

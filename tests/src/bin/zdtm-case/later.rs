@@ -390,3 +390,79 @@ pub fn process_tree(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// MAP_SHARED anonymous memory shared by a parent and its child: after
+/// the restore it is still one object (a write by one is seen by the other).
+pub fn shared_anon_tree(ctx: &Ctx) -> CaseResult {
+    let len = 1 << 20;
+    // SAFETY: a fresh shared anonymous mapping.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as *mut u32;
+    if p as isize == -1 {
+        return Err(os_err("mmap"));
+    }
+    let words = len / 4;
+    for i in 0..words {
+        // SAFETY: within the mapping.
+        unsafe { p.add(i).write_volatile(i as u32 ^ 0x5a5a) };
+    }
+    let (req_r, req_w) = pipe_pair()?;
+    let (ack_r, ack_w) = pipe_pair()?;
+    // SAFETY: the child only makes raw syscalls and plain memory accesses.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: as above; p is mapped in the child too.
+        unsafe {
+            while let Some(at) = read_u32(req_r) {
+                let v = p.add(at as usize).read_volatile();
+                p.add(at as usize + 1).write_volatile(v + 1);
+                if !write_u32(ack_w, v) {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    let ask = |at: usize| -> Option<u32> {
+        if !write_u32(req_w, at as u32) {
+            return None;
+        }
+        read_u32(ack_r)
+    };
+    if ask(10) != Some(10 ^ 0x5a5a) {
+        return Err("child does not see the shared memory before the checkpoint".into());
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    let mut content_ok = true;
+    for i in (0..words).step_by(97) {
+        // SAFETY: within the mapping.
+        let v = unsafe { p.add(i).read_volatile() };
+        if i != 11 && v != (i as u32 ^ 0x5a5a) {
+            content_ok = false;
+        }
+    }
+    c.ok("content", content_ok);
+    // SAFETY: within the mapping.
+    unsafe { p.add(5000).write_volatile(777) };
+    c.eq("child sees the parent's write", Some(777), ask(5000));
+    // SAFETY: within the mapping.
+    c.eq("parent sees the child's write", 778, unsafe {
+        p.add(5001).read_volatile()
+    });
+    // SAFETY: ends and reaps our child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    c.finish()
+}

@@ -74,6 +74,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("read_blocking", later::read_blocking),
     ("pipe_eventfd_epoll", later::pipe_eventfd_epoll),
     ("process_tree", later::process_tree),
+    ("shared_anon_tree", later::shared_anon_tree),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
