@@ -249,6 +249,7 @@ fn dump_tree(
             }
         }
     }
+    check_groups(tree, &dumped)?;
     let tp = Instant::now();
     let items: Vec<pages::DumpItem<'_>> = dumped
         .iter()
@@ -285,6 +286,43 @@ fn dump_tree(
         bytes += pm.pages_file_size;
     }
     Ok((bytes, pages_ms))
+}
+
+/// Restore recreates sessions and process groups from their leaders; one
+/// whose leader is gone (or outside the tree, other than the root's own,
+/// which the restored root takes from its new parent) cannot be rebuilt.
+fn check_groups(tree: &[Member], dumped: &[Dumped]) -> Result<()> {
+    let mut ids: Vec<(i32, i32, i32)> = dumped
+        .iter()
+        .map(|d| (d.core.pid, d.core.pgid, d.core.sid))
+        .collect();
+    for m in tree {
+        if let Member::Zombie(c) = m {
+            ids.push((c.pid, c.pgid, c.sid));
+        }
+    }
+    let root = tree[0].pid();
+    let (_, root_pgid, root_sid) = *ids
+        .iter()
+        .find(|i| i.0 == root)
+        .expect("the root was dumped");
+    let in_tree = |p: i32| ids.iter().any(|i| i.0 == p);
+    for &(pid, pgid, sid) in &ids {
+        for (what, id, roots) in [
+            ("process group", pgid, root_pgid),
+            ("session", sid, root_sid),
+        ] {
+            if !in_tree(id) && id != roots {
+                return Err(Error::Refused {
+                    pid,
+                    reason: format!(
+                        "its {what} {id} is led by a process outside the tree (or gone); not supported yet"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The part of a process's dump that needs ptrace: its state, injected

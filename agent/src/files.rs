@@ -140,6 +140,19 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                 of.eventfd_semaphore =
                     fi.extra.get("eventfd-semaphore").map(String::as_str) == Some("1");
             }
+            ("anon_inode:[timerfd]", _) => {
+                of.kind = FileKind::FileTimerfd as i32;
+                let t = parse_timerfd(&fdinfo_text)
+                    .ok_or_else(|| refuse("timerfd with unreadable fdinfo"))?;
+                (of.timerfd_clock, of.timerfd_ticks, of.timerfd_settime_flags) = (t.0, t.1, t.2);
+                (of.timerfd_value_ns, of.timerfd_interval_ns) = (t.3, t.4);
+            }
+            ("anon_inode:[signalfd]", _) => {
+                of.kind = FileKind::FileSignalfd as i32;
+                let fi = proc::parse_fdinfo(&fdinfo_text);
+                let mask = fi.extra.get("sigmask").map(String::as_str).unwrap_or("0");
+                of.signalfd_mask = u64::from_str_radix(mask.trim(), 16).unwrap_or(0);
+            }
             (l, _) if l.starts_with("anon_inode:") => {
                 return Err(refuse(unsupported_kind(&link, mode)))
             }
@@ -203,6 +216,28 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         });
     }
     Ok(table)
+}
+
+/// Reads a timerfd's fdinfo: (clock, ticks, settime flags, value ns,
+/// interval ns).
+fn parse_timerfd(text: &str) -> Option<(i32, u64, u32, u64, u64)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let pair = |name: &str| -> Option<u64> {
+        let v = field(name)?.trim_start_matches('(').trim_end_matches(')');
+        let (sec, nsec) = v.split_once(',')?;
+        Some(sec.trim().parse::<u64>().ok()? * 1_000_000_000 + nsec.trim().parse::<u64>().ok()?)
+    };
+    Some((
+        field("clockid:")?.parse().ok()?,
+        field("ticks:")?.parse().ok()?,
+        u32::from_str_radix(field("settime flags:")?, 8).ok()?,
+        pair("it_value:")?,
+        pair("it_interval:")?,
+    ))
 }
 
 /// Reads the targets an epoll instance watches from its fdinfo.
@@ -610,6 +645,48 @@ impl Opener<'_> {
                     .syscall(libc::SYS_eventfd2, &[of.eventfd_count, flags as u64])?;
                 Ok((fd, true))
             }
+            FileKind::FileTimerfd => {
+                let flags = of.flags & libc::O_NONBLOCK as u32;
+                let fd = self.remote.syscall(
+                    libc::SYS_timerfd_create,
+                    &[of.timerfd_clock as u64, flags as u64],
+                )?;
+                if of.timerfd_value_ns != 0 || of.timerfd_interval_ns != 0 {
+                    // The kernel reports the time left: set it relative. A
+                    // periodic timer due right at the dump fires at once.
+                    let value = of.timerfd_value_ns.max(1);
+                    let mut its = Vec::with_capacity(32);
+                    for v in [
+                        of.timerfd_interval_ns / 1_000_000_000,
+                        of.timerfd_interval_ns % 1_000_000_000,
+                        value / 1_000_000_000,
+                        value % 1_000_000_000,
+                    ] {
+                        its.extend_from_slice(&v.to_le_bytes());
+                    }
+                    scratch.reset();
+                    let p = scratch.put(&its)?;
+                    self.remote
+                        .syscall(libc::SYS_timerfd_settime, &[fd, 0, p, 0])?;
+                }
+                if of.timerfd_ticks != 0 {
+                    const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                    scratch.reset();
+                    let p = scratch.put(&of.timerfd_ticks.to_le_bytes())?;
+                    self.remote
+                        .syscall(libc::SYS_ioctl, &[fd, TFD_IOC_SET_TICKS, p])?;
+                }
+                Ok((fd, true))
+            }
+            FileKind::FileSignalfd => {
+                scratch.reset();
+                let m = scratch.put(&of.signalfd_mask.to_le_bytes())?;
+                let flags = of.flags & libc::O_NONBLOCK as u32;
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_signalfd4, &[u64::MAX, m, 8, flags as u64])?;
+                Ok((fd, true))
+            }
             FileKind::FileEpoll => {
                 let fd = self.remote.syscall(libc::SYS_epoll_create1, &[0])?;
                 for t in &of.epoll_targets {
@@ -739,6 +816,14 @@ pub fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timerfd_fdinfo() {
+        let t = parse_timerfd(
+            "pos:\t0\nflags:\t02004002\nmnt_id:\t15\nino:\t1057\nclockid: 1\nticks: 3\nsettime flags: 01\nit_value: (0, 19000000)\nit_interval: (2, 500)\n",
+        );
+        assert_eq!(t, Some((1, 3, 1, 19_000_000, 2_000_000_500)));
+    }
 
     #[test]
     fn epoll_fdinfo() {

@@ -67,6 +67,7 @@ cases!(
     pipe_eventfd_epoll,
     process_tree,
     shared_anon_tree,
+    timerfd_signalfd,
     // files
     file_offsets,
     unlinked_file,

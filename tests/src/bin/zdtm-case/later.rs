@@ -466,3 +466,90 @@ pub fn shared_anon_tree(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// A periodic timerfd keeps firing after the restore, a long one-shot
+/// timerfd is still armed with less time left, and a signalfd still reads
+/// the signal that was pending for it.
+pub fn timerfd_signalfd(ctx: &Ctx) -> CaseResult {
+    let its = |interval_ms: i64, value_ms: i64| libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: interval_ms / 1000,
+            tv_nsec: (interval_ms % 1000) * 1_000_000,
+        },
+        it_value: libc::timespec {
+            tv_sec: value_ms / 1000,
+            tv_nsec: (value_ms % 1000) * 1_000_000,
+        },
+    };
+    // SAFETY: no pointers.
+    let periodic = cvt(
+        unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, 0) },
+        "timerfd_create",
+    )?;
+    // SAFETY: as above.
+    let oneshot = cvt(
+        unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_NONBLOCK) },
+        "timerfd_create",
+    )?;
+    // SAFETY: valid itimerspecs.
+    unsafe {
+        cvt(
+            libc::timerfd_settime(periodic, 0, &its(20, 20), std::ptr::null_mut()),
+            "timerfd_settime",
+        )?;
+        cvt(
+            libc::timerfd_settime(oneshot, 0, &its(0, 60_000), std::ptr::null_mut()),
+            "timerfd_settime",
+        )?;
+    }
+    block(&[libc::SIGUSR2]);
+    // SAFETY: a sigset built by the helper, no other pointers.
+    let sfd = cvt(
+        unsafe { libc::signalfd(-1, &sigset(&[libc::SIGUSR2]), libc::SFD_NONBLOCK) },
+        "signalfd",
+    )?;
+    // SAFETY: raise has no pointers.
+    unsafe { libc::raise(libc::SIGUSR2) };
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    let mut ticks = 0u64;
+    // SAFETY: reads 8 bytes (blocks until the periodic timer fires).
+    let n = unsafe { libc::read(periodic, &mut ticks as *mut u64 as *mut libc::c_void, 8) };
+    c.ok(
+        &format!("periodic timerfd fires after restore ({n} bytes, {ticks} ticks)"),
+        n == 8 && ticks >= 1,
+    );
+    let mut cur = its(0, 0);
+    // SAFETY: out-struct.
+    unsafe { libc::timerfd_gettime(oneshot, &mut cur) };
+    let left_ms = cur.it_value.tv_sec * 1000 + cur.it_value.tv_nsec / 1_000_000;
+    c.ok(
+        &format!("one-shot timerfd still armed ({left_ms} ms left)"),
+        left_ms > 0 && left_ms <= 60_000,
+    );
+    // SAFETY: out-struct.
+    unsafe { libc::timerfd_gettime(periodic, &mut cur) };
+    c.eq(
+        "periodic interval (ns)",
+        20_000_000,
+        cur.it_interval.tv_nsec,
+    );
+    let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    // SAFETY: reads one signalfd_siginfo.
+    let n = unsafe {
+        libc::read(
+            sfd,
+            &mut si as *mut libc::signalfd_siginfo as *mut libc::c_void,
+            std::mem::size_of::<libc::signalfd_siginfo>(),
+        )
+    };
+    c.ok(
+        &format!(
+            "signalfd reads the pending SIGUSR2 ({n} bytes, signo {})",
+            si.ssi_signo
+        ),
+        n > 0 && si.ssi_signo == libc::SIGUSR2 as u32,
+    );
+    c.finish()
+}

@@ -75,6 +75,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("pipe_eventfd_epoll", later::pipe_eventfd_epoll),
     ("process_tree", later::process_tree),
     ("shared_anon_tree", later::shared_anon_tree),
+    ("timerfd_signalfd", later::timerfd_signalfd),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
