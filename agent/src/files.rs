@@ -170,16 +170,25 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                         .map_err(|e| Error::sys(pid, format!("peeking pipe fd {fd}"), e))?;
                 }
             }
+            (l, libc::S_IFREG) if l.starts_with("/memfd:") => {
+                of.kind = FileKind::FileMemfd as i32;
+                of.path = l
+                    .trim_start_matches("/memfd:")
+                    .trim_end_matches(" (deleted)")
+                    .to_string();
+                of.ghost = save_content(pid, fd, &file, md.size(), images)?;
+                const F_SEAL_SEAL: i32 = 1;
+                let seals = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GET_SEALS)
+                    .map_err(|e| Error::sys(pid, format!("F_GET_SEALS fd {fd}"), e))?;
+                // A memfd created without MFD_ALLOW_SEALING reports only F_SEAL_SEAL.
+                of.memfd_allow_sealing = seals != F_SEAL_SEAL;
+                of.memfd_seals = seals as u32;
+            }
             (_, libc::S_IFREG) => {
                 let deleted = link.ends_with(" (deleted)") || md.nlink() == 0;
                 if deleted {
-                    let name = format!("ghost-{pid}-{fd}.img");
-                    let out = images.dir().join(&name);
-                    let mut dst = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
-                    copy_at(&file, &mut dst, md.size()).map_err(|e| Error::io(&out, e))?;
-                    images.add_raw(&name)?;
+                    of.ghost = save_content(pid, fd, &file, md.size(), images)?;
                     of.unlinked = true;
-                    of.ghost = name;
                     of.path = link.trim_end_matches(" (deleted)").to_string();
                 } else {
                     let on_disk = std::fs::metadata(&link).ok();
@@ -360,6 +369,23 @@ pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Saves a file's whole content into the image (files unlinked while open,
+/// memfds) and returns the image file's name.
+fn save_content(
+    pid: i32,
+    fd: i32,
+    file: &std::fs::File,
+    size: u64,
+    images: &ImageWriter,
+) -> Result<String> {
+    let name = format!("ghost-{pid}-{fd}.img");
+    let out = images.dir().join(&name);
+    let mut dst = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
+    copy_at(file, &mut dst, size).map_err(|e| Error::io(&out, e))?;
+    images.add_raw(&name)?;
+    Ok(name)
 }
 
 fn copy_at(src: &std::fs::File, dst: &mut std::fs::File, len: u64) -> std::io::Result<()> {
@@ -676,6 +702,46 @@ impl Opener<'_> {
                     self.remote
                         .syscall(libc::SYS_ioctl, &[fd, TFD_IOC_SET_TICKS, p])?;
                 }
+                Ok((fd, true))
+            }
+            FileKind::FileMemfd => {
+                scratch.reset();
+                let name = scratch.put_cstr(&of.path)?;
+                const MFD_ALLOW_SEALING: u64 = 2;
+                let flags = if of.memfd_allow_sealing {
+                    MFD_ALLOW_SEALING
+                } else {
+                    0
+                };
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_memfd_create, &[name, flags])?;
+                let content = self.images_dir.join(&of.ghost);
+                let data = std::fs::read(&content).map_err(|e| Error::io(&content, e))?;
+                let ours = std::fs::File::from(self.take(fd)?);
+                ours.set_len(data.len() as u64)
+                    .map_err(|e| Error::sys(pid, "ftruncate memfd", e))?;
+                ours.write_all_at(&data, 0)
+                    .map_err(|e| Error::sys(pid, "refilling a memfd", e))?;
+                if of.pos != 0 {
+                    self.remote
+                        .syscall(libc::SYS_lseek, &[fd, of.pos, libc::SEEK_SET as u64])?;
+                }
+                const F_SEAL_SEAL: u32 = 1;
+                if of.memfd_allow_sealing && of.memfd_seals != 0 {
+                    self.remote.syscall(
+                        libc::SYS_fcntl,
+                        &[fd, libc::F_ADD_SEALS as u64, of.memfd_seals as u64],
+                    )?;
+                } else if !of.memfd_allow_sealing && of.memfd_seals & !F_SEAL_SEAL != 0 {
+                    return Err(Error::Refused {
+                        pid,
+                        reason: format!("memfd {} has seals but did not allow sealing", of.path),
+                    });
+                }
+                let status = of.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
+                self.remote
+                    .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status as u64])?;
                 Ok((fd, true))
             }
             FileKind::FileSignalfd => {

@@ -68,6 +68,7 @@ cases!(
     process_tree,
     shared_anon_tree,
     timerfd_signalfd,
+    memfd_sealed,
     // files
     file_offsets,
     unlinked_file,

@@ -37,7 +37,7 @@ fn write_fd(fd: i32, data: &[u8]) -> CaseResult {
     Ok(())
 }
 
-fn pread_fd(fd: i32, len: usize, off: i64) -> Result<Vec<u8>, String> {
+pub fn pread_fd(fd: i32, len: usize, off: i64) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; len];
     // SAFETY: buf is len bytes.
     let n = unsafe { libc::pread(fd, buf.as_mut_ptr() as *mut libc::c_void, len, off) };

@@ -553,3 +553,57 @@ pub fn timerfd_signalfd(ctx: &Ctx) -> CaseResult {
     );
     c.finish()
 }
+
+/// A memfd (not mapped) with content, an offset and seals comes back as a
+/// memfd: same name, seals, content and offset, and its seals still hold.
+pub fn memfd_sealed(ctx: &Ctx) -> CaseResult {
+    // SAFETY: a NUL-terminated name and flags.
+    let fd = cvt(
+        unsafe { libc::memfd_create(c"zdtm-memfd".as_ptr(), libc::MFD_ALLOW_SEALING) },
+        "memfd_create",
+    )?;
+    let data: Vec<u8> = (0..10000u32).map(|i| (i % 251) as u8).collect();
+    // SAFETY: writes from a live buffer; integer fcntl/lseek.
+    unsafe {
+        if libc::write(fd, data.as_ptr() as *const libc::c_void, data.len()) != data.len() as isize
+        {
+            return Err(os_err("write memfd"));
+        }
+        libc::lseek(fd, 123, libc::SEEK_SET);
+        cvt(
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK,
+            ),
+            "F_ADD_SEALS",
+        )?;
+    }
+    let link = |fd: i32| {
+        std::fs::read_link(format!("/proc/self/fd/{fd}"))
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    let before = link(fd);
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.eq("link", before, link(fd));
+    // SAFETY: integer fcntl and lseek.
+    let (seals, pos) = unsafe {
+        (
+            libc::fcntl(fd, libc::F_GET_SEALS),
+            libc::lseek(fd, 0, libc::SEEK_CUR),
+        )
+    };
+    c.eq("seals", libc::F_SEAL_GROW | libc::F_SEAL_SHRINK, seals);
+    c.eq("offset", 123, pos);
+    c.ok("content", crate::files::pread_fd(fd, 20000, 0)? == data);
+    // SAFETY: pwrite from a live buffer past the end: F_SEAL_GROW forbids it.
+    let grew = unsafe { libc::pwrite(fd, b"x".as_ptr() as *const libc::c_void, 1, 20000) };
+    c.ok(
+        "F_SEAL_GROW still holds",
+        grew < 0 && errno() == libc::EPERM,
+    );
+    c.finish()
+}

@@ -76,6 +76,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("process_tree", later::process_tree),
     ("shared_anon_tree", later::shared_anon_tree),
     ("timerfd_signalfd", later::timerfd_signalfd),
+    ("memfd_sealed", later::memfd_sealed),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
