@@ -170,6 +170,22 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                         .map_err(|e| Error::sys(pid, format!("peeking pipe fd {fd}"), e))?;
                 }
             }
+            (_, libc::S_IFIFO) => {
+                of.kind = FileKind::FileFifo as i32;
+                of.pipe_id = md.ino();
+                of.pipe_size = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETPIPE_SZ)
+                    .map_err(|e| Error::sys(pid, format!("F_GETPIPE_SZ fd {fd}"), e))?
+                    as u32;
+                // Peek through a reading descriptor of our own: opening a
+                // FIFO for reading without blocking always works.
+                let reader = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&link)
+                    .map_err(|e| Error::io(&link, e))?;
+                of.pipe_data = sys::misc::pipe_peek(reader.as_fd())
+                    .map_err(|e| Error::sys(pid, format!("peeking FIFO fd {fd}"), e))?;
+            }
             (l, libc::S_IFREG) if l.starts_with("/memfd:") => {
                 of.kind = FileKind::FileMemfd as i32;
                 of.path = l
@@ -458,6 +474,9 @@ pub struct Shared {
     sender: Option<std::os::fd::OwnedFd>,
     /// Shared anonymous memory objects recreated so far: (owner, start, end).
     pub shm: std::collections::HashMap<u64, (i32, u64, u64)>,
+    /// FIFOs held open read-write by the agent for the whole restore, so
+    /// that no open of them blocks and their refilled bytes stay.
+    fifos: std::collections::HashMap<u64, std::fs::File>,
 }
 
 impl Shared {
@@ -467,7 +486,8 @@ impl Shared {
     pub fn new(tables: &[&FdTable]) -> Self {
         let mut s = Shared::default();
         for f in tables.iter().flat_map(|t| t.files.iter()) {
-            if f.kind == FileKind::FilePipe as i32 && !f.pipe_data.is_empty() {
+            let piped = f.kind == FileKind::FilePipe as i32 || f.kind == FileKind::FileFifo as i32;
+            if piped && !f.pipe_data.is_empty() {
                 s.pipe_data.insert(f.pipe_id, f.pipe_data.clone());
             }
         }
@@ -702,6 +722,36 @@ impl Opener<'_> {
                     self.remote
                         .syscall(libc::SYS_ioctl, &[fd, TFD_IOC_SET_TICKS, p])?;
                 }
+                Ok((fd, true))
+            }
+            FileKind::FileFifo => {
+                if !self.shared.fifos.contains_key(&of.pipe_id) {
+                    let f = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&of.path)
+                        .map_err(|e| Error::io(&of.path, e))?;
+                    if of.pipe_size != 0 && of.pipe_size != 65536 {
+                        nix::fcntl::fcntl(
+                            &f,
+                            nix::fcntl::FcntlArg::F_SETPIPE_SZ(of.pipe_size as i32),
+                        )
+                        .map_err(|e| Error::sys(pid, format!("F_SETPIPE_SZ {}", of.path), e))?;
+                    }
+                    if let Some(data) = self.shared.pipe_data.get(&of.pipe_id) {
+                        std::io::Write::write_all(&mut &f, data).map_err(|e| {
+                            Error::sys(pid, format!("refilling FIFO {}", of.path), e)
+                        })?;
+                    }
+                    self.shared.fifos.insert(of.pipe_id, f);
+                }
+                let fd =
+                    self.open_path(scratch, &of.path, of.flags)
+                        .map_err(|e| Error::Refused {
+                            pid,
+                            reason: format!("cannot reopen FIFO {}: {e}", of.path),
+                        })?;
                 Ok((fd, true))
             }
             FileKind::FileMemfd => {

@@ -69,6 +69,7 @@ cases!(
     shared_anon_tree,
     timerfd_signalfd,
     memfd_sealed,
+    fifo,
     // files
     file_offsets,
     unlinked_file,

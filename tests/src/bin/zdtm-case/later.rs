@@ -607,3 +607,44 @@ pub fn memfd_sealed(ctx: &Ctx) -> CaseResult {
     );
     c.finish()
 }
+
+/// A named pipe opened for reading and for writing, holding data: the data
+/// is there after the restore and both ends still work.
+pub fn fifo(ctx: &Ctx) -> CaseResult {
+    let path = tmp_path("fifo");
+    let _ = std::fs::remove_file(&path);
+    let cpath =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a NUL-terminated path.
+    cvt(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, "mkfifo")?;
+    // SAFETY: opens with a NUL-terminated path; the read end first, non-blocking.
+    let (rd, wr) = unsafe {
+        let rd = cvt(
+            libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK),
+            "open fifo r",
+        )?;
+        let wr = cvt(libc::open(cpath.as_ptr(), libc::O_WRONLY), "open fifo w")?;
+        (rd, wr)
+    };
+    let msg = b"hello through a fifo";
+    // SAFETY: writes a static buffer.
+    if unsafe { libc::write(wr, msg.as_ptr() as *const libc::c_void, msg.len()) }
+        != msg.len() as isize
+    {
+        return Err(os_err("write fifo"));
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    let mut buf = [0u8; 64];
+    // SAFETY: reads into a live buffer.
+    let n = unsafe { libc::read(rd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    c.eq("data kept in the fifo", &msg[..], &buf[..n.max(0) as usize]);
+    // SAFETY: as above, both ends.
+    let again = unsafe {
+        libc::write(wr, b"more".as_ptr() as *const libc::c_void, 4);
+        libc::read(rd, buf.as_mut_ptr() as *mut libc::c_void, buf.len())
+    };
+    c.eq("fifo still works", 4, again);
+    c.finish()
+}

@@ -77,6 +77,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("shared_anon_tree", later::shared_anon_tree),
     ("timerfd_signalfd", later::timerfd_signalfd),
     ("memfd_sealed", later::memfd_sealed),
+    ("fifo", later::fifo),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
