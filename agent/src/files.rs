@@ -82,6 +82,7 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
     let mut file_of_fd = std::collections::HashMap::new();
     let mut files: Vec<OpenFile> = Vec::new();
     let mut leader: Option<i32> = None;
+    let mut diag: Option<std::collections::HashMap<u64, sys::netlink::UnixDiag>> = None;
     for &fd in &order {
         let same = leader.is_some_and(|l| sys::pidfd::kcmp_file(pid, l, pid, fd).ok() == Some(0));
         if same {
@@ -169,6 +170,20 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                     of.pipe_data = sys::misc::pipe_peek(file.as_fd())
                         .map_err(|e| Error::sys(pid, format!("peeking pipe fd {fd}"), e))?;
                 }
+            }
+            (_, libc::S_IFSOCK) => {
+                if diag.is_none() {
+                    diag = Some(
+                        sys::netlink::unix_sockets()
+                            .map_err(|e| Error::sys(pid, "sock_diag of unix sockets", e))?,
+                    );
+                }
+                let diag = diag.as_ref().expect("just filled");
+                if !diag.contains_key(&md.ino()) {
+                    return Err(refuse("socket (not a unix one)"));
+                }
+                of.kind = FileKind::FileUnixSocket as i32;
+                of.unix = Some(crate::unix::dump(pid, fd, file.as_fd(), md.ino(), diag)?);
             }
             (_, libc::S_IFIFO) => {
                 of.kind = FileKind::FileFifo as i32;
@@ -365,6 +380,33 @@ pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
             }
         }
     }
+    // Unix socket pairs: the first process holding either end recreates
+    // the pair; both ends must be in the tree.
+    let mut pairs: HashMap<u64, (i32, Vec<u64>)> = HashMap::new();
+    for t in tables.iter_mut() {
+        for f in t.files.iter_mut() {
+            let Some(u) = f.unix.as_ref() else { continue };
+            let key = u.ino.min(u.peer);
+            let e = pairs.entry(key).or_insert((t.pid, Vec::new()));
+            e.1.push(u.ino);
+            f.owner_pid = e.0;
+        }
+    }
+    let present: std::collections::HashSet<u64> =
+        pairs.values().flat_map(|p| p.1.iter().copied()).collect();
+    for t in tables.iter() {
+        for u in t.files.iter().filter_map(|f| f.unix.as_ref()) {
+            if !present.contains(&u.peer) {
+                return Err(Error::Refused {
+                    pid: t.pid,
+                    reason: format!(
+                        "unix socket:[{}] is connected to socket:[{}] outside the dumped processes; not supported yet",
+                        u.ino, u.peer
+                    ),
+                });
+            }
+        }
+    }
     for (_, (pid, r, w, path)) in pipes {
         if !(r && w) {
             return Err(Error::Refused {
@@ -457,6 +499,8 @@ struct Opener<'a> {
     high: u64,
     /// Both ends of each pipe created so far, and whether each was handed out.
     pipes: std::collections::HashMap<u64, [(u64, bool); 2]>,
+    /// Both ends (in the task) of each unix socket pair it created.
+    socks: std::collections::HashMap<u64, [u64; 2]>,
     shared: &'a mut Shared,
     /// The task's socket that receives descriptors from the agent.
     receiver: Option<u64>,
@@ -474,6 +518,10 @@ pub struct Shared {
     sender: Option<std::os::fd::OwnedFd>,
     /// Shared anonymous memory objects recreated so far: (owner, start, end).
     pub shm: std::collections::HashMap<u64, (i32, u64, u64)>,
+    /// Both ends of each unix socket pair recreated so far, by (pair, end).
+    sock_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
+    /// Every unix socket end's queue and shutdown state, by inode.
+    sock_state: std::collections::HashMap<u64, (Vec<Vec<u8>>, u32)>,
     /// FIFOs held open read-write by the agent for the whole restore, so
     /// that no open of them blocks and their refilled bytes stay.
     fifos: std::collections::HashMap<u64, std::fs::File>,
@@ -489,6 +537,9 @@ impl Shared {
             let piped = f.kind == FileKind::FilePipe as i32 || f.kind == FileKind::FileFifo as i32;
             if piped && !f.pipe_data.is_empty() {
                 s.pipe_data.insert(f.pipe_id, f.pipe_data.clone());
+            }
+            if let Some(u) = &f.unix {
+                s.sock_state.insert(u.ino, (u.queue.clone(), u.shutdown));
             }
         }
         s
@@ -596,7 +647,14 @@ impl Opener<'_> {
                 of.path, of.owner_pid
             ),
         };
-        let ours = if of.kind == FileKind::FilePipe as i32 {
+        let ours = if let Some(u) = &of.unix {
+            let key = u.ino.min(u.peer);
+            self.shared
+                .sock_ends
+                .get(&(key, usize::from(u.ino != key)))
+                .ok_or_else(missing)?
+                .try_clone()
+        } else if of.kind == FileKind::FilePipe as i32 {
             let end = usize::from(of.flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32);
             self.shared
                 .pipe_ends
@@ -722,6 +780,48 @@ impl Opener<'_> {
                     self.remote
                         .syscall(libc::SYS_ioctl, &[fd, TFD_IOC_SET_TICKS, p])?;
                 }
+                Ok((fd, true))
+            }
+            FileKind::FileUnixSocket => {
+                let u = of.unix.as_ref().ok_or_else(|| Error::BadImages {
+                    dir: self.images_dir.to_owned(),
+                    reason: format!("unix socket of pid {pid} without its details"),
+                })?;
+                let key = u.ino.min(u.peer);
+                if !self.socks.contains_key(&key) {
+                    let arr = scratch.alloc(8)?;
+                    self.remote.syscall(
+                        libc::SYS_socketpair,
+                        &[libc::AF_UNIX as u64, u.sock_type as u64, 0, arr],
+                    )?;
+                    let b = crate::inject::read_mem(pid, arr, 8)?;
+                    let a = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
+                    let c = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;
+                    let ends = [self.to_high(a)?, self.to_high(c)?];
+                    for (e, fd) in ends.iter().enumerate() {
+                        let ours = self.take(*fd)?;
+                        self.shared.sock_ends.insert((key, e), ours);
+                    }
+                    // End 0 stands for the pair's lower inode, end 1 for the other.
+                    let inos = [key, u.ino.max(u.peer)];
+                    for (e, ino) in inos.iter().enumerate() {
+                        let (queue, _) =
+                            self.shared.sock_state.get(ino).cloned().unwrap_or_default();
+                        let sender = &self.shared.sock_ends[&(key, 1 - e)];
+                        crate::unix::refill(pid, sender.as_fd(), &queue)?;
+                    }
+                    for (e, ino) in inos.iter().enumerate() {
+                        let how = self.shared.sock_state.get(ino).map_or(0, |s| s.1);
+                        crate::unix::shut(pid, self.shared.sock_ends[&(key, e)].as_fd(), how)?;
+                    }
+                    self.socks.insert(key, ends);
+                }
+                let local = self.socks[&key][usize::from(u.ino != key)];
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_fcntl, &[local, libc::F_DUPFD as u64, self.high])?;
+                self.remote
+                    .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
                 Ok((fd, true))
             }
             FileKind::FileFifo => {
@@ -884,6 +984,7 @@ pub fn restore(
         remote,
         high,
         pipes: Default::default(),
+        socks: Default::default(),
         shared,
         receiver: None,
     };
@@ -925,6 +1026,9 @@ pub fn restore(
         for (fd, _) in ends {
             remote.syscall(libc::SYS_close, &[*fd])?;
         }
+    }
+    for fd in opener.socks.values().flatten() {
+        remote.syscall(libc::SYS_close, &[*fd])?;
     }
     Ok(())
 }

@@ -20,5 +20,6 @@ pub mod seize;
 pub mod show;
 pub mod sys;
 pub mod task;
+pub mod unix;
 
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@
 pub mod clone;
 pub mod gadget;
 pub mod misc;
+pub mod netlink;
 pub mod pagemap;
 pub mod pidfd;
 pub mod ptrace;

@@ -78,6 +78,8 @@ const CASES: &[(&str, CaseFn)] = &[
     ("timerfd_signalfd", later::timerfd_signalfd),
     ("memfd_sealed", later::memfd_sealed),
     ("fifo", later::fifo),
+    ("inet_socket", later::inet_socket),
+    ("unix_pairs", later::unix_pairs),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];

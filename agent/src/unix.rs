@@ -1,0 +1,143 @@
+//! Unix sockets: dump and restore of connected pairs whose both ends belong
+//! to the dumped processes (`UnixSocket`, files.proto), with the data
+//! queued at each end (peeked without consuming it, message boundaries
+//! kept) and their shutdown state. Bound, listening and externally
+//! connected sockets are refused for now.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+
+use ckpt_proto::image::UnixSocket;
+use nix::sys::socket::{recvmsg, sendmsg, MsgFlags, SockaddrStorage};
+
+use crate::error::{Error, Result};
+use crate::sys::netlink::{self, UnixDiag};
+
+/// Largest message we expect in a queue (the default socket buffer).
+const MAX_MSG: usize = 256 * 1024;
+
+/// Reads a unix socket end of process `pid` (its fd `fd`, our copy `sock`).
+pub fn dump(
+    pid: i32,
+    fd: i32,
+    sock: BorrowedFd<'_>,
+    ino: u64,
+    diag: &HashMap<u64, UnixDiag>,
+) -> Result<UnixSocket> {
+    let refuse = |what: &str| Error::UnsupportedFd {
+        pid,
+        fd,
+        kind: format!("unix socket ({what})"),
+        target: format!("socket:[{ino}]"),
+    };
+    let d = diag
+        .get(&ino)
+        .ok_or_else(|| refuse("not found by sock_diag"))?;
+    if !d.name.is_empty() {
+        return Err(refuse(&format!("bound to {}", d.name)));
+    }
+    const TCP_LISTEN: u8 = 10;
+    if d.state == TCP_LISTEN {
+        return Err(refuse("listening"));
+    }
+    if d.peer == 0 {
+        return Err(refuse("not connected"));
+    }
+    if let Some(p) = diag.get(&d.peer) {
+        if !p.name.is_empty() {
+            return Err(refuse(&format!("connected to {}", p.name)));
+        }
+    }
+    let queue = peek_queue(sock, d.kind as i32).map_err(|e| match e {
+        PeekError::Io(e) => Error::sys(pid, format!("peeking the queue of fd {fd}"), e),
+        PeekError::Descriptors => refuse("descriptors in flight in its queue"),
+    })?;
+    Ok(UnixSocket {
+        sock_type: d.kind as u32,
+        ino,
+        peer: d.peer,
+        queue,
+        shutdown: d.shutdown as u32,
+    })
+}
+
+enum PeekError {
+    Io(std::io::Error),
+    Descriptors,
+}
+
+/// Copies what waits to be read at a socket, one entry per message,
+/// without consuming it: MSG_PEEK with SO_PEEK_OFF moving past each one.
+fn peek_queue(sock: BorrowedFd<'_>, kind: i32) -> std::result::Result<Vec<Vec<u8>>, PeekError> {
+    netlink::set_peek_off(sock, 0).map_err(PeekError::Io)?;
+    let result = (|| {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut buf = vec![0u8; MAX_MSG];
+        let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 16]);
+        loop {
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let r = recvmsg::<SockaddrStorage>(
+                sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+            );
+            let msg = match r {
+                Ok(m) => m,
+                Err(nix::errno::Errno::EAGAIN) => break,
+                Err(e) => return Err(PeekError::Io(e.into())),
+            };
+            let has_cmsgs = msg.cmsgs().map(|mut c| c.next().is_some()).unwrap_or(false);
+            let n = msg.bytes;
+            if has_cmsgs {
+                return Err(PeekError::Descriptors);
+            }
+            if n == 0 && kind == libc::SOCK_STREAM {
+                break;
+            }
+            let data = buf[..n].to_vec();
+            match out.last_mut() {
+                Some(last) if kind == libc::SOCK_STREAM => last.extend_from_slice(&data),
+                _ => out.push(data),
+            }
+        }
+        Ok(out)
+    })();
+    let _ = netlink::set_peek_off(sock, -1);
+    result
+}
+
+/// Queues `msgs` for the far end of `sender` (our copy of the other end of
+/// the pair), one send per message so datagram boundaries stay.
+pub fn refill(pid: i32, sender: BorrowedFd<'_>, msgs: &[Vec<u8>]) -> Result<()> {
+    for m in msgs {
+        let iov = [std::io::IoSlice::new(m)];
+        let n = sendmsg::<()>(
+            sender.as_fd().as_raw_fd(),
+            &iov,
+            &[],
+            MsgFlags::MSG_DONTWAIT,
+            None,
+        )
+        .map_err(|e| Error::sys(pid, "refilling a unix socket queue", e))?;
+        if n != m.len() {
+            return Err(Error::Refused {
+                pid,
+                reason: format!("a unix socket took {n} of {} queued bytes back", m.len()),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Shuts a socket down as it was (RCV_SHUTDOWN 1, SEND_SHUTDOWN 2).
+pub fn shut(pid: i32, sock: BorrowedFd<'_>, how: u32) -> Result<()> {
+    use nix::sys::socket::{shutdown, Shutdown};
+    let h = match how & 3 {
+        0 => return Ok(()),
+        1 => Shutdown::Read,
+        2 => Shutdown::Write,
+        _ => Shutdown::Both,
+    };
+    shutdown(sock.as_raw_fd(), h).map_err(|e| Error::sys(pid, "shutdown of a unix socket", e))
+}
