@@ -756,18 +756,9 @@ impl Opener<'_> {
                     &[of.timerfd_clock as u64, flags as u64],
                 )?;
                 if of.timerfd_value_ns != 0 || of.timerfd_interval_ns != 0 {
-                    // The kernel reports the time left: set it relative. A
-                    // periodic timer due right at the dump fires at once.
-                    let value = of.timerfd_value_ns.max(1);
-                    let mut its = Vec::with_capacity(32);
-                    for v in [
-                        of.timerfd_interval_ns / 1_000_000_000,
-                        of.timerfd_interval_ns % 1_000_000_000,
-                        value / 1_000_000_000,
-                        value % 1_000_000_000,
-                    ] {
-                        its.extend_from_slice(&v.to_le_bytes());
-                    }
+                    // The kernel reports the time left: set it relative.
+                    let its =
+                        crate::task::itimerspec_left(of.timerfd_interval_ns, of.timerfd_value_ns);
                     scratch.reset();
                     let p = scratch.put(&its)?;
                     self.remote

@@ -382,18 +382,7 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
                 });
             }
             if t.value_ns != 0 || t.interval_ns != 0 {
-                let mut its = Vec::with_capacity(32);
-                // A timer due at the dump instant fires as soon as it is restored.
-                let value = t.value_ns.max(1);
-                for v in [
-                    t.interval_ns / 1_000_000_000,
-                    t.interval_ns % 1_000_000_000,
-                    value / 1_000_000_000,
-                    value % 1_000_000_000,
-                ] {
-                    its.extend_from_slice(&v.to_le_bytes());
-                }
-                let itsp = scratch.put(&its)?;
+                let itsp = scratch.put(&itimerspec_left(t.interval_ns, t.value_ns))?;
                 main.syscall(libc::SYS_timer_settime, &[t.id as u64, 0, itsp, 0])?;
             }
             scratch.reset();
@@ -459,6 +448,22 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
             .ctx(th.tid, || format!("setpriority({})", th.nice))?;
     }
     Ok(())
+}
+
+/// A `struct itimerspec` for a timer with `left_ns` to go and a period: a
+/// timer due at the dump instant (0 left) fires as soon as it is restored
+/// instead of staying disarmed.
+pub fn itimerspec_left(interval_ns: u64, left_ns: u64) -> Vec<u8> {
+    let value = left_ns.max(1);
+    [
+        interval_ns / 1_000_000_000,
+        interval_ns % 1_000_000_000,
+        value / 1_000_000_000,
+        value % 1_000_000_000,
+    ]
+    .iter()
+    .flat_map(|v| v.to_le_bytes())
+    .collect()
 }
 
 /// Sets the parent-death signal of the task.
