@@ -8,7 +8,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
-use ckpt_proto::image::{EpollTarget, Fd, FdTable, FileKind, OpenFile};
+use ckpt_proto::image::{EpollTarget, Fd, FdTable, FileKind, InotifyWatch, OpenFile};
 
 use crate::error::{Error, Result};
 use crate::images::ImageWriter;
@@ -141,6 +141,10 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                 of.eventfd_semaphore =
                     fi.extra.get("eventfd-semaphore").map(String::as_str) == Some("1");
             }
+            ("anon_inode:inotify", _) => {
+                of.kind = FileKind::FileInotify as i32;
+                of.inotify_watches = inotify_watches(pid, &fdinfo_text)?;
+            }
             ("anon_inode:[timerfd]", _) => {
                 of.kind = FileKind::FileTimerfd as i32;
                 let t = parse_timerfd(&fdinfo_text)
@@ -256,6 +260,63 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         });
     }
     Ok(table)
+}
+
+/// Reads an inotify's watches from its fdinfo and finds the path of each
+/// watched file from its file handle.
+fn inotify_watches(pid: i32, text: &str) -> Result<Vec<InotifyWatch>> {
+    let mountinfo = proc::read(pid, "mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("inotify ")) {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(name))
+                .map(str::to_string)
+        };
+        let bad = || Error::Refused {
+            pid,
+            reason: format!("cannot read inotify watch '{line}'"),
+        };
+        let wd: i32 = field("wd:").and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let mask = field("mask:")
+            .and_then(|v| u32::from_str_radix(&v, 16).ok())
+            .ok_or_else(bad)?;
+        let sdev = field("sdev:")
+            .and_then(|v| u64::from_str_radix(&v, 16).ok())
+            .ok_or_else(bad)?;
+        let htype: i32 = field("fhandle-type:")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(bad)?;
+        let handle = field("f_handle:")
+            .and_then(|v| hex::decode(v).ok())
+            .ok_or_else(bad)?;
+        // The kernel prints its internal dev_t: major in the top 12 bits.
+        let dev = format!("{}:{}", sdev >> 20, sdev & 0xfffff);
+        let mnt = mountinfo
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&dev.as_str())).then(|| f.get(4).map(|m| m.to_string()))?
+            })
+            .ok_or_else(|| Error::Refused {
+                pid,
+                reason: format!("inotify watch {wd}: no mount of device {dev}"),
+            })?;
+        let root = format!("/proc/{pid}/root{mnt}");
+        let mfd = std::fs::File::open(&root).map_err(|e| Error::io(&root, e))?;
+        let target = sys::misc::open_by_handle(mfd.as_fd(), htype, &handle)
+            .map_err(|e| Error::sys(pid, format!("open_by_handle_at for inotify watch {wd}"), e))?;
+        let path = std::fs::read_link(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&target)
+        ))
+        .map_err(|e| Error::sys(pid, format!("path of inotify watch {wd}"), e))?
+        .to_string_lossy()
+        .into_owned();
+        out.push(InotifyWatch { wd, mask, path });
+    }
+    out.sort_by_key(|w| w.wd);
+    Ok(out)
 }
 
 /// Reads a timerfd's fdinfo: (clock, ticks, settime flags, value ns,
@@ -747,6 +808,62 @@ impl Opener<'_> {
                 let fd = self
                     .remote
                     .syscall(libc::SYS_eventfd2, &[of.eventfd_count, flags as u64])?;
+                Ok((fd, true))
+            }
+            FileKind::FileInotify => {
+                let flags = of.flags & libc::O_NONBLOCK as u32;
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_inotify_init1, &[flags as u64])?;
+                // Watch descriptors are handed out in turn from 1 and not
+                // reused at once: placeholder watches, removed again, skip
+                // the numbers the original had already used up.
+                let mut next = 1;
+                for w in &of.inotify_watches {
+                    scratch.reset();
+                    while next < w.wd {
+                        // IN_MASK_CREATE: never touch a real watch of the same file.
+                        const IN_MASK_CREATE: u64 = 0x1000_0000;
+                        let mut dummy = None;
+                        for place in ["/", "/proc", "/sys", "/dev", "/tmp", "/etc"] {
+                            let p = scratch.put_cstr(place)?;
+                            let mask = libc::IN_ACCESS as u64 | IN_MASK_CREATE;
+                            if let Ok(d) = self
+                                .remote
+                                .syscall(libc::SYS_inotify_add_watch, &[fd, p, mask])
+                            {
+                                dummy = Some(d);
+                                break;
+                            }
+                        }
+                        let dummy = dummy.ok_or_else(|| Error::Refused {
+                            pid,
+                            reason: format!("cannot skip inotify watch numbers up to {}", w.wd),
+                        })?;
+                        self.remote
+                            .syscall(libc::SYS_inotify_rm_watch, &[fd, dummy])?;
+                        next = dummy as i32 + 1;
+                    }
+                    let p = scratch.put_cstr(&w.path)?;
+                    let got = self
+                        .remote
+                        .syscall(libc::SYS_inotify_add_watch, &[fd, p, w.mask as u64])
+                        .map_err(|e| Error::Refused {
+                            pid,
+                            reason: format!("cannot watch {} again: {e}", w.path),
+                        })? as i32;
+                    if got != w.wd {
+                        return Err(Error::Refused {
+                            pid,
+                            reason: format!("inotify watch {} came back as {got}", w.wd),
+                        });
+                    }
+                    next = got + 1;
+                }
+                // Removing placeholders queued IN_IGNORED events: drop them.
+                let ours = self.take(fd)?;
+                sys::misc::drain_readable(ours.as_fd())
+                    .map_err(|e| Error::sys(pid, "draining an inotify", e))?;
                 Ok((fd, true))
             }
             FileKind::FileTimerfd => {

@@ -80,6 +80,7 @@ cases!(
     stdio_files,
     unix_socket,
     unix_pairs,
+    inotify,
 );
 
 /// Dumped with --leave-running: the original must still pass, and so must

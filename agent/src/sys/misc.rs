@@ -82,3 +82,48 @@ pub fn pipe_peek(read_end: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+/// Opens (O_PATH) the file a file handle names, on the filesystem of
+/// `mount_fd` (open_by_handle_at; needs CAP_DAC_READ_SEARCH).
+pub fn open_by_handle(
+    mount_fd: std::os::fd::BorrowedFd<'_>,
+    handle_type: i32,
+    handle: &[u8],
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // struct file_handle: handle_bytes u32, handle_type i32, f_handle[].
+    let mut buf = Vec::with_capacity(8 + handle.len());
+    buf.extend_from_slice(&(handle.len() as u32).to_ne_bytes());
+    buf.extend_from_slice(&handle_type.to_ne_bytes());
+    buf.extend_from_slice(handle);
+    // SAFETY: buf holds a complete file_handle for the kernel to read.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_open_by_handle_at,
+            mount_fd.as_raw_fd(),
+            buf.as_ptr(),
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Reads and drops whatever a descriptor has ready (FIONREAD bytes),
+/// without blocking.
+pub fn drain_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a valid pointer.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n > 0 {
+        let mut buf = vec![0u8; n as usize];
+        nix::unistd::read(fd, &mut buf)?;
+    }
+    Ok(())
+}

@@ -785,3 +785,61 @@ pub fn unix_pairs(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// An inotify with watches 1 and 3 (2 was removed): after the restore the
+/// same watch descriptors exist and report events.
+pub fn inotify(ctx: &Ctx) -> CaseResult {
+    let dir = tmp_path("inotify-dir");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let other = tmp_path("inotify-other");
+    std::fs::write(&other, b"x").map_err(|e| e.to_string())?;
+    let c = |p: &std::path::Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("no NUL")
+    };
+    // SAFETY: no pointers.
+    let fd = cvt(
+        unsafe { libc::inotify_init1(libc::IN_NONBLOCK) },
+        "inotify_init1",
+    )?;
+    // SAFETY: NUL-terminated paths.
+    let (w1, w2, w3) = unsafe {
+        let w1 = libc::inotify_add_watch(fd, c(&dir).as_ptr(), libc::IN_CREATE);
+        let w2 = libc::inotify_add_watch(fd, c(&other).as_ptr(), libc::IN_MODIFY);
+        libc::inotify_rm_watch(fd, w2);
+        let w3 = libc::inotify_add_watch(fd, c(&other).as_ptr(), libc::IN_ATTRIB);
+        (w1, w2, w3)
+    };
+    if (w1, w2, w3) != (1, 2, 3) {
+        return Err(format!("unexpected watch descriptors {w1} {w2} {w3}"));
+    }
+    // Drain the IN_IGNORED event of the removed watch.
+    let mut buf = [0u8; 4096];
+    // SAFETY: reads into a live buffer.
+    unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    ctx.ready_and_wait()?;
+
+    let mut ch = Check::new();
+    std::fs::write(dir.join("new-file"), b"y").map_err(|e| e.to_string())?;
+    // SAFETY: reads into a live buffer.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    let wd = if n >= 16 {
+        i32::from_ne_bytes(buf[0..4].try_into().expect("4 bytes"))
+    } else {
+        -1
+    };
+    let mask = if n >= 16 {
+        u32::from_ne_bytes(buf[4..8].try_into().expect("4 bytes"))
+    } else {
+        0
+    };
+    ch.eq(
+        "event (wd, mask) for a new file",
+        (1, libc::IN_CREATE),
+        (wd, mask),
+    );
+    // SAFETY: integer arguments.
+    let (rm3, rm2) = unsafe { (libc::inotify_rm_watch(fd, 3), libc::inotify_rm_watch(fd, 2)) };
+    ch.eq("watch 3 exists, watch 2 does not", (0, -1), (rm3, rm2));
+    ch.finish()
+}

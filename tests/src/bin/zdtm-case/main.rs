@@ -80,6 +80,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("fifo", later::fifo),
     ("inet_socket", later::inet_socket),
     ("unix_pairs", later::unix_pairs),
+    ("inotify", later::inotify),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
