@@ -250,6 +250,7 @@ fn dump_tree(
         }
     }
     check_groups(tree, &dumped)?;
+    check_sharing(&dumped)?;
     let tp = Instant::now();
     let items: Vec<pages::DumpItem<'_>> = dumped
         .iter()
@@ -319,6 +320,28 @@ fn check_groups(tree: &[Member], dumped: &[Dumped]) -> Result<()> {
                         "its {what} {id} is led by a process outside the tree (or gone); not supported yet"
                     ),
                 });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Processes that share an address space (vfork in progress, CLONE_VM) or
+/// an fd table (CLONE_FILES) would come back as separate copies: refused.
+fn check_sharing(dumped: &[Dumped]) -> Result<()> {
+    use crate::sys::pidfd::{kcmp_shares, Shared};
+    for (i, a) in dumped.iter().enumerate() {
+        for b in &dumped[i + 1..] {
+            for (what, name) in [(Shared::Vm, "address space"), (Shared::Files, "fd table")] {
+                let (pa, pb) = (a.core.pid, b.core.pid);
+                if kcmp_shares(pa, pb, what).map_err(|e| Error::sys(pb, "kcmp", e))? {
+                    return Err(Error::Refused {
+                        pid: pb,
+                        reason: format!(
+                            "it shares its {name} with process {pa}; not supported yet"
+                        ),
+                    });
+                }
             }
         }
     }

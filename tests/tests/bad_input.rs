@@ -205,6 +205,21 @@ fn dump_refuses_inet_socket() {
     case.terminate_and_check("after a refused dump").unwrap();
 }
 
+/// Processes sharing an fd table (CLONE_FILES) are refused, naming what
+/// they share, and keep running.
+#[test]
+fn dump_refuses_shared_fd_table() {
+    let dir = Workdir::new("shared-fd-table");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "shared_fd_table", &dir).unwrap();
+    case.wait_ready().unwrap();
+    if !no_checkpoint() {
+        let run = dump(case.pid, &dir.join("images"), &[], &dir);
+        assert_refused(&run, &["fd table"]);
+        assert!(pid_exists(case.pid), "the process must keep running");
+    }
+    case.terminate_and_check("after a refused dump").unwrap();
+}
+
 /// A checkpoint taken where the vdso looked different cannot be restored
 /// here (the restored process keeps its vdso at the old address and calls
 /// into it): `check --images` says why, and restore refuses before

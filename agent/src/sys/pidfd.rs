@@ -47,3 +47,22 @@ pub fn kcmp_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<i32> {
     }
     Ok(r as i32)
 }
+
+/// What two processes may share, for kcmp.
+#[derive(Debug, Clone, Copy)]
+pub enum Shared {
+    /// The address space (CLONE_VM, or a vfork in progress).
+    Vm = 1,
+    /// The fd table (CLONE_FILES).
+    Files = 2,
+}
+
+/// Whether two processes share a kernel object of the given kind.
+pub fn kcmp_shares(pid1: i32, pid2: i32, what: Shared) -> io::Result<bool> {
+    // SAFETY: no pointers are passed.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, what as libc::c_int, 0, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r == 0)
+}

@@ -843,3 +843,38 @@ pub fn inotify(ctx: &Ctx) -> CaseResult {
     ch.eq("watch 3 exists, watch 2 does not", (0, -1), (rm3, rm2));
     ch.finish()
 }
+
+/// A child created with CLONE_FILES (sharing the parent's fd table), which
+/// the engine refuses for now: the bad-input test dumps it.
+pub fn shared_fd_table(ctx: &Ctx) -> CaseResult {
+    // SAFETY: a fork-like clone (no new stack: the child runs on a copy of
+    // ours), then the child only makes raw syscalls.
+    let child = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_FILES | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if child == 0 {
+        // SAFETY: raw syscalls in the child.
+        unsafe {
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    if child < 0 {
+        return Err(os_err("clone(CLONE_FILES)"));
+    }
+    ctx.ready_and_wait()?;
+    // SAFETY: ends and reaps our child.
+    unsafe {
+        libc::kill(child as i32, libc::SIGKILL);
+        libc::waitpid(child as i32, std::ptr::null_mut(), 0);
+    }
+    Check::new().finish()
+}

@@ -81,6 +81,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("inet_socket", later::inet_socket),
     ("unix_pairs", later::unix_pairs),
     ("inotify", later::inotify),
+    ("shared_fd_table", later::shared_fd_table),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
