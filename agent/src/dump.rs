@@ -385,7 +385,9 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
         let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)))?;
         Ok(Dumped { core, fds, mm })
     })();
-    // The scratch area is outside every extent to copy: it can go now.
+    // The scratch area is outside every extent to copy: it can go now, and
+    // the threads get their own registers back for the long page copy.
     main.syscall(libc::SYS_munmap, &[addr, SCRATCH_LEN])?;
+    seized.reset()?;
     result
 }

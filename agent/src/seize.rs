@@ -133,6 +133,16 @@ impl Seized {
         Ok(())
     }
 
+    /// Puts every thread's registers and mask back while keeping it stopped:
+    /// once the injected calls are over, an agent that dies (the kernel
+    /// then detaches its tracees) leaves the process exactly as it was.
+    pub fn reset(&self) -> Result<()> {
+        for t in &self.threads {
+            reset_thread(t)?;
+        }
+        Ok(())
+    }
+
     /// Lets every thread run on as before.
     pub fn release(mut self) -> Result<()> {
         self.released = true;
@@ -188,11 +198,17 @@ impl Seized {
     }
 }
 
-fn resume_thread(t: &Thread) -> Result<()> {
+/// Puts a stopped thread's registers and signal mask back as they were
+/// (an interrupted system call turned into its restart).
+fn reset_thread(t: &Thread) -> Result<()> {
     let tid = Pid::from_raw(t.tid);
     inject::set_regs(tid, inject::normalize_restart(t.regs, true))?;
-    sys::ptrace::set_sigmask(tid, t.sigmask).ctx(t.tid, || "PTRACE_SETSIGMASK".into())?;
-    ptrace::detach(tid, None).ctx(t.tid, || "PTRACE_DETACH".into())
+    sys::ptrace::set_sigmask(tid, t.sigmask).ctx(t.tid, || "PTRACE_SETSIGMASK".into())
+}
+
+fn resume_thread(t: &Thread) -> Result<()> {
+    reset_thread(t)?;
+    ptrace::detach(Pid::from_raw(t.tid), None).ctx(t.tid, || "PTRACE_DETACH".into())
 }
 
 fn traced_by_us(pid: i32, tid: i32) -> bool {

@@ -205,6 +205,45 @@ fn dump_refuses_inet_socket() {
     case.terminate_and_check("after a refused dump").unwrap();
 }
 
+/// An agent SIGKILLed in the middle of a dump (during the page copy) leaves
+/// the process running as before, and no checkpoint that looks complete.
+#[test]
+fn agent_killed_mid_dump_leaves_process_running() {
+    if skip() {
+        return;
+    }
+    let dir = Workdir::new("agent-killed");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "big_memory", &dir).unwrap();
+    case.wait_ready().unwrap();
+    let images = dir.join("images");
+    let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
+        .args(["dump", "--tree", &case.pid.to_string(), "--images"])
+        .arg(&images)
+        .arg("--leave-running")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Seizing and the injected queries take a few ms; copying 768 MiB takes
+    // hundreds: 150 ms lands in the copy.
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let still_dumping = agent.try_wait().unwrap().is_none();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        still_dumping,
+        "the dump ended before the agent could be killed mid-way"
+    );
+    assert!(pid_exists(case.pid), "the process must keep running");
+    assert!(
+        !images.join("inventory.img").exists(),
+        "an interrupted dump must not look like a checkpoint"
+    );
+    case.terminate_and_check("after its dumping agent was killed")
+        .unwrap();
+}
+
 /// Processes sharing an fd table (CLONE_FILES) are refused, naming what
 /// they share, and keep running.
 #[test]

@@ -83,6 +83,7 @@ cases!(
     inotify,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_fd_table runs it"]
     shared_fd_table,
+    big_memory,
 );
 
 /// Dumped with --leave-running: the original must still pass, and so must

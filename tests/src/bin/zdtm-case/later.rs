@@ -878,3 +878,19 @@ pub fn shared_fd_table(ctx: &Ctx) -> CaseResult {
     }
     Check::new().finish()
 }
+
+/// 768 MiB of patterned memory, for tests that need a dump long enough to
+/// interrupt.
+pub fn big_memory(ctx: &Ctx) -> CaseResult {
+    let len = 768usize << 20;
+    let words = len / 8;
+    let mut v: Vec<u64> = Vec::with_capacity(words);
+    v.extend((0..words as u64).map(|i| i.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    ctx.ready_and_wait()?;
+    let mut c = Check::new();
+    let bad = (0..words)
+        .step_by(509)
+        .find(|&i| v[i] != (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    c.eq("first corrupted word", None, bad);
+    c.finish()
+}

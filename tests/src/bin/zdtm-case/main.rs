@@ -82,6 +82,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("unix_pairs", later::unix_pairs),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
+    ("big_memory", later::big_memory),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
 ];
