@@ -446,7 +446,9 @@ pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
     let mut pairs: HashMap<u64, (i32, Vec<u64>)> = HashMap::new();
     for t in tables.iter_mut() {
         for f in t.files.iter_mut() {
-            let Some(u) = f.unix.as_ref() else { continue };
+            let Some(u) = f.unix.as_ref().filter(|u| !u.listening) else {
+                continue;
+            };
             let key = u.ino.min(u.peer);
             let e = pairs.entry(key).or_insert((t.pid, Vec::new()));
             e.1.push(u.ino);
@@ -457,7 +459,7 @@ pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
         pairs.values().flat_map(|p| p.1.iter().copied()).collect();
     for t in tables.iter() {
         for u in t.files.iter().filter_map(|f| f.unix.as_ref()) {
-            if !present.contains(&u.peer) {
+            if !u.listening && !present.contains(&u.peer) {
                 return Err(Error::Refused {
                     pid: t.pid,
                     reason: format!(
@@ -697,6 +699,42 @@ impl Opener<'_> {
         self.to_high(fd)
     }
 
+    /// A listening unix socket, bound again to its name (a stale socket
+    /// file left at its path by the dumped process is replaced).
+    fn listener(
+        &mut self,
+        u: &ckpt_proto::image::UnixSocket,
+        scratch: &mut Scratch,
+        status: u64,
+    ) -> Result<(u64, bool)> {
+        let pid = self.pid;
+        if u.name.starts_with('/') {
+            use std::os::unix::fs::FileTypeExt;
+            let stale = std::fs::symlink_metadata(&u.name).is_ok_and(|m| m.file_type().is_socket());
+            if stale {
+                std::fs::remove_file(&u.name).map_err(|e| Error::io(&u.name, e))?;
+            }
+        }
+        scratch.reset();
+        let fd = self.remote.syscall(
+            libc::SYS_socket,
+            &[libc::AF_UNIX as u64, u.sock_type as u64, 0],
+        )?;
+        let addr = crate::unix::sockaddr(&u.name);
+        let ap = scratch.put(&addr)?;
+        self.remote
+            .syscall(libc::SYS_bind, &[fd, ap, addr.len() as u64])
+            .map_err(|e| Error::Refused {
+                pid,
+                reason: format!("cannot bind a unix socket to {} again: {e}", u.name),
+            })?;
+        self.remote
+            .syscall(libc::SYS_listen, &[fd, u.backlog as u64])?;
+        self.remote
+            .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
+        Ok((fd, true))
+    }
+
     /// A descriptor, in the task, of an open file another process of the
     /// checkpoint recreated.
     fn receive(&mut self, of: &OpenFile, scratch: &mut Scratch) -> Result<u64> {
@@ -895,6 +933,9 @@ impl Opener<'_> {
                     dir: self.images_dir.to_owned(),
                     reason: format!("unix socket of pid {pid} without its details"),
                 })?;
+                if u.listening {
+                    return self.listener(u, scratch, status);
+                }
                 let key = u.ino.min(u.peer);
                 if !self.socks.contains_key(&key) {
                     let arr = scratch.alloc(8)?;

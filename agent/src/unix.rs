@@ -1,8 +1,9 @@
 //! Unix sockets: dump and restore of connected pairs whose both ends belong
 //! to the dumped processes (`UnixSocket`, files.proto), with the data
 //! queued at each end (peeked without consuming it, message boundaries
-//! kept) and their shutdown state. Bound, listening and externally
-//! connected sockets are refused for now.
+//! kept) and their shutdown state; and listening sockets without pending
+//! connections, bound again to their path or abstract name. Other bound and
+//! externally connected sockets are refused for now.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -33,12 +34,28 @@ pub fn dump(
     let d = diag
         .get(&ino)
         .ok_or_else(|| refuse("not found by sock_diag"))?;
-    if !d.name.is_empty() {
-        return Err(refuse(&format!("bound to {}", d.name)));
-    }
     const TCP_LISTEN: u8 = 10;
     if d.state == TCP_LISTEN {
-        return Err(refuse("listening"));
+        if d.rqueue > 0 {
+            return Err(refuse(&format!(
+                "listening on {} with {} connections not yet accepted",
+                d.name, d.rqueue
+            )));
+        }
+        if !d.name.starts_with('/') && !d.name.starts_with('@') {
+            return Err(refuse(&format!("listening on a relative path {}", d.name)));
+        }
+        return Ok(UnixSocket {
+            sock_type: d.kind as u32,
+            ino,
+            name: d.name.clone(),
+            listening: true,
+            backlog: d.wqueue,
+            ..Default::default()
+        });
+    }
+    if !d.name.is_empty() {
+        return Err(refuse(&format!("bound to {}", d.name)));
     }
     if d.peer == 0 {
         return Err(refuse("not connected"));
@@ -58,6 +75,7 @@ pub fn dump(
         peer: d.peer,
         queue,
         shutdown: d.shutdown as u32,
+        ..Default::default()
     })
 }
 
@@ -140,4 +158,32 @@ pub fn shut(pid: i32, sock: BorrowedFd<'_>, how: u32) -> Result<()> {
         _ => Shutdown::Both,
     };
     shutdown(sock.as_raw_fd(), h).map_err(|e| Error::sys(pid, "shutdown of a unix socket", e))
+}
+
+/// `struct sockaddr_un` bytes for a name as sock_diag shows it ("@x" is
+/// the abstract name x).
+pub fn sockaddr(name: &str) -> Vec<u8> {
+    let mut a = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+    match name.strip_prefix('@') {
+        Some(abs) => {
+            a.push(0);
+            a.extend_from_slice(abs.as_bytes());
+        }
+        None => {
+            a.extend_from_slice(name.as_bytes());
+            a.push(0);
+        }
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses() {
+        assert_eq!(sockaddr("/a"), vec![1, 0, b'/', b'a', 0]);
+        assert_eq!(sockaddr("@b"), vec![1, 0, 0, b'b']);
+    }
 }

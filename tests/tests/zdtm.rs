@@ -80,6 +80,7 @@ cases!(
     stdio_files,
     unix_socket,
     unix_pairs,
+    unix_listener,
     inotify,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_fd_table runs it"]
     shared_fd_table,

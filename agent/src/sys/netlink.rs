@@ -16,6 +16,7 @@ const UDIAG_SHOW_PEER: u32 = 4;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_NAME: u16 = 0;
 const UNIX_DIAG_PEER: u16 = 2;
+const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
 
 /// What sock_diag reports about one unix socket.
@@ -29,6 +30,10 @@ pub struct UnixDiag {
     pub name: String,
     /// RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2.
     pub shutdown: u8,
+    /// Listening: connections waiting to be accepted; else bytes queued.
+    pub rqueue: u32,
+    /// Listening: the backlog; else bytes being sent.
+    pub wqueue: u32,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -70,6 +75,10 @@ fn parse_msg(m: &[u8]) -> Option<UnixDiag> {
             }
             UNIX_DIAG_PEER if data.len() >= 4 => d.peer = u32_at(data, 0) as u64,
             UNIX_DIAG_SHUTDOWN if !data.is_empty() => d.shutdown = data[0],
+            UNIX_DIAG_RQLEN if data.len() >= 8 => {
+                d.rqueue = u32_at(data, 0);
+                d.wqueue = u32_at(data, 4);
+            }
             _ => {}
         }
         at += (len + 3) & !3;

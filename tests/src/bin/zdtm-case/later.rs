@@ -894,3 +894,67 @@ pub fn big_memory(ctx: &Ctx) -> CaseResult {
     c.eq("first corrupted word", None, bad);
     c.finish()
 }
+
+fn unix_addr(name: &[u8], abstract_ns: bool) -> (libc::sockaddr_un, libc::socklen_t) {
+    // SAFETY: sockaddr_un is plain data.
+    let mut a: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let off = usize::from(abstract_ns);
+    for (i, b) in name.iter().enumerate() {
+        a.sun_path[off + i] = *b as libc::c_char;
+    }
+    let len = 2 + off + name.len() + usize::from(!abstract_ns);
+    (a, len as libc::socklen_t)
+}
+
+/// Listening unix sockets (one on a path, one on an abstract name) accept
+/// new connections after the restore.
+pub fn unix_listener(ctx: &Ctx) -> CaseResult {
+    let path = tmp_path("listener.sock");
+    let _ = std::fs::remove_file(&path);
+    let abs = format!("zdtm-listener-{}", std::process::id());
+    let listen_on = |name: &[u8], abstract_ns: bool| -> Result<i32, String> {
+        let (a, len) = unix_addr(name, abstract_ns);
+        // SAFETY: a valid sockaddr_un of `len` bytes.
+        unsafe {
+            let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "socket")?;
+            cvt(
+                libc::bind(s, &a as *const _ as *const libc::sockaddr, len),
+                "bind",
+            )?;
+            cvt(libc::listen(s, 5), "listen")?;
+            Ok(s)
+        }
+    };
+    let l1 = listen_on(path.as_os_str().as_encoded_bytes(), false)?;
+    let l2 = listen_on(abs.as_bytes(), true)?;
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    for (what, l, name, abstract_ns) in [
+        (
+            "path",
+            l1,
+            path.as_os_str().as_encoded_bytes().to_vec(),
+            false,
+        ),
+        ("abstract", l2, abs.as_bytes().to_vec(), true),
+    ] {
+        let (a, len) = unix_addr(&name, abstract_ns);
+        // SAFETY: a valid sockaddr_un; accept/recv/send on our own sockets.
+        let ok = unsafe {
+            let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let connected = libc::connect(s, &a as *const _ as *const libc::sockaddr, len) == 0;
+            let peer = libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut());
+            let sent = libc::send(s, b"k".as_ptr() as *const libc::c_void, 1, 0) == 1;
+            let mut b = [0u8; 1];
+            let got =
+                libc::recv(peer, b.as_mut_ptr() as *mut libc::c_void, 1, 0) == 1 && b[0] == b'k';
+            libc::close(s);
+            libc::close(peer);
+            connected && peer >= 0 && sent && got
+        };
+        c.ok(&format!("{what} listener accepts a new connection"), ok);
+    }
+    c.finish()
+}

@@ -80,6 +80,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("fifo", later::fifo),
     ("inet_socket", later::inet_socket),
     ("unix_pairs", later::unix_pairs),
+    ("unix_listener", later::unix_listener),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
     ("big_memory", later::big_memory),
