@@ -537,6 +537,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         images: dir.0.clone(),
         leave_running: false,
         tasks_in_parallel: true,
+        ext_unix_sk: false,
     });
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;
@@ -559,6 +560,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         images: dir.0.clone(),
         detach: true,
         pidfile: None,
+        ext_unix_sk: false,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;

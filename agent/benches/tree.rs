@@ -229,6 +229,7 @@ fn main() {
                 images: dir.clone(),
                 leave_running: false,
                 tasks_in_parallel: parallel,
+                ext_unix_sk: false,
             })
             .expect("dump");
             reap(&t.pids);
@@ -238,6 +239,7 @@ fn main() {
                 images: dir.clone(),
                 detach: true,
                 pidfile: None,
+                ext_unix_sk: false,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

@@ -33,6 +33,8 @@ pub struct DumpRequest {
     /// Copy the pages of all processes at once (the default); off dumps
     /// one process at a time, for comparison in benchmarks.
     pub tasks_in_parallel: bool,
+    /// Accept unix sockets connected to named sockets outside the tree.
+    pub ext_unix_sk: bool,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -145,7 +147,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let tree = seize_tree(pid)?;
     let frozen_at = Instant::now();
     let pids: Vec<i32> = tree.iter().map(Member::pid).collect();
-    let result = dump_tree(&tree, &writer, req.tasks_in_parallel, progress);
+    let result = dump_tree(&tree, &writer, req, progress);
     let (pages_bytes, pages_ms) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -177,6 +179,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
             .unwrap_or(0),
         options: Some(DumpOptions {
             leave_running: req.leave_running,
+            ext_unix_sk: req.ext_unix_sk,
             ..Default::default()
         }),
         needs_features: vec![
@@ -233,13 +236,13 @@ struct Dumped {
 fn dump_tree(
     tree: &[Member],
     writer: &ImageWriter,
-    tasks_in_parallel: bool,
+    req: &DumpRequest,
     progress: &dyn Progress,
 ) -> Result<(u64, f64)> {
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
         match m {
-            Member::Live(s) => dumped.push(dump_seized(s, writer)?),
+            Member::Live(s) => dumped.push(dump_seized(s, writer, req.ext_unix_sk)?),
             Member::Zombie(core) => {
                 writer.write(
                     &image_name(ImageKind::Core, core.pid),
@@ -261,7 +264,7 @@ fn dump_tree(
             name: pages_name(d.core.pid),
         })
         .collect();
-    let pms = if tasks_in_parallel {
+    let pms = if req.tasks_in_parallel {
         pages::dump_all(&items, progress)?
     } else {
         let mut v = Vec::new();
@@ -350,7 +353,7 @@ fn check_sharing(dumped: &[Dumped]) -> Result<()> {
 
 /// The part of a process's dump that needs ptrace: its state, injected
 /// queries, files, and its address space with the pages to save.
-fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
+fn dump_seized(seized: &Seized, writer: &ImageWriter, ext_unix_sk: bool) -> Result<Dumped> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -381,7 +384,7 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
         }
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
-        let fds = files::dump(pid, writer)?;
+        let fds = files::dump(pid, writer, ext_unix_sk)?;
         let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)))?;
         Ok(Dumped { core, fds, mm })
     })();

@@ -55,7 +55,7 @@ fn dev_minor(rdev: u64) -> u64 {
 
 /// Reads the fd table of stopped process `pid`; refuses (naming pid, fd and
 /// kind) any descriptor it cannot restore.
-pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
+pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
@@ -187,7 +187,14 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                     return Err(refuse("socket (not a unix one)"));
                 }
                 of.kind = FileKind::FileUnixSocket as i32;
-                of.unix = Some(crate::unix::dump(pid, fd, file.as_fd(), md.ino(), diag)?);
+                of.unix = Some(crate::unix::dump(
+                    pid,
+                    fd,
+                    file.as_fd(),
+                    md.ino(),
+                    diag,
+                    ext_unix_sk,
+                )?);
             }
             (_, libc::S_IFIFO) => {
                 of.kind = FileKind::FileFifo as i32;
@@ -446,7 +453,11 @@ pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
     let mut pairs: HashMap<u64, (i32, Vec<u64>)> = HashMap::new();
     for t in tables.iter_mut() {
         for f in t.files.iter_mut() {
-            let Some(u) = f.unix.as_ref().filter(|u| !u.listening) else {
+            let Some(u) = f
+                .unix
+                .as_ref()
+                .filter(|u| !u.listening && u.external_peer.is_empty())
+            else {
                 continue;
             };
             let key = u.ino.min(u.peer);
@@ -459,7 +470,7 @@ pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
         pairs.values().flat_map(|p| p.1.iter().copied()).collect();
     for t in tables.iter() {
         for u in t.files.iter().filter_map(|f| f.unix.as_ref()) {
-            if !u.listening && !present.contains(&u.peer) {
+            if !u.listening && u.external_peer.is_empty() && !present.contains(&u.peer) {
                 return Err(Error::Refused {
                     pid: t.pid,
                     reason: format!(
@@ -567,6 +578,8 @@ struct Opener<'a> {
     shared: &'a mut Shared,
     /// The task's socket that receives descriptors from the agent.
     receiver: Option<u64>,
+    /// Whether sockets connected outside the checkpoint may be reconnected.
+    ext_unix_sk: bool,
 }
 
 /// Kernel objects that several processes of a checkpoint share. Open file
@@ -697,6 +710,43 @@ impl Opener<'_> {
         }
         let fd = i32::from_le_bytes(c[16..20].try_into().expect("4 bytes")) as u64;
         self.to_high(fd)
+    }
+
+    /// A socket connected to another process's named socket, connected
+    /// again by that name (what the peer had sent but not been read is
+    /// not kept: it was the peer's).
+    fn reconnect(
+        &mut self,
+        u: &ckpt_proto::image::UnixSocket,
+        scratch: &mut Scratch,
+        status: u64,
+    ) -> Result<(u64, bool)> {
+        let pid = self.pid;
+        if !self.ext_unix_sk {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "a unix socket was connected to {} outside the checkpoint: restore with --ext-unix-sk to reconnect it",
+                    u.external_peer
+                ),
+            });
+        }
+        scratch.reset();
+        let fd = self.remote.syscall(
+            libc::SYS_socket,
+            &[libc::AF_UNIX as u64, u.sock_type as u64, 0],
+        )?;
+        let addr = crate::unix::sockaddr(&u.external_peer);
+        let ap = scratch.put(&addr)?;
+        self.remote
+            .syscall(libc::SYS_connect, &[fd, ap, addr.len() as u64])
+            .map_err(|e| Error::Refused {
+                pid,
+                reason: format!("cannot reconnect a unix socket to {}: {e}", u.external_peer),
+            })?;
+        self.remote
+            .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
+        Ok((fd, true))
     }
 
     /// A listening unix socket, bound again to its name (a stale socket
@@ -936,6 +986,9 @@ impl Opener<'_> {
                 if u.listening {
                     return self.listener(u, scratch, status);
                 }
+                if !u.external_peer.is_empty() {
+                    return self.reconnect(u, scratch, status);
+                }
                 let key = u.ino.min(u.peer);
                 if !self.socks.contains_key(&key) {
                     let arr = scratch.alloc(8)?;
@@ -1119,6 +1172,7 @@ pub fn restore(
     remote: &Remote,
     scratch: &mut Scratch,
     shared: &mut Shared,
+    ext_unix_sk: bool,
 ) -> Result<()> {
     let high = table
         .fds
@@ -1136,6 +1190,7 @@ pub fn restore(
         socks: Default::default(),
         shared,
         receiver: None,
+        ext_unix_sk,
     };
     let (epolls, others): (Vec<&OpenFile>, Vec<&OpenFile>) = table
         .files

@@ -43,6 +43,10 @@ enum Cmd {
         /// Keep the process running after the dump (default: kill it).
         #[arg(long)]
         leave_running: bool,
+        /// Accept unix sockets connected to named sockets outside the tree
+        /// (reconnected by name on restore).
+        #[arg(long)]
+        ext_unix_sk: bool,
     },
     /// Recreate a checkpointed process with its PID.
     Restore {
@@ -55,6 +59,9 @@ enum Cmd {
         /// Write the restored root PID into FILE.
         #[arg(long)]
         pidfile: Option<PathBuf>,
+        /// Reconnect unix sockets that were connected outside the checkpoint.
+        #[arg(long)]
+        ext_unix_sk: bool,
     },
     /// Decode any image file.
     Show {
@@ -128,12 +135,14 @@ fn main() -> ExitCode {
             pid,
             images,
             leave_running,
+            ext_unix_sk,
         } => {
             let req = dump::DumpRequest {
                 pid,
                 images,
                 leave_running,
                 tasks_in_parallel: true,
+                ext_unix_sk,
             };
             match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
                 Ok(r) => {
@@ -159,11 +168,13 @@ fn main() -> ExitCode {
             images,
             detach,
             pidfile,
+            ext_unix_sk,
         } => {
             let req = restore::RestoreRequest {
                 images,
                 detach,
                 pidfile,
+                ext_unix_sk,
             };
             match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
                 Ok((r, code)) => {

@@ -31,6 +31,8 @@ pub struct RestoreRequest {
     pub images: PathBuf,
     pub detach: bool,
     pub pidfile: Option<PathBuf>,
+    /// Reconnect unix sockets that were connected outside the checkpoint.
+    pub ext_unix_sk: bool,
 }
 
 /// What a restore did.
@@ -314,14 +316,7 @@ pub fn restore_with_progress(
     let mut pages_ms = 0.0;
     for img in &live {
         let is_root = img.core.pid == root;
-        pages_ms += build(
-            img,
-            dir,
-            req.detach && is_root,
-            is_root,
-            &mut shared,
-            progress,
-        )?;
+        pages_ms += build(img, dir, req, is_root, &mut shared, progress)?;
     }
     for &pid in &inv.pids {
         if cores[&pid].state == "Z" {
@@ -403,7 +398,7 @@ fn child_wait_for_agent() -> ! {
 fn build(
     img: &Images,
     dir: &Path,
-    detach: bool,
+    req: &RestoreRequest,
     is_root: bool,
     shared: &mut files::Shared,
     progress: &dyn Progress,
@@ -492,7 +487,7 @@ fn build(
     }
     let main = &remotes[0];
     task::restore_process(&img.core, main, &mut scratch)?;
-    files::restore(&img.fds, dir, main, &mut scratch, shared)?;
+    files::restore(&img.fds, dir, main, &mut scratch, shared, req.ext_unix_sk)?;
     scratch.reset();
     let cwd = scratch.put_cstr(&img.core.cwd)?;
     main.syscall(libc::SYS_chdir, &[cwd])?;
@@ -502,7 +497,7 @@ fn build(
     }
     // The parked child asked for SIGKILL on the agent's death; replace it.
     let pdeath = img.core.flags.as_ref().map_or(0, |f| f.pdeath_signal);
-    if is_root && detach && pdeath != 0 {
+    if is_root && req.detach && pdeath != 0 {
         warn!(
             pid,
             "not restoring the parent-death signal: its parent, the restoring agent, exits now"

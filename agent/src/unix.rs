@@ -18,12 +18,16 @@ use crate::sys::netlink::{self, UnixDiag};
 const MAX_MSG: usize = 256 * 1024;
 
 /// Reads a unix socket end of process `pid` (its fd `fd`, our copy `sock`).
+///
+/// With `ext_unix_sk`, a socket connected to a named socket of another
+/// process is accepted, to be reconnected by that name on restore.
 pub fn dump(
     pid: i32,
     fd: i32,
     sock: BorrowedFd<'_>,
     ino: u64,
     diag: &HashMap<u64, UnixDiag>,
+    ext_unix_sk: bool,
 ) -> Result<UnixSocket> {
     let refuse = |what: &str| Error::UnsupportedFd {
         pid,
@@ -60,9 +64,16 @@ pub fn dump(
     if d.peer == 0 {
         return Err(refuse("not connected"));
     }
+    let mut external_peer = String::new();
     if let Some(p) = diag.get(&d.peer) {
         if !p.name.is_empty() {
-            return Err(refuse(&format!("connected to {}", p.name)));
+            if !ext_unix_sk {
+                return Err(refuse(&format!(
+                    "connected to {} (socket:[{}]) of another process; dump with --ext-unix-sk to reconnect it by name on restore",
+                    p.name, d.peer
+                )));
+            }
+            external_peer = p.name.clone();
         }
     }
     let queue = peek_queue(sock, d.kind as i32).map_err(|e| match e {
@@ -75,6 +86,7 @@ pub fn dump(
         peer: d.peer,
         queue,
         shutdown: d.shutdown as u32,
+        external_peer,
         ..Default::default()
     })
 }

@@ -508,20 +508,30 @@ pub fn dump(pid: i32, images: &Path, extra: &[&str], dir: &Workdir) -> AgentRun 
 /// `ckpt-agent restore --images DIR --detach --pidfile DIR/../restore-N.pid`;
 /// returns the run and the PID from the pidfile, if any.
 pub fn restore_detached(images: &Path, dir: &Workdir, label: &str) -> (AgentRun, Option<i32>) {
+    restore_detached_with(images, &[], dir, label)
+}
+
+/// `restore_detached` with extra agent arguments (e.g. `--ext-unix-sk`).
+pub fn restore_detached_with(
+    images: &Path,
+    extra: &[&str],
+    dir: &Workdir,
+    label: &str,
+) -> (AgentRun, Option<i32>) {
     let pidfile = dir.join(&format!("{label}.pid"));
     let _ = fs::remove_file(&pidfile);
-    let run = agent(
-        &[
-            "restore",
-            "--images",
-            &images.to_string_lossy(),
-            "--detach",
-            "--pidfile",
-            &pidfile.to_string_lossy(),
-        ],
-        dir,
-        label,
-    );
+    let images_s = images.to_string_lossy().into_owned();
+    let pidfile_s = pidfile.to_string_lossy().into_owned();
+    let mut args = vec![
+        "restore",
+        "--images",
+        &images_s,
+        "--detach",
+        "--pidfile",
+        &pidfile_s,
+    ];
+    args.extend_from_slice(extra);
+    let run = agent(&args, dir, label);
     let pid = fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok());

@@ -81,6 +81,8 @@ cases!(
     unix_socket,
     unix_pairs,
     unix_listener,
+    #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
+    ext_unix_client,
     inotify,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_fd_table runs it"]
     shared_fd_table,

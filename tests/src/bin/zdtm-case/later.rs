@@ -958,3 +958,31 @@ pub fn unix_listener(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// A datagram socket connected to a server outside the tree (the test
+/// process, at the abstract name "zdtm-ext-server-PARENT"): it says
+/// "before" when ready and "after" once restored.
+pub fn ext_unix_client(ctx: &Ctx) -> CaseResult {
+    // SAFETY: getppid has no arguments.
+    let name = format!("zdtm-ext-server-{}", unsafe { libc::getppid() });
+    let (a, len) = unix_addr(name.as_bytes(), true);
+    // SAFETY: a valid sockaddr_un; sends from static buffers.
+    let s = unsafe {
+        let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM, 0), "socket")?;
+        cvt(
+            libc::connect(s, &a as *const _ as *const libc::sockaddr, len),
+            "connect",
+        )?;
+        cvt(
+            libc::send(s, b"before".as_ptr() as *const libc::c_void, 6, 0) as i32,
+            "send",
+        )?;
+        s
+    };
+    ctx.ready_and_wait()?;
+    let mut c = Check::new();
+    // SAFETY: sends from a static buffer.
+    let n = unsafe { libc::send(s, b"after".as_ptr() as *const libc::c_void, 5, 0) };
+    c.eq("sent to the server after the restore", 5, n);
+    c.finish()
+}

@@ -81,6 +81,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("inet_socket", later::inet_socket),
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
+    ("ext_unix_client", later::ext_unix_client),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
     ("big_memory", later::big_memory),
