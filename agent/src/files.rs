@@ -712,6 +712,35 @@ impl Opener<'_> {
         self.to_high(fd)
     }
 
+    /// A new unix socket in the task, bound to (`bind`) or connected to
+    /// `name` (a path, or "@x" for an abstract name).
+    fn named_socket(
+        &mut self,
+        kind: u32,
+        name: &str,
+        bind: bool,
+        scratch: &mut Scratch,
+    ) -> Result<u64> {
+        scratch.reset();
+        let fd = self
+            .remote
+            .syscall(libc::SYS_socket, &[libc::AF_UNIX as u64, kind as u64, 0])?;
+        let addr = crate::unix::sockaddr(name);
+        let ap = scratch.put(&addr)?;
+        let (nr, what) = if bind {
+            (libc::SYS_bind, "bind a unix socket to")
+        } else {
+            (libc::SYS_connect, "reconnect a unix socket to")
+        };
+        self.remote
+            .syscall(nr, &[fd, ap, addr.len() as u64])
+            .map_err(|e| Error::Refused {
+                pid: self.pid,
+                reason: format!("cannot {what} {name}: {e}"),
+            })?;
+        Ok(fd)
+    }
+
     /// A socket connected to another process's named socket, connected
     /// again by that name (what the peer had sent but not been read is
     /// not kept: it was the peer's).
@@ -721,29 +750,16 @@ impl Opener<'_> {
         scratch: &mut Scratch,
         status: u64,
     ) -> Result<(u64, bool)> {
-        let pid = self.pid;
         if !self.ext_unix_sk {
             return Err(Error::Refused {
-                pid,
+                pid: self.pid,
                 reason: format!(
                     "a unix socket was connected to {} outside the checkpoint: restore with --ext-unix-sk to reconnect it",
                     u.external_peer
                 ),
             });
         }
-        scratch.reset();
-        let fd = self.remote.syscall(
-            libc::SYS_socket,
-            &[libc::AF_UNIX as u64, u.sock_type as u64, 0],
-        )?;
-        let addr = crate::unix::sockaddr(&u.external_peer);
-        let ap = scratch.put(&addr)?;
-        self.remote
-            .syscall(libc::SYS_connect, &[fd, ap, addr.len() as u64])
-            .map_err(|e| Error::Refused {
-                pid,
-                reason: format!("cannot reconnect a unix socket to {}: {e}", u.external_peer),
-            })?;
+        let fd = self.named_socket(u.sock_type, &u.external_peer, false, scratch)?;
         self.remote
             .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
         Ok((fd, true))
@@ -757,7 +773,6 @@ impl Opener<'_> {
         scratch: &mut Scratch,
         status: u64,
     ) -> Result<(u64, bool)> {
-        let pid = self.pid;
         if u.name.starts_with('/') {
             use std::os::unix::fs::FileTypeExt;
             let stale = std::fs::symlink_metadata(&u.name).is_ok_and(|m| m.file_type().is_socket());
@@ -765,19 +780,7 @@ impl Opener<'_> {
                 std::fs::remove_file(&u.name).map_err(|e| Error::io(&u.name, e))?;
             }
         }
-        scratch.reset();
-        let fd = self.remote.syscall(
-            libc::SYS_socket,
-            &[libc::AF_UNIX as u64, u.sock_type as u64, 0],
-        )?;
-        let addr = crate::unix::sockaddr(&u.name);
-        let ap = scratch.put(&addr)?;
-        self.remote
-            .syscall(libc::SYS_bind, &[fd, ap, addr.len() as u64])
-            .map_err(|e| Error::Refused {
-                pid,
-                reason: format!("cannot bind a unix socket to {} again: {e}", u.name),
-            })?;
+        let fd = self.named_socket(u.sock_type, &u.name, true, scratch)?;
         self.remote
             .syscall(libc::SYS_listen, &[fd, u.backlog as u64])?;
         self.remote
