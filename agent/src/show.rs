@@ -98,12 +98,30 @@ mod tests {
     use ckpt_proto::image::{Inventory, ThreadCore};
     use ckpt_proto::{encode_image, ImageKind};
 
-    fn tmp(name: &str, data: &[u8]) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("ckpt-show-test-{}", std::process::id()));
+    /// A file in a directory of its own, removed with it when dropped.
+    struct Tmp(std::path::PathBuf);
+
+    impl Tmp {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn tmp(name: &str, data: &[u8]) -> Tmp {
+        let dir =
+            std::env::temp_dir().join(format!("ckpt-show-test-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join(name);
         std::fs::write(&p, data).unwrap();
-        p
+        Tmp(p)
     }
 
     #[test]
@@ -114,10 +132,10 @@ mod tests {
             ..Default::default()
         };
         let p = tmp("inventory.img", &encode_image(ImageKind::Inventory, &[inv]));
-        let text = show(&p, false).unwrap();
+        let text = show(p.path(), false).unwrap();
         assert!(text.contains("kind: inventory"), "{text}");
         assert!(text.contains("root_pid: 42"), "{text}");
-        let v: serde_json::Value = serde_json::from_str(&show(&p, true).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&show(p.path(), true).unwrap()).unwrap();
         assert_eq!(v["image"]["pids"][0], 42);
     }
 
@@ -131,19 +149,19 @@ mod tests {
             ..Default::default()
         };
         let p = tmp("core-1.img", &encode_image(ImageKind::Core, &[core]));
-        let text = show(&p, false).unwrap();
+        let text = show(p.path(), false).unwrap();
         assert!(text.contains("(5376 hex chars)"), "{text}");
-        let json = show(&p, true).unwrap();
+        let json = show(p.path(), true).unwrap();
         assert!(json.contains(&"ab".repeat(2688)));
     }
 
     #[test]
     fn raw_and_foreign_files() {
         let p = tmp("pages-7.img", &[1, 2, 3, 4]);
-        let v: serde_json::Value = serde_json::from_str(&show(&p, true).unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&show(p.path(), true).unwrap()).unwrap();
         assert_eq!(v["kind"], "raw");
         assert_eq!(v["size"], 4);
         let q = tmp("notes.txt", b"hello");
-        assert!(show(&q, false).is_err());
+        assert!(show(q.path(), false).is_err());
     }
 }
