@@ -144,6 +144,10 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let pid = req.pid;
     check_target(pid)?;
     let writer = ImageWriter::create(&req.images)?;
+    // Before the freeze: nothing about the node changes during it.
+    let node = crate::check::fingerprint()
+        .map_err(|e| tracing::warn!("checkpoint will not name its node: {e}"))
+        .ok();
     let tree = seize_tree(pid)?;
     let frozen_at = Instant::now();
     let pids: Vec<i32> = tree.iter().map(Member::pid).collect();
@@ -171,7 +175,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         root_pid: pid,
         pids: pids.clone(),
-        node: crate::check::fingerprint().ok(),
+        node,
         files: Vec::new(),
         created_unix_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

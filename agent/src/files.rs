@@ -63,6 +63,11 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
         .collect();
     fds.sort_unstable();
     let pidfd = sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
+    // Each fd's fdinfo, read once.
+    let mut fdinfo = std::collections::HashMap::with_capacity(fds.len());
+    for &fd in &fds {
+        fdinfo.insert(fd, proc::read(pid, &format!("fdinfo/{fd}"))?);
+    }
 
     // Group descriptors that share one open file description.
     let mut order = fds.clone();
@@ -91,7 +96,8 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
         }
         leader = Some(fd);
         let link = proc::readlink(pid, &format!("fd/{fd}"))?;
-        let info = proc::parse_fdinfo(&proc::read(pid, &format!("fdinfo/{fd}"))?);
+        let fdinfo_text = &fdinfo[&fd];
+        let info = proc::parse_fdinfo(fdinfo_text);
         let file = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd)
             .map_err(|e| Error::sys(pid, format!("pidfd_getfd fd {fd}"), e))?;
         let file = std::fs::File::from(file);
@@ -123,15 +129,14 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
             gid: md.gid(),
             ..Default::default()
         };
-        let fdinfo_text = proc::read(pid, &format!("fdinfo/{fd}"))?;
         match (link.as_str(), mode & libc::S_IFMT) {
             ("anon_inode:[eventpoll]", _) => {
                 of.kind = FileKind::FileEpoll as i32;
-                of.epoll_targets = parse_epoll_targets(&fdinfo_text);
+                of.epoll_targets = parse_epoll_targets(fdinfo_text);
             }
             ("anon_inode:[eventfd]", _) => {
                 of.kind = FileKind::FileEventfd as i32;
-                let fi = proc::parse_fdinfo(&fdinfo_text);
+                let fi = proc::parse_fdinfo(fdinfo_text);
                 let count = fi
                     .extra
                     .get("eventfd-count")
@@ -143,18 +148,18 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
             }
             ("anon_inode:inotify", _) => {
                 of.kind = FileKind::FileInotify as i32;
-                of.inotify_watches = inotify_watches(pid, &fdinfo_text)?;
+                of.inotify_watches = inotify_watches(pid, fdinfo_text)?;
             }
             ("anon_inode:[timerfd]", _) => {
                 of.kind = FileKind::FileTimerfd as i32;
-                let t = parse_timerfd(&fdinfo_text)
+                let t = parse_timerfd(fdinfo_text)
                     .ok_or_else(|| refuse("timerfd with unreadable fdinfo"))?;
                 (of.timerfd_clock, of.timerfd_ticks, of.timerfd_settime_flags) = (t.0, t.1, t.2);
                 (of.timerfd_value_ns, of.timerfd_interval_ns) = (t.3, t.4);
             }
             ("anon_inode:[signalfd]", _) => {
                 of.kind = FileKind::FileSignalfd as i32;
-                let fi = proc::parse_fdinfo(&fdinfo_text);
+                let fi = proc::parse_fdinfo(fdinfo_text);
                 let mask = fi.extra.get("sigmask").map(String::as_str).unwrap_or("0");
                 of.signalfd_mask = u64::from_str_radix(mask.trim(), 16).unwrap_or(0);
             }
@@ -259,7 +264,7 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
         files,
     };
     for fd in fds {
-        let info = proc::parse_fdinfo(&proc::read(pid, &format!("fdinfo/{fd}"))?);
+        let info = proc::parse_fdinfo(&fdinfo[&fd]);
         table.fds.push(Fd {
             fd,
             file_id: file_of_fd[&fd],
@@ -567,6 +572,8 @@ fn recreate_ghost(of: &OpenFile, images_dir: &Path) -> Result<String> {
 /// whole when their first end comes up.
 struct Opener<'a> {
     pid: i32,
+    /// The task's pidfd, for taking copies of its descriptors.
+    pidfd: std::os::fd::OwnedFd,
     images_dir: &'a Path,
     remote: &'a Remote,
     /// Descriptors at or above this number never collide with a target fd.
@@ -625,9 +632,7 @@ impl Shared {
 impl Opener<'_> {
     /// Takes a copy of descriptor `fd` of the task into the agent.
     fn take(&self, fd: u64) -> Result<std::os::fd::OwnedFd> {
-        let pidfd =
-            sys::pidfd::pidfd_open(self.pid).map_err(|e| Error::sys(self.pid, "pidfd_open", e))?;
-        sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+        sys::pidfd::pidfd_getfd(self.pidfd.as_fd(), fd as i32)
             .map_err(|e| Error::sys(self.pid, format!("pidfd_getfd fd {fd}"), e))
     }
 
@@ -651,9 +656,7 @@ impl Opener<'_> {
                         0,
                     ],
                 )?;
-                let mut addr = vec![0u8; 2 + 1 + name.len()];
-                addr[..2].copy_from_slice(&(libc::AF_UNIX as u16).to_le_bytes());
-                addr[3..].copy_from_slice(name.as_bytes());
+                let addr = crate::unix::sockaddr(&format!("@{name}"));
                 let ap = scratch.put(&addr)?;
                 self.remote
                     .syscall(libc::SYS_bind, &[s, ap, addr.len() as u64])?;
@@ -1157,11 +1160,7 @@ impl Opener<'_> {
 
     /// Writes a pipe's saved bytes through our own copy of its write end.
     fn fill_pipe(&self, write_end: u64, data: &[u8]) -> Result<()> {
-        let pidfd =
-            sys::pidfd::pidfd_open(self.pid).map_err(|e| Error::sys(self.pid, "pidfd_open", e))?;
-        let w = sys::pidfd::pidfd_getfd(pidfd.as_fd(), write_end as i32)
-            .map_err(|e| Error::sys(self.pid, "pidfd_getfd (pipe)", e))?;
-        let mut f = std::fs::File::from(w);
+        let mut f = std::fs::File::from(self.take(write_end)?);
         std::io::Write::write_all(&mut f, data)
             .map_err(|e| Error::sys(self.pid, "refilling a pipe", e))
     }
@@ -1186,6 +1185,8 @@ pub fn restore(
         .max(3);
     let mut opener = Opener {
         pid: table.pid,
+        pidfd: sys::pidfd::pidfd_open(table.pid)
+            .map_err(|e| Error::sys(table.pid, "pidfd_open", e))?,
         images_dir,
         remote,
         high,

@@ -76,7 +76,7 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
     }
     let deleted = m.path.ends_with(" (deleted)");
     if m.shared() {
-        if m.path.starts_with("/dev/zero") || (m.inode != 0 && m.path.starts_with("/dev/zero")) {
+        if m.path.starts_with("/dev/zero") {
             return Ok(VmaKind::VmaAnonShared);
         }
         if m.path.starts_with("/SYSV") {

@@ -23,9 +23,8 @@ use crate::progress::Progress;
 pub const PAGE_PRESENT: u32 = 1;
 /// Size of a checksummed block of the pages file.
 pub const BLOCK: u64 = 1 << 20;
-/// Size of one copy job: a multiple of `BLOCK`, small enough to stay in
-/// cache and to fit one pipe (pipes hold at most 1 MiB without
-/// CAP_SYS_RESOURCE).
+/// Size of one copy job: a multiple of `BLOCK`, small enough for the
+/// bounce buffer to stay in L2 between the read, the checksum and the write.
 pub const CHUNK: u64 = 1 << 20;
 /// Most remote iovecs one process_vm_* call takes (IOV_MAX).
 const MAX_IOV: usize = 1024;

@@ -96,20 +96,11 @@ impl Drop for TreeGuard {
             return;
         }
         for &pid in self.pids.iter().rev() {
-            // Threads we trace must be collected before the leader can be.
             let mut tids = proc::tids(pid).unwrap_or_default();
             tids.retain(|&t| t != pid);
             tids.push(pid);
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            for t in tids {
-                loop {
-                    match waitpid(Pid::from_raw(t), Some(nix::sys::wait::WaitPidFlag::__WALL)) {
-                        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
-                        Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
-                        Err(_) => break,
-                    }
-                }
-            }
+            crate::seize::collect_killed(tids);
         }
     }
 }

@@ -169,23 +169,8 @@ impl Seized {
             pidfds.push((s, pidfd));
         }
         for (s, pidfd) in &pidfds {
-            // Killed tracees linger as zombies until their tracer collects
-            // them; the leader is reported only after every other thread.
-            for t in s.threads.iter().rev() {
-                loop {
-                    match nix::sys::wait::waitpid(
-                        Pid::from_raw(t.tid),
-                        Some(nix::sys::wait::WaitPidFlag::__WALL),
-                    ) {
-                        Ok(
-                            nix::sys::wait::WaitStatus::Exited(..)
-                            | nix::sys::wait::WaitStatus::Signaled(..),
-                        ) => break,
-                        Ok(_) | Err(Errno::EINTR) => continue,
-                        Err(_) => break,
-                    }
-                }
-            }
+            // The leader (first) goes last.
+            collect_killed(s.threads.iter().rev().map(|t| t.tid));
             use std::os::fd::AsFd;
             let mut fds = [nix::poll::PollFd::new(
                 pidfd.as_fd(),
@@ -195,6 +180,23 @@ impl Seized {
                 .ctx(s.pid, || "waiting for the process to exit".into())?;
         }
         Ok(())
+    }
+}
+
+/// Collects the threads of a killed process that we trace, in the order
+/// given, which must end with the leader: killed tracees linger as zombies
+/// until their tracer collects them, and the leader is reported only after
+/// every other thread.
+pub fn collect_killed(tids: impl IntoIterator<Item = i32>) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    for tid in tids {
+        loop {
+            match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
+                Ok(_) | Err(Errno::EINTR) => continue,
+                Err(_) => break,
+            }
+        }
     }
 }
 

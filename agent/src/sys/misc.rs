@@ -54,13 +54,7 @@ pub fn mmap_readonly(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
 /// Copies the bytes buffered in a pipe without consuming them (tee into a
 /// pipe of our own, then read that), given a descriptor of its read end.
 pub fn pipe_peek(read_end: std::os::fd::BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-    use std::os::fd::AsRawFd;
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through a valid pointer.
-    if unsafe { libc::ioctl(read_end.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let n = n as usize;
+    let n = readable_bytes(read_end)?;
     if n == 0 {
         return Ok(Vec::new());
     }
@@ -115,15 +109,21 @@ pub fn open_by_handle(
 /// Reads and drops whatever a descriptor has ready (FIONREAD bytes),
 /// without blocking.
 pub fn drain_readable(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    let n = readable_bytes(fd)?;
+    if n > 0 {
+        let mut buf = vec![0u8; n];
+        nix::unistd::read(fd, &mut buf)?;
+    }
+    Ok(())
+}
+
+/// How many bytes a descriptor has ready to read (FIONREAD).
+pub fn readable_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
     use std::os::fd::AsRawFd;
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through a valid pointer.
     if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    if n > 0 {
-        let mut buf = vec![0u8; n as usize];
-        nix::unistd::read(fd, &mut buf)?;
-    }
-    Ok(())
+    Ok(n as usize)
 }
