@@ -8,6 +8,7 @@ fn main() {
         "proto/mm.proto",
         "proto/pagemap.proto",
         "proto/files.proto",
+        "proto/ns.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

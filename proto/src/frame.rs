@@ -30,6 +30,8 @@ pub enum ImageKind {
     PageMap = 4,
     Files = 5,
     Node = 6,
+    /// Namespaces of a job: which are its own, UTS names, mounts.
+    Ns = 7,
 }
 
 impl ImageKind {
@@ -42,6 +44,7 @@ impl ImageKind {
             4 => Self::PageMap,
             5 => Self::Files,
             6 => Self::Node,
+            7 => Self::Ns,
             _ => return None,
         })
     }
@@ -55,6 +58,7 @@ impl ImageKind {
             Self::PageMap => "pagemap",
             Self::Files => "files",
             Self::Node => "node",
+            Self::Ns => "ns",
         }
     }
 }

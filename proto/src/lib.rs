@@ -37,6 +37,7 @@ pub fn describe(bytes: &[u8]) -> Result<(ImageKind, serde_json::Value), FrameErr
         ImageKind::PageMap => one::<PageMap>(bytes, kind)?,
         ImageKind::Files => one::<FdTable>(bytes, kind)?,
         ImageKind::Node => one::<NodeFingerprint>(bytes, kind)?,
+        ImageKind::Ns => one::<NsImage>(bytes, kind)?,
     };
     Ok((kind, v))
 }
