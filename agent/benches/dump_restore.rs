@@ -561,6 +561,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         detach: true,
         pidfile: None,
         ext_unix_sk: false,
+        job: None,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;

@@ -240,6 +240,7 @@ fn main() {
                 detach: true,
                 pidfile: None,
                 ext_unix_sk: false,
+                job: None,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

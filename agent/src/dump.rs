@@ -17,9 +17,11 @@ use ckpt_proto::{ImageKind, FORMAT_VERSION};
 use nix::unistd::Pid;
 use tracing::info;
 
+use crate::cgroup::JobCgroup;
 use crate::error::{Error, Result};
 use crate::images::{image_name, pages_name, ImageWriter};
 use crate::inject::{Remote, Scratch};
+use crate::ns::{self, PidMap};
 use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
 use crate::{files, mm, pages, proc, task};
@@ -148,21 +150,38 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let node = crate::check::fingerprint()
         .map_err(|e| tracing::warn!("checkpoint will not name its node: {e}"))
         .ok();
-    let tree = seize_tree(pid)?;
+    // A job's cgroup is frozen first, so no fork, clone or exit races the
+    // seizing; the seized tasks stay stopped by ptrace once it is thawed
+    // (injected calls need them able to run).
+    let cgroup = JobCgroup::of_pid(pid)?;
+    let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
     let frozen_at = Instant::now();
-    let pids: Vec<i32> = tree.iter().map(Member::pid).collect();
-    let result = dump_tree(&tree, &writer, req, progress);
-    let (pages_bytes, pages_ms) = match result {
+    let tree = seize_tree(pid)?;
+    if let Some(cg) = &cgroup {
+        let procs = cg.procs()?;
+        if let Some(stray) = procs.iter().find(|p| !tree.iter().any(|m| m.pid() == **p)) {
+            return Err(Error::Refused {
+                pid: *stray,
+                reason: format!(
+                    "it is in job {}'s cgroup but not a descendant of {pid}: the job would be incomplete",
+                    cg.job
+                ),
+            });
+        }
+    }
+    drop(frozen);
+    let host_pids: Vec<i32> = tree.iter().map(Member::pid).collect();
+    let result = ns::dump(&host_pids, &writer)
+        .and_then(|nsd| dump_tree(&tree, &writer, req, &nsd.pids, progress).map(|r| (r, nsd)));
+    let ((pages_bytes, pages_ms), nsd) = match result {
         Ok(v) => v,
         Err(e) => {
             writer.discard();
-            for p in &pids {
-                let _ = std::fs::remove_file(req.images.join(pages_name(*p)));
-            }
             drop(tree);
             return Err(e);
         }
     };
+    let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
     let threads = tree
         .iter()
         .map(|m| match m {
@@ -173,8 +192,8 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let inv = Inventory {
         format_version: FORMAT_VERSION,
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        root_pid: pid,
-        pids: pids.clone(),
+        root_pid: nsd.pids.inner(pid),
+        pids,
         node,
         files: Vec::new(),
         created_unix_ms: std::time::SystemTime::now()
@@ -211,6 +230,10 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         }
     } else {
         Seized::kill_all(live)?;
+        // The job has left this node.
+        if let Some(cg) = &cgroup {
+            cg.remove();
+        }
     }
     let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
     info!(pid, pages_bytes, frozen_ms, "dump complete");
@@ -241,6 +264,7 @@ fn dump_tree(
     tree: &[Member],
     writer: &ImageWriter,
     req: &DumpRequest,
+    ids: &PidMap,
     progress: &dyn Progress,
 ) -> Result<(u64, f64)> {
     let mut dumped = Vec::with_capacity(tree.len());
@@ -248,10 +272,12 @@ fn dump_tree(
         match m {
             Member::Live(s) => dumped.push(dump_seized(s, writer, req.ext_unix_sk)?),
             Member::Zombie(core) => {
+                let mut core = (**core).clone();
+                ids.core(&mut core);
                 writer.write(
                     &image_name(ImageKind::Core, core.pid),
                     ImageKind::Core,
-                    core,
+                    &core,
                 )?;
             }
         }
@@ -264,8 +290,8 @@ fn dump_tree(
         .map(|d| pages::DumpItem {
             pid: d.core.pid,
             extents: &d.mm.extents,
-            path: writer.dir().join(pages_name(d.core.pid)),
-            name: pages_name(d.core.pid),
+            path: writer.dir().join(pages_name(ids.inner(d.core.pid))),
+            name: pages_name(ids.inner(d.core.pid)),
         })
         .collect();
     let pms = if req.tasks_in_parallel {
@@ -284,11 +310,21 @@ fn dump_tree(
         .collect();
     files::link_tree(&mut tables)?;
     let mut bytes = 0;
-    for ((d, fds), pm) in dumped.iter().zip(&tables).zip(&pms) {
-        let pid = d.core.pid;
-        writer.add_pages(pm);
+    // Images name every process as the job sees it (the PIDs restore
+    // recreates); only the copy above needed the agent's view.
+    for ((d, fds), pm) in dumped.iter_mut().zip(&mut tables).zip(pms) {
+        let pid = ids.inner(d.core.pid);
+        ids.core(&mut d.core);
+        ids.fds(fds);
+        d.mm.image.pid = pid;
+        let pm = ckpt_proto::image::PageMap { pid, ..pm };
+        writer.add_pages(&pm);
         writer.write(&image_name(ImageKind::Mm, pid), ImageKind::Mm, &d.mm.image)?;
-        writer.write(&image_name(ImageKind::PageMap, pid), ImageKind::PageMap, pm)?;
+        writer.write(
+            &image_name(ImageKind::PageMap, pid),
+            ImageKind::PageMap,
+            &pm,
+        )?;
         writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &d.core)?;
         writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, fds)?;
         bytes += pm.pages_file_size;

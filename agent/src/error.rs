@@ -50,6 +50,8 @@ pub enum Error {
     BadImages { dir: PathBuf, reason: String },
     #[error("cannot restore here: {0}")]
     Incompatible(String),
+    #[error("job {job}: {reason}")]
+    Job { job: String, reason: String },
 }
 
 /// Result with the agent's error type.

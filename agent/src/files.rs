@@ -702,7 +702,7 @@ impl Opener<'_> {
             libc::SYS_recvmsg,
             &[sock, hp, libc::MSG_CMSG_CLOEXEC as u64],
         )?;
-        let c = crate::inject::read_mem(pid, control, 24)?;
+        let c = crate::inject::read_mem(self.remote.tid.as_raw(), control, 24)?;
         let level = i32::from_le_bytes(c[8..12].try_into().expect("4 bytes"));
         let kind = i32::from_le_bytes(c[12..16].try_into().expect("4 bytes"));
         if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
@@ -860,7 +860,7 @@ impl Opener<'_> {
                 if !self.pipes.contains_key(&of.pipe_id) {
                     let arr = scratch.alloc(8)?;
                     self.remote.syscall(libc::SYS_pipe2, &[arr, 0])?;
-                    let b = crate::inject::read_mem(pid, arr, 8)?;
+                    let b = crate::inject::read_mem(self.remote.tid.as_raw(), arr, 8)?;
                     let r = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
                     let w = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;
                     if of.pipe_size != 0 && of.pipe_size != 65536 {
@@ -1002,7 +1002,7 @@ impl Opener<'_> {
                         libc::SYS_socketpair,
                         &[libc::AF_UNIX as u64, u.sock_type as u64, 0, arr],
                     )?;
-                    let b = crate::inject::read_mem(pid, arr, 8)?;
+                    let b = crate::inject::read_mem(self.remote.tid.as_raw(), arr, 8)?;
                     let a = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
                     let c = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;
                     let ends = [self.to_high(a)?, self.to_high(c)?];
@@ -1185,8 +1185,9 @@ pub fn restore(
         .max(3);
     let mut opener = Opener {
         pid: table.pid,
-        pidfd: sys::pidfd::pidfd_open(table.pid)
-            .map_err(|e| Error::sys(table.pid, "pidfd_open", e))?,
+        // The agent's view of the process: the remote's task.
+        pidfd: sys::pidfd::pidfd_open(remote.tid.as_raw())
+            .map_err(|e| Error::sys(remote.tid.as_raw(), "pidfd_open", e))?,
         images_dir,
         remote,
         high,

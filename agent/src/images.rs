@@ -73,8 +73,8 @@ impl ImageWriter {
     /// Records a raw file already written into the directory.
     pub fn add_raw(&self, name: &str) -> Result<()> {
         let path = self.dir.join(name);
-        let data = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-        self.record(name, data.len() as u64, crc32c::crc32c(&data));
+        let (size, crc) = stream_crc(&path)?;
+        self.record(name, size, crc);
         Ok(())
     }
 
@@ -93,11 +93,40 @@ impl ImageWriter {
         Ok(())
     }
 
-    /// Removes every file this writer created (after a failed dump).
+    /// Removes every file this writer created (after a failed dump),
+    /// including data files written before they could be recorded.
     pub fn discard(&self) {
         for e in self.entries.lock().expect("image list lock").iter() {
             let _ = std::fs::remove_file(self.dir.join(&e.name));
         }
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = (name.starts_with("pages-") && name.ends_with(".img"))
+                || (name.starts_with("mnt-") && name.ends_with(".tar"));
+            if ours {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Size and crc32c of a file, read in chunks: raw files (tmpfs archives,
+/// SysV segments) can be far larger than the agent should hold.
+fn stream_crc(path: &Path) -> Result<(u64, u32)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let (mut size, mut crc) = (0u64, 0u32);
+    loop {
+        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            return Ok((size, crc));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..n]);
+        size += n as u64;
     }
 }
 
@@ -137,8 +166,7 @@ pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
             page_files.push(e);
             continue;
         }
-        let data = std::fs::read(&path).map_err(|err| Error::io(&path, err))?;
-        if crc32c::crc32c(&data) != e.crc32c {
+        if stream_crc(&path)?.1 != e.crc32c {
             return Err(bad(format!(
                 "{} fails its checksum: the image is corrupt",
                 e.name

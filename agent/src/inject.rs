@@ -145,6 +145,10 @@ pub struct Remote {
     pub gadget: u64,
     /// Registers used as the template of every injected call.
     template: Regs,
+    /// The task a forking injected call created, as the agent sees it
+    /// (PTRACE_GETEVENTMSG): in a PID namespace, the call itself returns
+    /// the child's PID inside.
+    child: std::cell::Cell<Option<i32>>,
 }
 
 impl Remote {
@@ -155,7 +159,13 @@ impl Remote {
             tid,
             gadget,
             template,
+            child: std::cell::Cell::new(None),
         })
+    }
+
+    /// The task the last forking injected call created (host PID).
+    pub fn take_child(&self) -> Option<i32> {
+        self.child.take()
     }
 
     fn pid(&self) -> i32 {
@@ -186,6 +196,16 @@ impl Remote {
                 WaitStatus::PtraceSyscall(_) => break,
                 WaitStatus::PtraceEvent(_, _, ev) => {
                     trace!(tid = self.pid(), ev, "ptrace event during injected syscall");
+                    if matches!(
+                        ev,
+                        libc::PTRACE_EVENT_FORK
+                            | libc::PTRACE_EVENT_VFORK
+                            | libc::PTRACE_EVENT_CLONE
+                    ) {
+                        let msg = ptrace::getevent(self.tid)
+                            .ctx(self.pid(), || "PTRACE_GETEVENTMSG".into())?;
+                        self.child.set(Some(msg as i32));
+                    }
                 }
                 WaitStatus::Stopped(_, sig) => {
                     // Every catchable signal is blocked during injection;

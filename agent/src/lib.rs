@@ -5,13 +5,16 @@
 //! does not cover. Every other module is safe Rust, one per kernel object,
 //! each holding both the dump and the restore of its object.
 
+pub mod cgroup;
 pub mod check;
 pub mod dump;
 pub mod error;
 pub mod files;
 pub mod images;
 pub mod inject;
+pub mod job;
 pub mod mm;
+pub mod ns;
 pub mod pages;
 pub mod proc;
 pub mod progress;

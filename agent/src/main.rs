@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ckpt_agent::{dump, restore, show};
+use ckpt_agent::{dump, job, restore, show};
 use clap::{Parser, Subcommand};
 
 /// Checkpoint and restore of process trees on this node.
@@ -62,6 +62,31 @@ enum Cmd {
         /// Reconnect unix sockets that were connected outside the checkpoint.
         #[arg(long)]
         ext_unix_sk: bool,
+        /// Job id (cgroup name) for a restored job (default: the dumped one).
+        #[arg(long)]
+        job: Option<String>,
+    },
+    /// Start a command as a job: its own cgroup and PID, IPC, UTS and
+    /// mount namespaces, private /tmp and /dev/shm.
+    Run {
+        /// Job id (default: generated); names the job's cgroup.
+        #[arg(long)]
+        job: Option<String>,
+        /// Give the job its own network namespace (loopback only).
+        #[arg(long)]
+        net: bool,
+        /// Hostname inside the job.
+        #[arg(long)]
+        hostname: Option<String>,
+        /// Return once the job runs, printing its root's PID.
+        #[arg(long, short = 'd')]
+        detach: bool,
+        /// Write the job root's PID into FILE.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
     },
     /// Decode any image file.
     Show {
@@ -169,12 +194,14 @@ fn main() -> ExitCode {
             detach,
             pidfile,
             ext_unix_sk,
+            job,
         } => {
             let req = restore::RestoreRequest {
                 images,
                 detach,
                 pidfile,
                 ext_unix_sk,
+                job,
             };
             match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
                 Ok((r, code)) => {
@@ -191,6 +218,24 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Cmd::Run {
+            job,
+            net,
+            hostname,
+            detach,
+            pidfile,
+            cmd,
+        } => run(
+            job::RunRequest {
+                job,
+                net,
+                hostname,
+                cmd,
+            },
+            detach,
+            pidfile,
+            cli.json,
+        ),
         Cmd::Show { path } => match show::show(&path, cli.json) {
             Ok(s) => {
                 println!("{s}");
@@ -198,6 +243,33 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+    }
+}
+
+fn run(req: job::RunRequest, detach: bool, pidfile: Option<PathBuf>, json: bool) -> ExitCode {
+    let j = match job::run(&req) {
+        Ok(j) => j,
+        Err(e) => return fail(e),
+    };
+    if let Some(pf) = &pidfile {
+        if let Err(e) = std::fs::write(pf, format!("{}\n", j.pid)) {
+            return fail(format!("{}: {e}", pf.display()));
+        }
+    }
+    if json {
+        let v = serde_json::json!({"job": j.id, "pid": j.pid, "cgroup": j.cgroup.dir});
+        println!("{v}");
+    } else if detach {
+        println!("{}", j.pid);
+    } else {
+        eprintln!("job {} started, root pid {}", j.id, j.pid);
+    }
+    if detach {
+        return ExitCode::SUCCESS;
+    }
+    match j.wait() {
+        Ok(c) => ExitCode::from(c as u8),
+        Err(e) => fail(e),
     }
 }
 

@@ -211,6 +211,68 @@ pub fn tids(pid: i32) -> Result<Vec<i32>> {
     Ok(v)
 }
 
+/// One line of /proc/PID/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountInfo {
+    pub id: u32,
+    pub parent: u32,
+    /// "major:minor" of the filesystem.
+    pub dev: String,
+    /// The directory of the filesystem mounted here ("/" unless a bind).
+    pub root: String,
+    pub mount_point: String,
+    /// Per-mount options (rw, nosuid, ...).
+    pub options: String,
+    /// Optional fields: "shared:N", "master:N", "unbindable", ...
+    pub tags: Vec<String>,
+    pub fstype: String,
+    pub source: String,
+    pub super_options: String,
+}
+
+/// mountinfo escapes blanks, tabs, newlines and backslashes as octal.
+pub fn unescape_mount(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// Parses /proc/PID/mountinfo, skipping lines it cannot read.
+pub fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
+    text.lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let mut f = pre.split_whitespace();
+            let id = f.next()?.parse().ok()?;
+            let parent = f.next()?.parse().ok()?;
+            let dev = f.next()?.to_string();
+            let root = unescape_mount(f.next()?);
+            let mount_point = unescape_mount(f.next()?);
+            let options = f.next()?.to_string();
+            let tags = f.map(str::to_string).collect();
+            let mut p = post.split_whitespace();
+            Some(MountInfo {
+                id,
+                parent,
+                dev,
+                root,
+                mount_point,
+                options,
+                tags,
+                fstype: p.next()?.to_string(),
+                source: unescape_mount(p.next().unwrap_or("none")),
+                super_options: p.next().unwrap_or("").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Reads the mount table of the mount namespace `pid` lives in.
+pub fn mountinfo(pid: i32) -> Result<Vec<MountInfo>> {
+    Ok(parse_mountinfo(&read(pid, "mountinfo")?))
+}
+
 /// What /proc/PID/fdinfo/FD says about a descriptor.
 #[derive(Debug, Clone, Default)]
 pub struct FdInfo {
@@ -399,5 +461,22 @@ Max open files            512                  1024                 files     \n
         assert_eq!(f.pos, 10);
         assert_eq!(f.flags, 0o2102002);
         assert_eq!(f.ino, 99);
+    }
+    #[test]
+    fn mountinfo_parse() {
+        let t = "22 1 0:21 / /proc rw,nosuid,nodev,noexec,relatime shared:5 - proc proc rw\n\
+                 40 22 0:35 /sub /my\\040dir rw,relatime master:3 unbindable - tmpfs tmpfs rw,size=1024k\n\
+                 bad line\n";
+        let m = parse_mountinfo(t);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].id, 22);
+        assert_eq!(m[0].mount_point, "/proc");
+        assert_eq!(m[0].tags, vec!["shared:5"]);
+        assert_eq!(m[0].fstype, "proc");
+        assert_eq!(m[1].parent, 22);
+        assert_eq!(m[1].root, "/sub");
+        assert_eq!(m[1].mount_point, "/my dir");
+        assert_eq!(m[1].tags, vec!["master:3", "unbindable"]);
+        assert_eq!(m[1].super_options, "rw,size=1024k");
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use ckpt_proto::image::{FdTable, MmImage, PageMap, TaskCore};
+use ckpt_proto::image::{FdTable, MmImage, NsImage, PageMap, TaskCore};
 use ckpt_proto::{read_image_file, ImageKind};
 use nix::sys::ptrace;
 use nix::sys::signal::{kill, Signal};
@@ -19,11 +19,12 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
+use crate::cgroup::{Freezer, JobCgroup};
 use crate::error::{Context, Error, Result};
 use crate::images::{image_name, pages_name, read_inventory, verify};
 use crate::inject::{self, Remote, Scratch};
 use crate::progress::{Progress, Quiet};
-use crate::{files, mm, pages, proc, sys, task};
+use crate::{files, mm, ns, pages, proc, sys, task};
 
 /// What to restore and how.
 #[derive(Debug, Clone)]
@@ -33,6 +34,8 @@ pub struct RestoreRequest {
     pub pidfile: Option<PathBuf>,
     /// Reconnect unix sockets that were connected outside the checkpoint.
     pub ext_unix_sk: bool,
+    /// The cgroup name of a restored job (default: the dumped job's).
+    pub job: Option<String>,
 }
 
 /// What a restore did.
@@ -86,8 +89,18 @@ fn load(dir: &Path, core: TaskCore) -> Result<Images> {
 
 /// Kills every half-built process unless disarmed, children first.
 struct TreeGuard {
+    /// Host PIDs, in creation order.
     pids: Vec<i32>,
+    /// Every PID and TID of the checkpoint (the job's view) to the task the
+    /// agent sees; identity unless the job has its own PID namespace.
+    host: HashMap<i32, i32>,
     armed: bool,
+}
+
+impl TreeGuard {
+    fn host(&self, id: i32) -> i32 {
+        self.host.get(&id).copied().unwrap_or(id)
+    }
 }
 
 impl Drop for TreeGuard {
@@ -105,6 +118,20 @@ impl Drop for TreeGuard {
     }
 }
 
+/// Removes a job cgroup made for a restore that failed.
+struct CgroupGuard {
+    cg: JobCgroup,
+    armed: bool,
+}
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.cg.remove();
+        }
+    }
+}
+
 /// Room for injected-call arguments in a blank process (a fork of the
 /// agent that has not been rebuilt yet): well below its stack pointer.
 fn blank_scratch(pid: i32) -> Result<Scratch> {
@@ -116,10 +143,27 @@ fn blank_scratch(pid: i32) -> Result<Scratch> {
 /// copy of the agent forked by its own parent (clone3 with set_tid,
 /// injected into the parent), stopped and traced; then recreates sessions
 /// and process groups, in an order that makes setsid and setpgid legal.
-fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard) -> Result<()> {
+fn skeleton(
+    pids: &[i32],
+    cores: &HashMap<i32, TaskCore>,
+    guard: &mut TreeGuard,
+    job: Option<(&NsImage, Option<&JobCgroup>)>,
+    dir: &Path,
+) -> Result<()> {
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
-    let child = match sys::clone::fork_with_pid(&[root]) {
+    let flags = job.map_or(0, |(img, _)| ns::clone_flags(img));
+    let own_pid = job.is_some_and(|(img, _)| ns::own_pid_ns(img));
+    let cgroup = job.and_then(|(_, cg)| cg);
+    let cgfd = match cgroup {
+        Some(cg) if cg.freezer == Freezer::V2 => Some(cg.open()?),
+        _ => None,
+    };
+    use std::os::fd::AsFd;
+    // The root of a job with its own PID namespace is that namespace's
+    // first process, PID 1 by construction.
+    let set_tid: &[i32] = if own_pid { &[] } else { &[root] };
+    let child = match sys::clone::fork_into(flags, cgfd.as_ref().map(|f| f.as_fd()), set_tid) {
         Ok(Some(c)) => c,
         Ok(None) => child_wait_for_agent(),
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
@@ -131,22 +175,32 @@ fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard)
         Err(e) => return Err(Error::sys(root, "clone3 with set_tid", e)),
     };
     guard.pids.push(child);
+    guard.host.insert(root, child);
+    if let Some(cg) = cgroup.filter(|cg| cg.freezer == Freezer::V1) {
+        let procs = cg.dir.join("cgroup.procs");
+        std::fs::write(&procs, child.to_string()).map_err(|e| Error::io(&procs, e))?;
+    }
     let t = Pid::from_raw(child);
     ptrace::seize(t, inject::seize_options(true)).ctx(child, || "PTRACE_SEIZE".into())?;
     ptrace::interrupt(t).ctx(child, || "PTRACE_INTERRUPT".into())?;
     inject::wait_interrupt_stop(t)?;
     sys::ptrace::set_sigmask(t, !0).ctx(child, || "PTRACE_SETSIGMASK".into())?;
-    let setsid = |pid: i32| -> Result<()> {
+    if let Some((img, _)) = job {
+        // Mounts, names and loopback exist before any other process does.
+        let remote = Remote::new(t, gadget)?;
+        ns::restore_root(img, child, &remote, &mut blank_scratch(child)?, dir)?;
+    }
+    let setsid = |host: i32, pid: i32| -> Result<()> {
         if cores[&pid].sid == pid {
-            Remote::new(Pid::from_raw(pid), gadget)?.syscall(libc::SYS_setsid, &[])?;
+            Remote::new(Pid::from_raw(host), gadget)?.syscall(libc::SYS_setsid, &[])?;
         }
         Ok(())
     };
     // A session leader's children must be born in its session.
-    setsid(root)?;
+    setsid(child, root)?;
     for &pid in &pids[1..] {
         let parent = cores[&pid].ppid;
-        if !guard.pids.contains(&parent) {
+        if !guard.host.contains_key(&parent) {
             return Err(Error::Refused {
                 pid,
                 reason: format!(
@@ -154,6 +208,7 @@ fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard)
                 ),
             });
         }
+        let parent = guard.host(parent);
         let remote = Remote::new(Pid::from_raw(parent), gadget)?;
         let mut scratch = blank_scratch(parent)?;
         let tids = scratch.put(&pid.to_le_bytes())?;
@@ -172,16 +227,19 @@ fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard)
             }
             Err(e) => return Err(e),
         };
-        guard.pids.push(got);
+        let host = remote.take_child().unwrap_or(got);
+        guard.pids.push(host);
+        guard.host.insert(pid, host);
         if got != pid {
             return Err(Error::Refused {
                 pid,
                 reason: format!("was recreated as {got}"),
             });
         }
-        inject::wait_interrupt_stop(Pid::from_raw(pid))?;
-        sys::ptrace::set_sigmask(Pid::from_raw(pid), !0).ctx(pid, || "PTRACE_SETSIGMASK".into())?;
-        setsid(pid)?;
+        let t = Pid::from_raw(host);
+        inject::wait_interrupt_stop(t)?;
+        sys::ptrace::set_sigmask(t, !0).ctx(host, || "PTRACE_SETSIGMASK".into())?;
+        setsid(host, pid)?;
     }
     // Group leaders first, then their members; groups led from outside the
     // checkpoint stay as inherited.
@@ -192,7 +250,7 @@ fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard)
             if lead != leaders || c.sid == pid || !pids.contains(&c.pgid) {
                 continue;
             }
-            Remote::new(Pid::from_raw(pid), gadget)?
+            Remote::new(Pid::from_raw(guard.host(pid)), gadget)?
                 .syscall(libc::SYS_setpgid, &[0, c.pgid as u64])?;
         }
     }
@@ -201,8 +259,7 @@ fn skeleton(pids: &[i32], cores: &HashMap<i32, TaskCore>, guard: &mut TreeGuard)
 
 /// Makes a blank process exit with a zombie's saved wait status, and
 /// collects it as its tracer, leaving it a zombie for its parent to reap.
-fn make_zombie(core: &TaskCore) -> Result<()> {
-    let pid = core.pid;
+fn make_zombie(core: &TaskCore, pid: i32) -> Result<()> {
     let t = Pid::from_raw(pid);
     let status = core.exit_code;
     let sig = status & 0x7f;
@@ -282,7 +339,14 @@ pub fn restore_with_progress(
             live.push(load(dir, core)?);
         }
     }
-    for &pid in &inv.pids {
+    let ns_img: Option<NsImage> = if dir.join(ns::NS_IMAGE).exists() {
+        Some(read_image_file(&dir.join(ns::NS_IMAGE), ImageKind::Ns)?)
+    } else {
+        None
+    };
+    let own_pid = ns_img.as_ref().is_some_and(ns::own_pid_ns);
+    // In a new PID namespace every id is free by construction.
+    for &pid in inv.pids.iter().filter(|_| !own_pid) {
         let tids = std::iter::once(pid).chain(cores[&pid].threads.iter().skip(1).map(|t| t.tid));
         for tid in tids {
             if Path::new(&format!("/proc/{tid}")).exists() {
@@ -297,34 +361,55 @@ pub fn restore_with_progress(
         }
     }
 
+    // The job's cgroup (dropped after the tree guard: removed on failure
+    // once the half-built tasks are gone).
+    let job_id = req
+        .job
+        .clone()
+        .or_else(|| ns_img.as_ref().map(|n| n.job.clone()))
+        .filter(|j| !j.is_empty());
+    let cgroup = job_id
+        .as_deref()
+        .map(JobCgroup::create)
+        .transpose()?
+        .map(|cg| CgroupGuard { cg, armed: true });
     let mut guard = TreeGuard {
         pids: Vec::new(),
+        host: HashMap::new(),
         armed: true,
     };
-    skeleton(&inv.pids, &cores, &mut guard)?;
+    let job = ns_img
+        .as_ref()
+        .map(|img| (img, cgroup.as_ref().map(|g| &g.cg)));
+    skeleton(&inv.pids, &cores, &mut guard, job, dir)?;
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&live.iter().map(|i| &i.fds).collect::<Vec<_>>());
     let mut pages_ms = 0.0;
     for img in &live {
         let is_root = img.core.pid == root;
-        pages_ms += build(img, dir, req, is_root, &mut shared, progress)?;
+        pages_ms += build(img, dir, req, is_root, &mut shared, &mut guard, progress)?;
     }
     for &pid in &inv.pids {
         if cores[&pid].state == "Z" {
-            make_zombie(&cores[&pid])?;
+            make_zombie(&cores[&pid], guard.host(pid))?;
         }
     }
+    let child = guard.host(root);
     if let Some(pf) = &req.pidfile {
-        std::fs::write(pf, format!("{root}\n")).map_err(|e| Error::io(pf, e))?;
+        std::fs::write(pf, format!("{child}\n")).map_err(|e| Error::io(pf, e))?;
     }
     // Everything is built: let every process go at once.
     for img in &live {
         for th in &img.core.threads {
-            ptrace::detach(Pid::from_raw(th.tid), None).ctx(th.tid, || "PTRACE_DETACH".into())?;
+            let tid = guard.host(th.tid);
+            ptrace::detach(Pid::from_raw(tid), None).ctx(tid, || "PTRACE_DETACH".into())?;
         }
     }
     guard.armed = false;
-    let child = root;
+    let cgroup = cgroup.map(|mut g| {
+        g.armed = false;
+        g.cg.clone()
+    });
     let report = RestoreReport {
         pid: child,
         threads: live.iter().map(|i| i.core.threads.len()).sum(),
@@ -337,15 +422,10 @@ pub fn restore_with_progress(
     if req.detach {
         return Ok((report, None));
     }
-    let code = loop {
-        match waitpid(Pid::from_raw(child), None) {
-            Ok(WaitStatus::Exited(_, c)) => break c,
-            Ok(WaitStatus::Signaled(_, s, _)) => break 128 + s as i32,
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(Error::sys(child, "waitpid", e)),
-        }
-    };
+    let code = crate::job::wait_exit(child)?;
+    if let Some(cg) = cgroup {
+        cg.remove();
+    }
     Ok((report, Some(code)))
 }
 
@@ -392,9 +472,12 @@ fn build(
     req: &RestoreRequest,
     is_root: bool,
     shared: &mut files::Shared,
+    guard: &mut TreeGuard,
     progress: &dyn Progress,
 ) -> Result<f64> {
-    let pid = img.core.pid;
+    // Everything the agent does to the process uses its own view of the
+    // PIDs; injected calls use the job's (the images').
+    let pid = guard.host(img.core.pid);
     let t = Pid::from_raw(pid);
     let boot = Remote::new(t, sys::gadget::syscall_gadget_addr())?;
 
@@ -464,14 +547,16 @@ fn build(
         let args = sys::clone::encode_clone_args(CLONE_THREAD_FLAGS, 0, tids, 1);
         let ap = scratch.put(&args)?;
         let got = remotes[0].syscall(libc::SYS_clone3, &[ap, args.len() as u64])? as i32;
+        let host = remotes[0].take_child().unwrap_or(got);
+        guard.host.insert(th.tid, host);
         if got != th.tid {
             return Err(Error::Refused {
                 pid,
                 reason: format!("thread {} was recreated as {got}", th.tid),
             });
         }
-        inject::wait_interrupt_stop(Pid::from_raw(got))?;
-        remotes.push(Remote::new(Pid::from_raw(got), scratch_addr)?);
+        inject::wait_interrupt_stop(Pid::from_raw(host))?;
+        remotes.push(Remote::new(Pid::from_raw(host), scratch_addr)?);
     }
     for (th, r) in img.core.threads.iter().zip(&remotes) {
         task::restore_thread_inside(th, r, &mut scratch)?;
@@ -502,7 +587,7 @@ fn build(
     task::restore_pending(&img.core, &remotes, &mut scratch)?;
     main.syscall(libc::SYS_munmap, &[scratch_addr, SCRATCH_LEN])?;
     for th in &img.core.threads {
-        task::restore_cpu(th)?;
+        task::restore_cpu(th, guard.host(th.tid))?;
     }
     Ok(pages_ms)
 }

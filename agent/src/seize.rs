@@ -168,7 +168,10 @@ impl Seized {
                 .ctx(s.pid, || "kill(SIGKILL)".into())?;
             pidfds.push((s, pidfd));
         }
-        for (s, pidfd) in &pidfds {
+        // Children first: a PID namespace's init exits only once every
+        // other process of its namespace is gone, and a traced child is
+        // gone only once we, its tracer, collected it.
+        for (s, pidfd) in pidfds.iter().rev() {
             // The leader (first) goes last.
             collect_killed(s.threads.iter().rev().map(|t| t.tid));
             use std::os::fd::AsFd;

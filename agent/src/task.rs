@@ -373,7 +373,7 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
             let evp = scratch.put(&ev)?;
             let idp = scratch.put(&t.id.to_le_bytes())?;
             main.syscall(libc::SYS_timer_create, &[t.clock_id as u64, evp, idp])?;
-            let got = read_mem(pid, idp, 4)?;
+            let got = read_mem(main.tid.as_raw(), idp, 4)?;
             let got = i32::from_le_bytes(got[..4].try_into().expect("4 bytes"));
             if got != t.id {
                 return Err(Error::Refused {
@@ -443,9 +443,16 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
             })?;
         scratch.reset();
     }
+    // From inside: thread ids are the job's.
     for th in &core.threads {
-        sys::misc::setpriority(th.tid, th.nice)
-            .ctx(th.tid, || format!("setpriority({})", th.nice))?;
+        main.syscall(
+            libc::SYS_setpriority,
+            &[
+                libc::PRIO_PROCESS as u64,
+                th.tid as u64,
+                th.nice as i64 as u64,
+            ],
+        )?;
     }
     Ok(())
 }
@@ -629,15 +636,15 @@ pub fn restore_pending(core: &TaskCore, remotes: &[Remote], scratch: &mut Scratc
 
 /// Sets a thread's final CPU state: XSAVE area, signal mask and registers
 /// (with an interrupted system call turned into its restart).
-pub fn restore_cpu(th: &ThreadCore) -> Result<()> {
-    let t = Pid::from_raw(th.tid);
+pub fn restore_cpu(th: &ThreadCore, host_tid: i32) -> Result<()> {
+    let t = Pid::from_raw(host_tid);
     if !th.xsave.is_empty() {
         sys::ptrace::set_xstate(t, &th.xsave)
-            .ctx(th.tid, || "PTRACE_SETREGSET(NT_X86_XSTATE)".into())?;
+            .ctx(host_tid, || "PTRACE_SETREGSET(NT_X86_XSTATE)".into())?;
     }
-    sys::ptrace::set_sigmask(t, th.sigmask).ctx(th.tid, || "PTRACE_SETSIGMASK".into())?;
+    sys::ptrace::set_sigmask(t, th.sigmask).ctx(host_tid, || "PTRACE_SETSIGMASK".into())?;
     let regs = th.regs.as_ref().ok_or_else(|| Error::Refused {
-        pid: th.tid,
+        pid: host_tid,
         reason: "image has no registers for this thread".into(),
     })?;
     inject::set_regs(t, inject::normalize_restart(regs_from_image(regs), false))

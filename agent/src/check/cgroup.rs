@@ -10,31 +10,11 @@ use crate::sys::probe::{fork_child, ProbeChild};
 
 /// Mount points of cgroup filesystems: (fstype, super options, mount point).
 fn cgroup_mounts(mountinfo: &str) -> Vec<(String, String, PathBuf)> {
-    mountinfo
-        .lines()
-        .filter_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let mnt = pre.split_whitespace().nth(4)?;
-            let mut p = post.split_whitespace();
-            let fstype = p.next()?;
-            let opts = p.nth(1).unwrap_or("");
-            fstype.starts_with("cgroup").then(|| {
-                (
-                    fstype.to_string(),
-                    opts.to_string(),
-                    PathBuf::from(unescape(mnt)),
-                )
-            })
-        })
+    crate::proc::parse_mountinfo(mountinfo)
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("cgroup"))
+        .map(|m| (m.fstype, m.super_options, PathBuf::from(m.mount_point)))
         .collect()
-}
-
-/// mountinfo escapes blanks and backslashes as octal.
-fn unescape(s: &str) -> String {
-    s.replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
 }
 
 fn mounts() -> Result<Vec<(String, String, PathBuf)>, String> {

@@ -1,6 +1,8 @@
 //! clone3 with set_tid: creating a task with a chosen PID.
 
+use std::ffi::CString;
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 #[repr(C)]
 #[derive(Default)]
@@ -54,10 +56,31 @@ pub fn encode_clone_args(
 /// calls; callers use the raw helpers of this layer there. This function
 /// does not allocate, so such a child may itself call it.
 pub fn fork_with_pid(set_tid: &[libc::pid_t]) -> io::Result<Option<i32>> {
+    fork_into(0, None, set_tid)
+}
+
+/// Like `fork_with_pid`, with extra clone flags (new namespaces) and the
+/// cgroup (an open cgroup v2 directory) the child starts in.
+pub fn fork_into(
+    flags: u64,
+    cgroup: Option<BorrowedFd<'_>>,
+    set_tid: &[libc::pid_t],
+) -> io::Result<Option<i32>> {
     let args = CloneArgs {
+        flags: flags
+            | if cgroup.is_some() {
+                CLONE_INTO_CGROUP
+            } else {
+                0
+            },
         exit_signal: libc::SIGCHLD as u64,
-        set_tid: set_tid.as_ptr() as u64,
+        set_tid: if set_tid.is_empty() {
+            0
+        } else {
+            set_tid.as_ptr() as u64
+        },
         set_tid_size: set_tid.len() as u64,
+        cgroup: cgroup.map_or(0, |fd| fd.as_raw_fd() as u64),
         ..Default::default()
     };
     // SAFETY: args is a valid clone_args and set_tid outlives the call;
@@ -75,6 +98,156 @@ pub fn fork_with_pid(set_tid: &[libc::pid_t]) -> io::Result<Option<i32>> {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(None),
         pid => Ok(Some(pid as i32)),
+    }
+}
+
+/// clone3 flag: start the child in the cgroup `clone_args.cgroup` names.
+pub const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// One mount a job's first process makes before it runs the command.
+pub struct MountStep {
+    pub source: CString,
+    pub target: CString,
+    pub fstype: CString,
+    pub flags: u64,
+    pub data: CString,
+}
+
+/// Everything the first process of a job does between clone3 and exec,
+/// prepared in the parent: the child must not allocate.
+pub struct JobSpawn {
+    /// CLONE_NEW* flags.
+    pub flags: u64,
+    /// `cgroup.procs` of a v1 cgroup the child moves itself into, when
+    /// CLONE_INTO_CGROUP (v2) is not used.
+    pub cgroup_v1_procs: Option<CString>,
+    pub hostname: Option<CString>,
+    /// Bring the loopback interface up (in a new network namespace).
+    pub loopback: bool,
+    pub mounts: Vec<MountStep>,
+    /// Absolute path of the program and its argv.
+    pub program: CString,
+    pub argv: Vec<CString>,
+}
+
+/// Why the first process of a job could not start: the failed step (an
+/// index into the spawn's steps: the STEP_* constants, then one per mount)
+/// and its errno.
+#[derive(Debug)]
+pub struct SpawnError {
+    pub step: usize,
+    pub error: io::Error,
+}
+
+/// Step numbers reported in `SpawnError`.
+pub const STEP_SETSID: usize = 0;
+pub const STEP_CGROUP: usize = 1;
+pub const STEP_HOSTNAME: usize = 2;
+pub const STEP_EXEC: usize = 3;
+pub const STEP_LOOPBACK: usize = 4;
+pub const STEP_MOUNTS: usize = 5;
+
+/// Starts a job's first process: clone3 with `spec.flags` (into `cgroup`
+/// when given), then in the child setsid, join the v1 cgroup, set the
+/// hostname, make the mounts and exec the program. Returns the child's PID
+/// once the exec succeeded, or which step failed and why.
+pub fn spawn_job(spec: &JobSpawn, cgroup: Option<BorrowedFd<'_>>) -> Result<i32, SpawnError> {
+    let early = |error| SpawnError {
+        step: usize::MAX,
+        error,
+    };
+    let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
+    argv.push(std::ptr::null());
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(early(io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    match fork_into(spec.flags, cgroup, &[]) {
+        Err(e) => Err(early(e)),
+        Ok(None) => child_setup(spec, &argv, wr.as_raw_fd()),
+        Ok(Some(pid)) => {
+            drop(wr);
+            let mut buf = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into buf.
+            let n = unsafe { libc::read(rd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+            if n == 8 {
+                let step = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+                let errno = i32::from_le_bytes(buf[4..].try_into().expect("4 bytes"));
+                // SAFETY: reaps the child that reported its failure.
+                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                return Err(SpawnError {
+                    step,
+                    error: io::Error::from_raw_os_error(errno),
+                });
+            }
+            Ok(pid)
+        }
+    }
+}
+
+/// The child side of `spawn_job`: raw syscalls only, no allocation.
+fn child_setup(spec: &JobSpawn, argv: &[*const libc::c_char], report: i32) -> ! {
+    let fail = |step: usize| -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut msg = [0u8; 8];
+        msg[..4].copy_from_slice(&(step as u32).to_le_bytes());
+        msg[4..].copy_from_slice(&errno.to_le_bytes());
+        // SAFETY: writes 8 bytes from a stack buffer, then exits at once.
+        unsafe {
+            libc::write(report, msg.as_ptr().cast(), 8);
+            libc::_exit(127)
+        }
+    };
+    // SAFETY: every pointer passed below comes from a CString or an array
+    // prepared by the parent and still alive in this copy of its memory;
+    // the calls are async-signal-safe and do not allocate.
+    unsafe {
+        if libc::setsid() < 0 {
+            fail(STEP_SETSID);
+        }
+        if let Some(procs) = &spec.cgroup_v1_procs {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                fail(STEP_CGROUP);
+            }
+            libc::close(fd);
+        }
+        if let Some(h) = &spec.hostname {
+            if libc::sethostname(h.as_ptr(), h.as_bytes().len()) != 0 {
+                fail(STEP_HOSTNAME);
+            }
+        }
+        if spec.loopback && super::misc::loopback_up().is_err() {
+            fail(STEP_LOOPBACK);
+        }
+        for (i, m) in spec.mounts.iter().enumerate() {
+            let opt = |c: &CString| {
+                if c.as_bytes().is_empty() {
+                    std::ptr::null()
+                } else {
+                    c.as_ptr()
+                }
+            };
+            if libc::mount(
+                opt(&m.source),
+                m.target.as_ptr(),
+                opt(&m.fstype),
+                m.flags as libc::c_ulong,
+                opt(&m.data).cast(),
+            ) != 0
+            {
+                fail(STEP_MOUNTS + i);
+            }
+        }
+        // A job starts with stdin, stdout and stderr only: descriptors the
+        // caller leaked would tie it to processes outside the job.
+        const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        libc::execv(spec.program.as_ptr(), argv.as_ptr());
+        fail(STEP_EXEC)
     }
 }
 

@@ -127,3 +127,29 @@ pub fn readable_bytes(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<usize> {
     }
     Ok(n as usize)
 }
+
+/// Brings the loopback interface of the calling thread's network namespace
+/// up (a new namespace starts with it down). Raw syscalls only, no
+/// allocation: safe in a freshly forked child.
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: socket/ioctl/close with a stack ifreq that outlives the calls.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        ifr.ifr_name[..3].copy_from_slice(&[b'l' as libc::c_char, b'o' as libc::c_char, 0]);
+        let mut r = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr);
+        if r == 0 {
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            r = libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr);
+        }
+        let err = io::Error::last_os_error();
+        libc::close(s);
+        if r != 0 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}

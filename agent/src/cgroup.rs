@@ -1,0 +1,277 @@
+//! The cgroup of a job: where `run` puts it, what `dump` freezes so that no
+//! fork, clone or exit can race the seizing, and what restore recreates.
+//!
+//! Every job gets `<root>/ckpt/<job>`, under the cgroup v2 hierarchy when
+//! it is mounted (its `cgroup.freeze` needs no controller, so the hybrid
+//! layout of this kind of machine works), else under the v1 freezer.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::proc;
+
+/// Which freezer a job cgroup uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freezer {
+    /// cgroup v2: `cgroup.freeze`, state in `cgroup.events`.
+    V2,
+    /// cgroup v1 freezer controller: `freezer.state`.
+    V1,
+}
+
+/// The directory under each hierarchy that holds the job cgroups.
+const PARENT: &str = "ckpt";
+/// How long freezing may take before the dump gives up (and thaws).
+const FREEZE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A job's cgroup.
+#[derive(Debug, Clone)]
+pub struct JobCgroup {
+    pub job: String,
+    pub dir: PathBuf,
+    pub freezer: Freezer,
+}
+
+/// The mount points of the v2 hierarchy and of the v1 freezer, if any.
+fn hierarchies() -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+    let mounts = proc::parse_mountinfo(
+        &std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io("/proc/self/mountinfo", e))?,
+    );
+    let v2 = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup2")
+        .map(|m| PathBuf::from(&m.mount_point));
+    let v1 = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == "freezer"))
+        .map(|m| PathBuf::from(&m.mount_point));
+    Ok((v2, v1))
+}
+
+/// A job id becomes a directory name: keep it to a safe alphabet.
+pub fn check_job_id(job: &str) -> Result<()> {
+    let ok = !job.is_empty()
+        && job.len() <= 64
+        && !job.starts_with('.')
+        && job
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Job {
+            job: job.into(),
+            reason: "not a valid job id: use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'".into(),
+        })
+    }
+}
+
+impl JobCgroup {
+    /// Creates the cgroup of job `job`, which must not exist yet (or be an
+    /// empty leftover of a finished job of that name).
+    pub fn create(job: &str) -> Result<Self> {
+        check_job_id(job)?;
+        let (v2, v1) = hierarchies()?;
+        let (root, freezer) = match (v2, v1) {
+            (Some(r), _) if r.join("cgroup.procs").exists() => (r, Freezer::V2),
+            (_, Some(r)) => (r, Freezer::V1),
+            _ => {
+                return Err(Error::Job {
+                    job: job.into(),
+                    reason: "no cgroup v2 hierarchy and no cgroup v1 freezer is mounted: a job needs one to be frozen".into(),
+                })
+            }
+        };
+        let parent = root.join(PARENT);
+        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let dir = parent.join(job);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let cg = JobCgroup {
+                    job: job.into(),
+                    dir: dir.clone(),
+                    freezer,
+                };
+                if !cg.procs()?.is_empty() {
+                    return Err(Error::Job {
+                        job: job.into(),
+                        reason: format!(
+                            "it is running on this node (cgroup {} is in use); pick another job id",
+                            dir.display()
+                        ),
+                    });
+                }
+                cg.thaw()?;
+                return Ok(cg);
+            }
+            Err(e) => return Err(Error::io(&dir, e)),
+        }
+        debug!(job, dir = %dir.display(), "job cgroup created");
+        Ok(JobCgroup {
+            job: job.into(),
+            dir,
+            freezer,
+        })
+    }
+
+    /// The job cgroup `pid` is in, if it is in one.
+    pub fn of_pid(pid: i32) -> Result<Option<Self>> {
+        let text = proc::read(pid, "cgroup")?;
+        let (v2, v1) = hierarchies()?;
+        let prefix = format!("/{PARENT}/");
+        for line in text.lines() {
+            let mut f = line.splitn(3, ':');
+            let (_, ctrls, path) = match (f.next(), f.next(), f.next()) {
+                (Some(a), Some(b), Some(c)) => (a, b, c),
+                _ => continue,
+            };
+            let Some(job) = path.strip_prefix(&prefix) else {
+                continue;
+            };
+            // A job's own sub-cgroups still belong to the job.
+            let job = job.split('/').next().unwrap_or(job);
+            let (root, freezer) = if ctrls.is_empty() {
+                match &v2 {
+                    Some(r) => (r, Freezer::V2),
+                    None => continue,
+                }
+            } else if ctrls.split(',').any(|c| c == "freezer") {
+                match &v1 {
+                    Some(r) => (r, Freezer::V1),
+                    None => continue,
+                }
+            } else {
+                continue;
+            };
+            return Ok(Some(JobCgroup {
+                job: job.to_string(),
+                dir: root.join(PARENT).join(job),
+                freezer,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn write(&self, file: &str, val: &str) -> Result<()> {
+        let p = self.dir.join(file);
+        std::fs::write(&p, val).map_err(|e| Error::io(&p, e))
+    }
+
+    fn read(&self, file: &str) -> Result<String> {
+        let p = self.dir.join(file);
+        std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
+    }
+
+    /// The processes in the cgroup (host PIDs), sorted.
+    pub fn procs(&self) -> Result<Vec<i32>> {
+        let mut v: Vec<i32> = self
+            .read("cgroup.procs")?
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        v.sort_unstable();
+        Ok(v)
+    }
+
+    /// The directory, opened for clone3's CLONE_INTO_CGROUP (v2 only).
+    pub fn open(&self) -> Result<File> {
+        File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))
+    }
+
+    fn frozen(&self) -> Result<bool> {
+        Ok(match self.freezer {
+            Freezer::V2 => self
+                .read("cgroup.events")?
+                .lines()
+                .any(|l| l.trim() == "frozen 1"),
+            Freezer::V1 => self.read("freezer.state")?.trim() == "FROZEN",
+        })
+    }
+
+    /// Freezes every task of the cgroup and waits until all are frozen;
+    /// returns a guard that thaws them when dropped.
+    pub fn freeze(&self) -> Result<Frozen<'_>> {
+        match self.freezer {
+            Freezer::V2 => self.write("cgroup.freeze", "1")?,
+            Freezer::V1 => self.write("freezer.state", "FROZEN")?,
+        }
+        let guard = Frozen { cg: self };
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        while !self.frozen()? {
+            if Instant::now() >= deadline {
+                return Err(Error::Job {
+                    job: self.job.clone(),
+                    reason: format!(
+                        "did not freeze within {FREEZE_TIMEOUT:?} (a task stuck in the kernel?); it was thawed"
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(guard)
+    }
+
+    /// Lets the cgroup's tasks run (tasks stopped by ptrace stay stopped).
+    pub fn thaw(&self) -> Result<()> {
+        match self.freezer {
+            Freezer::V2 => self.write("cgroup.freeze", "0"),
+            Freezer::V1 => self.write("freezer.state", "THAWED"),
+        }
+    }
+
+    /// Removes the cgroup once its last task is gone (the kernel drops
+    /// reaped tasks asynchronously, hence the short retry).
+    pub fn remove(&self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match std::fs::remove_dir(&self.dir) {
+                Ok(()) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Err(e) if Instant::now() >= deadline => {
+                    warn!("cannot remove job cgroup {}: {e}", self.dir.display());
+                    return;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+
+    /// Moves the calling process into the cgroup (v1, where clone3 cannot
+    /// place a child directly).
+    pub fn enter_self(dir: &Path) -> Result<()> {
+        let p = dir.join("cgroup.procs");
+        std::fs::write(&p, "0").map_err(|e| Error::io(&p, e))
+    }
+}
+
+/// A frozen job cgroup; thawed when dropped.
+pub struct Frozen<'a> {
+    cg: &'a JobCgroup,
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.cg.thaw() {
+            warn!("cannot thaw job {}: {e}", self.cg.job);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids() {
+        assert!(check_job_id("job-42.a_b").is_ok());
+        for bad in ["", "..", "a/b", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(check_job_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

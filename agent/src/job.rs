@@ -1,0 +1,202 @@
+//! `ckpt-agent run`: start a command as a job that can later be restored
+//! with the same PIDs anywhere: its own cgroup (to freeze it atomically)
+//! and its own PID, IPC, UTS and mount namespaces (network when asked),
+//! with job-private tmpfs on /tmp and /dev/shm.
+//!
+//! The command itself is the job's root and PID 1 of its PID namespace: it
+//! reaps orphans of the job and ignores signals it has no handler for
+//! (except SIGKILL from outside), as any namespace init does.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use tracing::info;
+
+use crate::cgroup::{Freezer, JobCgroup};
+use crate::error::{Error, Result};
+use crate::sys::clone::{self, JobSpawn, MountStep, SpawnError};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The job id (a cgroup name); generated when absent.
+    pub job: Option<String>,
+    /// Give the job its own network namespace (with loopback up).
+    pub net: bool,
+    /// Hostname inside the job's UTS namespace (default: the node's).
+    pub hostname: Option<String>,
+    pub cmd: Vec<String>,
+}
+
+/// A started job.
+#[derive(Debug)]
+pub struct Job {
+    pub id: String,
+    /// Host PID of the job's root (PID 1 inside).
+    pub pid: i32,
+    pub cgroup: JobCgroup,
+}
+
+/// The namespaces every job gets.
+pub const JOB_NAMESPACES: u64 =
+    (libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS | libc::CLONE_NEWNS) as u64;
+
+/// The mounts that make a job's mount namespace its own: no mount event
+/// leaks out (the tree becomes a slave of the node's), a procfs of its PID
+/// namespace, private /tmp and /dev/shm, and its IPC namespace's mqueue
+/// filesystem.
+pub fn job_mounts() -> Vec<(&'static str, &'static str, &'static str, u64, &'static str)> {
+    let nsd = libc::MS_NOSUID | libc::MS_NODEV;
+    // Systems without systemd lack the usual mount point: POSIX message
+    // queues of a job can only be listed (and so checkpointed) through it.
+    let _ = std::fs::create_dir_all("/dev/mqueue");
+    let mut v = vec![
+        ("", "/", "", (libc::MS_REC | libc::MS_SLAVE), ""),
+        ("proc", "/proc", "proc", nsd | libc::MS_NOEXEC, ""),
+        ("tmpfs", "/tmp", "tmpfs", nsd, "mode=1777"),
+        ("tmpfs", "/dev/shm", "tmpfs", nsd, "mode=1777"),
+    ];
+    if Path::new("/dev/mqueue").is_dir() {
+        v.push(("mqueue", "/dev/mqueue", "mqueue", nsd | libc::MS_NOEXEC, ""));
+    }
+    v
+}
+
+fn cstring(s: &str, what: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::Job {
+        job: String::new(),
+        reason: format!("{what} {s:?} contains a NUL byte"),
+    })
+}
+
+/// Finds `prog` as execvp would, so the child needs no allocation.
+fn resolve(prog: &str) -> Option<PathBuf> {
+    if prog.contains('/') {
+        return Some(PathBuf::from(prog));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(prog))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            p.metadata()
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Starts `req.cmd` as a new job; returns once the command is executing.
+pub fn run(req: &RunRequest) -> Result<Job> {
+    let id = req.job.clone().unwrap_or_else(|| {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        format!("job-{ms}")
+    });
+    let job_err = |reason: String| Error::Job {
+        job: id.clone(),
+        reason,
+    };
+    let prog = req
+        .cmd
+        .first()
+        .ok_or_else(|| job_err("no command given".into()))?;
+    let program =
+        resolve(prog).ok_or_else(|| job_err(format!("command {prog:?} not found in PATH")))?;
+    let cg = JobCgroup::create(&id)?;
+    let mut flags = JOB_NAMESPACES;
+    if req.net {
+        flags |= libc::CLONE_NEWNET as u64;
+    }
+    let mounts = job_mounts();
+    let spec = JobSpawn {
+        flags,
+        cgroup_v1_procs: match cg.freezer {
+            Freezer::V1 => Some(cstring(
+                &cg.dir.join("cgroup.procs").to_string_lossy(),
+                "cgroup path",
+            )?),
+            Freezer::V2 => None,
+        },
+        hostname: req
+            .hostname
+            .as_deref()
+            .map(|h| cstring(h, "hostname"))
+            .transpose()?,
+        loopback: req.net,
+        mounts: mounts
+            .iter()
+            .map(|(src, tgt, fs, fl, data)| {
+                Ok(MountStep {
+                    source: cstring(src, "mount source")?,
+                    target: cstring(tgt, "mount point")?,
+                    fstype: cstring(fs, "filesystem type")?,
+                    flags: *fl,
+                    data: cstring(data, "mount options")?,
+                })
+            })
+            .collect::<Result<_>>()?,
+        program: cstring(&program.to_string_lossy(), "program")?,
+        argv: req
+            .cmd
+            .iter()
+            .map(|a| cstring(a, "argument"))
+            .collect::<Result<_>>()?,
+    };
+    let cgfd = match cg.freezer {
+        Freezer::V2 => Some(cg.open()?),
+        Freezer::V1 => None,
+    };
+    use std::os::fd::AsFd;
+    let pid = match clone::spawn_job(&spec, cgfd.as_ref().map(|f| f.as_fd())) {
+        Ok(pid) => pid,
+        Err(SpawnError { step, error }) => {
+            cg.remove();
+            let what = match step {
+                clone::STEP_SETSID => "setsid".to_string(),
+                clone::STEP_CGROUP => format!("joining {}", cg.dir.display()),
+                clone::STEP_HOSTNAME => "sethostname".to_string(),
+                clone::STEP_LOOPBACK => "bringing loopback up".to_string(),
+                clone::STEP_EXEC => format!("exec {}", program.display()),
+                n if n >= clone::STEP_MOUNTS && n - clone::STEP_MOUNTS < mounts.len() => {
+                    let m = mounts[n - clone::STEP_MOUNTS];
+                    format!("mount {} on {}", m.2, m.1)
+                }
+                _ => "clone3 with new namespaces".to_string(),
+            };
+            return Err(job_err(format!("cannot start: {what}: {error}")));
+        }
+    };
+    info!(job = %id, pid, "job started");
+    Ok(Job {
+        id,
+        pid,
+        cgroup: cg,
+    })
+}
+
+impl Job {
+    /// Waits for the job's root to exit, removes the job's cgroup, and
+    /// returns the root's exit code (128 + signal when killed).
+    pub fn wait(&self) -> Result<i32> {
+        let code = wait_exit(self.pid)?;
+        self.cgroup.remove();
+        Ok(code)
+    }
+}
+
+/// Waits for child `pid` to end; its exit code, or 128 + the signal.
+pub fn wait_exit(pid: i32) -> Result<i32> {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, c)) => return Ok(c),
+            Ok(WaitStatus::Signaled(_, s, _)) => return Ok(128 + s as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(Error::sys(pid, "waitpid", e)),
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The namespaces of a job: which ones are its own, PID translation between
+//! the agent's view and the job's, UTS names, and the mounts the job added
+//! to its mount namespace (tmpfs contents included).
+//!
+//! Only namespaces the tree's root does not share with the dumping agent are
+//! recorded and recreated; a process living in the agent's namespace keeps
+//! the namespace of the agent that restores it.
+//!
+//! Reading and writing inside a job's namespace runs on a short-lived thread
+//! that entered it (`in_ns`): setns is per thread, so the rest of the agent
+//! keeps its own view. Mounts are made by the job's root itself (injected
+//! mount calls), because a procfs belongs to the PID namespace of whoever
+//! mounts it.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use ckpt_proto::image::{FdTable, Mount, NsImage, TaskCore};
+use ckpt_proto::ImageKind;
+use nix::sched::CloneFlags;
+use tracing::{debug, warn};
+
+use crate::error::{Error, Result};
+use crate::images::ImageWriter;
+use crate::inject::{Remote, Scratch};
+use crate::proc::{self, MountInfo};
+
+/// Image file of the namespaces.
+pub const NS_IMAGE: &str = "ns.img";
+
+/// The namespaces ckpt knows, as /proc/PID/ns names and clone flags.
+const KINDS: [(&str, i32); 7] = [
+    ("pid", libc::CLONE_NEWPID),
+    ("ipc", libc::CLONE_NEWIPC),
+    ("uts", libc::CLONE_NEWUTS),
+    ("mnt", libc::CLONE_NEWNS),
+    ("net", libc::CLONE_NEWNET),
+    ("cgroup", libc::CLONE_NEWCGROUP),
+    ("time", libc::CLONE_NEWTIME),
+];
+
+/// Namespaces restore can recreate for a job.
+const RESTORABLE: u64 = (libc::CLONE_NEWPID
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWNET) as u64;
+
+fn ns_name(flag: u64) -> &'static str {
+    KINDS
+        .iter()
+        .find(|(_, f)| *f as u64 == flag)
+        .map_or("?", |(n, _)| n)
+}
+
+fn ns_inode(pid: &str, name: &str) -> Result<u64> {
+    let p = format!("/proc/{pid}/ns/{name}");
+    Ok(std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.ino())
+}
+
+/// The namespaces `pid` has apart from this agent's, as CLONE_NEW* flags.
+pub fn own_namespaces(pid: i32) -> Result<u64> {
+    let mut own = 0;
+    for (name, flag) in KINDS {
+        if ns_inode(&pid.to_string(), name)? != ns_inode("self", name)? {
+            own |= flag as u64;
+        }
+    }
+    Ok(own)
+}
+
+/// Runs `f` on a thread that entered the `flags` namespaces of `pid`.
+pub fn in_ns<T: Send>(pid: i32, flags: u64, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let files = KINDS
+        .iter()
+        .filter(|(_, fl)| flags & *fl as u64 != 0)
+        .map(|(name, fl)| {
+            let p = format!("/proc/{pid}/ns/{name}");
+            File::open(&p)
+                .map(|file| (file, *fl, *name))
+                .map_err(|e| Error::io(&p, e))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            if flags & libc::CLONE_NEWNS as u64 != 0 {
+                // A thread shares its root and cwd with the whole agent until
+                // it unshares them; only then may it change mount namespace.
+                nix::sched::unshare(CloneFlags::CLONE_FS)
+                    .map_err(|e| Error::sys(pid, "unshare(CLONE_FS)", e))?;
+            }
+            for (file, fl, name) in &files {
+                nix::sched::setns(file, CloneFlags::from_bits_retain(*fl))
+                    .map_err(|e| Error::sys(pid, format!("entering its {name} namespace"), e))?;
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(Error::Refused {
+                pid,
+                reason: "a namespace worker thread panicked".into(),
+            })
+        })
+    })
+}
+
+/// Translates PIDs as the agent sees them (host) into the job's (inner).
+/// Empty (identity) when the tree shares the agent's PID namespace.
+#[derive(Debug, Default, Clone)]
+pub struct PidMap {
+    inner: HashMap<i32, i32>,
+}
+
+/// The last field of a "NSpid:" line: the id in the innermost namespace.
+fn innermost(status: &HashMap<String, String>, key: &str) -> Option<i32> {
+    status.get(key)?.split_whitespace().last()?.parse().ok()
+}
+
+impl PidMap {
+    /// Builds the map of every process and thread of `pids` (host PIDs).
+    pub fn of_tree(pids: &[i32]) -> Result<Self> {
+        let mut inner = HashMap::new();
+        for &pid in pids {
+            for tid in proc::tids(pid)? {
+                let st = proc::parse_status(&proc::read(pid, &format!("task/{tid}/status"))?);
+                let v = innermost(&st, "NSpid").ok_or_else(|| Error::Refused {
+                    pid,
+                    reason: format!("no NSpid in /proc/{pid}/task/{tid}/status"),
+                })?;
+                inner.insert(tid, v);
+            }
+        }
+        Ok(PidMap { inner })
+    }
+
+    /// Adds one translation (a zombie's, which has no status to read).
+    pub fn insert(&mut self, host: i32, inner: i32) {
+        self.inner.insert(host, inner);
+    }
+
+    /// The inner id of `host`; identity for an empty map, 0 for a process
+    /// outside the job (the root's parent).
+    pub fn inner(&self, host: i32) -> i32 {
+        if self.inner.is_empty() {
+            host
+        } else {
+            self.inner.get(&host).copied().unwrap_or(0)
+        }
+    }
+
+    /// Every PID of a process image, into the job's view.
+    pub fn core(&self, c: &mut TaskCore) {
+        c.pid = self.inner(c.pid);
+        c.ppid = self.inner(c.ppid);
+        c.pgid = self.inner(c.pgid);
+        c.sid = self.inner(c.sid);
+        for t in &mut c.threads {
+            t.tid = self.inner(t.tid);
+        }
+        for t in &mut c.posix_timers {
+            if t.notify_tid != 0 {
+                t.notify_tid = self.inner(t.notify_tid);
+            }
+        }
+    }
+
+    /// Every PID of an fd table, into the job's view.
+    pub fn fds(&self, t: &mut FdTable) {
+        t.pid = self.inner(t.pid);
+        for f in &mut t.files {
+            if f.owner_pid != 0 {
+                f.owner_pid = self.inner(f.owner_pid);
+            }
+        }
+    }
+
+    /// host -> inner pairs, for the image.
+    pub fn pairs(&self) -> HashMap<i32, i32> {
+        self.inner.iter().map(|(h, i)| (*i, *h)).collect()
+    }
+}
+
+/// What the namespaces part of a dump found.
+pub struct NsDump {
+    pub image: NsImage,
+    pub pids: PidMap,
+}
+
+/// Checks the namespaces of the tree and records the job's own ones.
+/// `members` are the tree's processes (host PIDs, root first), all stopped.
+pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
+    let root = members[0];
+    let own = own_namespaces(root)?;
+    for &pid in &members[1..] {
+        for (name, _) in KINDS {
+            if ns_inode(&pid.to_string(), name)? != ns_inode(&root.to_string(), name)? {
+                return Err(Error::Refused {
+                    pid,
+                    reason: format!(
+                        "it is in another {name} namespace than the tree's root {root}; not supported yet"
+                    ),
+                });
+            }
+        }
+    }
+    for (flag, why) in [
+        (
+            libc::CLONE_NEWTIME,
+            "time namespace offsets are not restored yet",
+        ),
+        (
+            libc::CLONE_NEWCGROUP,
+            "cgroup namespaces are not restored yet",
+        ),
+    ] {
+        if own & flag as u64 != 0 {
+            return Err(Error::Refused {
+                pid: root,
+                reason: format!("it has its own {} namespace: {why}", ns_name(flag as u64)),
+            });
+        }
+    }
+    let mut image = NsImage {
+        own,
+        ..Default::default()
+    };
+    let mut pids = PidMap::default();
+    if own & libc::CLONE_NEWPID as u64 != 0 {
+        let st = proc::status(root)?;
+        let mine = proc::parse_status(&proc::read(std::process::id() as i32, "status")?);
+        let depth = |s: &HashMap<String, String>| {
+            s.get("NSpid").map_or(0, |v| v.split_whitespace().count())
+        };
+        if innermost(&st, "NSpid") != Some(1) || depth(&st) != depth(&mine) + 1 {
+            return Err(Error::Refused {
+                pid: root,
+                reason: format!(
+                    "it lives in a PID namespace it is not the init of (NSpid {}); dump that namespace's init, \
+                     or a tree in the agent's own PID namespace",
+                    st.get("NSpid").map_or("?", |s| s.as_str())
+                ),
+            });
+        }
+        pids = PidMap::of_tree(members)?;
+    }
+    if own & libc::CLONE_NEWUTS as u64 != 0 {
+        let u = in_ns(root, libc::CLONE_NEWUTS as u64, || {
+            Ok(nix::sys::utsname::uname())
+        })?
+        .map_err(|e| Error::sys(root, "uname in its UTS namespace", e))?;
+        image.hostname = u.nodename().to_string_lossy().into_owned();
+        image.domainname = u.domainname().to_string_lossy().into_owned();
+    }
+    if own & libc::CLONE_NEWNET as u64 != 0 {
+        let dev = proc::read(root, "net/dev")?;
+        let ifaces: Vec<&str> = dev
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next().map(str::trim))
+            .filter(|i| *i != "lo")
+            .collect();
+        if !ifaces.is_empty() {
+            return Err(Error::Refused {
+                pid: root,
+                reason: format!(
+                    "its network namespace has interfaces other than lo ({}); not supported yet",
+                    ifaces.join(", ")
+                ),
+            });
+        }
+    }
+    if own & libc::CLONE_NEWNS as u64 != 0 {
+        image.mounts = job_mounts(root)?;
+        dump_contents(root, &mut image.mounts, writer)?;
+    }
+    if let Some(cg) = crate::cgroup::JobCgroup::of_pid(root)? {
+        image.job = cg.job;
+    }
+    image.host_pids = pids.pairs();
+    writer.write(NS_IMAGE, ImageKind::Ns, &image)?;
+    Ok(NsDump { image, pids })
+}
+
+/// The key a mount is matched by between two mount namespaces.
+fn mount_key(m: &MountInfo) -> (&str, &str, &str, &str) {
+    (&m.mount_point, &m.fstype, &m.source, &m.root)
+}
+
+/// Per-mount flags from mountinfo's per-mount options.
+fn mount_flags(options: &str) -> u64 {
+    options
+        .split(',')
+        .map(|o| match o {
+            "ro" => libc::MS_RDONLY,
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            "strictatime" => libc::MS_STRICTATIME,
+            _ => 0,
+        })
+        .fold(0, |a, b| a | b)
+}
+
+fn propagation(tags: &[String]) -> &'static str {
+    if tags.iter().any(|t| t.starts_with("shared:")) {
+        "shared"
+    } else if tags.iter().any(|t| t.starts_with("master:")) {
+        "slave"
+    } else if tags.iter().any(|t| t == "unbindable") {
+        "unbindable"
+    } else {
+        "private"
+    }
+}
+
+/// Filesystems restore mounts afresh (their contents are the kernel's view
+/// of the job's namespaces, or saved with the job, for tmpfs).
+const FRESH: [&str; 4] = ["tmpfs", "proc", "mqueue", "sysfs"];
+
+/// The mounts of `job` (a mount table) that are not in `agent`'s: those the
+/// job made. Mounts are matched as multisets, so a job's procfs stacked on
+/// the node's /proc counts as the job's.
+pub fn added_mounts(job: &[MountInfo], agent: &[MountInfo], pid: i32) -> Result<Vec<Mount>> {
+    let mut left: Vec<&MountInfo> = agent.iter().collect();
+    let mut out = Vec::new();
+    for (i, m) in job.iter().enumerate() {
+        if let Some(k) = left.iter().position(|a| mount_key(a) == mount_key(m)) {
+            left.swap_remove(k);
+            continue;
+        }
+        // A filesystem mounted earlier in the job's table (inherited or
+        // not): this is a bind of some directory of it.
+        let from = job[..i].iter().rev().find_map(|e| {
+            let rest = m.root.strip_prefix(e.root.trim_end_matches('/'))?;
+            (e.dev == m.dev && (rest.is_empty() || rest.starts_with('/'))).then(|| {
+                format!("{}{}", e.mount_point.trim_end_matches('/'), rest).replace("//", "/")
+            })
+        });
+        let bind_from = match from {
+            Some(f) => f,
+            None if FRESH.contains(&m.fstype.as_str()) && m.root == "/" => String::new(),
+            None => {
+                return Err(Error::Refused {
+                    pid,
+                    reason: format!(
+                        "its mount of {} ({} from {}) is not supported yet: only tmpfs, proc, mqueue, sysfs and bind mounts are",
+                        m.mount_point, m.fstype, m.source
+                    ),
+                })
+            }
+        };
+        out.push(Mount {
+            mount_point: m.mount_point.clone(),
+            fstype: m.fstype.clone(),
+            source: m.source.clone(),
+            super_options: m.super_options.clone(),
+            flags: mount_flags(&m.options),
+            propagation: propagation(&m.tags).into(),
+            bind_from,
+            contents: String::new(),
+        });
+    }
+    Ok(out)
+}
+
+fn job_mounts(root: i32) -> Result<Vec<Mount>> {
+    let job = proc::mountinfo(root)?;
+    let agent = proc::mountinfo(std::process::id() as i32)?;
+    added_mounts(&job, &agent, root)
+}
+
+/// Archives the contents of every fresh tmpfs of the job, walked from a
+/// thread inside the job's mount namespace.
+fn dump_contents(root: i32, mounts: &mut [Mount], writer: &ImageWriter) -> Result<()> {
+    for i in 0..mounts.len() {
+        let m = &mounts[i];
+        if m.fstype != "tmpfs" || !m.bind_from.is_empty() {
+            continue;
+        }
+        if mounts[i + 1..]
+            .iter()
+            .any(|o| o.mount_point == m.mount_point)
+        {
+            warn!(
+                pid = root,
+                "tmpfs on {} is covered by another mount: its contents are not saved",
+                m.mount_point
+            );
+            continue;
+        }
+        let name = format!("mnt-{i}.tar");
+        let path = writer.dir().join(&name);
+        let out = File::create(&path).map_err(|e| Error::io(&path, e))?;
+        let mp = PathBuf::from(&m.mount_point);
+        let n = in_ns(root, libc::CLONE_NEWNS as u64, || archive(&mp, out, root))?;
+        debug!(pid = root, mount = %m.mount_point, entries = n, "tmpfs archived");
+        writer.add_raw(&name)?;
+        mounts[i].contents = name;
+    }
+    Ok(())
+}
+
+/// Writes a tar archive of the directory tree at `dir` (not crossing into
+/// other mounts; sockets, which are recreated by their owners, skipped).
+fn archive(dir: &Path, out: File, pid: i32) -> Result<usize> {
+    let dev = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?.dev();
+    let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, out));
+    tar.follow_symlinks(false);
+    tar.mode(tar::HeaderMode::Complete);
+    let mut stack = vec![PathBuf::new()];
+    let mut n = 0;
+    while let Some(rel) = stack.pop() {
+        let full = dir.join(&rel);
+        let rd = std::fs::read_dir(&full).map_err(|e| Error::io(&full, e))?;
+        for e in rd {
+            let e = e.map_err(|e| Error::io(&full, e))?;
+            let path = e.path();
+            let md = std::fs::symlink_metadata(&path).map_err(|e| Error::io(&path, e))?;
+            let name = rel.join(e.file_name());
+            if md.file_type().is_socket() {
+                debug!(pid, path = %path.display(), "socket file not archived");
+                continue;
+            }
+            if md.is_dir() && md.dev() != dev {
+                debug!(pid, path = %path.display(), "mount point inside tmpfs not crossed");
+                continue;
+            }
+            tar.append_path_with_name(&path, &name)
+                .map_err(|e| Error::io(&path, e))?;
+            n += 1;
+            if md.is_dir() {
+                stack.push(name);
+            }
+        }
+    }
+    tar.into_inner()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(dir, e))?;
+    Ok(n)
+}
+
+/// Unpacks a tmpfs archive into `dir`, from a thread inside the job's
+/// mount namespace.
+fn unarchive(archive: File, dir: &Path) -> Result<()> {
+    let mut a = tar::Archive::new(BufReader::with_capacity(1 << 20, archive));
+    a.set_preserve_permissions(true);
+    a.set_preserve_ownerships(true);
+    a.set_preserve_mtime(true);
+    a.set_overwrite(true);
+    a.unpack(dir).map_err(|e| Error::io(dir, e))
+}
+
+/// The clone flags that create the job's own namespaces for its root.
+pub fn clone_flags(img: &NsImage) -> u64 {
+    img.own & RESTORABLE
+}
+
+/// Whether the job has its own PID namespace (its root is PID 1 in it).
+pub fn own_pid_ns(img: &NsImage) -> bool {
+    img.own & libc::CLONE_NEWPID as u64 != 0
+}
+
+fn mount_call(
+    remote: &Remote,
+    scratch: &mut Scratch,
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: u64,
+    data: &str,
+) -> Result<()> {
+    scratch.reset();
+    let mut s = |v: &str| -> Result<u64> {
+        if v.is_empty() {
+            Ok(0)
+        } else {
+            scratch.put_cstr(v)
+        }
+    };
+    let (a, b, c, d) = (s(src)?, s(target)?, s(fstype)?, s(data)?);
+    remote.syscall(libc::SYS_mount, &[a, b, c, flags, d])?;
+    Ok(())
+}
+
+/// Super options that are the mount's flags (passed as flags, not data).
+fn fs_data(super_options: &str) -> String {
+    super_options
+        .split(',')
+        .filter(|o| !matches!(*o, "rw" | "ro" | ""))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Recreates the job's own namespaces' contents from inside its freshly
+/// cloned root `remote` (host PID `host`): mounts with tmpfs contents, UTS
+/// names, loopback. Runs before any other process of the job exists.
+pub fn restore_root(
+    img: &NsImage,
+    host: i32,
+    remote: &Remote,
+    scratch: &mut Scratch,
+    dir: &Path,
+) -> Result<()> {
+    if img.own & libc::CLONE_NEWNS as u64 != 0 {
+        let slave = libc::MS_REC | libc::MS_SLAVE;
+        mount_call(remote, scratch, "", "/", "", slave, "")?;
+        for m in &img.mounts {
+            restore_mount(m, host, remote, scratch, dir)?;
+        }
+    }
+    if img.own & libc::CLONE_NEWUTS as u64 != 0 {
+        for (nr, name) in [
+            (libc::SYS_sethostname, &img.hostname),
+            (libc::SYS_setdomainname, &img.domainname),
+        ] {
+            scratch.reset();
+            let p = scratch.put(name.as_bytes())?;
+            remote.syscall(nr, &[p, name.len() as u64])?;
+        }
+    }
+    if img.own & libc::CLONE_NEWNET as u64 != 0 {
+        in_ns(host, libc::CLONE_NEWNET as u64, || {
+            crate::sys::misc::loopback_up().map_err(|e| Error::sys(host, "bringing lo up", e))
+        })?;
+    }
+    Ok(())
+}
+
+fn restore_mount(
+    m: &Mount,
+    host: i32,
+    remote: &Remote,
+    scratch: &mut Scratch,
+    dir: &Path,
+) -> Result<()> {
+    let mp = m.mount_point.as_str();
+    let ctx = |e: Error| Error::Refused {
+        pid: host,
+        reason: format!("recreating its mount of {} on {mp}: {e}", m.fstype),
+    };
+    if m.bind_from.is_empty() {
+        mount_call(
+            remote,
+            scratch,
+            &m.source,
+            mp,
+            &m.fstype,
+            m.flags,
+            &fs_data(&m.super_options),
+        )
+        .map_err(ctx)?;
+    } else {
+        let bind = libc::MS_BIND;
+        mount_call(remote, scratch, &m.bind_from, mp, "", bind, "").map_err(ctx)?;
+        let remount = (libc::MS_REMOUNT | libc::MS_BIND) | m.flags;
+        mount_call(remote, scratch, "", mp, "", remount, "").map_err(ctx)?;
+    }
+    let prop = match m.propagation.as_str() {
+        "shared" => libc::MS_SHARED,
+        "slave" => libc::MS_SLAVE,
+        "unbindable" => libc::MS_UNBINDABLE,
+        _ => libc::MS_PRIVATE,
+    };
+    mount_call(remote, scratch, "", mp, "", prop, "").map_err(ctx)?;
+    if !m.contents.is_empty() {
+        let path = dir.join(&m.contents);
+        let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let target = PathBuf::from(mp);
+        in_ns(host, libc::CLONE_NEWNS as u64, || unarchive(f, &target)).map_err(ctx)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mi(line: &str) -> MountInfo {
+        proc::parse_mountinfo(line).remove(0)
+    }
+
+    #[test]
+    fn added_mounts_are_the_jobs_own() {
+        let agent = vec![
+            mi("1 0 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"),
+            mi("2 1 0:5 / /proc rw,nosuid shared:2 - proc proc rw"),
+            mi("3 1 0:6 / /dev/shm rw shared:3 - tmpfs tmpfs rw"),
+        ];
+        let job = vec![
+            mi("10 9 8:1 / / rw,relatime master:1 - ext4 /dev/sda1 rw"),
+            mi("11 10 0:5 / /proc rw,nosuid master:2 - proc proc rw"),
+            mi("12 10 0:6 / /dev/shm rw master:3 - tmpfs tmpfs rw"),
+            mi("13 11 0:40 / /proc rw,nosuid,nodev,noexec - proc proc rw"),
+            mi("14 10 0:41 / /tmp rw,nosuid,nodev shared:7 - tmpfs tmpfs rw,mode=1777"),
+            mi("15 12 0:42 / /dev/shm rw,nosuid,nodev - tmpfs tmpfs rw,mode=1777"),
+            mi("16 14 0:41 /data /mnt/data ro,relatime shared:7 - tmpfs tmpfs rw,mode=1777"),
+            mi("17 10 8:1 /home/u /mnt/home rw master:1 - ext4 /dev/sda1 rw"),
+        ];
+        let m = added_mounts(&job, &agent, 1).unwrap();
+        let points: Vec<&str> = m.iter().map(|m| m.mount_point.as_str()).collect();
+        assert_eq!(
+            points,
+            ["/proc", "/tmp", "/dev/shm", "/mnt/data", "/mnt/home"]
+        );
+        assert_eq!(
+            m[0].flags,
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC
+        );
+        assert_eq!(m[1].propagation, "shared");
+        assert_eq!(m[1].bind_from, "");
+        assert_eq!(m[3].bind_from, "/tmp/data");
+        assert_eq!(m[3].flags & libc::MS_RDONLY, libc::MS_RDONLY);
+        assert_eq!(m[4].bind_from, "/home/u");
+        assert_eq!(m[4].propagation, "slave");
+        assert_eq!(fs_data(&m[1].super_options), "mode=1777");
+    }
+
+    #[test]
+    fn unknown_filesystems_are_refused() {
+        let agent = vec![mi("1 0 8:1 / / rw - ext4 /dev/sda1 rw")];
+        let job = vec![
+            mi("10 9 8:1 / / rw - ext4 /dev/sda1 rw"),
+            mi("11 10 8:2 / /scratch rw - xfs /dev/sdb1 rw"),
+        ];
+        let e = added_mounts(&job, &agent, 7).unwrap_err().to_string();
+        assert!(e.contains("/scratch") && e.contains("xfs"), "{e}");
+    }
+
+    #[test]
+    fn pid_map_translates_images() {
+        let mut m = PidMap::default();
+        m.insert(5000, 1);
+        m.insert(5001, 2);
+        m.insert(5002, 3);
+        let mut c = TaskCore {
+            pid: 5001,
+            ppid: 5000,
+            pgid: 5000,
+            sid: 5000,
+            threads: vec![
+                ckpt_proto::image::ThreadCore {
+                    tid: 5001,
+                    ..Default::default()
+                },
+                ckpt_proto::image::ThreadCore {
+                    tid: 5002,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        m.core(&mut c);
+        assert_eq!((c.pid, c.ppid, c.pgid, c.sid), (2, 1, 1, 1));
+        assert_eq!(c.threads[1].tid, 3);
+        // The root's parent is outside the job.
+        assert_eq!(m.inner(4999), 0);
+        assert_eq!(PidMap::default().inner(4999), 4999);
+    }
+}
