@@ -11,6 +11,7 @@ pub mod error;
 pub mod files;
 pub mod images;
 pub mod inject;
+pub mod ipc;
 pub mod mm;
 pub mod pages;
 pub mod proc;
