@@ -550,3 +550,77 @@ fn dump_of_a_missing_process_fails() {
     let err = ipc::dump(i32::MAX, &writer).unwrap_err();
     assert!(matches!(err, ckpt_agent::Error::NoProcess { pid } if pid == i32::MAX));
 }
+
+#[test]
+fn restore_mappings_attach_sysv_segments_at_their_address() {
+    use ckpt_agent::inject::{read_mem, wait_interrupt_stop, Remote, Scratch};
+    use ckpt_agent::mm;
+    use ckpt_proto::image::{MmImage, Vma, VmaKind};
+    use nix::sys::ptrace;
+    use nix::unistd::Pid;
+
+    let tmp = TempDir::new("attach");
+    let child = NsChild::spawn(&tmp.0.join("mq"));
+    let pid = child.pid();
+    let id = in_ns(pid, || {
+        let id = sys::shm_get(libc::IPC_PRIVATE, 2 * 4096, libc::IPC_CREAT | 0o600).unwrap();
+        sys::ShmAttach::new(id, true)
+            .unwrap()
+            .bytes_mut()
+            .unwrap()
+            .copy_from_slice(&pattern(2 * 4096, 11));
+        id
+    });
+
+    let tid = Pid::from_raw(pid);
+    ptrace::seize(tid, ckpt_agent::inject::seize_options(false)).unwrap();
+    ptrace::interrupt(tid).unwrap();
+    wait_interrupt_stop(tid).unwrap();
+    let remote = Remote::new(tid, mm::find_syscall_gadget(pid).unwrap()).unwrap();
+    let busy: Vec<(u64, u64)> = ckpt_agent::proc::maps(pid)
+        .unwrap()
+        .iter()
+        .map(|m| (m.start, m.end))
+        .collect();
+    let ro_at = mm::find_gap(&busy, 2 * 4096).unwrap();
+    let mut busy2 = busy.clone();
+    busy2.push((ro_at - 4096, ro_at + 3 * 4096));
+    let rw_at = mm::find_gap(&busy2, 2 * 4096).unwrap();
+    let vma = |start: u64, prot: i32, flags: &[&str]| Vma {
+        start,
+        end: start + 2 * 4096,
+        prot: prot as u32,
+        kind: VmaKind::VmaSysvShm as i32,
+        shmid: id as u64,
+        vm_flags: flags.iter().map(|f| f.to_string()).collect(),
+        ..Default::default()
+    };
+    let mut img = MmImage {
+        pid,
+        fields: None,
+        vmas: vec![
+            vma(rw_at, libc::PROT_READ, &["rd", "sh", "mr", "mw"]),
+            vma(ro_at, libc::PROT_READ, &["rd", "sh", "mr"]),
+        ],
+    };
+    img.vmas.sort_by_key(|v| v.start);
+    mm::restore_mappings(
+        &img,
+        &remote,
+        &mut Scratch::new(pid, 0, 0),
+        &mut std::collections::HashMap::new(),
+    )
+    .unwrap();
+
+    let smaps = ckpt_agent::proc::smaps(pid).unwrap();
+    for (at, may_write) in [(rw_at, true), (ro_at, false)] {
+        let m = smaps.iter().find(|m| m.start == at).expect("attached");
+        assert_eq!(m.end, at + 2 * 4096);
+        assert!(m.path.starts_with("/SYSV"), "{m:?}");
+        assert_eq!(m.inode, id as u64);
+        assert_eq!(m.has_flag("mw"), may_write, "{m:?}");
+        assert_eq!(read_mem(pid, at, 2 * 4096).unwrap(), pattern(2 * 4096, 11));
+    }
+    let att = in_ns(pid, || sys::shm_stat(id).unwrap().2);
+    assert_eq!(att, 2, "two attachments in the task");
+}
