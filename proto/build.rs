@@ -9,6 +9,7 @@ fn main() {
         "proto/pagemap.proto",
         "proto/files.proto",
         "proto/ns.proto",
+        "proto/ipc.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
@@ -24,6 +25,8 @@ fn main() {
         "ckpt.image.SeccompFilter.program",
         "ckpt.image.Inventory.signature",
         "ckpt.image.OpenFile.pipe_data",
+        "ckpt.image.SysvMsg.text",
+        "ckpt.image.PosixMsg.data",
     ] {
         cfg.field_attribute(field, "#[serde(serialize_with = \"crate::hexbytes\")]");
     }

@@ -245,6 +245,7 @@ pub fn syscall_name(nr: i64) -> String {
         libc::SYS_mprotect => "mprotect",
         libc::SYS_mremap => "mremap",
         libc::SYS_madvise => "madvise",
+        libc::SYS_shmat => "shmat",
         libc::SYS_openat => "openat",
         libc::SYS_close => "close",
         libc::SYS_dup3 => "dup3",

@@ -12,6 +12,7 @@ pub mod error;
 pub mod files;
 pub mod images;
 pub mod inject;
+pub mod ipc;
 pub mod job;
 pub mod mm;
 pub mod ns;

@@ -80,7 +80,7 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
             return Ok(VmaKind::VmaAnonShared);
         }
         if m.path.starts_with("/SYSV") {
-            return Err(unsupported("SysV shared memory"));
+            return Ok(VmaKind::VmaSysvShm);
         }
         if m.path.starts_with("/memfd:") {
             return Err(unsupported("shared memfd mapping"));
@@ -208,14 +208,16 @@ pub fn dump(pid: i32, brk: u64, skip: Option<(u64, u64)>) -> Result<MmDump> {
             madv,
             vm_flags: m.vm_flags.clone(),
             guards,
-            // The shmem object's inode: the same in every sharer.
-            shmid: if kind == VmaKind::VmaAnonShared {
+            // The shmem object's inode: the same in every sharer. For SysV
+            // shm the kernel makes the inode number the segment id.
+            shmid: if kind == VmaKind::VmaAnonShared || kind == VmaKind::VmaSysvShm {
                 m.inode
             } else {
                 0
             },
         });
     }
+    check_sysv_attachments(pid, &vmas)?;
     let stat = proc::stat(pid, None)?;
     let auxv_raw = std::fs::read(format!("/proc/{pid}/auxv"))
         .map_err(|e| Error::io(format!("/proc/{pid}/auxv"), e))?;
@@ -475,6 +477,7 @@ pub fn restore_mappings(
                         }
                     }
                 },
+                VmaKind::VmaSysvShm => attach_sysv(img, v, remote)?,
                 VmaKind::VmaFilePrivate | VmaKind::VmaFileShared => {
                     let shared = kind == VmaKind::VmaFileShared;
                     let writable = shared && v.vm_flags.iter().any(|f| f == "mw");
@@ -531,6 +534,137 @@ pub fn restore_mappings(
         remote.syscall(libc::SYS_close, &[*fd])?;
     }
     result
+}
+
+/// One SysV shm attachment: the contiguous mappings of one segment, the
+/// first at offset 0 (mprotect or madvise may split an attachment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SysvAttachment {
+    shmid: u64,
+    start: u64,
+    end: u64,
+    /// Attached read-write (VM_MAYWRITE), not SHM_RDONLY.
+    writable: bool,
+    exec: bool,
+}
+
+/// Groups the SysV shm mappings of an address space (sorted by address)
+/// into attachments; refuses a mapping that does not continue one from
+/// offset 0 (the head of the attachment was unmapped).
+fn sysv_attachments(vmas: &[Vma]) -> std::result::Result<Vec<SysvAttachment>, String> {
+    let mut out: Vec<SysvAttachment> = Vec::new();
+    for v in vmas {
+        if v.kind != VmaKind::VmaSysvShm as i32 {
+            continue;
+        }
+        let writable =
+            v.vm_flags.iter().any(|f| f == "mw") || v.prot & libc::PROT_WRITE as u32 != 0;
+        let exec = v.prot & libc::PROT_EXEC as u32 != 0;
+        match out.last_mut() {
+            Some(a)
+                if v.pgoff != 0
+                    && a.shmid == v.shmid
+                    && a.end == v.start
+                    && v.pgoff == v.start - a.start =>
+            {
+                a.end = v.end;
+                a.writable |= writable;
+                a.exec |= exec;
+            }
+            _ if v.pgoff == 0 => out.push(SysvAttachment {
+                shmid: v.shmid,
+                start: v.start,
+                end: v.end,
+                writable,
+                exec,
+            }),
+            _ => {
+                return Err(format!(
+                    "SysV shm id {} mapped at {:#x} from offset {:#x}, without the start of its attachment",
+                    v.shmid, v.start, v.pgoff
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Refuses SysV shm attachments that restore cannot recreate with one
+/// shmat: partly unmapped ones.
+fn check_sysv_attachments(pid: i32, vmas: &[Vma]) -> Result<()> {
+    let refuse = |start: u64, end: u64, what: String| Error::UnsupportedVma {
+        pid,
+        start,
+        end,
+        what,
+    };
+    let atts = sysv_attachments(vmas).map_err(|what| {
+        let v = vmas
+            .iter()
+            .find(|v| v.kind == VmaKind::VmaSysvShm as i32)
+            .map_or((0, 0), |v| (v.start, v.end));
+        refuse(v.0, v.1, what)
+    })?;
+    for a in atts {
+        let path = format!("/proc/{pid}/map_files/{:x}-{:x}", a.start, a.end);
+        // The segment's size is the size of its shmem file.
+        let size = std::fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .len();
+        let mapped = size.div_ceil(PAGE) * PAGE;
+        if a.end - a.start != mapped {
+            return Err(refuse(
+                a.start,
+                a.end,
+                format!(
+                    "SysV shm id {} of {size} bytes attached in part ({} bytes mapped)",
+                    a.shmid,
+                    a.end - a.start
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Attaches (injected shmat) the SysV segment of mapping `v` at its
+/// address, in the task's IPC namespace, which must hold the restored
+/// segments by now (`crate::ipc::restore`). The later mappings of the same
+/// attachment are covered by this one.
+fn attach_sysv(img: &MmImage, v: &Vma, remote: &Remote) -> Result<()> {
+    let atts = sysv_attachments(&img.vmas).map_err(|reason| Error::Refused {
+        pid: img.pid,
+        reason,
+    })?;
+    let Some(a) = atts.iter().find(|a| a.start == v.start) else {
+        return Ok(());
+    };
+    let mut flags = libc::SHM_REMAP;
+    if !a.writable {
+        flags |= libc::SHM_RDONLY;
+    }
+    if a.exec {
+        flags |= libc::SHM_EXEC;
+    }
+    let at = remote
+        .syscall(libc::SYS_shmat, &[a.shmid, a.start, flags as u64])
+        .map_err(|e| Error::Refused {
+            pid: img.pid,
+            reason: format!(
+                "cannot attach SysV shm id {} at {:#x}: {e}",
+                a.shmid, a.start
+            ),
+        })?;
+    if at != a.start {
+        return Err(Error::Refused {
+            pid: img.pid,
+            reason: format!(
+                "SysV shm id {} attached at {at:#x} instead of {:#x}",
+                a.shmid, a.start
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Gives every mapping its final protection and advice, and reinstalls
@@ -605,6 +739,87 @@ pub fn find_syscall_gadget(pid: i32) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sysv(start: u64, end: u64, shmid: u64, pgoff: u64, prot: i32) -> Vma {
+        Vma {
+            start,
+            end,
+            shmid,
+            pgoff,
+            prot: prot as u32,
+            kind: VmaKind::VmaSysvShm as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn sysv_attachments_join_split_mappings() {
+        let (r, rw) = (libc::PROT_READ, libc::PROT_READ | libc::PROT_WRITE);
+        let anon = Vma {
+            start: 0x9000,
+            end: 0xa000,
+            ..Default::default()
+        };
+        let vmas = [
+            // One read-write attachment split in two by mprotect.
+            sysv(0x1000, 0x3000, 7, 0, rw),
+            sysv(0x3000, 0x4000, 7, 0x2000, r),
+            // The same segment attached again, read-only, right after.
+            sysv(0x4000, 0x7000, 7, 0, r),
+            anon,
+            sysv(0xa000, 0xb000, 9, 0, r),
+        ];
+        let a = sysv_attachments(&vmas).unwrap();
+        assert_eq!(
+            a,
+            vec![
+                SysvAttachment {
+                    shmid: 7,
+                    start: 0x1000,
+                    end: 0x4000,
+                    writable: true,
+                    exec: false
+                },
+                SysvAttachment {
+                    shmid: 7,
+                    start: 0x4000,
+                    end: 0x7000,
+                    writable: false,
+                    exec: false
+                },
+                SysvAttachment {
+                    shmid: 9,
+                    start: 0xa000,
+                    end: 0xb000,
+                    writable: false,
+                    exec: false
+                },
+            ]
+        );
+        // mprotect to read-only keeps VM_MAYWRITE: still a writable attach.
+        let mut ro = sysv(0x1000, 0x2000, 3, 0, r);
+        ro.vm_flags = vec!["rd".into(), "sh".into(), "mr".into(), "mw".into()];
+        assert!(sysv_attachments(&[ro]).unwrap()[0].writable);
+    }
+
+    #[test]
+    fn sysv_attachment_without_its_head_is_refused() {
+        let r = libc::PROT_READ;
+        let err = sysv_attachments(&[sysv(0x2000, 0x3000, 7, 0x1000, r)]).unwrap_err();
+        assert!(err.contains("id 7") && err.contains("0x2000"), "{err}");
+        // Not contiguous with the attachment it would continue.
+        let vmas = [
+            sysv(0x1000, 0x2000, 7, 0, r),
+            sysv(0x3000, 0x4000, 7, 0x2000, r),
+        ];
+        assert!(sysv_attachments(&vmas).is_err());
+        // Another segment.
+        let vmas = [
+            sysv(0x1000, 0x2000, 7, 0, r),
+            sysv(0x2000, 0x3000, 8, 0x1000, r),
+        ];
+        assert!(sysv_attachments(&vmas).is_err());
+    }
 
     #[test]
     fn gap_avoids_busy_ranges() {

@@ -32,6 +32,8 @@ pub enum ImageKind {
     Node = 6,
     /// Namespaces of a job: which are its own, UTS names, mounts.
     Ns = 7,
+    /// Contents of a job's IPC namespace: SysV objects, POSIX queues.
+    Ipc = 8,
 }
 
 impl ImageKind {
@@ -45,6 +47,7 @@ impl ImageKind {
             5 => Self::Files,
             6 => Self::Node,
             7 => Self::Ns,
+            8 => Self::Ipc,
             _ => return None,
         })
     }
@@ -59,6 +62,7 @@ impl ImageKind {
             Self::Files => "files",
             Self::Node => "node",
             Self::Ns => "ns",
+            Self::Ipc => "ipc",
         }
     }
 }

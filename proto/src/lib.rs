@@ -38,6 +38,7 @@ pub fn describe(bytes: &[u8]) -> Result<(ImageKind, serde_json::Value), FrameErr
         ImageKind::Files => one::<FdTable>(bytes, kind)?,
         ImageKind::Node => one::<NodeFingerprint>(bytes, kind)?,
         ImageKind::Ns => one::<NsImage>(bytes, kind)?,
+        ImageKind::Ipc => one::<IpcImage>(bytes, kind)?,
     };
     Ok((kind, v))
 }

@@ -3,6 +3,7 @@
 
 pub mod clone;
 pub mod gadget;
+pub mod ipc;
 pub mod misc;
 pub mod netlink;
 pub mod pagemap;
