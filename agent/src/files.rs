@@ -231,6 +231,10 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
                 of.memfd_allow_sealing = seals != F_SEAL_SEAL;
                 of.memfd_seals = seals as u32;
             }
+            (l, libc::S_IFREG) if is_mqueue(&file) => {
+                of.kind = FileKind::FileMqueue as i32;
+                of.path = l.to_string();
+            }
             (_, libc::S_IFREG) => {
                 let deleted = link.ends_with(" (deleted)") || md.nlink() == 0;
                 if deleted {
@@ -1062,6 +1066,19 @@ impl Opener<'_> {
                         })?;
                 Ok((fd, true))
             }
+            FileKind::FileMqueue => {
+                scratch.reset();
+                let name = scratch.put_cstr(of.path.trim_start_matches('/'))?;
+                let flags = of.flags & (libc::O_ACCMODE | libc::O_NONBLOCK) as u32;
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_mq_open, &[name, flags as u64, 0, 0])
+                    .map_err(|e| Error::Refused {
+                        pid,
+                        reason: format!("cannot reopen POSIX message queue {}: {e}", of.path),
+                    })?;
+                Ok((fd, true))
+            }
             FileKind::FileMemfd => {
                 scratch.reset();
                 let name = scratch.put_cstr(&of.path)?;
@@ -1240,6 +1257,13 @@ pub fn restore(
         remote.syscall(libc::SYS_close, &[*fd])?;
     }
     Ok(())
+}
+
+/// POSIX message queue descriptors look like regular files of the
+/// mqueue filesystem.
+fn is_mqueue(file: &std::fs::File) -> bool {
+    const MQUEUE_MAGIC: i64 = 0x1980_0202;
+    nix::sys::statfs::fstatfs(file).is_ok_and(|s| s.filesystem_type().0 == MQUEUE_MAGIC)
 }
 
 #[cfg(test)]

@@ -105,7 +105,8 @@ impl ImageWriter {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             let ours = (name.starts_with("pages-") && name.ends_with(".img"))
-                || (name.starts_with("mnt-") && name.ends_with(".tar"));
+                || (name.starts_with("mnt-") && name.ends_with(".tar"))
+                || (name.starts_with("ipc-") && name.ends_with(".img"));
             if ours {
                 let _ = std::fs::remove_file(e.path());
             }

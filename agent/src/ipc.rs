@@ -23,7 +23,6 @@ use ckpt_proto::image::{
     SysvMsg,
 };
 use nix::fcntl::OFlag;
-use nix::sched::{setns, CloneFlags};
 use nix::sys::stat::Mode;
 
 use crate::error::{Context, Error, Result};
@@ -125,27 +124,7 @@ pub fn finish_restore(pid: i32, img: &IpcImage) -> Result<()> {
 
 /// Runs `work` on a new thread inside the IPC namespace of `pid`.
 fn in_namespace<T: Send>(pid: i32, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
-    let path = format!("/proc/{pid}/ns/ipc");
-    let ns = File::open(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::NoProcess { pid },
-        _ => Error::io(&path, e),
-    })?;
-    std::thread::scope(|s| {
-        let t = std::thread::Builder::new()
-            .name(format!("ipc-{pid}"))
-            .spawn_scoped(s, move || {
-                setns(ns.as_fd(), CloneFlags::CLONE_NEWIPC)
-                    .ctx(pid, || "entering its IPC namespace (setns)".into())?;
-                work()
-            })
-            .map_err(|e| Error::sys(pid, "starting a thread for its IPC namespace", e))?;
-        t.join().unwrap_or_else(|_| {
-            Err(Error::Refused {
-                pid,
-                reason: "the thread working in its IPC namespace panicked".into(),
-            })
-        })
-    })
+    crate::ns::in_ns(pid, libc::CLONE_NEWIPC as u64, work)
 }
 
 // ---- /proc parsing ----

@@ -18,7 +18,7 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use ckpt_proto::image::{FdTable, Mount, NsImage, TaskCore};
+use ckpt_proto::image::{FdTable, IpcImage, Mount, NsImage, TaskCore};
 use ckpt_proto::ImageKind;
 use nix::sched::CloneFlags;
 use tracing::{debug, warn};
@@ -30,6 +30,8 @@ use crate::proc::{self, MountInfo};
 
 /// Image file of the namespaces.
 pub const NS_IMAGE: &str = "ns.img";
+/// Image file of the IPC namespace's objects (when the job has its own).
+pub const IPC_IMAGE: &str = "ipc.img";
 
 /// The namespaces ckpt knows, as /proc/PID/ns names and clone flags.
 const KINDS: [(&str, i32); 7] = [
@@ -81,7 +83,10 @@ pub fn in_ns<T: Send>(pid: i32, flags: u64, f: impl FnOnce() -> Result<T> + Send
             let p = format!("/proc/{pid}/ns/{name}");
             File::open(&p)
                 .map(|file| (file, *fl, *name))
-                .map_err(|e| Error::io(&p, e))
+                .map_err(|e| match e.kind() {
+                    std::io::ErrorKind::NotFound => Error::NoProcess { pid },
+                    _ => Error::io(&p, e),
+                })
         })
         .collect::<Result<Vec<_>>>()?;
     std::thread::scope(|s| {
@@ -196,6 +201,10 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
     let root = members[0];
     let own = own_namespaces(root)?;
     for &pid in &members[1..] {
+        // A zombie has no namespaces left to compare.
+        if proc::stat(pid, None).is_ok_and(|s| s.state() == 'Z') {
+            continue;
+        }
         for (name, _) in KINDS {
             if ns_inode(&pid.to_string(), name)? != ns_inode(&root.to_string(), name)? {
                 return Err(Error::Refused {
@@ -272,6 +281,10 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
                 ),
             });
         }
+    }
+    if own & libc::CLONE_NEWIPC as u64 != 0 {
+        let ipc = crate::ipc::dump(root, writer)?;
+        writer.write(IPC_IMAGE, ImageKind::Ipc, &ipc)?;
     }
     if own & libc::CLONE_NEWNS as u64 != 0 {
         image.mounts = job_mounts(root)?;
@@ -399,7 +412,15 @@ fn dump_contents(root: i32, mounts: &mut [Mount], writer: &ImageWriter) -> Resul
         let path = writer.dir().join(&name);
         let out = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mp = PathBuf::from(&m.mount_point);
-        let n = in_ns(root, libc::CLONE_NEWNS as u64, || archive(&mp, out, root))?;
+        // Mounts below this one are saved (or recreated) on their own.
+        let below: Vec<PathBuf> = proc::mountinfo(root)?
+            .into_iter()
+            .map(|o| PathBuf::from(o.mount_point))
+            .filter(|p| p != &mp && p.starts_with(&mp))
+            .collect();
+        let n = in_ns(root, libc::CLONE_NEWNS as u64, || {
+            archive(&mp, &below, out, root)
+        })?;
         debug!(pid = root, mount = %m.mount_point, entries = n, "tmpfs archived");
         writer.add_raw(&name)?;
         mounts[i].contents = name;
@@ -407,10 +428,10 @@ fn dump_contents(root: i32, mounts: &mut [Mount], writer: &ImageWriter) -> Resul
     Ok(())
 }
 
-/// Writes a tar archive of the directory tree at `dir` (not crossing into
-/// other mounts; sockets, which are recreated by their owners, skipped).
-fn archive(dir: &Path, out: File, pid: i32) -> Result<usize> {
-    let dev = std::fs::metadata(dir).map_err(|e| Error::io(dir, e))?.dev();
+/// Writes a tar archive of the directory tree at `dir`: mount points in
+/// `below` are kept as directories, not entered; sockets, which their
+/// owners recreate, are skipped.
+fn archive(dir: &Path, below: &[PathBuf], out: File, pid: i32) -> Result<usize> {
     let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, out));
     tar.follow_symlinks(false);
     tar.mode(tar::HeaderMode::Complete);
@@ -428,14 +449,31 @@ fn archive(dir: &Path, out: File, pid: i32) -> Result<usize> {
                 debug!(pid, path = %path.display(), "socket file not archived");
                 continue;
             }
-            if md.is_dir() && md.dev() != dev {
-                debug!(pid, path = %path.display(), "mount point inside tmpfs not crossed");
-                continue;
+            let mount_point = below.contains(&path);
+            let ft = md.file_type();
+            if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
+                // The tar crate would name these by their full path.
+                let mut h = tar::Header::new_gnu();
+                h.set_metadata_in_mode(&md, tar::HeaderMode::Complete);
+                h.set_entry_type(if ft.is_fifo() {
+                    tar::EntryType::Fifo
+                } else if ft.is_char_device() {
+                    tar::EntryType::Char
+                } else {
+                    tar::EntryType::Block
+                });
+                let rdev = md.rdev();
+                h.set_device_major(libc::major(rdev))
+                    .and_then(|_| h.set_device_minor(libc::minor(rdev)))
+                    .map_err(|e| Error::io(&path, e))?;
+                h.set_size(0);
+                tar.append_data(&mut h, &name, std::io::empty())
+            } else {
+                tar.append_path_with_name(&path, &name)
             }
-            tar.append_path_with_name(&path, &name)
-                .map_err(|e| Error::io(&path, e))?;
+            .map_err(|e| Error::io(&path, e))?;
             n += 1;
-            if md.is_dir() {
+            if md.is_dir() && !mount_point {
                 stack.push(name);
             }
         }
@@ -448,14 +486,84 @@ fn archive(dir: &Path, out: File, pid: i32) -> Result<usize> {
 }
 
 /// Unpacks a tmpfs archive into `dir`, from a thread inside the job's
-/// mount namespace.
+/// mount namespace. The tar crate unpacks files, directories and links;
+/// FIFOs and device nodes are made here. Directory times are set last,
+/// once nothing is written into them any more.
 fn unarchive(archive: File, dir: &Path) -> Result<()> {
+    use nix::sys::stat::{mknod, utimensat, Mode, SFlag, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let io = |e: std::io::Error| Error::io(dir, e);
     let mut a = tar::Archive::new(BufReader::with_capacity(1 << 20, archive));
     a.set_preserve_permissions(true);
     a.set_preserve_ownerships(true);
     a.set_preserve_mtime(true);
     a.set_overwrite(true);
-    a.unpack(dir).map_err(|e| Error::io(dir, e))
+    let mut dirs = Vec::new();
+    for e in a.entries().map_err(io)? {
+        let mut e = e.map_err(io)?;
+        let rel = e.path().map_err(io)?.into_owned();
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(Error::io(
+                &rel,
+                std::io::Error::other("path leaves the archive's root"),
+            ));
+        }
+        let target = dir.join(&rel);
+        let h = e.header();
+        let mtime = TimeSpec::new(h.mtime().map_err(io)? as i64, 0);
+        let kind = match h.entry_type() {
+            tar::EntryType::Fifo => Some(SFlag::S_IFIFO),
+            tar::EntryType::Char => Some(SFlag::S_IFCHR),
+            tar::EntryType::Block => Some(SFlag::S_IFBLK),
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            let mode = Mode::from_bits_truncate(h.mode().map_err(io)?);
+            let dev = libc::makedev(
+                h.device_major().map_err(io)?.unwrap_or(0),
+                h.device_minor().map_err(io)?.unwrap_or(0),
+            );
+            let _ = std::fs::remove_file(&target);
+            mknod(&target, kind, mode, dev).map_err(|e| Error::io(&target, e.into()))?;
+            let (uid, gid) = (h.uid().map_err(io)?, h.gid().map_err(io)?);
+            std::os::unix::fs::lchown(&target, Some(uid as u32), Some(gid as u32))
+                .map_err(|e| Error::io(&target, e))?;
+            // mknod applied the umask.
+            std::fs::set_permissions(
+                &target,
+                std::os::unix::fs::PermissionsExt::from_mode(mode.bits()),
+            )
+            .map_err(|e| Error::io(&target, e))?;
+            utimensat(
+                nix::fcntl::AT_FDCWD,
+                &target,
+                &mtime,
+                &mtime,
+                UtimensatFlags::NoFollowSymlink,
+            )
+            .map_err(|e| Error::io(&target, e.into()))?;
+            continue;
+        }
+        if h.entry_type() == tar::EntryType::Directory {
+            dirs.push((target.clone(), mtime));
+        }
+        e.unpack_in(dir).map_err(|e| Error::io(&target, e))?;
+    }
+    for (d, t) in dirs.iter().rev() {
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            d,
+            t,
+            t,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| Error::io(d, e.into()))?;
+    }
+    Ok(())
 }
 
 /// The clone flags that create the job's own namespaces for its root.
@@ -499,16 +607,22 @@ fn fs_data(super_options: &str) -> String {
         .join(",")
 }
 
+/// What `finish` completes once every process of the job is built.
+pub struct Restored {
+    ipc: Option<IpcImage>,
+}
+
 /// Recreates the job's own namespaces' contents from inside its freshly
 /// cloned root `remote` (host PID `host`): mounts with tmpfs contents, UTS
-/// names, loopback. Runs before any other process of the job exists.
+/// names, loopback, IPC objects. Runs before any other process of the job
+/// exists (their memory maps the IPC segments).
 pub fn restore_root(
     img: &NsImage,
     host: i32,
     remote: &Remote,
     scratch: &mut Scratch,
     dir: &Path,
-) -> Result<()> {
+) -> Result<Restored> {
     if img.own & libc::CLONE_NEWNS as u64 != 0 {
         let slave = libc::MS_REC | libc::MS_SLAVE;
         mount_call(remote, scratch, "", "/", "", slave, "")?;
@@ -531,7 +645,22 @@ pub fn restore_root(
             crate::sys::misc::loopback_up().map_err(|e| Error::sys(host, "bringing lo up", e))
         })?;
     }
-    Ok(())
+    let mut ipc = None;
+    if img.own & libc::CLONE_NEWIPC as u64 != 0 {
+        let i: IpcImage = ckpt_proto::read_image_file(&dir.join(IPC_IMAGE), ImageKind::Ipc)?;
+        crate::ipc::restore(host, &i, dir)?;
+        ipc = Some(i);
+    }
+    Ok(Restored { ipc })
+}
+
+/// The last namespace step, once every process is built: IPC segments
+/// removed while attached are removed again.
+pub fn finish(r: &Restored, host: i32) -> Result<()> {
+    match &r.ipc {
+        Some(i) => crate::ipc::finish_restore(host, i),
+        None => Ok(()),
+    }
 }
 
 fn restore_mount(

@@ -108,13 +108,12 @@ impl Drop for TreeGuard {
         if !self.armed {
             return;
         }
+        let mut tids = Vec::new();
         for &pid in self.pids.iter().rev() {
-            let mut tids = proc::tids(pid).unwrap_or_default();
-            tids.retain(|&t| t != pid);
-            tids.push(pid);
+            tids.extend(proc::tids(pid).unwrap_or_default());
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            crate::seize::collect_killed(tids);
         }
+        crate::seize::collect_killed(tids);
     }
 }
 
@@ -149,7 +148,7 @@ fn skeleton(
     guard: &mut TreeGuard,
     job: Option<(&NsImage, Option<&JobCgroup>)>,
     dir: &Path,
-) -> Result<()> {
+) -> Result<Option<ns::Restored>> {
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
     let flags = job.map_or(0, |(img, _)| ns::clone_flags(img));
@@ -185,10 +184,18 @@ fn skeleton(
     ptrace::interrupt(t).ctx(child, || "PTRACE_INTERRUPT".into())?;
     inject::wait_interrupt_stop(t)?;
     sys::ptrace::set_sigmask(t, !0).ctx(child, || "PTRACE_SETSIGMASK".into())?;
+    let mut restored = None;
     if let Some((img, _)) = job {
-        // Mounts, names and loopback exist before any other process does.
+        // Mounts, names, loopback and IPC objects exist before any other
+        // process does.
         let remote = Remote::new(t, gadget)?;
-        ns::restore_root(img, child, &remote, &mut blank_scratch(child)?, dir)?;
+        restored = Some(ns::restore_root(
+            img,
+            child,
+            &remote,
+            &mut blank_scratch(child)?,
+            dir,
+        )?);
     }
     let setsid = |host: i32, pid: i32| -> Result<()> {
         if cores[&pid].sid == pid {
@@ -254,7 +261,7 @@ fn skeleton(
                 .syscall(libc::SYS_setpgid, &[0, c.pgid as u64])?;
         }
     }
-    Ok(())
+    Ok(restored)
 }
 
 /// Makes a blank process exit with a zombie's saved wait status, and
@@ -381,7 +388,7 @@ pub fn restore_with_progress(
     let job = ns_img
         .as_ref()
         .map(|img| (img, cgroup.as_ref().map(|g| &g.cg)));
-    skeleton(&inv.pids, &cores, &mut guard, job, dir)?;
+    let restored = skeleton(&inv.pids, &cores, &mut guard, job, dir)?;
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&live.iter().map(|i| &i.fds).collect::<Vec<_>>());
     let mut pages_ms = 0.0;
@@ -395,6 +402,9 @@ pub fn restore_with_progress(
         }
     }
     let child = guard.host(root);
+    if let Some(r) = &restored {
+        ns::finish(r, child)?;
+    }
     if let Some(pf) = &req.pidfile {
         std::fs::write(pf, format!("{child}\n")).map_err(|e| Error::io(pf, e))?;
     }

@@ -168,12 +168,12 @@ impl Seized {
                 .ctx(s.pid, || "kill(SIGKILL)".into())?;
             pidfds.push((s, pidfd));
         }
-        // Children first: a PID namespace's init exits only once every
-        // other process of its namespace is gone, and a traced child is
-        // gone only once we, its tracer, collected it.
-        for (s, pidfd) in pidfds.iter().rev() {
-            // The leader (first) goes last.
-            collect_killed(s.threads.iter().rev().map(|t| t.tid));
+        collect_killed(
+            pidfds
+                .iter()
+                .flat_map(|(s, _)| s.threads.iter().map(|t| t.tid)),
+        );
+        for (s, pidfd) in &pidfds {
             use std::os::fd::AsFd;
             let mut fds = [nix::poll::PollFd::new(
                 pidfd.as_fd(),
@@ -186,19 +186,37 @@ impl Seized {
     }
 }
 
-/// Collects the threads of a killed process that we trace, in the order
-/// given, which must end with the leader: killed tracees linger as zombies
-/// until their tracer collects them, and the leader is reported only after
-/// every other thread.
+/// How long killed tasks may take to be collected before we give up.
+const COLLECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Collects the killed threads we trace: killed tracees linger as zombies
+/// until their tracer collects them. In whatever order they become ready:
+/// a leader is reported only after its other threads, and a PID
+/// namespace's init only exits after every other task of its namespace,
+/// so any fixed order can wait forever.
 pub fn collect_killed(tids: impl IntoIterator<Item = i32>) {
     use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-    for tid in tids {
-        loop {
-            match waitpid(Pid::from_raw(tid), Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => break,
-                Ok(_) | Err(Errno::EINTR) => continue,
-                Err(_) => break,
+    let mut left: Vec<i32> = tids.into_iter().collect();
+    let deadline = std::time::Instant::now() + COLLECT_TIMEOUT;
+    while !left.is_empty() {
+        let before = left.len();
+        left.retain(|&tid| {
+            match waitpid(
+                Pid::from_raw(tid),
+                Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
+            ) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => false,
+                Ok(_) | Err(Errno::EINTR) => true,
+                // Not (or no longer) ours to collect.
+                Err(_) => false,
             }
+        });
+        if left.len() == before {
+            if std::time::Instant::now() >= deadline {
+                warn!(?left, "killed tasks not collected in time");
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }

@@ -36,6 +36,10 @@ pub enum Mode {
     /// No checkpoint at all: validates the case programs themselves.
     /// Selected for every test by `CKPT_ZDTM_NOCKPT=1`.
     NoCheckpoint,
+    /// The case runs as a job (`ckpt-agent run`: own cgroup and PID, IPC,
+    /// UTS and mount namespaces); dump kills it; restore recreates the
+    /// namespaces and the case checks itself there (PID 1 inside again).
+    Job,
 }
 
 /// True when `CKPT_ZDTM_NOCKPT=1` asks to skip checkpoint and restore.
@@ -97,10 +101,20 @@ pub struct Workdir {
 
 impl Workdir {
     pub fn new(name: &str) -> Workdir {
+        Self::new_in(name, std::env::temp_dir())
+    }
+
+    /// A work dir outside /tmp (under `$CKPT_TEST_DIR` or /var/tmp), for
+    /// cases run as jobs: a job's /tmp is its own.
+    pub fn for_job(name: &str) -> Workdir {
+        Self::new_in(name, PathBuf::from("/var/tmp"))
+    }
+
+    fn new_in(name: &str, default_base: PathBuf) -> Workdir {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let base = std::env::var_os("CKPT_TEST_DIR")
             .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
+            .unwrap_or(default_base);
         let path = base.join(format!(
             "ckpt-zdtm-{}-{}-{}",
             name,
@@ -271,6 +285,68 @@ impl CaseProcess {
         })
     }
 
+    /// Starts `zdtm-case NAME` as job `job` under `ckpt-agent run` (which
+    /// stays its parent and waits for it); `pid` is the job root's PID as
+    /// this test sees it.
+    pub fn spawn_job(
+        case_bin: &Path,
+        name: &str,
+        job: &str,
+        dir: &Workdir,
+    ) -> Result<CaseProcess, String> {
+        become_subreaper();
+        let (ready, result, log) = (dir.join("ready"), dir.join("result"), dir.join("case.log"));
+        let pidfile = dir.join("job.pid");
+        let log_file = fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
+        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+        let mut child = Command::new(agent_binary())
+            .args(["run", "--job", job, "--hostname", "zdtm-job", "--pidfile"])
+            .arg(&pidfile)
+            .arg("--")
+            .arg(case_bin)
+            .arg(name)
+            .arg("--ready")
+            .arg(&ready)
+            .arg("--result")
+            .arg(&result)
+            .env("CKPT_ZDTM_TMP", dir.join("tmp"))
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(err_file)
+            .spawn()
+            .map_err(|e| format!("spawn ckpt-agent run: {e}"))?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let pid = loop {
+            if let Some(p) = fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break p;
+            }
+            if let Ok(Some(st)) = child.try_wait() {
+                return Err(format!(
+                    "ckpt-agent run exited ({st}); log:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("ckpt-agent run wrote no pidfile".into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        Ok(CaseProcess {
+            name: name.to_string(),
+            pid,
+            child: Some(child),
+            restored: false,
+            ready,
+            result,
+            log,
+        })
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_else(|e| format!("<no log: {e}>"))
     }
@@ -372,6 +448,10 @@ impl CaseProcess {
 impl Drop for CaseProcess {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A job's root is the child's child: killing it ends the agent.
+            if child.id() as i32 != self.pid {
+                kill(self.pid, libc::SIGKILL);
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -567,9 +647,19 @@ fn restore_and_check(case: &mut CaseProcess, images: &Path, dir: &Workdir) -> Re
 /// `CKPT_ZDTM_NOCKPT=1`). Panics on any failure with the reason, the case
 /// log and verdict, and every agent invocation's output.
 pub fn run_case(case_bin: &str, name: &str, mode: Mode) {
+    let requested = mode;
     let mode = effective_mode(mode);
-    let dir = Workdir::new(name);
-    if let Err(e) = run_case_in(Path::new(case_bin), name, mode, &dir) {
+    let dir = if requested == Mode::Job {
+        Workdir::for_job(name)
+    } else {
+        Workdir::new(name)
+    };
+    let result = if requested == Mode::Job {
+        run_job_case(Path::new(case_bin), name, mode == Mode::NoCheckpoint, &dir)
+    } else {
+        run_case_in(Path::new(case_bin), name, mode, &dir)
+    };
+    if let Err(e) = result {
         panic!(
             "zdtm case {name} ({mode:?}) failed in {}:\n{e}{}",
             dir.path.display(),
@@ -594,6 +684,74 @@ fn reap_descendants(root: i32, images: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// The cgroup of a test job, removed at the end whatever happened (after
+/// the case's processes, dropped first, are gone).
+pub struct JobCgroupGuard(pub String);
+
+impl Drop for JobCgroupGuard {
+    fn drop(&mut self) {
+        for root in [
+            "/sys/fs/cgroup/unified/ckpt",
+            "/sys/fs/cgroup/ckpt",
+            "/sys/fs/cgroup/freezer/ckpt",
+        ] {
+            let d = Path::new(root).join(&self.0);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while d.exists() && fs::remove_dir(&d).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// PID of `host_pid` in its own PID namespace (the last NSpid field).
+pub fn inner_pid(host_pid: i32) -> Option<i32> {
+    let st = fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+    st.lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))?
+        .split_whitespace()
+        .last()?
+        .parse()
+        .ok()
+}
+
+/// A case run as a job: dump kills it, restore recreates its namespaces,
+/// and the restored root must be PID 1 of a new PID namespace again.
+fn run_job_case(case_bin: &Path, name: &str, no_ckpt: bool, dir: &Workdir) -> Result<(), String> {
+    let job = format!("zdtm-{name}-{}", std::process::id());
+    let _cg = JobCgroupGuard(job.clone());
+    let images = dir.join("images");
+    let mut case = CaseProcess::spawn_job(case_bin, name, &job, dir)?;
+    case.wait_ready()?;
+    if inner_pid(case.pid) != Some(1) {
+        return Err(format!("job root {} is not PID 1 inside", case.pid));
+    }
+    if no_ckpt {
+        return case.terminate_and_check("no checkpoint");
+    }
+    if !dump(case.pid, &images, &[], dir).ok() {
+        return Err(format!("dump failed; case log:\n{}", case.log_text()));
+    }
+    case.expect_gone()?;
+    clear_result(&case.result);
+    let (run, pid) = restore_detached(&images, dir, "restore");
+    let Some(pid) = pid else {
+        return Err(format!("restore wrote no pid (ok: {})", run.ok()));
+    };
+    // Ours from now on, whatever happens next.
+    case.pid = pid;
+    case.adopt_restored();
+    if !run.ok() {
+        return Err("restore failed".into());
+    }
+    match inner_pid(pid) {
+        Some(1) => case.terminate_and_check("restored job"),
+        other => Err(format!(
+            "restored job root {pid} has PID {other:?} inside, not 1"
+        )),
+    }
+}
+
 fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result<(), String> {
     let images = dir.join("images");
     let mut case = CaseProcess::spawn(case_bin, name, dir)?;
@@ -609,6 +767,7 @@ fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result
             reap_descendants(case.pid, &images)?;
             restore_and_check(&mut case, &images, dir)
         }
+        Mode::Job => unreachable!("jobs run in run_job_case"),
         Mode::LeaveRunning => {
             if !dump(case.pid, &images, &["--leave-running"], dir).ok() {
                 return Err(dump_failed(&case));

@@ -125,6 +125,42 @@ mod leave_running {
     }
 }
 
+/// Run as jobs (`ckpt-agent run`): own cgroup and PID, IPC, UTS and mount
+/// namespaces, restored into new ones with the same PIDs inside.
+mod job {
+    use super::*;
+
+    macro_rules! job_cases {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[test]
+                fn $name() {
+                    zdtm(stringify!($name), Mode::Job)
+                }
+            )*
+        };
+    }
+
+    // Cases that exist only as jobs.
+    job_cases!(job_namespaces, sysv_ipc);
+    pub const ONLY: &[&str] = &["job_namespaces", "sysv_ipc"];
+
+    // Ordinary cases, as jobs too.
+    job_cases!(
+        process_tree,
+        threads,
+        shared_anon_tree,
+        pipe_eventfd_epoll,
+        unix_pairs,
+        unix_listener,
+        posix_timers,
+        pending_signals,
+        memfd_sealed,
+        fifo,
+        file_shared,
+    );
+}
+
 /// Every case the program knows has a test above, and no test names a
 /// case the program lacks.
 #[test]
@@ -137,7 +173,7 @@ fn every_case_has_a_test() {
         .lines()
         .map(String::from)
         .collect();
-    let mut tested: Vec<String> = ALL.iter().map(|s| s.to_string()).collect();
+    let mut tested: Vec<String> = ALL.iter().chain(job::ONLY).map(|s| s.to_string()).collect();
     listed.sort();
     tested.sort();
     assert_eq!(listed, tested);

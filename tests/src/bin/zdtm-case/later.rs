@@ -238,14 +238,14 @@ pub fn pipe_eventfd_epoll(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
-fn pipe_pair() -> Result<(i32, i32), String> {
+pub(crate) fn pipe_pair() -> Result<(i32, i32), String> {
     let mut p = [0i32; 2];
     // SAFETY: out-array of two fds.
     cvt(unsafe { libc::pipe2(p.as_mut_ptr(), 0) }, "pipe2")?;
     Ok((p[0], p[1]))
 }
 
-fn read_u32(fd: i32) -> Option<u32> {
+pub(crate) fn read_u32(fd: i32) -> Option<u32> {
     let mut b = [0u8; 4];
     let mut got = 0;
     while got < 4 {
@@ -260,7 +260,7 @@ fn read_u32(fd: i32) -> Option<u32> {
     Some(u32::from_le_bytes(b))
 }
 
-fn write_u32(fd: i32, v: u32) -> bool {
+pub(crate) fn write_u32(fd: i32, v: u32) -> bool {
     let b = v.to_le_bytes();
     // SAFETY: writes from a live buffer.
     unsafe { libc::write(fd, b.as_ptr() as *const libc::c_void, 4) == 4 }

@@ -7,6 +7,7 @@
 //! result file. `zdtm-case --list` prints the case names.
 
 mod files;
+mod jobs;
 mod later;
 mod memory;
 mod process;
@@ -87,6 +88,9 @@ const CASES: &[(&str, CaseFn)] = &[
     ("big_memory", later::big_memory),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
+    // only as jobs (own namespaces)
+    ("job_namespaces", jobs::job_namespaces),
+    ("sysv_ipc", jobs::sysv_ipc),
 ];
 
 static TERM: AtomicBool = AtomicBool::new(false);
