@@ -425,7 +425,7 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter, ext_unix_sk: bool) -> Resu
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
         let fds = files::dump(pid, writer, ext_unix_sk)?;
-        let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)))?;
+        let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)), Some(writer))?;
         Ok(Dumped { core, fds, mm })
     })();
     // The scratch area is outside every extent to copy: it can go now, and

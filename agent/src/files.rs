@@ -603,8 +603,9 @@ pub struct Shared {
     pipe_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
     pipe_data: std::collections::HashMap<u64, Vec<u8>>,
     sender: Option<std::os::fd::OwnedFd>,
-    /// Shared anonymous memory objects recreated so far: (owner, start, end).
-    pub shm: std::collections::HashMap<u64, (i32, u64, u64)>,
+    /// Shared memory objects (anonymous, memfd) recreated so far, by inode:
+    /// the path a process of the job opens to get the same object.
+    pub shm: std::collections::HashMap<u64, String>,
     /// Both ends of each unix socket pair recreated so far, by (pair, end).
     sock_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
     /// Every unix socket end's queue and shutdown state, by inode.
@@ -638,6 +639,31 @@ impl Opener<'_> {
     fn take(&self, fd: u64) -> Result<std::os::fd::OwnedFd> {
         sys::pidfd::pidfd_getfd(self.pidfd.as_fd(), fd as i32)
             .map_err(|e| Error::sys(self.pid, format!("pidfd_getfd fd {fd}"), e))
+    }
+
+    /// Gives memfd `fd` the seals it had; `sealable` says whether the
+    /// object was created with sealing allowed.
+    fn add_seals(&self, of: &OpenFile, fd: u64, sealable: bool) -> Result<()> {
+        const F_SEAL_SEAL: u32 = 1;
+        let seals = match (of.memfd_allow_sealing, sealable) {
+            (true, _) => of.memfd_seals,
+            // Without MFD_ALLOW_SEALING a memfd reports just F_SEAL_SEAL.
+            (false, true) => F_SEAL_SEAL,
+            (false, false) if of.memfd_seals & !F_SEAL_SEAL != 0 => {
+                return Err(Error::Refused {
+                    pid: self.pid,
+                    reason: format!("memfd {} has seals but did not allow sealing", of.path),
+                })
+            }
+            (false, false) => 0,
+        };
+        if seals != 0 && sealable {
+            self.remote.syscall(
+                libc::SYS_fcntl,
+                &[fd, libc::F_ADD_SEALS as u64, seals as u64],
+            )?;
+        }
+        Ok(())
     }
 
     /// Puts the agent's descriptor `ours` into the task (SCM_RIGHTS over an
@@ -1079,6 +1105,22 @@ impl Opener<'_> {
                     })?;
                 Ok((fd, true))
             }
+            FileKind::FileMemfd if self.shared.shm.contains_key(&of.ino) => {
+                // A mapping restored before recreated this very object.
+                scratch.reset();
+                let p = scratch.put_cstr(&self.shared.shm[&of.ino])?;
+                let flags = (of.flags & libc::O_ACCMODE as u32) as u64;
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, p, flags, 0])?;
+                if of.pos != 0 {
+                    self.remote
+                        .syscall(libc::SYS_lseek, &[fd, of.pos, libc::SEEK_SET as u64])?;
+                }
+                // Mappings create their memfd with sealing allowed.
+                self.add_seals(of, fd, true)?;
+                Ok((fd, true))
+            }
             FileKind::FileMemfd => {
                 scratch.reset();
                 let name = scratch.put_cstr(&of.path)?;
@@ -1102,18 +1144,7 @@ impl Opener<'_> {
                     self.remote
                         .syscall(libc::SYS_lseek, &[fd, of.pos, libc::SEEK_SET as u64])?;
                 }
-                const F_SEAL_SEAL: u32 = 1;
-                if of.memfd_allow_sealing && of.memfd_seals != 0 {
-                    self.remote.syscall(
-                        libc::SYS_fcntl,
-                        &[fd, libc::F_ADD_SEALS as u64, of.memfd_seals as u64],
-                    )?;
-                } else if !of.memfd_allow_sealing && of.memfd_seals & !F_SEAL_SEAL != 0 {
-                    return Err(Error::Refused {
-                        pid,
-                        reason: format!("memfd {} has seals but did not allow sealing", of.path),
-                    });
-                }
+                self.add_seals(of, fd, of.memfd_allow_sealing)?;
                 let status = of.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
                 self.remote
                     .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status as u64])?;
@@ -1243,6 +1274,17 @@ pub fn restore(
         }
         if !keep_tmp {
             remote.syscall(libc::SYS_close, &[tmp])?;
+        }
+        // Mappings of this memfd restored later (in any process) open it
+        // through this descriptor.
+        if of.kind == FileKind::FileMemfd as i32 {
+            if let Some(fd) = table.fds.iter().find(|f| f.file_id == of.id) {
+                opener
+                    .shared
+                    .shm
+                    .entry(of.ino)
+                    .or_insert_with(|| format!("/proc/{}/fd/{}", table.pid, fd.fd));
+            }
         }
     }
     if let Some(s) = opener.receiver {

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
+use std::path::Path;
 
 use ckpt_proto::image::{MmFields, MmImage, PageRange, Vma, VmaKind};
 
@@ -83,7 +84,7 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
             return Ok(VmaKind::VmaSysvShm);
         }
         if m.path.starts_with("/memfd:") {
-            return Err(unsupported("shared memfd mapping"));
+            return Ok(VmaKind::VmaMemfdShared);
         }
         if deleted || m.inode == 0 {
             return Err(unsupported("shared mapping of a deleted file"));
@@ -118,12 +119,104 @@ fn file_ident(path: &str) -> (u64, u64) {
         .unwrap_or((0, 0))
 }
 
+/// How a process of the restored job opens the object mapped at `v` of
+/// process `pid` (a PID as the job sees it).
+pub fn map_files(pid: i32, v: &Vma) -> String {
+    format!("/proc/{pid}/map_files/{:x}-{:x}", v.start, v.end)
+}
+
+/// Saves the whole content of the memfd mapped at `m`, once per object.
+fn save_memfd(
+    pid: i32,
+    m: &proc::MapEntry,
+    writer: Option<&crate::images::ImageWriter>,
+) -> Result<String> {
+    let writer = writer.ok_or_else(|| Error::UnsupportedVma {
+        pid,
+        start: m.start,
+        end: m.end,
+        what: format!("shared memfd mapping {} (needs an image writer)", m.path),
+    })?;
+    let name = format!("memfd-{}.img", m.inode);
+    let out = writer.dir().join(&name);
+    if out.exists() {
+        return Ok(name);
+    }
+    let src = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+    let mut from = std::fs::File::open(&src).map_err(|e| Error::io(&src, e))?;
+    let mut to = std::fs::File::create(&out).map_err(|e| Error::io(&out, e))?;
+    std::io::copy(&mut from, &mut to).map_err(|e| Error::io(&out, e))?;
+    writer.add_raw(&name)?;
+    Ok(name)
+}
+
+/// Maps the memfd of `v`: the object another process (or descriptor)
+/// already recreated, or a new memfd with the saved content.
+fn map_memfd(
+    img: &MmImage,
+    v: &Vma,
+    remote: &Remote,
+    scratch: &mut Scratch,
+    shm: &mut HashMap<u64, String>,
+    dir: &Path,
+) -> Result<()> {
+    let pid = remote.tid.as_raw();
+    let fd = match shm.get(&v.shmid) {
+        Some(path) => {
+            scratch.reset();
+            let p = scratch.put_cstr(path)?;
+            let flags = (libc::O_RDWR | libc::O_CLOEXEC) as u64;
+            remote.syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, p, flags, 0])?
+        }
+        None => {
+            scratch.reset();
+            let name = v
+                .path
+                .trim_start_matches("/memfd:")
+                .trim_end_matches(" (deleted)");
+            let np = scratch.put_cstr(name)?;
+            // Sealing allowed: a descriptor of this object may add seals.
+            const MFD_ALLOW_SEALING: u64 = 2;
+            let fd = remote.syscall(
+                libc::SYS_memfd_create,
+                &[np, MFD_ALLOW_SEALING | libc::MFD_CLOEXEC as u64],
+            )?;
+            let pidfd =
+                crate::sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
+            let ours = crate::sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+                .map_err(|e| Error::sys(pid, "pidfd_getfd (memfd)", e))?;
+            let mut to = std::fs::File::from(ours);
+            let path = dir.join(&v.ghost);
+            let mut from = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+            std::io::copy(&mut from, &mut to).map_err(|e| Error::sys(pid, "filling a memfd", e))?;
+            shm.insert(v.shmid, map_files(img.pid, v));
+            fd
+        }
+    };
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_SHARED | libc::MAP_FIXED) as u64;
+    let r = remote.syscall(
+        libc::SYS_mmap,
+        &[v.start, v.end - v.start, prot, flags, fd, v.pgoff],
+    );
+    remote.syscall(libc::SYS_close, &[fd])?;
+    r.map(|_| ())
+}
+
 /// Reads the mappings of stopped process `pid` and finds the pages to save:
 /// present anonymous pages (not the shared zero page) and, in private file
 /// mappings, only pages the process changed.
 ///
 /// `skip` is the agent's own scratch mapping in the task, left out.
-pub fn dump(pid: i32, brk: u64, skip: Option<(u64, u64)>) -> Result<MmDump> {
+///
+/// With a `writer`, the whole content of each memfd mapped shared is saved
+/// once per object; without one such mappings are refused.
+pub fn dump(
+    pid: i32,
+    brk: u64,
+    skip: Option<(u64, u64)>,
+    writer: Option<&crate::images::ImageWriter>,
+) -> Result<MmDump> {
     let mut maps = proc::smaps(pid)?;
     maps.retain(|m| Some((m.start, m.end)) != skip);
     let pm_path = format!("/proc/{pid}/pagemap");
@@ -210,10 +303,18 @@ pub fn dump(pid: i32, brk: u64, skip: Option<(u64, u64)>) -> Result<MmDump> {
             guards,
             // The shmem object's inode: the same in every sharer. For SysV
             // shm the kernel makes the inode number the segment id.
-            shmid: if kind == VmaKind::VmaAnonShared || kind == VmaKind::VmaSysvShm {
+            shmid: if matches!(
+                kind,
+                VmaKind::VmaAnonShared | VmaKind::VmaSysvShm | VmaKind::VmaMemfdShared
+            ) {
                 m.inode
             } else {
                 0
+            },
+            ghost: if kind == VmaKind::VmaMemfdShared {
+                save_memfd(pid, m, writer)?
+            } else {
+                String::new()
             },
         });
     }
@@ -418,7 +519,8 @@ pub fn restore_mappings(
     img: &MmImage,
     remote: &Remote,
     scratch: &mut Scratch,
-    shm: &mut HashMap<u64, (i32, u64, u64)>,
+    shm: &mut HashMap<u64, String>,
+    dir: &Path,
 ) -> Result<()> {
     let mut fds: HashMap<(String, bool), u64> = HashMap::new();
     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -436,13 +538,15 @@ pub fn restore_mappings(
                         &[v.start, len, rw, flags as u64, u64::MAX, 0],
                     )?;
                 }
+                VmaKind::VmaMemfdShared => {
+                    map_memfd(img, v, remote, scratch, shm, dir)?;
+                }
                 VmaKind::VmaAnonShared => match shm.get(&v.shmid) {
                     // Another process of the checkpoint recreated this
                     // object: map the very same one, through its map_files.
-                    Some(&(owner, s, e)) => {
+                    Some(path) => {
                         scratch.reset();
-                        let p =
-                            scratch.put_cstr(&format!("/proc/{owner}/map_files/{s:x}-{e:x}"))?;
+                        let p = scratch.put_cstr(path)?;
                         let fd = remote.syscall(
                             libc::SYS_openat,
                             &[
@@ -473,7 +577,7 @@ pub fn restore_mappings(
                             &[v.start, len, rw, flags as u64, u64::MAX, 0],
                         )?;
                         if v.shmid != 0 {
-                            shm.insert(v.shmid, (img.pid, v.start, v.end));
+                            shm.insert(v.shmid, map_files(img.pid, v));
                         }
                     }
                 },

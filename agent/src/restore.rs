@@ -532,7 +532,7 @@ fn build(
         (scratch_addr, scratch_addr + SCRATCH_LEN),
     )?;
     mm::restore_fields(&img.mm, &main, &mut scratch)?;
-    mm::restore_mappings(&img.mm, &main, &mut scratch, &mut shared.shm)?;
+    mm::restore_mappings(&img.mm, &main, &mut scratch, &mut shared.shm, dir)?;
     let tp = Instant::now();
     let filler = attach_filler(pid, &img.mm, &img.pm, &main)?;
     pages::restore(

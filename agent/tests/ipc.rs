@@ -609,6 +609,7 @@ fn restore_mappings_attach_sysv_segments_at_their_address() {
         &remote,
         &mut Scratch::new(pid, 0, 0),
         &mut std::collections::HashMap::new(),
+        std::path::Path::new("/nonexistent"),
     )
     .unwrap();
 

@@ -69,6 +69,7 @@ cases!(
     shared_anon_tree,
     timerfd_signalfd,
     memfd_sealed,
+    memfd_shared_map,
     fifo,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_inet_socket runs it"]
     inet_socket,
@@ -156,6 +157,7 @@ mod job {
         posix_timers,
         pending_signals,
         memfd_sealed,
+        memfd_shared_map,
         fifo,
         file_shared,
     );

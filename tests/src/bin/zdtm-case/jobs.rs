@@ -1,5 +1,6 @@
-//! Cases that only make sense as jobs (`ckpt-agent run`): the job's own
-//! PID, UTS, mount and IPC namespaces, checked from inside after restore.
+//! Cases about what a job's processes share: its own PID, UTS, mount and
+//! IPC namespaces (only as jobs, under `ckpt-agent run`), and memory
+//! objects mapped by several processes. Checked from inside after restore.
 
 use std::ffi::CString;
 
@@ -445,6 +446,101 @@ pub fn sysv_ipc(ctx: &Ctx) -> CaseResult {
         let mut st = 0;
         libc::waitpid(child, &mut st, 0);
         libc::mq_unlink(mq_name.as_ptr());
+    }
+    c.finish()
+}
+
+/// A memfd larger than what is mapped, mapped shared by parent and child
+/// (the child keeps only its mapping), sealed against resizing. After
+/// restore: one object behind the parent's descriptor and both mappings
+/// (same inode, writes through one seen through the others), its whole
+/// content, and its seals.
+pub fn memfd_shared_map(ctx: &Ctx) -> CaseResult {
+    const MB: usize = 1 << 20;
+    // SAFETY: a NUL-terminated name and flags.
+    let fd = cvt(
+        unsafe { libc::memfd_create(c"zdtm-mfd".as_ptr(), libc::MFD_ALLOW_SEALING) },
+        "memfd_create",
+    )?;
+    let data = pattern_bytes(3 * MB, 99);
+    // SAFETY: writes from a live buffer; mmap of the first two MiB.
+    let base = unsafe {
+        if libc::pwrite(fd, data.as_ptr().cast(), data.len(), 0) != data.len() as isize {
+            return Err(os_err("write memfd"));
+        }
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * MB,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(os_err("mmap memfd"));
+    }
+    // SAFETY: integer fcntl.
+    cvt(
+        unsafe {
+            libc::fcntl(
+                fd,
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_GROW | libc::F_SEAL_SHRINK,
+            )
+        },
+        "F_ADD_SEALS",
+    )?;
+    let (child, req_w, ans_r) = spawn_reader(base as usize)?;
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: String| std::fs::metadata(p).map(|m| m.ino()).unwrap_or(0);
+    let map_path = format!(
+        "/proc/self/map_files/{:x}-{:x}",
+        base as usize,
+        base as usize + 2 * MB
+    );
+    let before = (ino(format!("/proc/self/fd/{fd}")), ino(map_path.clone()));
+    if before.0 != before.1 {
+        return Err("descriptor and mapping are not one object before the checkpoint".into());
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    let after = (ino(format!("/proc/self/fd/{fd}")), ino(map_path));
+    c.ok(
+        "descriptor and mapping are one object",
+        after.0 == after.1 && after.0 != 0,
+    );
+    let mut now = vec![0u8; 3 * MB];
+    // SAFETY: reads into a live buffer.
+    let n = unsafe { libc::pread(fd, now.as_mut_ptr().cast(), now.len(), 0) };
+    c.eq("size read", 3 * MB as isize, n);
+    c.ok("whole content, unmapped part included", now == data);
+    // SAFETY: integer fcntl.
+    c.eq("seals", libc::F_SEAL_GROW | libc::F_SEAL_SHRINK, unsafe {
+        libc::fcntl(fd, libc::F_GET_SEALS)
+    });
+    // A write through the descriptor shows in the child's mapping.
+    let b = [0xeeu8];
+    // SAFETY: writes one byte.
+    unsafe { libc::pwrite(fd, b.as_ptr().cast(), 1, 4321) };
+    c.eq(
+        "child sees a write through the fd",
+        ask(req_w, ans_r, 4321),
+        Some(0xee),
+    );
+    // SAFETY: the mapping is 2 MiB.
+    unsafe { *(base as *mut u8).add(MB + 7) = 0x11 };
+    c.eq(
+        "child sees a write through the mapping",
+        ask(req_w, ans_r, (MB + 7) as u32),
+        Some(0x11),
+    );
+    // SAFETY: closing the request pipe ends the child, then reap it.
+    unsafe {
+        libc::close(req_w);
+        let mut st = 0;
+        libc::waitpid(child, &mut st, 0);
     }
     c.finish()
 }

@@ -91,6 +91,7 @@ const CASES: &[(&str, CaseFn)] = &[
     // only as jobs (own namespaces)
     ("job_namespaces", jobs::job_namespaces),
     ("sysv_ipc", jobs::sysv_ipc),
+    ("memfd_shared_map", jobs::memfd_shared_map),
 ];
 
 static TERM: AtomicBool = AtomicBool::new(false);
