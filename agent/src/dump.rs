@@ -283,7 +283,7 @@ fn dump_tree(
         }
     }
     check_groups(tree, &dumped)?;
-    check_sharing(&dumped)?;
+    check_sharing(&mut dumped)?;
     let tp = Instant::now();
     let items: Vec<pages::DumpItem<'_>> = dumped
         .iter()
@@ -369,24 +369,59 @@ fn check_groups(tree: &[Member], dumped: &[Dumped]) -> Result<()> {
     Ok(())
 }
 
-/// Processes that share an address space (vfork in progress, CLONE_VM) or
-/// an fd table (CLONE_FILES) would come back as separate copies: refused.
-fn check_sharing(dumped: &[Dumped]) -> Result<()> {
+/// Processes that share an address space (vfork in progress, CLONE_VM)
+/// would come back as separate copies: refused. Processes that share an fd
+/// table (CLONE_FILES) keep sharing it: the first of each group (in tree
+/// order, so a parent before its children) owns the table, the others
+/// record whose table they share and dump none; each of them must have
+/// its parent in the group, which creates it with CLONE_FILES on restore.
+fn check_sharing(dumped: &mut [Dumped]) -> Result<()> {
     use crate::sys::pidfd::{kcmp_shares, Shared};
-    for (i, a) in dumped.iter().enumerate() {
-        for b in &dumped[i + 1..] {
-            for (what, name) in [(Shared::Vm, "address space"), (Shared::Files, "fd table")] {
-                let (pa, pb) = (a.core.pid, b.core.pid);
-                if kcmp_shares(pa, pb, what).map_err(|e| Error::sys(pb, "kcmp", e))? {
-                    return Err(Error::Refused {
-                        pid: pb,
-                        reason: format!(
-                            "it shares its {name} with process {pa}; not supported yet"
-                        ),
-                    });
-                }
+    for i in 0..dumped.len() {
+        for j in i + 1..dumped.len() {
+            let (pa, pb) = (dumped[i].core.pid, dumped[j].core.pid);
+            if kcmp_shares(pa, pb, Shared::Vm).map_err(|e| Error::sys(pb, "kcmp", e))? {
+                return Err(Error::Refused {
+                    pid: pb,
+                    reason: format!(
+                        "it shares its address space with process {pa} (CLONE_VM without a thread group); not supported yet"
+                    ),
+                });
+            }
+            if dumped[j].core.fd_table_of == 0
+                && dumped[i].core.fd_table_of == 0
+                && kcmp_shares(pa, pb, Shared::Files).map_err(|e| Error::sys(pb, "kcmp", e))?
+            {
+                dumped[j].core.fd_table_of = pa;
             }
         }
+    }
+    for d in dumped.iter() {
+        let owner = d.core.fd_table_of;
+        if owner == 0 {
+            continue;
+        }
+        let parent = d.core.ppid;
+        let group_of_parent = dumped.iter().find(|p| p.core.pid == parent).map(|p| {
+            if p.core.fd_table_of != 0 {
+                p.core.fd_table_of
+            } else {
+                p.core.pid
+            }
+        });
+        if group_of_parent != Some(owner) {
+            return Err(Error::Refused {
+                pid: d.core.pid,
+                reason: format!(
+                    "it shares the fd table of process {owner} but its parent {parent} does not: \
+                     it could not be recreated with CLONE_FILES; not supported"
+                ),
+            });
+        }
+    }
+    for d in dumped.iter_mut().filter(|d| d.core.fd_table_of != 0) {
+        d.fds.fds.clear();
+        d.fds.files.clear();
     }
     Ok(())
 }

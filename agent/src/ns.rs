@@ -163,6 +163,9 @@ impl PidMap {
         c.ppid = self.inner(c.ppid);
         c.pgid = self.inner(c.pgid);
         c.sid = self.inner(c.sid);
+        if c.fd_table_of != 0 {
+            c.fd_table_of = self.inner(c.fd_table_of);
+        }
         for t in &mut c.threads {
             t.tid = self.inner(t.tid);
         }

@@ -219,7 +219,13 @@ fn skeleton(
         let remote = Remote::new(Pid::from_raw(parent), gadget)?;
         let mut scratch = blank_scratch(parent)?;
         let tids = scratch.put(&pid.to_le_bytes())?;
-        let args = sys::clone::encode_clone_args(0, libc::SIGCHLD as u64, tids, 1);
+        // A process sharing its parent's fd table is born sharing it.
+        let flags = if cores[&pid].fd_table_of != 0 {
+            libc::CLONE_FILES as u64
+        } else {
+            0
+        };
+        let args = sys::clone::encode_clone_args(flags, libc::SIGCHLD as u64, tids, 1);
         let ap = scratch.put(&args)?;
         let got = match remote.syscall(libc::SYS_clone3, &[ap, args.len() as u64]) {
             Ok(p) => p as i32,
@@ -524,7 +530,11 @@ fn build(
     let main = Remote::new(t, scratch_addr)?;
     let mut scratch = Scratch::new(pid, scratch_addr + 4096, SCRATCH_LEN - 4096);
 
-    main.syscall(libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
+    // A process sharing another's fd table gets it from that one's build.
+    let own_fds = img.core.fd_table_of == 0;
+    if own_fds {
+        main.syscall(libc::SYS_close_range, &[0, u32::MAX as u64, 0])?;
+    }
     mm::prepare_address_space(
         &img.mm,
         pid,
@@ -573,7 +583,9 @@ fn build(
     }
     let main = &remotes[0];
     task::restore_process(&img.core, main, &mut scratch)?;
-    files::restore(&img.fds, dir, main, &mut scratch, shared, req.ext_unix_sk)?;
+    if own_fds {
+        files::restore(&img.fds, dir, main, &mut scratch, shared, req.ext_unix_sk)?;
+    }
     scratch.reset();
     let cwd = scratch.put_cstr(&img.core.cwd)?;
     main.syscall(libc::SYS_chdir, &[cwd])?;

@@ -290,6 +290,8 @@ pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<Ta
         shared_pending,
         exit_code: 0,
         state: stat.state().to_string(),
+        // Found by comparing processes (dump::check_sharing).
+        fd_table_of: 0,
     })
 }
 

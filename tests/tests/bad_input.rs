@@ -244,16 +244,16 @@ fn agent_killed_mid_dump_leaves_process_running() {
         .unwrap();
 }
 
-/// Processes sharing an fd table (CLONE_FILES) are refused, naming what
-/// they share, and keep running.
+/// Processes sharing an address space outside a thread group (CLONE_VM)
+/// are refused, naming what they share, and keep running.
 #[test]
-fn dump_refuses_shared_fd_table() {
-    let dir = Workdir::new("shared-fd-table");
-    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "shared_fd_table", &dir).unwrap();
+fn dump_refuses_shared_address_space() {
+    let dir = Workdir::new("shared-vm");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "shared_vm", &dir).unwrap();
     case.wait_ready().unwrap();
     if !no_checkpoint() {
         let run = dump(case.pid, &dir.join("images"), &[], &dir);
-        assert_refused(&run, &["fd table"]);
+        assert_refused(&run, &["address space"]);
         assert!(pid_exists(case.pid), "the process must keep running");
     }
     case.terminate_and_check("after a refused dump").unwrap();

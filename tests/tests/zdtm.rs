@@ -85,8 +85,9 @@ cases!(
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
     inotify,
-    #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_fd_table runs it"]
     shared_fd_table,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_address_space runs it"]
+    shared_vm,
     big_memory,
 );
 
@@ -160,6 +161,7 @@ mod job {
         memfd_shared_map,
         fifo,
         file_shared,
+        shared_fd_table,
     );
 }
 

@@ -844,8 +844,9 @@ pub fn inotify(ctx: &Ctx) -> CaseResult {
     ch.finish()
 }
 
-/// A child created with CLONE_FILES (sharing the parent's fd table), which
-/// the engine refuses for now: the bad-input test dumps it.
+/// A child made with clone(CLONE_FILES): one fd table for two processes.
+/// After restore they still share it: a descriptor the parent opens shows
+/// in the child, one the parent closes is gone from the child too.
 pub fn shared_fd_table(ctx: &Ctx) -> CaseResult {
     // SAFETY: a fork-like clone (no new stack: the child runs on a copy of
     // ours), then the child only makes raw syscalls.
@@ -870,11 +871,84 @@ pub fn shared_fd_table(ctx: &Ctx) -> CaseResult {
     if child < 0 {
         return Err(os_err("clone(CLONE_FILES)"));
     }
+    let child = child as i32;
+    // Opened after the clone: only a shared table shows it in the child.
+    let keep = std::fs::File::open("/dev/null").map_err(|e| format!("open: {e}"))?;
+    let drop_later = std::fs::File::open("/proc/self/status").map_err(|e| format!("open: {e}"))?;
+    use std::os::fd::{AsRawFd, IntoRawFd};
+    let (kfd, dfd) = (keep.as_raw_fd(), drop_later.into_raw_fd());
+    let in_child = |fd: i32| std::fs::read_link(format!("/proc/{child}/fd/{fd}")).ok();
+    if in_child(kfd).is_none() {
+        return Err("the child does not see the parent's new descriptor".into());
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.eq(
+        "kept descriptor in the child",
+        Some("/dev/null".into()),
+        in_child(kfd),
+    );
+    // SAFETY: kcmp on our own child, an integer call.
+    let same = unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            libc::getpid(),
+            child,
+            2, /* KCMP_FILES */
+            0,
+            0,
+        )
+    };
+    c.eq("kcmp says one fd table", 0, same);
+    let new = std::fs::File::open("/dev/zero").map_err(|e| format!("open: {e}"))?;
+    c.eq(
+        "descriptor opened after restore shows in the child",
+        Some("/dev/zero".into()),
+        in_child(new.as_raw_fd()),
+    );
+    // SAFETY: closing our own descriptor.
+    unsafe { libc::close(dfd) };
+    c.eq(
+        "descriptor closed after restore is gone from the child",
+        None,
+        in_child(dfd),
+    );
+    // SAFETY: ends and reaps our child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    c.finish()
+}
+
+extern "C" fn vm_child(_: *mut libc::c_void) -> libc::c_int {
+    loop {
+        // SAFETY: a raw syscall with no arguments.
+        unsafe { libc::pause() };
+    }
+}
+
+/// A child made with clone(CLONE_VM) outside the thread group: two
+/// processes, one address space. Refused at dump (bad_input runs it).
+pub fn shared_vm(ctx: &Ctx) -> CaseResult {
+    const STACK: usize = 64 << 10;
+    let stack = mmap_anon(STACK, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+    // SAFETY: the child runs vm_child on its own stack and only pauses.
+    let child = unsafe {
+        libc::clone(
+            vm_child,
+            stack.add(STACK).cast(),
+            libc::CLONE_VM | libc::SIGCHLD,
+            std::ptr::null_mut(),
+        )
+    };
+    cvt(child, "clone(CLONE_VM)")?;
     ctx.ready_and_wait()?;
     // SAFETY: ends and reaps our child.
     unsafe {
-        libc::kill(child as i32, libc::SIGKILL);
-        libc::waitpid(child as i32, std::ptr::null_mut(), 0);
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
     }
     Check::new().finish()
 }

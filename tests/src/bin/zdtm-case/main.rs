@@ -85,6 +85,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("ext_unix_client", later::ext_unix_client),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
+    ("shared_vm", later::shared_vm),
     ("big_memory", later::big_memory),
     ("epoll_wait", later::epoll_wait),
     ("unix_socket", later::unix_socket),
