@@ -63,6 +63,16 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
         .collect();
     fds.sort_unstable();
     let pidfd = sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
+    // Paths are the process's: in a mount namespace of its own (a job's),
+    // the agent reaches them through the process's root.
+    let own_mnt = crate::ns::own_namespaces(pid)? & libc::CLONE_NEWNS as u64 != 0;
+    let reach = |path: &str| -> String {
+        if own_mnt {
+            format!("/proc/{pid}/root{path}")
+        } else {
+            path.to_string()
+        }
+    };
     // Each fd's fdinfo, read once.
     let mut fdinfo = std::collections::HashMap::with_capacity(fds.len());
     for &fd in &fds {
@@ -212,7 +222,7 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
                 let reader = std::fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK)
-                    .open(&link)
+                    .open(reach(&link))
                     .map_err(|e| Error::io(&link, e))?;
                 of.pipe_data = sys::misc::pipe_peek(reader.as_fd())
                     .map_err(|e| Error::sys(pid, format!("peeking FIFO fd {fd}"), e))?;
@@ -242,7 +252,7 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
                     of.unlinked = true;
                     of.path = link.trim_end_matches(" (deleted)").to_string();
                 } else {
-                    let on_disk = std::fs::metadata(&link).ok();
+                    let on_disk = std::fs::metadata(reach(&link)).ok();
                     if on_disk.map(|m| (m.dev(), m.ino())) != Some((md.dev(), md.ino())) {
                         return Err(refuse("regular file replaced on disk since it was opened"));
                     }

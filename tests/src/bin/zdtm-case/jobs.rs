@@ -176,6 +176,12 @@ pub fn job_namespaces(ctx: &Ctx) -> CaseResult {
         "/tmp/owned",
         "/tmp/fifo",
     ];
+    // A descriptor on the job's tmpfs, at an offset: reopened there.
+    let held = std::fs::File::open("/tmp/d/data").map_err(|e| format!("open: {e}"))?;
+    use std::io::Seek;
+    (&held)
+        .seek(std::io::SeekFrom::Start(100))
+        .map_err(|e| format!("seek: {e}"))?;
     let before: Vec<_> = files.iter().map(|p| stat(p)).collect::<Result<_, _>>()?;
 
     // A read-only bind mount, and a shared tmpfs with a peer.
@@ -250,6 +256,20 @@ pub fn job_namespaces(ctx: &Ctx) -> CaseResult {
         std::fs::read("/tmp/d/data").ok() == Some(data),
     );
     c.eq("symlink", readlink("/tmp/link"), "d/data".to_string());
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |m: std::io::Result<std::fs::Metadata>| m.map(|m| m.ino()).ok();
+        c.eq(
+            "held descriptor is the file on the job's tmpfs",
+            ino(std::fs::metadata("/tmp/d/data")),
+            ino(held.metadata()),
+        );
+        c.eq(
+            "held descriptor offset",
+            Ok(100),
+            (&held).stream_position().map_err(|e| e.to_string()),
+        );
+    }
     c.eq(
         "bind mount content",
         read_text("/tmp/ro/f"),
