@@ -270,7 +270,7 @@ fn dump_tree(
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
         match m {
-            Member::Live(s) => dumped.push(dump_seized(s, writer, req.ext_unix_sk)?),
+            Member::Live(s) => dumped.push(dump_seized(s, writer)?),
             Member::Zombie(core) => {
                 let mut core = (**core).clone();
                 ids.core(&mut core);
@@ -308,7 +308,7 @@ fn dump_tree(
         .iter_mut()
         .map(|d| std::mem::take(&mut d.fds))
         .collect();
-    files::link_tree(&mut tables)?;
+    files::link_tree(&mut tables, req.ext_unix_sk)?;
     let mut bytes = 0;
     // Images name every process as the job sees it (the PIDs restore
     // recreates); only the copy above needed the agent's view.
@@ -428,7 +428,7 @@ fn check_sharing(dumped: &mut [Dumped]) -> Result<()> {
 
 /// The part of a process's dump that needs ptrace: its state, injected
 /// queries, files, and its address space with the pages to save.
-fn dump_seized(seized: &Seized, writer: &ImageWriter, ext_unix_sk: bool) -> Result<Dumped> {
+fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -459,7 +459,7 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter, ext_unix_sk: bool) -> Resu
         }
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
-        let fds = files::dump(pid, writer, ext_unix_sk)?;
+        let fds = files::dump(pid, writer)?;
         let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)), Some(writer))?;
         Ok(Dumped { core, fds, mm })
     })();

@@ -55,7 +55,7 @@ fn dev_minor(rdev: u64) -> u64 {
 
 /// Reads the fd table of stopped process `pid`; refuses (naming pid, fd and
 /// kind) any descriptor it cannot restore.
-pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable> {
+pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
@@ -202,14 +202,7 @@ pub fn dump(pid: i32, images: &ImageWriter, ext_unix_sk: bool) -> Result<FdTable
                     return Err(refuse("socket (not a unix one)"));
                 }
                 of.kind = FileKind::FileUnixSocket as i32;
-                of.unix = Some(crate::unix::dump(
-                    pid,
-                    fd,
-                    file.as_fd(),
-                    md.ino(),
-                    diag,
-                    ext_unix_sk,
-                )?);
+                of.unix = Some(crate::unix::dump(pid, fd, file.as_fd(), md.ino(), diag)?);
             }
             (_, libc::S_IFIFO) => {
                 of.kind = FileKind::FileFifo as i32;
@@ -412,8 +405,37 @@ fn check_epolls(pid: i32, files: &[OpenFile], fds: &[i32]) -> Result<()> {
 /// owner, pipes the first process holding either end; and refuses what
 /// cannot be rebuilt (a pipe end whose other end is outside the tree, an
 /// epoll shared between processes).
-pub fn link_tree(tables: &mut [FdTable]) -> Result<()> {
+pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
     use std::collections::HashMap;
+    // A connected unix socket whose named peer is in the tree is one end of
+    // a pair (an accepted connection); only a peer elsewhere is external.
+    let sockets: std::collections::HashSet<u64> = tables
+        .iter()
+        .flat_map(|t| {
+            t.files
+                .iter()
+                .filter_map(|f| f.unix.as_ref().map(|u| u.ino))
+        })
+        .collect();
+    for t in tables.iter_mut() {
+        for u in t.files.iter_mut().filter_map(|f| f.unix.as_mut()) {
+            if u.external_peer.is_empty() {
+                continue;
+            }
+            if sockets.contains(&u.peer) {
+                u.external_peer.clear();
+            } else if !ext_unix_sk {
+                return Err(Error::Refused {
+                    pid: t.pid,
+                    reason: format!(
+                        "unix socket:[{}] is connected to {} (socket:[{}]) of another process; \
+                         dump with --ext-unix-sk to reconnect it by name on restore",
+                        u.ino, u.external_peer, u.peer
+                    ),
+                });
+            }
+        }
+    }
     let mut next_shared = 1u64;
     // pipe id -> (creator pid, has read end, has write end, path)
     let mut pipes: HashMap<u64, (i32, bool, bool, String)> = HashMap::new();
@@ -818,9 +840,11 @@ impl Opener<'_> {
     ) -> Result<(u64, bool)> {
         if u.name.starts_with('/') {
             use std::os::unix::fs::FileTypeExt;
-            let stale = std::fs::symlink_metadata(&u.name).is_ok_and(|m| m.file_type().is_socket());
+            // The path as the task sees it (a job's /tmp is its own).
+            let path = format!("/proc/{}/root{}", self.remote.tid, u.name);
+            let stale = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket());
             if stale {
-                std::fs::remove_file(&u.name).map_err(|e| Error::io(&u.name, e))?;
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
             }
         }
         let fd = self.named_socket(u.sock_type, &u.name, true, scratch)?;

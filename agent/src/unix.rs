@@ -1,9 +1,11 @@
 //! Unix sockets: dump and restore of connected pairs whose both ends belong
 //! to the dumped processes (`UnixSocket`, files.proto), with the data
 //! queued at each end (peeked without consuming it, message boundaries
-//! kept) and their shutdown state; and listening sockets without pending
-//! connections, bound again to their path or abstract name. Other bound and
-//! externally connected sockets are refused for now.
+//! kept) and their shutdown state; listening sockets without pending
+//! connections, bound again to their path or abstract name; connections a
+//! listener accepted (their end carries the listener's name), restored as
+//! pair ends without it. Sockets connected outside the tree are reconnected
+//! by name with --ext-unix-sk, or refused.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -18,16 +20,12 @@ use crate::sys::netlink::{self, UnixDiag};
 const MAX_MSG: usize = 256 * 1024;
 
 /// Reads a unix socket end of process `pid` (its fd `fd`, our copy `sock`).
-///
-/// With `ext_unix_sk`, a socket connected to a named socket of another
-/// process is accepted, to be reconnected by that name on restore.
 pub fn dump(
     pid: i32,
     fd: i32,
     sock: BorrowedFd<'_>,
     ino: u64,
     diag: &HashMap<u64, UnixDiag>,
-    ext_unix_sk: bool,
 ) -> Result<UnixSocket> {
     let refuse = |what: &str| Error::UnsupportedFd {
         pid,
@@ -58,24 +56,19 @@ pub fn dump(
             ..Default::default()
         });
     }
-    if !d.name.is_empty() {
-        return Err(refuse(&format!("bound to {}", d.name)));
-    }
     if d.peer == 0 {
-        return Err(refuse("not connected"));
+        return Err(refuse(&if d.name.is_empty() {
+            "not connected".to_string()
+        } else {
+            format!("bound to {}, not connected", d.name)
+        }));
     }
-    let mut external_peer = String::new();
-    if let Some(p) = diag.get(&d.peer) {
-        if !p.name.is_empty() {
-            if !ext_unix_sk {
-                return Err(refuse(&format!(
-                    "connected to {} (socket:[{}]) of another process; dump with --ext-unix-sk to reconnect it by name on restore",
-                    p.name, d.peer
-                )));
-            }
-            external_peer = p.name.clone();
-        }
-    }
+    // A named peer may be outside the tree (a daemon): files::link_tree
+    // decides, once every process's sockets are known.
+    let external_peer = diag
+        .get(&d.peer)
+        .map(|p| p.name.clone())
+        .unwrap_or_default();
     let queue = peek_queue(sock, d.kind as i32).map_err(|e| match e {
         PeekError::Io(e) => Error::sys(pid, format!("peeking the queue of fd {fd}"), e),
         PeekError::Descriptors => refuse("descriptors in flight in its queue"),
@@ -87,6 +80,7 @@ pub fn dump(
         queue,
         shutdown: d.shutdown as u32,
         external_peer,
+        bound_name: d.name.clone(),
         ..Default::default()
     })
 }

@@ -82,6 +82,7 @@ cases!(
     unix_socket,
     unix_pairs,
     unix_listener,
+    unix_accepted,
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
     inotify,
@@ -155,6 +156,7 @@ mod job {
         pipe_eventfd_epoll,
         unix_pairs,
         unix_listener,
+        unix_accepted,
         posix_timers,
         pending_signals,
         memfd_sealed,

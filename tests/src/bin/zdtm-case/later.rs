@@ -1060,3 +1060,125 @@ pub fn ext_unix_client(ctx: &Ctx) -> CaseResult {
     c.eq("sent to the server after the restore", 5, n);
     c.finish()
 }
+
+/// A connection accepted from a listener (parent: listener and accepted
+/// end; child: the client), with bytes queued unread at both ends. After
+/// restore both queues are intact and the connection carries new data.
+pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
+    let name = format!("zdtm-accepted-{}", std::process::id());
+    let (a, len) = unix_addr(name.as_bytes(), true);
+    // SAFETY: a valid sockaddr_un of `len` bytes.
+    let l = unsafe {
+        let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "socket")?;
+        cvt(
+            libc::bind(s, &a as *const _ as *const libc::sockaddr, len),
+            "bind",
+        )?;
+        cvt(libc::listen(s, 4), "listen")?;
+        s
+    };
+    let (go_r, go_w) = pipe_pair()?;
+    // SAFETY: the child only makes raw syscalls, then _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: raw syscalls in the child on its own sockets and pipe.
+        unsafe {
+            libc::close(l);
+            libc::close(go_w);
+            let c = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if libc::connect(c, &a as *const _ as *const libc::sockaddr, len) != 0 {
+                libc::_exit(3);
+            }
+            let hello = b"hello-from-client";
+            libc::write(c, hello.as_ptr().cast(), hello.len());
+            // Leave what the server sends queued until told to go.
+            if read_u32(go_r).is_none() {
+                libc::_exit(4);
+            }
+            let mut buf = [0u8; 17];
+            let mut got = 0;
+            while got < buf.len() {
+                let n = libc::read(c, buf[got..].as_mut_ptr().cast(), buf.len() - got);
+                if n <= 0 {
+                    libc::_exit(5);
+                }
+                got += n as usize;
+            }
+            // Echo it back, then triple every number asked.
+            libc::write(c, buf.as_ptr().cast(), buf.len());
+            while let Some(v) = read_u32(c) {
+                if !write_u32(c, v * 3) {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    cvt(child, "fork")?;
+    // SAFETY: closing our copy of the child's end; accept on our listener.
+    let s = unsafe {
+        libc::close(go_r);
+        cvt(
+            libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()),
+            "accept",
+        )?
+    };
+    let queued = b"queued-for-client";
+    // SAFETY: writes a live buffer.
+    if unsafe { libc::write(s, queued.as_ptr().cast(), queued.len()) } != queued.len() as isize {
+        return Err(os_err("write to client"));
+    }
+    // The client's hello must be waiting at our end before the checkpoint.
+    if !wait_until(Duration::from_secs(5), || {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes an int.
+        unsafe { libc::ioctl(s, libc::FIONREAD, &mut n) };
+        n == 17
+    }) {
+        return Err("client's hello not queued".into());
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    let read_n = |fd: i32, n: usize| -> Vec<u8> {
+        let mut buf = vec![0u8; n];
+        let mut got = 0;
+        while got < n {
+            // SAFETY: reads into the rest of buf.
+            let r = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), n - got) };
+            if r <= 0 {
+                break;
+            }
+            got += r as usize;
+        }
+        buf.truncate(got);
+        buf
+    };
+    c.eq(
+        "queued at the accepted end",
+        b"hello-from-client".to_vec(),
+        read_n(s, 17),
+    );
+    if !write_u32(go_w, 1) {
+        c.fail("cannot tell the client to go");
+    }
+    c.eq(
+        "queued at the client, echoed",
+        queued.to_vec(),
+        read_n(s, 17),
+    );
+    c.ok(
+        "new data both ways",
+        write_u32(s, 14) && read_u32(s) == Some(42),
+    );
+    // SAFETY: closing ends the child's loop; then reap it.
+    unsafe {
+        libc::close(s);
+        libc::close(go_w);
+        libc::close(l);
+        let mut st = 0;
+        libc::waitpid(child, &mut st, 0);
+        c.eq("client exit", 0, libc::WEXITSTATUS(st));
+    }
+    c.finish()
+}

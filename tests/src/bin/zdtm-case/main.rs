@@ -82,6 +82,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("inet_socket", later::inet_socket),
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
+    ("unix_accepted", later::unix_accepted),
     ("ext_unix_client", later::ext_unix_client),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
