@@ -417,10 +417,43 @@ pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
                 .filter_map(|f| f.unix.as_ref().map(|u| u.ino))
         })
         .collect();
-    for t in tables.iter_mut() {
+    // Listeners by name, with the process that restores them.
+    let listeners: HashMap<String, (usize, u32)> = tables
+        .iter()
+        .enumerate()
+        .flat_map(|(ti, t)| {
+            t.files.iter().filter_map(move |f| {
+                f.unix
+                    .as_ref()
+                    .filter(|u| u.listening)
+                    .map(|u| (u.name.clone(), (ti, u.pending)))
+            })
+        })
+        .collect();
+    let mut pending_in_tree: HashMap<String, u32> = HashMap::new();
+    for (ti, t) in tables.iter_mut().enumerate() {
+        let pid = t.pid;
         for u in t.files.iter_mut().filter_map(|f| f.unix.as_mut()) {
             if u.external_peer.is_empty() {
                 continue;
+            }
+            if u.pending != 0 {
+                // Within one process pending clients are restored last (see
+                // below); across processes, in tree order.
+                if let Some(&(lt, _)) = listeners.get(&u.external_peer) {
+                    if lt > ti {
+                        return Err(Error::Refused {
+                            pid,
+                            reason: format!(
+                                "unix socket:[{}] waits to be accepted by {}, which is restored after it; not supported yet",
+                                u.ino, u.external_peer
+                            ),
+                        });
+                    }
+                    u.listener_in_tree = true;
+                    *pending_in_tree.entry(u.external_peer.clone()).or_default() += 1;
+                    continue;
+                }
             }
             if sockets.contains(&u.peer) {
                 u.external_peer.clear();
@@ -434,6 +467,29 @@ pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
                     ),
                 });
             }
+        }
+    }
+    // Pending clients connect again last in their process, oldest socket
+    // first: the listener then queues them in the order they came (socket
+    // creation order stands in for connect order, which the kernel does not
+    // show).
+    for t in tables.iter_mut() {
+        t.files.sort_by_key(|f| match &f.unix {
+            Some(u) if u.listener_in_tree => (1, u.ino),
+            _ => (0, 0),
+        });
+    }
+    for (name, &(ti, pending)) in &listeners {
+        let ours = pending_in_tree.get(name).copied().unwrap_or(0);
+        if pending > ours {
+            return Err(Error::Refused {
+                pid: tables[ti].pid,
+                reason: format!(
+                    "unix listener {name} has {} connections not yet accepted from outside the dumped processes; \
+                     they would be lost",
+                    pending - ours
+                ),
+            });
         }
     }
     let mut next_shared = 1u64;
@@ -815,7 +871,9 @@ impl Opener<'_> {
         scratch: &mut Scratch,
         status: u64,
     ) -> Result<(u64, bool)> {
-        if !self.ext_unix_sk {
+        // A connection not yet accepted by a listener of the checkpoint
+        // connects again, and waits in its (restored) queue as before.
+        if !self.ext_unix_sk && !u.listener_in_tree {
             return Err(Error::Refused {
                 pid: self.pid,
                 reason: format!(

@@ -38,12 +38,6 @@ pub fn dump(
         .ok_or_else(|| refuse("not found by sock_diag"))?;
     const TCP_LISTEN: u8 = 10;
     if d.state == TCP_LISTEN {
-        if d.rqueue > 0 {
-            return Err(refuse(&format!(
-                "listening on {} with {} connections not yet accepted",
-                d.name, d.rqueue
-            )));
-        }
         if !d.name.starts_with('/') && !d.name.starts_with('@') {
             return Err(refuse(&format!("listening on a relative path {}", d.name)));
         }
@@ -53,8 +47,33 @@ pub fn dump(
             name: d.name.clone(),
             listening: true,
             backlog: d.wqueue,
+            pending: d.rqueue,
             ..Default::default()
         });
+    }
+    const TCP_ESTABLISHED: u8 = 1;
+    if d.peer == 0 && d.state == TCP_ESTABLISHED && d.kind as i32 != libc::SOCK_DGRAM {
+        // Connected to a listener that has not accepted yet: its peer is an
+        // embryo without an inode, but it still knows the listener's name.
+        let listener = peer_name(sock);
+        if !listener.is_empty() {
+            if d.wqueue > 0 {
+                return Err(refuse(&format!(
+                    "connected to {listener}, which has not accepted it yet, with data sent in flight \
+                     ({} bytes of buffer): not supported",
+                    d.wqueue
+                )));
+            }
+            return Ok(UnixSocket {
+                sock_type: d.kind as u32,
+                ino,
+                external_peer: listener,
+                pending: 1,
+                shutdown: d.shutdown as u32,
+                bound_name: d.name.clone(),
+                ..Default::default()
+            });
+        }
     }
     if d.peer == 0 {
         return Err(refuse(&if d.name.is_empty() {
@@ -83,6 +102,23 @@ pub fn dump(
         bound_name: d.name.clone(),
         ..Default::default()
     })
+}
+
+/// The name of the socket `sock` is connected to, as diag spells names
+/// ("@name" for an abstract one); empty when unnamed or not connected.
+fn peer_name(sock: BorrowedFd<'_>) -> String {
+    match nix::sys::socket::getpeername::<nix::sys::socket::UnixAddr>(sock.as_raw_fd()) {
+        Ok(a) => {
+            if let Some(p) = a.path() {
+                p.to_string_lossy().into_owned()
+            } else if let Some(n) = a.as_abstract() {
+                format!("@{}", String::from_utf8_lossy(n))
+            } else {
+                String::new()
+            }
+        }
+        Err(_) => String::new(),
+    }
 }
 
 enum PeekError {

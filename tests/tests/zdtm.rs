@@ -83,6 +83,7 @@ cases!(
     unix_pairs,
     unix_listener,
     unix_accepted,
+    unix_pending,
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
     inotify,
@@ -157,6 +158,7 @@ mod job {
         unix_pairs,
         unix_listener,
         unix_accepted,
+        unix_pending,
         posix_timers,
         pending_signals,
         memfd_sealed,

@@ -1182,3 +1182,88 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// Two connections a listener has not accepted yet, their client in a
+/// child. After restore the listener accepts both and each carries data
+/// both ways.
+pub fn unix_pending(ctx: &Ctx) -> CaseResult {
+    let name = format!("zdtm-pending-{}", std::process::id());
+    let (a, len) = unix_addr(name.as_bytes(), true);
+    // SAFETY: a valid sockaddr_un of `len` bytes.
+    let l = unsafe {
+        let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "socket")?;
+        cvt(
+            libc::bind(s, &a as *const _ as *const libc::sockaddr, len),
+            "bind",
+        )?;
+        cvt(libc::listen(s, 4), "listen")?;
+        s
+    };
+    let (go_r, go_w) = pipe_pair()?;
+    let (up_r, up_w) = pipe_pair()?;
+    // SAFETY: the child only makes raw syscalls, then _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: raw syscalls in the child on its own sockets and pipes.
+        unsafe {
+            libc::close(l);
+            libc::close(go_w);
+            libc::close(up_r);
+            let mut conns = [0i32; 2];
+            for (i, c) in conns.iter_mut().enumerate() {
+                *c = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+                if libc::connect(*c, &a as *const _ as *const libc::sockaddr, len) != 0 {
+                    libc::_exit(3);
+                }
+                write_u32(up_w, i as u32);
+            }
+            if read_u32(go_r).is_none() {
+                libc::_exit(4);
+            }
+            // Each connection: send its number, expect it doubled back.
+            for (i, c) in conns.iter().enumerate() {
+                if !write_u32(*c, i as u32 + 10) || read_u32(*c) != Some(2 * (i as u32 + 10)) {
+                    libc::_exit(5);
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    cvt(child, "fork")?;
+    // SAFETY: closing our copies of the child's ends.
+    unsafe {
+        libc::close(go_r);
+        libc::close(up_w);
+    }
+    for _ in 0..2 {
+        if read_u32(up_r).is_none() {
+            return Err("client did not connect".into());
+        }
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.ok("go", write_u32(go_w, 1));
+    for i in 0..2u32 {
+        // SAFETY: accept on our listener.
+        let s = unsafe { libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) };
+        if s < 0 {
+            c.fail(os_err("accept a pending connection"));
+            break;
+        }
+        let v = read_u32(s);
+        c.ok(&format!("connection {i} carries data in"), v.is_some());
+        c.ok(
+            &format!("connection {i} carries data out"),
+            v.is_some_and(|v| write_u32(s, v * 2)),
+        );
+    }
+    // SAFETY: reaps our child.
+    unsafe {
+        let mut st = 0;
+        libc::waitpid(child, &mut st, 0);
+        c.eq("client exit", 0, libc::WEXITSTATUS(st));
+        libc::close(l);
+    }
+    c.finish()
+}

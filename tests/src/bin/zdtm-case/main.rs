@@ -83,6 +83,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),
+    ("unix_pending", later::unix_pending),
     ("ext_unix_client", later::ext_unix_client),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
