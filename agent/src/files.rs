@@ -65,7 +65,9 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
     let pidfd = sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
     // Paths are the process's: in a mount namespace of its own (a job's),
     // the agent reaches them through the process's root.
-    let own_mnt = crate::ns::own_namespaces(pid)? & libc::CLONE_NEWNS as u64 != 0;
+    let own = crate::ns::own_namespaces(pid)?;
+    let own_mnt = own & libc::CLONE_NEWNS as u64 != 0;
+    let own_net = own & libc::CLONE_NEWNET as u64 != 0;
     let reach = |path: &str| -> String {
         if own_mnt {
             format!("/proc/{pid}/root{path}")
@@ -191,15 +193,33 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                 }
             }
             (_, libc::S_IFSOCK) => {
+                let domain = sys::misc::socket_domain(file.as_fd())
+                    .map_err(|e| Error::sys(pid, format!("SO_DOMAIN of fd {fd}"), e))?;
+                if domain != libc::AF_UNIX {
+                    return Err(refuse(match domain {
+                        libc::AF_INET => "IPv4 socket",
+                        libc::AF_INET6 => "IPv6 socket",
+                        libc::AF_NETLINK => "netlink socket",
+                        libc::AF_PACKET => "packet socket",
+                        _ => "socket of another family",
+                    }));
+                }
                 if diag.is_none() {
-                    diag = Some(
+                    // sock_diag shows the sockets of the caller's network
+                    // namespace: a job's own is entered first.
+                    let list = || {
                         sys::netlink::unix_sockets()
-                            .map_err(|e| Error::sys(pid, "sock_diag of unix sockets", e))?,
-                    );
+                            .map_err(|e| Error::sys(pid, "sock_diag of unix sockets", e))
+                    };
+                    diag = Some(if own_net {
+                        crate::ns::in_ns(pid, libc::CLONE_NEWNET as u64, list)?
+                    } else {
+                        list()?
+                    });
                 }
                 let diag = diag.as_ref().expect("just filled");
                 if !diag.contains_key(&md.ino()) {
-                    return Err(refuse("socket (not a unix one)"));
+                    return Err(refuse("unix socket not found by sock_diag"));
                 }
                 of.kind = FileKind::FileUnixSocket as i32;
                 of.unix = Some(crate::unix::dump(pid, fd, file.as_fd(), md.ino(), diag)?);

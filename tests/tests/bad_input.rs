@@ -244,6 +244,34 @@ fn agent_killed_mid_dump_leaves_process_running() {
         .unwrap();
 }
 
+/// Objects the engine does not support (io_uring, perf event, bpf,
+/// netlink, a device) are refused at dump naming pid, fd and kind, and the
+/// process keeps running as before.
+#[test]
+fn dump_refuses_unsupported_kinds() {
+    for (case_name, kind) in [
+        ("refuse_io_uring", "io_uring"),
+        ("refuse_perf_event", "perf event"),
+        ("refuse_bpf_map", "bpf object"),
+        ("refuse_netlink", "netlink socket"),
+        ("refuse_device", "character device"),
+    ] {
+        let dir = Workdir::new(case_name);
+        let mut case = CaseProcess::spawn(Path::new(CASE_BIN), case_name, &dir).unwrap();
+        case.wait_ready().unwrap();
+        if !no_checkpoint() {
+            let run = dump(case.pid, &dir.join("images"), &[], &dir);
+            assert_refused(&run, &[&format!("pid {} fd 50", case.pid), kind]);
+            assert!(
+                pid_exists(case.pid),
+                "{case_name}: the process must keep running"
+            );
+        }
+        case.terminate_and_check(&format!("{case_name} after a refused dump"))
+            .unwrap();
+    }
+}
+
 /// Processes sharing an address space outside a thread group (CLONE_VM)
 /// are refused, naming what they share, and keep running.
 #[test]

@@ -84,6 +84,16 @@ cases!(
     unix_listener,
     unix_accepted,
     unix_pending,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
+    refuse_io_uring,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
+    refuse_perf_event,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
+    refuse_bpf_map,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
+    refuse_netlink,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
+    refuse_device,
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
     inotify,

@@ -1267,3 +1267,69 @@ pub fn unix_pending(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// Holds one descriptor of a kind the engine does not support, at fd 50:
+/// the dump must refuse it by kind and leave the process running, which
+/// then passes. Which kind is in the case name (refuse_KIND).
+fn refused_kind(ctx: &Ctx, open: impl FnOnce() -> Result<i32, String>) -> CaseResult {
+    let fd = open()?;
+    // SAFETY: moving our own descriptor to a known number.
+    cvt(unsafe { libc::dup2(fd, 50) }, "dup2")?;
+    // SAFETY: closing the original number.
+    unsafe { libc::close(fd) };
+    ctx.ready_and_wait()?;
+    Check::new().finish()
+}
+
+pub fn refuse_io_uring(ctx: &Ctx) -> CaseResult {
+    refused_kind(ctx, || {
+        let mut params = [0u8; 120];
+        // SAFETY: io_uring_setup with a zeroed struct io_uring_params.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+        cvt(fd as i32, "io_uring_setup")
+    })
+}
+
+pub fn refuse_perf_event(ctx: &Ctx) -> CaseResult {
+    refused_kind(ctx, || {
+        // struct perf_event_attr: type (u32), size (u32), config (u64), ...
+        let mut attr = [0u8; 128];
+        attr[0..4].copy_from_slice(&1u32.to_ne_bytes()); // PERF_TYPE_SOFTWARE
+        attr[4..8].copy_from_slice(&128u32.to_ne_bytes());
+        // config 0: PERF_COUNT_SW_CPU_CLOCK; disabled (bit 0 of flags at 40).
+        attr[40] = 1;
+        // SAFETY: a valid attr for this process on any CPU.
+        let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr.as_ptr(), 0, -1, -1, 0) };
+        cvt(fd as i32, "perf_event_open")
+    })
+}
+
+pub fn refuse_bpf_map(ctx: &Ctx) -> CaseResult {
+    refused_kind(ctx, || {
+        // union bpf_attr for BPF_MAP_CREATE: map_type, key_size,
+        // value_size, max_entries (u32 each).
+        let mut attr = [0u8; 72];
+        for (i, v) in [2u32, 4, 8, 4].iter().enumerate() {
+            attr[i * 4..i * 4 + 4].copy_from_slice(&v.to_ne_bytes()); // ARRAY
+        }
+        // SAFETY: BPF_MAP_CREATE (0) with a valid attr.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_ptr(), attr.len()) };
+        cvt(fd as i32, "bpf(BPF_MAP_CREATE)")
+    })
+}
+
+pub fn refuse_netlink(ctx: &Ctx) -> CaseResult {
+    refused_kind(ctx, || {
+        // SAFETY: a plain socket call.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
+        cvt(fd, "socket(AF_NETLINK)")
+    })
+}
+
+pub fn refuse_device(ctx: &Ctx) -> CaseResult {
+    refused_kind(ctx, || {
+        // SAFETY: opening a device node read-only.
+        let fd = unsafe { libc::open(c"/dev/kmsg".as_ptr(), libc::O_RDONLY) };
+        cvt(fd, "open /dev/kmsg")
+    })
+}

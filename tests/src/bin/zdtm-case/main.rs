@@ -84,6 +84,12 @@ const CASES: &[(&str, CaseFn)] = &[
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),
     ("unix_pending", later::unix_pending),
+    // refused at dump, by kind
+    ("refuse_io_uring", later::refuse_io_uring),
+    ("refuse_perf_event", later::refuse_perf_event),
+    ("refuse_bpf_map", later::refuse_bpf_map),
+    ("refuse_netlink", later::refuse_netlink),
+    ("refuse_device", later::refuse_device),
     ("ext_unix_client", later::ext_unix_client),
     ("inotify", later::inotify),
     ("shared_fd_table", later::shared_fd_table),
