@@ -299,8 +299,14 @@ impl CaseProcess {
         let pidfile = dir.join("job.pid");
         let log_file = fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
         let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
-        let mut child = Command::new(agent_binary())
-            .args(["run", "--job", job, "--hostname", "zdtm-job", "--pidfile"])
+        let mut cmd = Command::new(agent_binary());
+        cmd.args(["run", "--job", job, "--hostname", "zdtm-job"]);
+        // Cases named job_net* get a network namespace of their own.
+        if name.starts_with("job_net") {
+            cmd.arg("--net");
+        }
+        let mut child = cmd
+            .arg("--pidfile")
             .arg(&pidfile)
             .arg("--")
             .arg(case_bin)
@@ -743,6 +749,10 @@ fn run_job_case(case_bin: &Path, name: &str, no_ckpt: bool, dir: &Workdir) -> Re
     case.adopt_restored();
     if !run.ok() {
         return Err("restore failed".into());
+    }
+    let netns = |p: &str| fs::read_link(format!("/proc/{p}/ns/net")).ok();
+    if name.starts_with("job_net") && netns(&pid.to_string()) == netns("self") {
+        return Err("restored job is in the node's network namespace, not its own".into());
     }
     match inner_pid(pid) {
         Some(1) => case.terminate_and_check("restored job"),

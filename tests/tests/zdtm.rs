@@ -156,8 +156,8 @@ mod job {
     }
 
     // Cases that exist only as jobs.
-    job_cases!(job_namespaces, sysv_ipc);
-    pub const ONLY: &[&str] = &["job_namespaces", "sysv_ipc"];
+    job_cases!(job_namespaces, sysv_ipc, job_net);
+    pub const ONLY: &[&str] = &["job_namespaces", "sysv_ipc", "job_net"];
 
     // Ordinary cases, as jobs too.
     job_cases!(

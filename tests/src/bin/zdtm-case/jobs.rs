@@ -564,3 +564,74 @@ pub fn memfd_shared_map(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// A job with its own network namespace (`run --net`): loopback up, an
+/// abstract unix listener (abstract names belong to the namespace) and a
+/// socket pair. After restore: a new namespace with loopback up again, the
+/// listener accepting, the pair carrying data.
+pub fn job_net(ctx: &Ctx) -> CaseResult {
+    must_be_job()?;
+    let lo_up = || -> bool {
+        // SAFETY: a plain socket and SIOCGIFFLAGS on a zeroed ifreq.
+        unsafe {
+            let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+            let mut ifr: libc::ifreq = std::mem::zeroed();
+            ifr.ifr_name[0] = b'l' as libc::c_char;
+            ifr.ifr_name[1] = b'o' as libc::c_char;
+            let ok = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut ifr) == 0
+                && ifr.ifr_ifru.ifru_flags & libc::IFF_UP as libc::c_short != 0;
+            libc::close(s);
+            ok
+        }
+    };
+    if !lo_up() {
+        return Err("loopback is down in the job's network namespace".into());
+    }
+    let name = b"zdtm-job-net";
+    let mut a: libc::sockaddr_un = unsafe_zeroed();
+    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (i, b) in name.iter().enumerate() {
+        a.sun_path[1 + i] = *b as libc::c_char;
+    }
+    let len = (2 + 1 + name.len()) as libc::socklen_t;
+    let mut pair = [0i32; 2];
+    // SAFETY: a valid sockaddr_un of `len` bytes; socketpair fills `pair`.
+    let l = unsafe {
+        let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "socket")?;
+        cvt(
+            libc::bind(s, &a as *const _ as *const libc::sockaddr, len),
+            "bind",
+        )?;
+        cvt(libc::listen(s, 2), "listen")?;
+        cvt(
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()),
+            "socketpair",
+        )?;
+        s
+    };
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    // (The harness checks the namespace is not the node's.)
+    c.ok("loopback up after restore", lo_up());
+    // SAFETY: connect/accept/send/recv on our own sockets.
+    unsafe {
+        let s = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        c.ok(
+            "abstract listener accepts in the job's namespace",
+            libc::connect(s, &a as *const _ as *const libc::sockaddr, len) == 0
+                && libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()) >= 0,
+        );
+        let msg = b"dgram";
+        libc::send(pair[0], msg.as_ptr().cast(), msg.len(), 0);
+        let mut buf = [0u8; 8];
+        let n = libc::recv(pair[1], buf.as_mut_ptr().cast(), 8, 0);
+        c.eq("pair carries data", &msg[..], &buf[..n.max(0) as usize]);
+    }
+    c.finish()
+}
+
+fn unsafe_zeroed<T>() -> T {
+    // SAFETY: only used for plain C structs, valid when zeroed.
+    unsafe { std::mem::zeroed() }
+}

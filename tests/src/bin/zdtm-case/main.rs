@@ -100,6 +100,7 @@ const CASES: &[(&str, CaseFn)] = &[
     // only as jobs (own namespaces)
     ("job_namespaces", jobs::job_namespaces),
     ("sysv_ipc", jobs::sysv_ipc),
+    ("job_net", jobs::job_net),
     ("memfd_shared_map", jobs::memfd_shared_map),
 ];
 
