@@ -205,11 +205,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
             ext_unix_sk: req.ext_unix_sk,
             ..Default::default()
         }),
-        needs_features: vec![
-            "clone3_set_tid".into(),
-            "prctl_mm_map".into(),
-            "ptrace_xstate".into(),
-        ],
+        needs_features: ns::needed_features(&nsd.image),
         signature: Vec::new(),
     };
     if let Err(e) = writer.commit(inv) {

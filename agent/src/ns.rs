@@ -569,6 +569,29 @@ fn unarchive(archive: File, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The `check` probes a node must pass to restore a checkpoint whose
+/// namespaces are `img`.
+pub fn needed_features(img: &NsImage) -> Vec<String> {
+    let mut v: Vec<String> = ["clone3_set_tid", "prctl_mm_map", "ptrace_xstate"]
+        .map(String::from)
+        .to_vec();
+    for (flag, probe) in [
+        (libc::CLONE_NEWPID, "ns_pid"),
+        (libc::CLONE_NEWIPC, "ns_ipc"),
+        (libc::CLONE_NEWUTS, "ns_uts"),
+        (libc::CLONE_NEWNS, "ns_mnt"),
+        (libc::CLONE_NEWNET, "ns_net"),
+    ] {
+        if img.own & flag as u64 != 0 {
+            v.push(probe.into());
+        }
+    }
+    if img.own & libc::CLONE_NEWIPC as u64 != 0 {
+        v.push("sysv_ipc_ids".into());
+    }
+    v
+}
+
 /// The clone flags that create the job's own namespaces for its root.
 pub fn clone_flags(img: &NsImage) -> u64 {
     img.own & RESTORABLE
