@@ -3,7 +3,8 @@
 //!
 //! Every job gets `<root>/ckpt/<job>`, under the cgroup v2 hierarchy when
 //! it is mounted (its `cgroup.freeze` needs no controller, so the hybrid
-//! layout of this kind of machine works), else under the v1 freezer.
+//! layout of this kind of machine works), else under the v1 freezer
+//! (also chosen with `CKPT_CGROUP_FREEZER=v1`).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -76,7 +77,11 @@ impl JobCgroup {
     /// empty leftover of a finished job of that name).
     pub fn create(job: &str) -> Result<Self> {
         check_job_id(job)?;
-        let (v2, v1) = hierarchies()?;
+        let (mut v2, v1) = hierarchies()?;
+        // An admin (or a test) may prefer the v1 freezer where both exist.
+        if std::env::var("CKPT_CGROUP_FREEZER").is_ok_and(|v| v == "v1") {
+            v2 = None;
+        }
         let (root, freezer) = match (v2, v1) {
             (Some(r), _) if r.join("cgroup.procs").exists() => (r, Freezer::V2),
             (_, Some(r)) => (r, Freezer::V1),
@@ -166,6 +171,19 @@ impl JobCgroup {
     fn read(&self, file: &str) -> Result<String> {
         let p = self.dir.join(file);
         std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))
+    }
+
+    /// Every thread in the cgroup (host TIDs).
+    pub fn threads(&self) -> Result<Vec<i32>> {
+        let file = match self.freezer {
+            Freezer::V2 => "cgroup.threads",
+            Freezer::V1 => "tasks",
+        };
+        Ok(self
+            .read(file)?
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect())
     }
 
     /// The processes in the cgroup (host PIDs), sorted.

@@ -156,6 +156,15 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let cgroup = JobCgroup::of_pid(pid)?;
     let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
     let frozen_at = Instant::now();
+    if let Some(cg) = &cgroup {
+        // A task frozen by the v1 freezer reaches its ptrace stop only once
+        // thawed: seize and interrupt every thread now, while nothing can
+        // fork, and collect the stops after the thaw.
+        for tid in cg.threads()? {
+            crate::seize::seize_and_interrupt(tid)?;
+        }
+    }
+    drop(frozen);
     let tree = seize_tree(pid)?;
     if let Some(cg) = &cgroup {
         let procs = cg.procs()?;
@@ -169,7 +178,6 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
             });
         }
     }
-    drop(frozen);
     let host_pids: Vec<i32> = tree.iter().map(Member::pid).collect();
     let result = ns::dump(&host_pids, &writer)
         .and_then(|nsd| dump_tree(&tree, &writer, req, &nsd.pids, progress).map(|r| (r, nsd)));

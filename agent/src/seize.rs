@@ -66,6 +66,22 @@ pub fn check_target(pid: i32) -> Result<()> {
     Ok(())
 }
 
+/// Seizes and interrupts one thread without waiting for its stop (a frozen
+/// job's thread stops once thawed); `Seized::process` collects it later.
+pub fn seize_and_interrupt(tid: i32) -> Result<()> {
+    let t = Pid::from_raw(tid);
+    match ptrace::seize(t, inject::seize_options(false)) {
+        Ok(()) => ptrace::interrupt(t).ctx(tid, || "PTRACE_INTERRUPT".into()),
+        // Gone meanwhile: the tree walk will not find it either.
+        Err(Errno::ESRCH) => Ok(()),
+        Err(e) => Err(Error::sys(
+            tid,
+            "PTRACE_SEIZE (is it traced by a debugger, or protected by Yama?)",
+            e,
+        )),
+    }
+}
+
 impl Seized {
     /// Seizes and interrupts every thread of `pid`, looping until no new
     /// thread appears (new clones are auto-attached meanwhile).

@@ -986,7 +986,7 @@ fn unix_addr(name: &[u8], abstract_ns: bool) -> (libc::sockaddr_un, libc::sockle
 pub fn unix_listener(ctx: &Ctx) -> CaseResult {
     let path = tmp_path("listener.sock");
     let _ = std::fs::remove_file(&path);
-    let abs = format!("zdtm-listener-{}", std::process::id());
+    let abs = unique_name("listener");
     let listen_on = |name: &[u8], abstract_ns: bool| -> Result<i32, String> {
         let (a, len) = unix_addr(name, abstract_ns);
         // SAFETY: a valid sockaddr_un of `len` bytes.
@@ -1065,7 +1065,7 @@ pub fn ext_unix_client(ctx: &Ctx) -> CaseResult {
 /// end; child: the client), with bytes queued unread at both ends. After
 /// restore both queues are intact and the connection carries new data.
 pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
-    let name = format!("zdtm-accepted-{}", std::process::id());
+    let name = unique_name("accepted");
     let (a, len) = unix_addr(name.as_bytes(), true);
     // SAFETY: a valid sockaddr_un of `len` bytes.
     let l = unsafe {
@@ -1187,7 +1187,7 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
 /// child. After restore the listener accepts both and each carries data
 /// both ways.
 pub fn unix_pending(ctx: &Ctx) -> CaseResult {
-    let name = format!("zdtm-pending-{}", std::process::id());
+    let name = unique_name("pending");
     let (a, len) = unix_addr(name.as_bytes(), true);
     // SAFETY: a valid sockaddr_un of `len` bytes.
     let l = unsafe {

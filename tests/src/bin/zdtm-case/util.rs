@@ -94,6 +94,17 @@ pub fn tmp_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/tmp"))
 }
 
+/// A name no other case process uses at the same time, for abstract unix
+/// sockets (one namespace per network namespace: the PID alone is 1 in
+/// every job).
+pub fn unique_name(tag: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("zdtm-{tag}-{}-{t:x}", std::process::id())
+}
+
 /// A file name unique to this case process inside `tmp_dir()`.
 pub fn tmp_path(tag: &str) -> PathBuf {
     let dir = tmp_dir();
