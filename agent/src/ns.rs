@@ -181,6 +181,9 @@ impl PidMap {
                 f.owner_pid = self.inner(f.owner_pid);
             }
         }
+        if let Some(c) = &mut t.ctty {
+            c.fg_pgrp = self.inner(c.fg_pgrp);
+        }
     }
 
     /// host -> inner pairs, for the image.
