@@ -84,6 +84,10 @@ cases!(
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
     inotify,
+    // terminals
+    pty_pair,
+    #[ignore = "needs a terminal outside the tree: shell_job::reattaches_to_the_restoring_terminal runs it"]
+    shell_job,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_fd_table runs it"]
     shared_fd_table,
     big_memory,
