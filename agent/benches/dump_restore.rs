@@ -538,6 +538,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         leave_running: false,
         tasks_in_parallel: true,
         ext_unix_sk: false,
+        shell_job: false,
     });
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;
@@ -561,6 +562,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         detach: true,
         pidfile: None,
         ext_unix_sk: false,
+        shell_job: false,
         job: None,
     });
     perf_ctl("restore", false);

@@ -230,6 +230,7 @@ fn main() {
                 leave_running: false,
                 tasks_in_parallel: parallel,
                 ext_unix_sk: false,
+                shell_job: false,
             })
             .expect("dump");
             reap(&t.pids);
@@ -240,6 +241,7 @@ fn main() {
                 detach: true,
                 pidfile: None,
                 ext_unix_sk: false,
+                shell_job: false,
                 job: None,
             })
             .expect("restore");

@@ -37,6 +37,9 @@ pub struct DumpRequest {
     pub tasks_in_parallel: bool,
     /// Accept unix sockets connected to named sockets outside the tree.
     pub ext_unix_sk: bool,
+    /// The tree runs on the caller's terminal: its terminals outside the
+    /// tree are recorded as "the restorer's terminal" instead of refused.
+    pub shell_job: bool,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -211,6 +214,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         options: Some(DumpOptions {
             leave_running: req.leave_running,
             ext_unix_sk: req.ext_unix_sk,
+            shell_job: req.shell_job,
             ..Default::default()
         }),
         needs_features: ns::needed_features(&nsd.image),
@@ -313,6 +317,7 @@ fn dump_tree(
         .map(|d| std::mem::take(&mut d.fds))
         .collect();
     files::link_tree(&mut tables, req.ext_unix_sk)?;
+    crate::tty::link(&mut tables, req.shell_job)?;
     let mut bytes = 0;
     // Images name every process as the job sees it (the PIDs restore
     // recreates); only the copy above needed the agent's view.

@@ -272,6 +272,9 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
                 }
             }
             (_, libc::S_IFDIR) => of.kind = FileKind::FileDirectory as i32,
+            (_, libc::S_IFCHR) if crate::tty::is_terminal(md.rdev()) => {
+                crate::tty::dump(pid, fd, &file, &mut of)?
+            }
             (_, libc::S_IFCHR) => {
                 let dev = (dev_major(md.rdev()), dev_minor(md.rdev()));
                 if !SAFE_CHAR_DEVICES.contains(&dev) {
@@ -289,6 +292,7 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         pid,
         fds: Vec::with_capacity(fds.len()),
         files,
+        ctty: crate::tty::dump_ctty(pid)?,
     };
     for fd in fds {
         let info = proc::parse_fdinfo(&fdinfo[&fd]);
@@ -721,6 +725,10 @@ pub struct Shared {
     /// FIFOs held open read-write by the agent for the whole restore, so
     /// that no open of them blocks and their refilled bytes stay.
     fifos: std::collections::HashMap<u64, std::fs::File>,
+    /// Pty pairs of the checkpoint, recreated by the agent.
+    pub ptys: crate::tty::Ptys,
+    /// Terminals of the dumping shell are reopened on the agent's.
+    pub shell_job: bool,
 }
 
 impl Shared {
@@ -734,6 +742,7 @@ impl Shared {
             if piped && !f.pipe_data.is_empty() {
                 s.pipe_data.insert(f.pipe_id, f.pipe_data.clone());
             }
+            s.ptys.note(f);
             if let Some(u) = &f.unix {
                 s.sock_state.insert(u.ino, (u.queue.clone(), u.shutdown));
             }
@@ -975,9 +984,11 @@ impl Opener<'_> {
         let strip =
             (libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY)
                 as u32;
+        // Never a controlling terminal by accident: tty.rs sets those.
+        let flags = (flags & !strip) | libc::O_NOCTTY as u32;
         self.remote.syscall(
             libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, p, (flags & !strip) as u64, 0],
+            &[libc::AT_FDCWD as u64, p, flags as u64, 0],
         )
     }
 
@@ -1262,6 +1273,17 @@ impl Opener<'_> {
                     .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status as u64])?;
                 Ok((fd, true))
             }
+            FileKind::FilePtyMaster | FileKind::FilePtySlave | FileKind::FileExtTty => {
+                let host = self.remote.tid.as_raw();
+                let shell_job = self.shared.shell_job;
+                let fd = match crate::tty::open(pid, host, of, &mut self.shared.ptys, shell_job)? {
+                    crate::tty::Reopen::Install(ours) => self.install(ours.as_fd(), scratch)?,
+                    crate::tty::Reopen::Path(p) => self.open_path(scratch, &p, of.flags)?,
+                };
+                self.remote
+                    .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
+                Ok((fd, true))
+            }
             FileKind::FileSignalfd => {
                 scratch.reset();
                 let m = scratch.put(&of.signalfd_mask.to_le_bytes())?;
@@ -1409,6 +1431,9 @@ pub fn restore(
     }
     for fd in opener.socks.values().flatten() {
         remote.syscall(libc::SYS_close, &[*fd])?;
+    }
+    if let Some(c) = &table.ctty {
+        crate::tty::restore_ctty(table.pid, c, remote, scratch, &mut opener.shared.ptys)?;
     }
     Ok(())
 }

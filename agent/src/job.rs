@@ -57,6 +57,16 @@ pub fn job_mounts() -> Vec<(&'static str, &'static str, &'static str, u64, &'sta
         ("proc", "/proc", "proc", nsd | libc::MS_NOEXEC, ""),
         ("tmpfs", "/tmp", "tmpfs", nsd, "mode=1777"),
         ("tmpfs", "/dev/shm", "tmpfs", nsd, "mode=1777"),
+        // Its own pty instance: slave indexes are the job's, free again on
+        // whatever node restores it.
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            libc::MS_NOSUID | libc::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620",
+        ),
+        ("/dev/pts/ptmx", "/dev/ptmx", "", libc::MS_BIND, ""),
     ];
     if Path::new("/dev/mqueue").is_dir() {
         v.push(("mqueue", "/dev/mqueue", "mqueue", nsd | libc::MS_NOEXEC, ""));

@@ -24,6 +24,7 @@ pub mod seize;
 pub mod show;
 pub mod sys;
 pub mod task;
+pub mod tty;
 pub mod unix;
 
 pub use error::{Error, Result};

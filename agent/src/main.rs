@@ -47,6 +47,10 @@ enum Cmd {
         /// (reconnected by name on restore).
         #[arg(long)]
         ext_unix_sk: bool,
+        /// The tree runs on this shell's terminal: record its terminals
+        /// outside the tree as the restorer's terminal instead of refusing.
+        #[arg(long)]
+        shell_job: bool,
     },
     /// Recreate a checkpointed process with its PID.
     Restore {
@@ -65,6 +69,10 @@ enum Cmd {
         /// Job id (cgroup name) for a restored job (default: the dumped one).
         #[arg(long)]
         job: Option<String>,
+        /// Reopen the dumping shell's terminals on this agent's terminal
+        /// (its stdin) and restore the tree into this agent's session.
+        #[arg(long)]
+        shell_job: bool,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -161,6 +169,7 @@ fn main() -> ExitCode {
             images,
             leave_running,
             ext_unix_sk,
+            shell_job,
         } => {
             let req = dump::DumpRequest {
                 pid,
@@ -168,6 +177,7 @@ fn main() -> ExitCode {
                 leave_running,
                 tasks_in_parallel: true,
                 ext_unix_sk,
+                shell_job,
             };
             match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
                 Ok(r) => {
@@ -195,6 +205,7 @@ fn main() -> ExitCode {
             pidfile,
             ext_unix_sk,
             job,
+            shell_job,
         } => {
             let req = restore::RestoreRequest {
                 images,
@@ -202,6 +213,7 @@ fn main() -> ExitCode {
                 pidfile,
                 ext_unix_sk,
                 job,
+                shell_job,
             };
             match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
                 Ok((r, code)) => {

@@ -179,10 +179,18 @@ impl PidMap {
     /// Every PID of an fd table, into the job's view.
     pub fn fds(&self, t: &mut FdTable) {
         t.pid = self.inner(t.pid);
+        if let Some(c) = t.ctty.as_mut() {
+            if c.fg_pgrp > 0 {
+                c.fg_pgrp = self.inner(c.fg_pgrp);
+            }
+        }
         for f in &mut t.files {
             if f.owner_pid != 0 {
                 f.owner_pid = self.inner(f.owner_pid);
             }
+        }
+        if let Some(c) = &mut t.ctty {
+            c.fg_pgrp = self.inner(c.fg_pgrp);
         }
     }
 
@@ -338,7 +346,7 @@ fn propagation(tags: &[String]) -> &'static str {
 
 /// Filesystems restore mounts afresh (their contents are the kernel's view
 /// of the job's namespaces, or saved with the job, for tmpfs).
-const FRESH: [&str; 4] = ["tmpfs", "proc", "mqueue", "sysfs"];
+const FRESH: [&str; 5] = ["tmpfs", "proc", "mqueue", "sysfs", "devpts"];
 
 /// The mounts of `job` (a mount table) that are not in `agent`'s: those the
 /// job made. Mounts are matched as multisets, so a job's procfs stacked on
@@ -366,7 +374,7 @@ pub fn added_mounts(job: &[MountInfo], agent: &[MountInfo], pid: i32) -> Result<
                 return Err(Error::Refused {
                     pid,
                     reason: format!(
-                        "its mount of {} ({} from {}) is not supported yet: only tmpfs, proc, mqueue, sysfs and bind mounts are",
+                        "its mount of {} ({} from {}) is not supported yet: only tmpfs, proc, mqueue, sysfs, devpts and bind mounts are",
                         m.mount_point, m.fstype, m.source
                     ),
                 })

@@ -36,6 +36,9 @@ pub struct RestoreRequest {
     pub ext_unix_sk: bool,
     /// The cgroup name of a restored job (default: the dumped job's).
     pub job: Option<String>,
+    /// Reopen the dumping shell's terminals on the agent's own (stdin) and
+    /// restore the tree into the agent's session.
+    pub shell_job: bool,
 }
 
 /// What a restore did.
@@ -148,6 +151,7 @@ fn skeleton(
     guard: &mut TreeGuard,
     job: Option<(&NsImage, Option<&JobCgroup>)>,
     dir: &Path,
+    root_own_session: bool,
 ) -> Result<Option<ns::Restored>> {
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
@@ -203,8 +207,11 @@ fn skeleton(
         }
         Ok(())
     };
-    // A session leader's children must be born in its session.
-    setsid(child, root)?;
+    // A session leader's children must be born in its session (a
+    // --shell-job root stays in the agent's, with the agent's terminal).
+    if root_own_session {
+        setsid(child, root)?;
+    }
     for &pid in &pids[1..] {
         let parent = cores[&pid].ppid;
         if !guard.host.contains_key(&parent) {
@@ -260,7 +267,10 @@ fn skeleton(
         for &pid in pids {
             let c = &cores[&pid];
             let lead = c.pgid == pid;
-            if lead != leaders || c.sid == pid || !pids.contains(&c.pgid) {
+            // A session leader leads its group already, unless it stays
+            // in the agent's session (--shell-job root).
+            let made_by_setsid = c.sid == pid && (pid != root || root_own_session);
+            if lead != leaders || made_by_setsid || !pids.contains(&c.pgid) {
                 continue;
             }
             Remote::new(Pid::from_raw(guard.host(pid)), gadget)?
@@ -357,6 +367,12 @@ pub fn restore_with_progress(
     } else {
         None
     };
+    let tables: Vec<&FdTable> = live.iter().map(|i| &i.fds).collect();
+    crate::tty::check_restore(&tables, req.shell_job)?;
+    let own_session = !live
+        .iter()
+        .find(|i| i.core.pid == inv.root_pid)
+        .is_some_and(|i| crate::tty::root_joins_agent_session(&i.fds, req.shell_job));
     let own_pid = ns_img.as_ref().is_some_and(ns::own_pid_ns);
     // In a new PID namespace every id is free by construction.
     for &pid in inv.pids.iter().filter(|_| !own_pid) {
@@ -394,9 +410,10 @@ pub fn restore_with_progress(
     let job = ns_img
         .as_ref()
         .map(|img| (img, cgroup.as_ref().map(|g| &g.cg)));
-    let restored = skeleton(&inv.pids, &cores, &mut guard, job, dir)?;
+    let restored = skeleton(&inv.pids, &cores, &mut guard, job, dir, own_session)?;
     let root = inv.root_pid;
-    let mut shared = files::Shared::new(&live.iter().map(|i| &i.fds).collect::<Vec<_>>());
+    let mut shared = files::Shared::new(&tables);
+    shared.shell_job = req.shell_job;
     let mut pages_ms = 0.0;
     for img in &live {
         let is_root = img.core.pid == root;
@@ -406,6 +423,11 @@ pub fn restore_with_progress(
         if cores[&pid].state == "Z" {
             make_zombie(&cores[&pid], guard.host(pid))?;
         }
+    }
+    if let Some(root_img) = live.iter().find(|i| i.core.pid == root) {
+        let c = &root_img.core;
+        let pgrp = (c.pgid == c.pid).then(|| guard.host(root));
+        crate::tty::finish(&shared.ptys, &root_img.fds, pgrp, req.shell_job)?;
     }
     let child = guard.host(root);
     if let Some(r) = &restored {

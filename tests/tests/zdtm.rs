@@ -97,6 +97,10 @@ cases!(
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
     inotify,
+    // terminals
+    pty_pair,
+    #[ignore = "needs a terminal outside the tree: shell_job::reattaches_to_the_restoring_terminal runs it"]
+    shell_job,
     shared_fd_table,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_shared_address_space runs it"]
     shared_vm,
@@ -176,6 +180,7 @@ mod job {
         fifo,
         file_shared,
         shared_fd_table,
+        pty_pair,
     );
 }
 

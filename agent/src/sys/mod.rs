@@ -14,4 +14,5 @@ pub use misc::mmap_readonly;
 
 pub mod probe;
 pub mod tcp;
+pub mod tty;
 pub mod uffd;

@@ -13,6 +13,7 @@ mod memory;
 mod process;
 mod syscalls;
 mod threads;
+mod tty;
 mod util;
 
 use std::ffi::CString;
@@ -71,6 +72,9 @@ const CASES: &[(&str, CaseFn)] = &[
     ("shared_fd", files::shared_fd),
     ("dev_null", files::dev_null),
     ("stdio_files", files::stdio_files),
+    // terminals
+    ("pty_pair", tty::pty_pair),
+    ("shell_job", tty::shell_job),
     // need engine support that comes in later issues
     ("read_blocking", later::read_blocking),
     ("pipe_eventfd_epoll", later::pipe_eventfd_epoll),
