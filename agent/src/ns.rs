@@ -51,13 +51,6 @@ const RESTORABLE: u64 = (libc::CLONE_NEWPID
     | libc::CLONE_NEWNS
     | libc::CLONE_NEWNET) as u64;
 
-fn ns_name(flag: u64) -> &'static str {
-    KINDS
-        .iter()
-        .find(|(_, f)| *f as u64 == flag)
-        .map_or("?", |(n, _)| n)
-}
-
 fn ns_inode(pid: &str, name: &str) -> Result<u64> {
     let p = format!("/proc/{pid}/ns/{name}");
     Ok(std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.ino())
@@ -227,22 +220,11 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
             }
         }
     }
-    for (flag, why) in [
-        (
-            libc::CLONE_NEWTIME,
-            "time namespace offsets are not restored yet",
-        ),
-        (
-            libc::CLONE_NEWCGROUP,
-            "cgroup namespaces are not restored yet",
-        ),
-    ] {
-        if own & flag as u64 != 0 {
-            return Err(Error::Refused {
-                pid: root,
-                reason: format!("it has its own {} namespace: {why}", ns_name(flag as u64)),
-            });
-        }
+    if own & libc::CLONE_NEWCGROUP as u64 != 0 {
+        return Err(Error::Refused {
+            pid: root,
+            reason: "it has its own cgroup namespace: not restored yet".into(),
+        });
     }
     let mut image = NsImage {
         own,
@@ -266,6 +248,17 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
             });
         }
         pids = PidMap::of_tree(members)?;
+    }
+    if own & libc::CLONE_NEWTIME as u64 != 0 {
+        let (mono, boot) =
+            parse_timens_offsets(&proc::read(root, "timens_offsets")?).ok_or_else(|| {
+                Error::Refused {
+                    pid: root,
+                    reason: format!("cannot parse /proc/{root}/timens_offsets"),
+                }
+            })?;
+        image.monotonic_offset_ns = mono;
+        image.boottime_offset_ns = boot;
     }
     if own & libc::CLONE_NEWUTS as u64 != 0 {
         let u = in_ns(root, libc::CLONE_NEWUTS as u64, || {
@@ -307,6 +300,36 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
     image.host_pids = pids.pairs();
     writer.write(NS_IMAGE, ImageKind::Ns, &image)?;
     Ok(NsDump { image, pids })
+}
+
+/// Parses /proc/PID/timens_offsets: (monotonic, boottime) in nanoseconds.
+pub fn parse_timens_offsets(text: &str) -> Option<(i64, i64)> {
+    let mut mono = None;
+    let mut boot = None;
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let [clock, secs, nsecs] = f[..] else {
+            continue;
+        };
+        let v = secs.parse::<i64>().ok()? * 1_000_000_000 + nsecs.parse::<i64>().ok()?;
+        match clock {
+            "monotonic" | "1" => mono = Some(v),
+            "boottime" | "7" => boot = Some(v),
+            _ => {}
+        }
+    }
+    Some((mono?, boot?))
+}
+
+/// The offsets of `img` as /proc/PID/timens_offsets takes them.
+pub fn timens_offsets_text(img: &NsImage) -> String {
+    format!(
+        "monotonic {} {}\nboottime {} {}\n",
+        img.monotonic_offset_ns.div_euclid(1_000_000_000),
+        img.monotonic_offset_ns.rem_euclid(1_000_000_000),
+        img.boottime_offset_ns.div_euclid(1_000_000_000),
+        img.boottime_offset_ns.rem_euclid(1_000_000_000),
+    )
 }
 
 /// The key a mount is matched by between two mount namespaces.
@@ -589,6 +612,7 @@ pub fn needed_features(img: &NsImage) -> Vec<String> {
         (libc::CLONE_NEWUTS, "ns_uts"),
         (libc::CLONE_NEWNS, "ns_mnt"),
         (libc::CLONE_NEWNET, "ns_net"),
+        (libc::CLONE_NEWTIME, "ns_time"),
     ] {
         if img.own & flag as u64 != 0 {
             v.push(probe.into());
@@ -603,6 +627,12 @@ pub fn needed_features(img: &NsImage) -> Vec<String> {
 /// The clone flags that create the job's own namespaces for its root.
 pub fn clone_flags(img: &NsImage) -> u64 {
     img.own & RESTORABLE
+}
+
+/// Whether the tree had its own time namespace (its root is forked into a
+/// new one with the same offsets).
+pub fn own_time_ns(img: &NsImage) -> bool {
+    img.own & libc::CLONE_NEWTIME as u64 != 0
 }
 
 /// Whether the job has its own PID namespace (its root is PID 1 in it).
@@ -795,6 +825,16 @@ mod tests {
         ];
         let e = added_mounts(&job, &agent, 7).unwrap_err().to_string();
         assert!(e.contains("/scratch") && e.contains("xfs"), "{e}");
+    }
+
+    #[test]
+    fn timens_offsets_parse() {
+        let t = "monotonic        1000         5\nboottime           -2 999999999\n";
+        assert_eq!(
+            parse_timens_offsets(t),
+            Some((1_000_000_000_005, -1_000_000_001))
+        );
+        assert_eq!(parse_timens_offsets("monotonic 1 0\n"), None);
     }
 
     #[test]

@@ -166,16 +166,28 @@ fn skeleton(
     // The root of a job with its own PID namespace is that namespace's
     // first process, PID 1 by construction.
     let set_tid: &[i32] = if own_pid { &[] } else { &[root] };
-    let child = match sys::clone::fork_into(flags, cgfd.as_ref().map(|f| f.as_fd()), set_tid) {
+    let forked = match job {
+        Some((img, _)) if ns::own_time_ns(img) => sys::clone::fork_into_time_ns(
+            ns::timens_offsets_text(img).as_bytes(),
+            flags,
+            cgfd.as_ref().map(|f| f.as_fd()),
+            set_tid,
+        )
+        .map_err(|e| Error::sys(root, "clone3 into a new time namespace", e)),
+        _ => sys::clone::fork_into(flags, cgfd.as_ref().map(|f| f.as_fd()), set_tid).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::EEXIST) => Error::Refused {
+                    pid: root,
+                    reason: "this PID was taken while restoring; nothing was left behind".into(),
+                },
+                _ => Error::sys(root, "clone3 with set_tid", e),
+            }
+        }),
+    };
+    let child = match forked {
         Ok(Some(c)) => c,
         Ok(None) => child_wait_for_agent(),
-        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-            return Err(Error::Refused {
-                pid: root,
-                reason: "this PID was taken while restoring; nothing was left behind".into(),
-            })
-        }
-        Err(e) => return Err(Error::sys(root, "clone3 with set_tid", e)),
+        Err(e) => return Err(e),
     };
     guard.pids.push(child);
     guard.host.insert(root, child);

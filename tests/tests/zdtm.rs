@@ -70,6 +70,7 @@ cases!(
     timerfd_signalfd,
     memfd_sealed,
     memfd_shared_map,
+    time_ns,
     fifo,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_inet_socket runs it"]
     inet_socket,

@@ -73,7 +73,13 @@ pub fn fork_into(
             } else {
                 0
             },
-        exit_signal: libc::SIGCHLD as u64,
+        // A sibling (CLONE_PARENT) inherits the caller's exit signal; clone3
+        // refuses one given with it.
+        exit_signal: if flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         set_tid: if set_tid.is_empty() {
             0
         } else {
@@ -98,6 +104,75 @@ pub fn fork_into(
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(None),
         pid => Ok(Some(pid as i32)),
+    }
+}
+
+/// Like `fork_into`, with the child in a new time namespace whose offsets
+/// are `offsets` (the text /proc/PID/timens_offsets takes). Offsets can be
+/// set only before a process enters the namespace, through the file of the
+/// thread group leader whose children will enter it, and setns back needs a
+/// single-threaded caller: so a short-lived single-threaded intermediate
+/// process unshares the namespace, writes the offsets and forks the child
+/// with CLONE_PARENT (its parent is this process, as with `fork_into`),
+/// reports the child's PID over a pipe and exits. Raw syscalls only in
+/// the intermediate and the child.
+pub fn fork_into_time_ns(
+    offsets: &[u8],
+    flags: u64,
+    cgroup: Option<BorrowedFd<'_>>,
+    set_tid: &[libc::pid_t],
+) -> io::Result<Option<i32>> {
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let path = c"/proc/self/timens_offsets";
+    let report = |v: i64| -> ! {
+        // SAFETY: writes 8 bytes from the stack, then exits at once.
+        unsafe {
+            libc::write(wr.as_raw_fd(), (&v as *const i64).cast(), 8);
+            libc::_exit(0)
+        }
+    };
+    match fork_into(0, None, &[])? {
+        None => {
+            let errno = || -(io::Error::last_os_error().raw_os_error().unwrap_or(1) as i64);
+            // SAFETY: raw syscalls on buffers prepared by the parent.
+            unsafe {
+                if libc::unshare(libc::CLONE_NEWTIME) != 0 {
+                    report(errno());
+                }
+                let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, offsets.as_ptr().cast(), offsets.len()) < 0 {
+                    report(errno());
+                }
+                libc::close(fd);
+            }
+            match fork_into(flags | libc::CLONE_PARENT as u64, cgroup, set_tid) {
+                Ok(Some(pid)) => report(pid as i64),
+                Ok(None) => Ok(None),
+                Err(e) => report(-(e.raw_os_error().unwrap_or(1) as i64)),
+            }
+        }
+        Some(mid) => {
+            drop(wr);
+            let mut v = 0i64;
+            // SAFETY: reads at most 8 bytes into v; then reaps the
+            // intermediate, which exits right after writing.
+            let n = unsafe {
+                let n = libc::read(rd.as_raw_fd(), (&mut v as *mut i64).cast(), 8);
+                libc::waitpid(mid, std::ptr::null_mut(), 0);
+                n
+            };
+            match (n, v) {
+                (8, v) if v > 0 => Ok(Some(v as i32)),
+                (8, v) => Err(io::Error::from_raw_os_error(-v as i32)),
+                _ => Err(io::Error::other("the time namespace helper died")),
+            }
+        }
     }
 }
 

@@ -635,3 +635,63 @@ fn unsafe_zeroed<T>() -> T {
     // SAFETY: only used for plain C structs, valid when zeroed.
     unsafe { std::mem::zeroed() }
 }
+
+/// A process in a time namespace of its own (monotonic clock 1000 s and
+/// boot time 2000 s ahead of the node's): it enters one by unsharing it,
+/// setting the offsets and exec'ing itself again. After restore the
+/// offsets are the same and the clocks did not jump back.
+pub fn time_ns(ctx: &Ctx) -> CaseResult {
+    const MONO: i64 = 1000;
+    const BOOT: i64 = 2000;
+    let offsets = || read_text("/proc/self/timens_offsets");
+    let want = |o: &str| {
+        o.split_whitespace().collect::<Vec<_>>()
+            == ["monotonic", "1000", "0", "boottime", "2000", "0"]
+    };
+    if !want(&offsets()) {
+        if std::env::var_os("ZDTM_TIMENS").is_some() {
+            return Err(format!(
+                "exec did not enter the new time namespace: {}",
+                offsets()
+            ));
+        }
+        nix_unshare_time()?;
+        std::fs::write(
+            "/proc/self/timens_offsets",
+            format!("monotonic {MONO} 0\nboottime {BOOT} 0\n"),
+        )
+        .map_err(|e| format!("write timens_offsets: {e}"))?;
+        // The namespace is for children and for the next exec.
+        let args: Vec<CString> = std::env::args().map(|a| cstr(&a)).collect();
+        let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        std::env::set_var("ZDTM_TIMENS", "1");
+        // SAFETY: argv is a NULL-terminated array of live C strings.
+        unsafe { libc::execv(c"/proc/self/exe".as_ptr(), argv.as_ptr()) };
+        return Err(os_err("exec in the new time namespace"));
+    }
+    let mono = clock_ns(libc::CLOCK_MONOTONIC);
+    let boot = clock_ns(libc::CLOCK_BOOTTIME);
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.ok("offsets kept", want(&offsets()));
+    c.ok(
+        "monotonic clock did not jump back",
+        clock_ns(libc::CLOCK_MONOTONIC) >= mono,
+    );
+    c.ok(
+        "boot time clock did not jump back",
+        clock_ns(libc::CLOCK_BOOTTIME) >= boot,
+    );
+    c.finish()
+}
+
+fn nix_unshare_time() -> CaseResult {
+    // SAFETY: unshare with a namespace flag only.
+    cvt(
+        unsafe { libc::unshare(libc::CLONE_NEWTIME) },
+        "unshare(CLONE_NEWTIME)",
+    )
+    .map(|_| ())
+}

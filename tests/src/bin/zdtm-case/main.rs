@@ -106,6 +106,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("sysv_ipc", jobs::sysv_ipc),
     ("job_net", jobs::job_net),
     ("memfd_shared_map", jobs::memfd_shared_map),
+    ("time_ns", jobs::time_ns),
 ];
 
 static TERM: AtomicBool = AtomicBool::new(false);
