@@ -116,6 +116,14 @@ pub fn run(req: &RunRequest) -> Result<Job> {
         .ok_or_else(|| job_err("no command given".into()))?;
     let program =
         resolve(prog).ok_or_else(|| job_err(format!("command {prog:?} not found in PATH")))?;
+    let program = std::fs::canonicalize(&program).unwrap_or(program);
+    if let Some(dir) = ["/tmp", "/dev/shm"].iter().find(|d| program.starts_with(d)) {
+        return Err(job_err(format!(
+            "{} is under {dir}, which a job gets a private, empty one of: \
+             install the program outside {dir}",
+            program.display()
+        )));
+    }
     let cg = JobCgroup::create(&id)?;
     let mut flags = JOB_NAMESPACES;
     if req.net {

@@ -244,24 +244,31 @@ pub struct CaseProcess {
     pub log: PathBuf,
 }
 
+/// `NAME --ready DIR/ready --result DIR/result`, the case's temp dir, stdin
+/// /dev/null and stdout+stderr on `log`.
+fn case_args(cmd: &mut Command, name: &str, dir: &Workdir, log: &Path) -> Result<(), String> {
+    let log_file = fs::File::create(log).map_err(|e| format!("create log: {e}"))?;
+    let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+    cmd.arg(name)
+        .arg("--ready")
+        .arg(dir.join("ready"))
+        .arg("--result")
+        .arg(dir.join("result"))
+        .env("CKPT_ZDTM_TMP", dir.join("tmp"))
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(err_file);
+    Ok(())
+}
+
 impl CaseProcess {
     /// Starts `zdtm-case NAME` with stdin /dev/null and stdout+stderr on one
     /// log file, and no descriptors but those three.
     pub fn spawn(case_bin: &Path, name: &str, dir: &Workdir) -> Result<CaseProcess, String> {
         become_subreaper();
         let (ready, result, log) = (dir.join("ready"), dir.join("result"), dir.join("case.log"));
-        let log_file = fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
-        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(case_bin);
-        cmd.arg(name)
-            .arg("--ready")
-            .arg(&ready)
-            .arg("--result")
-            .arg(&result)
-            .env("CKPT_ZDTM_TMP", dir.join("tmp"))
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(err_file);
+        case_args(&mut cmd, name, dir, &log)?;
         // SAFETY: close_range is async-signal-safe. Descriptors inherited by
         // the test runner without CLOEXEC (a make jobserver pipe, say) would
         // otherwise become part of every case's state.
@@ -297,28 +304,21 @@ impl CaseProcess {
         become_subreaper();
         let (ready, result, log) = (dir.join("ready"), dir.join("result"), dir.join("case.log"));
         let pidfile = dir.join("job.pid");
-        let log_file = fs::File::create(&log).map_err(|e| format!("create log: {e}"))?;
-        let err_file = log_file.try_clone().map_err(|e| e.to_string())?;
+        // A job's /tmp is its own: the case binary may live under the
+        // node's (a checkout in /tmp), so the job runs a copy beside its
+        // work dir.
+        let copy = dir.join("zdtm-case");
+        fs::copy(case_bin, &copy).map_err(|e| format!("copy {}: {e}", case_bin.display()))?;
+        let case_bin = copy.as_path();
         let mut cmd = Command::new(agent_binary());
         cmd.args(["run", "--job", job, "--hostname", "zdtm-job"]);
         // Cases named job_net* get a network namespace of their own.
         if name.starts_with("job_net") {
             cmd.arg("--net");
         }
+        cmd.arg("--pidfile").arg(&pidfile).arg("--").arg(case_bin);
+        case_args(&mut cmd, name, dir, &log)?;
         let mut child = cmd
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg("--")
-            .arg(case_bin)
-            .arg(name)
-            .arg("--ready")
-            .arg(&ready)
-            .arg("--result")
-            .arg(&result)
-            .env("CKPT_ZDTM_TMP", dir.join("tmp"))
-            .stdin(Stdio::null())
-            .stdout(log_file)
-            .stderr(err_file)
             .spawn()
             .map_err(|e| format!("spawn ckpt-agent run: {e}"))?;
         let deadline = Instant::now() + READY_TIMEOUT;

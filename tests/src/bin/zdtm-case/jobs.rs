@@ -587,28 +587,13 @@ pub fn job_net(ctx: &Ctx) -> CaseResult {
     if !lo_up() {
         return Err("loopback is down in the job's network namespace".into());
     }
-    let name = b"zdtm-job-net";
-    let mut a: libc::sockaddr_un = unsafe_zeroed();
-    a.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    for (i, b) in name.iter().enumerate() {
-        a.sun_path[1 + i] = *b as libc::c_char;
-    }
-    let len = (2 + 1 + name.len()) as libc::socklen_t;
+    let (l, a, len) = crate::later::listen_abstract("zdtm-job-net")?;
     let mut pair = [0i32; 2];
-    // SAFETY: a valid sockaddr_un of `len` bytes; socketpair fills `pair`.
-    let l = unsafe {
-        let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "socket")?;
-        cvt(
-            libc::bind(s, &a as *const _ as *const libc::sockaddr, len),
-            "bind",
-        )?;
-        cvt(libc::listen(s, 2), "listen")?;
-        cvt(
-            libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()),
-            "socketpair",
-        )?;
-        s
-    };
+    // SAFETY: socketpair fills `pair`.
+    cvt(
+        unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_DGRAM, 0, pair.as_mut_ptr()) },
+        "socketpair",
+    )?;
     ctx.ready_and_wait()?;
 
     let mut c = Check::new();
@@ -629,11 +614,6 @@ pub fn job_net(ctx: &Ctx) -> CaseResult {
         c.eq("pair carries data", &msg[..], &buf[..n.max(0) as usize]);
     }
     c.finish()
-}
-
-fn unsafe_zeroed<T>() -> T {
-    // SAFETY: only used for plain C structs, valid when zeroed.
-    unsafe { std::mem::zeroed() }
 }
 
 /// A process in a time namespace of its own (monotonic clock 1000 s and

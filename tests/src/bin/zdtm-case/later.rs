@@ -1061,11 +1061,10 @@ pub fn ext_unix_client(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
-/// A connection accepted from a listener (parent: listener and accepted
-/// end; child: the client), with bytes queued unread at both ends. After
-/// restore both queues are intact and the connection carries new data.
-pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
-    let name = unique_name("accepted");
+/// A stream socket listening on abstract name `name`, with its address.
+pub(crate) fn listen_abstract(
+    name: &str,
+) -> Result<(i32, libc::sockaddr_un, libc::socklen_t), String> {
     let (a, len) = unix_addr(name.as_bytes(), true);
     // SAFETY: a valid sockaddr_un of `len` bytes.
     let l = unsafe {
@@ -1077,6 +1076,14 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
         cvt(libc::listen(s, 4), "listen")?;
         s
     };
+    Ok((l, a, len))
+}
+
+/// A connection accepted from a listener (parent: listener and accepted
+/// end; child: the client), with bytes queued unread at both ends. After
+/// restore both queues are intact and the connection carries new data.
+pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
+    let (l, a, len) = listen_abstract(&unique_name("accepted"))?;
     let (go_r, go_w) = pipe_pair()?;
     // SAFETY: the child only makes raw syscalls, then _exit.
     let child = unsafe { libc::fork() };
@@ -1187,18 +1194,7 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
 /// child. After restore the listener accepts both and each carries data
 /// both ways.
 pub fn unix_pending(ctx: &Ctx) -> CaseResult {
-    let name = unique_name("pending");
-    let (a, len) = unix_addr(name.as_bytes(), true);
-    // SAFETY: a valid sockaddr_un of `len` bytes.
-    let l = unsafe {
-        let s = cvt(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0), "socket")?;
-        cvt(
-            libc::bind(s, &a as *const _ as *const libc::sockaddr, len),
-            "bind",
-        )?;
-        cvt(libc::listen(s, 4), "listen")?;
-        s
-    };
+    let (l, a, len) = listen_abstract(&unique_name("pending"))?;
     let (go_r, go_w) = pipe_pair()?;
     let (up_r, up_w) = pipe_pair()?;
     // SAFETY: the child only makes raw syscalls, then _exit.
