@@ -124,6 +124,14 @@ pub fn run(req: &RunRequest) -> Result<Job> {
             program.display()
         )));
     }
+    let cwd = std::env::current_dir().map_err(|e| job_err(format!("current directory: {e}")))?;
+    if let Some(dir) = ["/tmp", "/dev/shm"].iter().find(|d| cwd.starts_with(d)) {
+        return Err(job_err(format!(
+            "the current directory {} is under {dir}, which a job gets a private, empty one of: \
+             start the job from another directory",
+            cwd.display()
+        )));
+    }
     let cg = JobCgroup::create(&id)?;
     let mut flags = JOB_NAMESPACES;
     if req.net {

@@ -153,6 +153,35 @@ fn status_hex(status: &std::collections::HashMap<String, String>, key: &str) -> 
         .unwrap_or(0)
 }
 
+/// The working directory of `pid`, refused when restore could not chdir
+/// back to it by its path: deleted, or hidden by a mount made over it (a
+/// job started from the node's /tmp works in a directory its own /tmp
+/// hides).
+fn reachable_cwd(pid: i32) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let cwd = proc::readlink(pid, "cwd")?;
+    let ident = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    // The link reads as the agent sees the path: from its own root in its
+    // own mount namespace (so also for a chrooted process), from the
+    // process's root in another one.
+    let own_mnt = crate::ns::own_namespaces(pid)? & libc::CLONE_NEWNS as u64 != 0;
+    let by_path = if own_mnt {
+        format!("/proc/{pid}/root{cwd}")
+    } else {
+        cwd.clone()
+    };
+    if cwd.ends_with(" (deleted)") || ident(&format!("/proc/{pid}/cwd")) != ident(&by_path) {
+        return Err(Error::Refused {
+            pid,
+            reason: format!(
+                "its working directory {cwd} cannot be reached by its path any more (deleted, or hidden by a mount); \
+                 start it from a directory that stays visible"
+            ),
+        });
+    }
+    Ok(cwd)
+}
+
 /// Process-wide state, read from /proc and by injection into the main thread.
 pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<TaskCore> {
     let stat = proc::stat(pid, None)?;
@@ -285,7 +314,7 @@ pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<Ta
             thp_disable,
             timerslack_ns,
         }),
-        cwd: proc::readlink(pid, "cwd")?,
+        cwd: reachable_cwd(pid)?,
         root: proc::readlink(pid, "root")?,
         shared_pending,
         exit_code: 0,
@@ -345,12 +374,21 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
         scratch.reset();
     }
     for t in &core.itimers {
+        // A periodic ITIMER_REAL that expired while its SIGALRM is pending
+        // reads 0 left: the kernel re-arms it when that signal is taken.
+        // Set as read it would be disarmed; one period from now keeps it
+        // going (the pending SIGALRM is restored with the other signals).
+        let value_us = if t.which == libc::ITIMER_REAL && t.value_us == 0 {
+            t.interval_us
+        } else {
+            t.value_us
+        };
         let mut b = Vec::with_capacity(32);
         for v in [
             t.interval_us / 1_000_000,
             t.interval_us % 1_000_000,
-            t.value_us / 1_000_000,
-            t.value_us % 1_000_000,
+            value_us / 1_000_000,
+            value_us % 1_000_000,
         ] {
             b.extend_from_slice(&v.to_le_bytes());
         }

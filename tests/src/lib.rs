@@ -317,6 +317,8 @@ impl CaseProcess {
             cmd.arg("--net");
         }
         cmd.arg("--pidfile").arg(&pidfile).arg("--").arg(case_bin);
+        // Not the test's own directory, which may be under the node's /tmp.
+        cmd.current_dir(&dir.path);
         case_args(&mut cmd, name, dir, &log)?;
         let mut child = cmd
             .spawn()

@@ -49,6 +49,7 @@ cases!(
     // per process
     sigactions,
     itimers,
+    itimer_pending,
     posix_timers,
     rlimits,
     cwd_root,

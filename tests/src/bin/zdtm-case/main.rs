@@ -53,6 +53,7 @@ const CASES: &[(&str, CaseFn)] = &[
     // per process
     ("sigactions", process::sigactions),
     ("itimers", process::itimers),
+    ("itimer_pending", process::itimer_pending),
     ("posix_timers", process::posix_timers),
     ("rlimits", process::rlimits),
     ("cwd_root", process::cwd_root),

@@ -197,6 +197,49 @@ pub fn itimers(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
+/// A periodic ITIMER_REAL that expired while SIGALRM is blocked: the
+/// kernel re-arms it only when the pending signal is taken, so until then
+/// it reads 0 left. After restore it must still be periodic: the pending
+/// SIGALRM arrives once unblocked, and the next ones follow.
+pub fn itimer_pending(ctx: &Ctx) -> CaseResult {
+    let h = on_alrm as extern "C" fn(i32) as usize;
+    set_action(libc::SIGALRM, h, libc::SA_RESTART, &[])?;
+    block(&[libc::SIGALRM]);
+    setitimer(libc::ITIMER_REAL, 20_000, 20_000)?;
+    let pending = || {
+        // SAFETY: sigpending fills a sigset.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        unsafe {
+            libc::sigpending(&mut set);
+            libc::sigismember(&set, libc::SIGALRM) == 1
+        }
+    };
+    if !wait_until(Duration::from_secs(2), pending) {
+        return Err("SIGALRM never became pending".into());
+    }
+    let before = getitimer(libc::ITIMER_REAL);
+    if before.1 != 0 {
+        return Err(format!(
+            "expected an expired timer (0 left), read {before:?}"
+        ));
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.ok("SIGALRM still pending", pending());
+    c.eq("interval (us)", 20_000, getitimer(libc::ITIMER_REAL).0);
+    // SAFETY: unblocks SIGALRM for this thread.
+    unsafe {
+        let set = sigset(&[libc::SIGALRM]);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    c.ok(
+        &format!("keeps ticking (count {})", ALRM.load(Ordering::SeqCst)),
+        ticks(&ALRM, 3),
+    );
+    c.finish()
+}
+
 // ----------------------------------------------------------- posix_timers
 
 static TIMER_GOOD: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
