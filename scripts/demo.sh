@@ -1,17 +1,27 @@
 #!/usr/bin/env bash
-# The demo: run a sample job (a multi-threaded heat solver), checkpoint it
-# mid-run, kill it, restore it from its images, and check that its final
-# result equals an uninterrupted run's. Leaves nothing behind.
+# The demo: run a sample job (a multi-threaded heat solver) as a ckpt job
+# (its own cgroup and PID, IPC, UTS and mount namespaces), checkpoint it
+# mid-run, kill it, restore it from its images into new namespaces, and
+# check that its final result equals an uninterrupted run's. Leaves
+# nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=target/release
 AGENT=$BIN/ckpt-agent
 JOB=$BIN/stencil
-WORK=$(mktemp -d /tmp/ckpt-demo.XXXXXX)
+# Not under /tmp: a job gets a private /tmp of its own.
+WORK=$(mktemp -d /var/tmp/ckpt-demo.XXXXXX)
+JOBID=demo-$$
 JOBPID=
 cleanup() {
     [ -n "$JOBPID" ] && kill -9 "$JOBPID" 2>/dev/null || true
+    for cg in /sys/fs/cgroup/unified/ckpt /sys/fs/cgroup/ckpt /sys/fs/cgroup/freezer/ckpt; do
+        for _ in 1 2 3 4 5; do
+            [ -d "$cg/$JOBID" ] || break
+            rmdir "$cg/$JOBID" 2>/dev/null || sleep 0.2
+        done
+    done
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -29,28 +39,26 @@ $JOB >"$WORK/reference.out" </dev/null
 want=$(grep '^checksum' "$WORK/reference.out")
 step "reference result: $want"
 
-step "starting the job again"
-# Only regular files and /dev/null as its descriptors (a pipe inherited
-# from whoever runs the demo would be refused: pipes come with trees).
-(
-    for fd in $(ls /proc/$BASHPID/fd); do
-        [ "$fd" -gt 2 ] && eval "exec $fd>&-"
-    done
-    exec $JOB >"$WORK/job.out" 2>&1 </dev/null
-) &
-JOBPID=$!
+inner() { awk '/^NSpid:/ {print $NF}' "/proc/$1/status"; }
+step "starting the job as ckpt job $JOBID (ckpt-agent run: own cgroup and namespaces)"
+# The program runs from the work dir: the job cannot see the node's /tmp,
+# where a checkout may live. Its descriptors are 0-2 only (run closes the
+# rest).
+cp "$JOB" "$WORK/stencil"
+(cd "$WORK" && exec "$OLDPWD/$AGENT" run --job "$JOBID" --hostname demo-job --detach \
+    --pidfile "$WORK/job.pid" -- "$WORK/stencil" >"$WORK/job.out" 2>&1 </dev/null)
+JOBPID=$(cat "$WORK/job.pid")
 sleep 1.5
-step "job pid $JOBPID is at: $(tail -n1 "$WORK/job.out")"
+step "job root: pid $JOBPID on the node, pid $(inner "$JOBPID") inside its namespace; at: $(tail -n1 "$WORK/job.out")"
 
-step "checkpointing pid $JOBPID (ckpt-agent dump; the job is killed after the dump)"
+step "checkpointing job $JOBID (ckpt-agent dump: freeze its cgroup, dump, kill)"
 $AGENT dump --tree "$JOBPID" --images "$WORK/images"
-{ wait "$JOBPID"; } 2>/dev/null || true
 JOBPID=
 step "images: $(du -sh "$WORK/images" | cut -f1) in $(ls "$WORK/images" | wc -l) files"
 
-step "restoring from the images (ckpt-agent restore --detach)"
+step "restoring from the images into new namespaces (ckpt-agent restore --detach)"
 JOBPID=$($AGENT restore --images "$WORK/images" --detach)
-step "restored as pid $JOBPID, threads: $(ls /proc/$JOBPID/task | wc -l)"
+step "restored: pid $JOBPID on the node, pid $(inner "$JOBPID") inside, threads: $(ls /proc/$JOBPID/task | wc -l)"
 
 for _ in $(seq 600); do
     grep -q '^checksum' "$WORK/job.out" && break
