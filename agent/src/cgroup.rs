@@ -107,7 +107,7 @@ impl JobCgroup {
                     return Err(Error::Job {
                         job: job.into(),
                         reason: format!(
-                            "it is running on this node (cgroup {} is in use); pick another job id",
+                            "it is running on this node (cgroup {} is in use): pick another job id (--job)",
                             dir.display()
                         ),
                     });

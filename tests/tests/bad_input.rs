@@ -324,3 +324,45 @@ fn restore_other_vdso_layout_refused() {
     assert_refused(&run, &["vdso"]);
     assert!(!appeared, "a process with pid {} appeared", case.pid);
 }
+
+/// A job checkpointed with --leave-running cannot be restored on the same
+/// node under its own id while it runs (its cgroup is in use): refused,
+/// naming the job and what to do, with nothing created. With `--job NEW`
+/// the copy runs beside the original, in a cgroup of its own and as PID 1
+/// of its own namespace.
+#[test]
+fn restore_job_id_in_use_refused() {
+    use ckpt_tests::{inner_pid, restore_detached_with, JobCgroupGuard};
+    if skip() {
+        return;
+    }
+    let dir = Workdir::for_job("job-id-in-use");
+    let job = format!("zdtm-idinuse-{}", std::process::id());
+    let copy = format!("{job}-copy");
+    let _guards = (JobCgroupGuard(job.clone()), JobCgroupGuard(copy.clone()));
+    let mut case = CaseProcess::spawn_job(Path::new(CASE_BIN), "threads", &job, &dir).unwrap();
+    case.wait_ready().unwrap();
+    let images = dir.join("images");
+    let run = dump(case.pid, &images, &["--leave-running"], &dir);
+    assert!(run.ok(), "{}", run.describe());
+
+    let (refused, pid) = restore_detached_with(&images, &[], &dir, "same-id");
+    assert_refused(&refused, &[&job, "--job"]);
+    assert_eq!(pid, None, "a refused restore writes no pid");
+    assert!(pid_exists(case.pid), "the original keeps running");
+
+    let (run, pid) = restore_detached_with(&images, &["--job", &copy], &dir, "new-id");
+    assert!(run.ok(), "{}", run.describe());
+    let pid = pid.expect("restored pid");
+    let cgroup = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let restored_ok = cgroup.contains(&format!("/ckpt/{copy}")) && inner_pid(pid) == Some(1);
+    // SAFETY: ends the copy, ours to kill; collected by the harness's
+    // subreaper wait.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let _ = ckpt_tests::wait_pid(pid, std::time::Duration::from_secs(5));
+    assert!(
+        restored_ok,
+        "copy not in ckpt/{copy} or not PID 1: {cgroup}"
+    );
+    case.terminate_and_check("original after the copy").unwrap();
+}
