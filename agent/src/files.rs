@@ -722,6 +722,8 @@ pub struct Shared {
     sock_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
     /// Every unix socket end's queue and shutdown state, by inode.
     sock_state: std::collections::HashMap<u64, (Vec<Vec<u8>>, u32)>,
+    /// Every unix socket end's SO_PEERCRED, by inode.
+    sock_creds: std::collections::HashMap<u64, ckpt_proto::image::PeerCred>,
     /// FIFOs held open read-write by the agent for the whole restore, so
     /// that no open of them blocks and their refilled bytes stay.
     fifos: std::collections::HashMap<u64, std::fs::File>,
@@ -745,6 +747,9 @@ impl Shared {
             s.ptys.note(f);
             if let Some(u) = &f.unix {
                 s.sock_state.insert(u.ino, (u.queue.clone(), u.shutdown));
+                if let Some(c) = &u.peer_cred {
+                    s.sock_creds.insert(u.ino, *c);
+                }
             }
         }
         s
@@ -756,6 +761,23 @@ impl Opener<'_> {
     fn take(&self, fd: u64) -> Result<std::os::fd::OwnedFd> {
         sys::pidfd::pidfd_getfd(self.pidfd.as_fd(), fd as i32)
             .map_err(|e| Error::sys(self.pid, format!("pidfd_getfd fd {fd}"), e))
+    }
+
+    /// Sets the task's effective uid and gid (it is still root: real and
+    /// saved ids stay 0, so it can come back).
+    fn set_effective_ids(&self, uid: u32, gid: u32) -> Result<()> {
+        let keep = u64::MAX; // -1: unchanged
+        if uid == 0 {
+            self.remote.syscall(libc::SYS_setresuid, &[keep, 0, keep])?;
+            self.remote
+                .syscall(libc::SYS_setresgid, &[keep, gid as u64, keep])?;
+        } else {
+            self.remote
+                .syscall(libc::SYS_setresgid, &[keep, gid as u64, keep])?;
+            self.remote
+                .syscall(libc::SYS_setresuid, &[keep, uid as u64, keep])?;
+        }
+        Ok(())
     }
 
     /// Gives memfd `fd` the seals it had; `sealable` says whether the
@@ -1151,10 +1173,33 @@ impl Opener<'_> {
                 let key = u.ino.min(u.peer);
                 if !self.socks.contains_key(&key) {
                     let arr = scratch.alloc(8)?;
-                    self.remote.syscall(
+                    // socketpair() gives both ends the caller's credentials:
+                    // those of a pair made by this process, with the
+                    // effective ids it had then.
+                    let creds = [u.ino, u.peer].map(|i| self.shared.sock_creds.get(&i).copied());
+                    let as_creator = match &creds {
+                        [Some(a), Some(b)] if a == b && a.pid == pid => Some(*a),
+                        _ => {
+                            tracing::debug!(
+                                pid,
+                                ino = u.ino,
+                                ?creds,
+                                "socket pair's peer credentials not reproduced"
+                            );
+                            None
+                        }
+                    };
+                    if let Some(c) = &as_creator {
+                        self.set_effective_ids(c.uid, c.gid)?;
+                    }
+                    let made = self.remote.syscall(
                         libc::SYS_socketpair,
                         &[libc::AF_UNIX as u64, u.sock_type as u64, 0, arr],
-                    )?;
+                    );
+                    if as_creator.is_some() {
+                        self.set_effective_ids(0, 0)?;
+                    }
+                    made?;
                     let b = crate::inject::read_mem(self.remote.tid.as_raw(), arr, 8)?;
                     let a = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
                     let c = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;

@@ -181,6 +181,9 @@ impl PidMap {
             if f.owner_pid != 0 {
                 f.owner_pid = self.inner(f.owner_pid);
             }
+            if let Some(c) = f.unix.as_mut().and_then(|u| u.peer_cred.as_mut()) {
+                c.pid = self.inner(c.pid);
+            }
         }
         if let Some(c) = &mut t.ctty {
             c.fg_pgrp = self.inner(c.fg_pgrp);

@@ -92,6 +92,13 @@ pub fn dump(
         PeekError::Io(e) => Error::sys(pid, format!("peeking the queue of fd {fd}"), e),
         PeekError::Descriptors => refuse("descriptors in flight in its queue"),
     })?;
+    let peer_cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| ckpt_proto::image::PeerCred {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        });
     Ok(UnixSocket {
         sock_type: d.kind as u32,
         ino,
@@ -100,6 +107,7 @@ pub fn dump(
         shutdown: d.shutdown as u32,
         external_peer,
         bound_name: d.name.clone(),
+        peer_cred,
         ..Default::default()
     })
 }

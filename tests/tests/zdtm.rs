@@ -86,6 +86,7 @@ cases!(
     unix_listener,
     unix_accepted,
     unix_pending,
+    unix_peercred,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
     refuse_io_uring,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
@@ -175,6 +176,7 @@ mod job {
         unix_listener,
         unix_accepted,
         unix_pending,
+        unix_peercred,
         posix_timers,
         pending_signals,
         memfd_sealed,

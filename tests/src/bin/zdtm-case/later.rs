@@ -1329,3 +1329,84 @@ pub fn refuse_device(ctx: &Ctx) -> CaseResult {
         cvt(fd, "open /dev/kmsg")
     })
 }
+
+fn peer_cred(fd: i32) -> (i32, u32, u32) {
+    // SAFETY: getsockopt fills a ucred of the size given.
+    let mut c: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut c as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (c.pid, c.uid, c.gid)
+}
+
+/// A socket pair made while the process ran with effective ids 1000, one
+/// end handed to a child: both ends report the maker's pid and those ids
+/// as SO_PEERCRED, after restore too (the child answers with its view).
+pub fn unix_peercred(ctx: &Ctx) -> CaseResult {
+    let mut sv = [0i32; 2];
+    // SAFETY: effective ids switched around socketpair, back to root
+    // (real and saved ids stay 0).
+    unsafe {
+        cvt(libc::setresgid(u32::MAX, 1000, u32::MAX), "setresgid")?;
+        cvt(libc::setresuid(u32::MAX, 1000, u32::MAX), "setresuid")?;
+        let r = libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr());
+        cvt(libc::setresuid(u32::MAX, 0, u32::MAX), "setresuid back")?;
+        cvt(libc::setresgid(u32::MAX, 0, u32::MAX), "setresgid back")?;
+        cvt(r, "socketpair")?;
+    }
+    // SAFETY: the child only makes raw syscalls, then _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: raw syscalls in the child on its own end.
+        unsafe {
+            libc::close(sv[0]);
+            while read_u32(sv[1]).is_some() {
+                let (p, u, g) = peer_cred(sv[1]);
+                if !(write_u32(sv[1], p as u32) && write_u32(sv[1], u) && write_u32(sv[1], g)) {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    cvt(child, "fork")?;
+    // SAFETY: closing our copy of the child's end.
+    unsafe { libc::close(sv[1]) };
+    // SAFETY: getpid has no arguments.
+    let me = unsafe { libc::getpid() };
+    let want = (me, 1000u32, 1000u32);
+    let child_view = || -> Option<(i32, u32, u32)> {
+        write_u32(sv[0], 1).then_some(())?;
+        Some((read_u32(sv[0])? as i32, read_u32(sv[0])?, read_u32(sv[0])?))
+    };
+    if peer_cred(sv[0]) != want || child_view() != Some(want) {
+        return Err(format!(
+            "unexpected credentials before the checkpoint: {:?} / {:?}",
+            peer_cred(sv[0]),
+            child_view()
+        ));
+    }
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.eq("our end's peer credentials", want, peer_cred(sv[0]));
+    c.eq(
+        "the child's end's peer credentials",
+        Some(want),
+        child_view(),
+    );
+    // SAFETY: closing ends the child's loop; then reap it.
+    unsafe {
+        libc::close(sv[0]);
+        let mut st = 0;
+        libc::waitpid(child, &mut st, 0);
+    }
+    c.finish()
+}

@@ -89,6 +89,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),
     ("unix_pending", later::unix_pending),
+    ("unix_peercred", later::unix_peercred),
     // refused at dump, by kind
     ("refuse_io_uring", later::refuse_io_uring),
     ("refuse_perf_event", later::refuse_perf_event),
