@@ -213,13 +213,16 @@ impl JobCgroup {
     }
 
     /// Freezes every task of the cgroup and waits until all are frozen;
-    /// returns a guard that thaws them when dropped.
+    /// returns a guard that thaws them when dropped. While frozen, the
+    /// agent holds a lock file naming the job: if the agent dies, the lock
+    /// goes with it and `recover_frozen` thaws the job.
     pub fn freeze(&self) -> Result<Frozen<'_>> {
+        let lock = FreezeLock::take(self)?;
         match self.freezer {
             Freezer::V2 => self.write("cgroup.freeze", "1")?,
             Freezer::V1 => self.write("freezer.state", "FROZEN")?,
         }
-        let guard = Frozen { cg: self };
+        let guard = Frozen { cg: self, lock };
         let deadline = Instant::now() + FREEZE_TIMEOUT;
         while !self.frozen()? {
             if Instant::now() >= deadline {
@@ -271,6 +274,7 @@ impl JobCgroup {
 /// A frozen job cgroup; thawed when dropped.
 pub struct Frozen<'a> {
     cg: &'a JobCgroup,
+    lock: FreezeLock,
 }
 
 impl Drop for Frozen<'_> {
@@ -278,7 +282,99 @@ impl Drop for Frozen<'_> {
         if let Err(e) = self.cg.thaw() {
             warn!("cannot thaw job {}: {e}", self.cg.job);
         }
+        self.lock.release();
     }
+}
+
+/// Where the freeze locks live: one file per frozen job, holding the
+/// cgroup directory, locked (flock) by the agent that froze it.
+const LOCK_DIR: &str = "/run/ckpt/frozen";
+
+/// The lock an agent holds while a job is frozen.
+struct FreezeLock {
+    path: PathBuf,
+    file: Option<nix::fcntl::Flock<File>>,
+}
+
+impl FreezeLock {
+    fn take(cg: &JobCgroup) -> Result<Self> {
+        std::fs::create_dir_all(LOCK_DIR).map_err(|e| Error::io(LOCK_DIR, e))?;
+        let path = Path::new(LOCK_DIR).join(&cg.job);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| Error::Job {
+            job: cg.job.clone(),
+            reason: format!(
+                "another agent is checkpointing it ({}: {e})",
+                path.display()
+            ),
+        })?;
+        use std::io::Write;
+        writeln!(file, "{}", cg.dir.display()).map_err(|e| Error::io(&path, e))?;
+        Ok(FreezeLock {
+            path,
+            file: Some(file),
+        })
+    }
+
+    fn release(&mut self) {
+        // Removed before it is unlocked: nobody may find it unlocked while
+        // it still names this freeze.
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(f);
+        }
+    }
+}
+
+/// Thaws the jobs an agent froze and then died without thawing (its lock
+/// file is left, unlocked). Returns the jobs thawed.
+pub fn recover_frozen() -> Result<Vec<String>> {
+    let rd = match std::fs::read_dir(LOCK_DIR) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(LOCK_DIR, e)),
+    };
+    let mut thawed = Vec::new();
+    for e in rd.flatten() {
+        let path = e.path();
+        let Ok(file) = File::options().read(true).write(true).open(&path) else {
+            continue;
+        };
+        // Locked: its agent is alive and will thaw the job itself.
+        let Ok(file) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        else {
+            continue;
+        };
+        let dir = std::fs::read_to_string(&path).unwrap_or_default();
+        let dir = PathBuf::from(dir.trim());
+        let job = e.file_name().to_string_lossy().into_owned();
+        let freezer = if dir.join("cgroup.freeze").exists() {
+            Some(Freezer::V2)
+        } else if dir.join("freezer.state").exists() {
+            Some(Freezer::V1)
+        } else {
+            None
+        };
+        if let Some(freezer) = freezer {
+            let cg = JobCgroup {
+                job: job.clone(),
+                dir,
+                freezer,
+            };
+            cg.thaw()?;
+            warn!(job, "thawed a job an agent froze and left frozen");
+            thawed.push(job);
+        }
+        let _ = std::fs::remove_file(&path);
+        drop(file);
+    }
+    Ok(thawed)
 }
 
 #[cfg(test)]

@@ -157,7 +157,18 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     // seizing; the seized tasks stay stopped by ptrace once it is thawed
     // (injected calls need them able to run).
     let cgroup = JobCgroup::of_pid(pid)?;
+    // A job left frozen by an agent that died is thawed first.
+    crate::cgroup::recover_frozen()?;
     let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
+    if let Some(ms) = std::env::var("CKPT_FAULT_HOLD_FROZEN_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|_| frozen.is_some())
+    {
+        // Fault injection for tests: widen the frozen window so that a
+        // test can kill the agent inside it.
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
     let frozen_at = Instant::now();
     if let Some(cg) = &cgroup {
         // A task frozen by the v1 freezer reaches its ptrace stop only once

@@ -96,6 +96,8 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+    /// Undo what an agent that died mid-way left: thaw the jobs it froze.
+    Cleanup,
     /// Decode any image file.
     Show {
         /// The image file.
@@ -248,6 +250,21 @@ fn main() -> ExitCode {
             pidfile,
             cli.json,
         ),
+        Cmd::Cleanup => match ckpt_agent::cgroup::recover_frozen() {
+            Ok(jobs) => {
+                if cli.json {
+                    println!("{}", serde_json::json!({ "thawed": jobs }));
+                } else if jobs.is_empty() {
+                    println!("nothing to clean up");
+                } else {
+                    for j in &jobs {
+                        println!("thawed job {j}, left frozen by an agent that died");
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Cmd::Show { path } => match show::show(&path, cli.json) {
             Ok(s) => {
                 println!("{s}");

@@ -366,3 +366,57 @@ fn restore_job_id_in_use_refused() {
     );
     case.terminate_and_check("original after the copy").unwrap();
 }
+
+/// An agent SIGKILLed while a job's cgroup is frozen leaves it frozen (no
+/// one is left to thaw it): `ckpt-agent cleanup` (or any later dump) finds
+/// the dead agent's freeze lock and thaws the job, which then runs on and
+/// passes.
+#[test]
+fn agent_killed_while_job_frozen_thawed_by_cleanup() {
+    use ckpt_tests::JobCgroupGuard;
+    if skip() {
+        return;
+    }
+    let dir = Workdir::for_job("killed-frozen");
+    let job = format!("zdtm-killedfrozen-{}", std::process::id());
+    let _guard = JobCgroupGuard(job.clone());
+    let mut case = CaseProcess::spawn_job(Path::new(CASE_BIN), "threads", &job, &dir).unwrap();
+    case.wait_ready().unwrap();
+    let events = ["/sys/fs/cgroup/unified/ckpt", "/sys/fs/cgroup/ckpt"]
+        .iter()
+        .map(|r| Path::new(r).join(&job).join("cgroup.events"))
+        .find(|p| p.exists())
+        .expect("the job's cgroup v2 directory");
+    let frozen = || fs::read_to_string(&events).is_ok_and(|s| s.contains("frozen 1"));
+    let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
+        .args(["dump", "--tree", &case.pid.to_string(), "--images"])
+        .arg(dir.join("images"))
+        .env("CKPT_FAULT_HOLD_FROZEN_MS", "5000")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !frozen() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let was_frozen = frozen();
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(was_frozen, "the agent never froze the job");
+    // Another test's dump may recover it first (every dump does): then
+    // cleanup has nothing left to do, but the job must be thawed anyway.
+    let still_frozen = frozen();
+    let run = ckpt_tests::agent(&["cleanup"], &dir, "cleanup");
+    assert!(run.ok(), "{}", run.describe());
+    if still_frozen {
+        assert!(run.stdout.contains(&job), "{}", run.describe());
+    }
+    assert!(!frozen(), "cleanup must thaw the job");
+    assert!(
+        !Path::new("/run/ckpt/frozen").join(&job).exists(),
+        "the dead agent's freeze lock is gone"
+    );
+    case.terminate_and_check("after cleanup thawed it").unwrap();
+}
