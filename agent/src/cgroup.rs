@@ -37,12 +37,17 @@ pub struct JobCgroup {
     pub freezer: Freezer,
 }
 
-/// The mount points of the v2 hierarchy and of the v1 freezer, if any.
-fn hierarchies() -> Result<(Option<PathBuf>, Option<PathBuf>)> {
-    let mounts = proc::parse_mountinfo(
+/// The mount points of the v2 hierarchy and of the v1 freezer in this
+/// agent's mount namespace, if any.
+pub fn hierarchies() -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+    Ok(freezer_roots(&proc::parse_mountinfo(
         &std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("/proc/self/mountinfo", e))?,
-    );
+    )))
+}
+
+/// The v2 hierarchy and the v1 freezer among `mounts`.
+fn freezer_roots(mounts: &[proc::MountInfo]) -> (Option<PathBuf>, Option<PathBuf>) {
     let v2 = mounts
         .iter()
         .find(|m| m.fstype == "cgroup2")
@@ -51,7 +56,7 @@ fn hierarchies() -> Result<(Option<PathBuf>, Option<PathBuf>)> {
         .iter()
         .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == "freezer"))
         .map(|m| PathBuf::from(&m.mount_point));
-    Ok((v2, v1))
+    (v2, v1)
 }
 
 /// A job id becomes a directory name: keep it to a safe alphabet.
@@ -380,6 +385,18 @@ pub fn recover_frozen() -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_freezers() {
+        let mi = "30 25 0:26 / /sys/fs/cgroup/freezer rw,relatime shared:12 - cgroup cgroup rw,freezer\n\
+                  29 25 0:25 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
+                  31 25 0:27 / /sys/fs/cgroup/unified rw,relatime shared:13 - cgroup2 cgroup2 rw,nsdelegate\n\
+                  32 25 0:28 / /my\\040dir rw - tmpfs tmpfs rw\n";
+        let (v2, v1) = freezer_roots(&proc::parse_mountinfo(mi));
+        assert_eq!(v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(v1, Some(PathBuf::from("/sys/fs/cgroup/freezer")));
+        assert_eq!(freezer_roots(&proc::parse_mountinfo("")), (None, None));
+    }
 
     #[test]
     fn job_ids() {

@@ -21,7 +21,7 @@ use crate::cgroup::JobCgroup;
 use crate::error::{Error, Result};
 use crate::images::{image_name, pages_name, ImageWriter};
 use crate::inject::{Remote, Scratch};
-use crate::ns::{self, PidMap};
+use crate::ns;
 use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
 use crate::{files, mm, pages, proc, task};
@@ -175,7 +175,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         // thawed: seize and interrupt every thread now, while nothing can
         // fork, and collect the stops after the thaw.
         for tid in cg.threads()? {
-            crate::seize::seize_and_interrupt(tid)?;
+            crate::seize::seize_and_interrupt(tid, tid)?;
         }
     }
     drop(frozen);
@@ -194,7 +194,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     }
     let host_pids: Vec<i32> = tree.iter().map(Member::pid).collect();
     let result = ns::dump(&host_pids, &writer)
-        .and_then(|nsd| dump_tree(&tree, &writer, req, &nsd.pids, progress).map(|r| (r, nsd)));
+        .and_then(|nsd| dump_tree(&tree, &writer, req, &nsd, progress).map(|r| (r, nsd)));
     let ((pages_bytes, pages_ms), nsd) = match result {
         Ok(v) => v,
         Err(e) => {
@@ -283,13 +283,14 @@ fn dump_tree(
     tree: &[Member],
     writer: &ImageWriter,
     req: &DumpRequest,
-    ids: &PidMap,
+    nsd: &ns::NsDump,
     progress: &dyn Progress,
 ) -> Result<(u64, f64)> {
+    let ids = &nsd.pids;
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
         match m {
-            Member::Live(s) => dumped.push(dump_seized(s, writer)?),
+            Member::Live(s) => dumped.push(dump_seized(s, writer, nsd.image.own)?),
             Member::Zombie(core) => {
                 let mut core = (**core).clone();
                 ids.core(&mut core);
@@ -448,7 +449,9 @@ fn check_sharing(dumped: &mut [Dumped]) -> Result<()> {
 
 /// The part of a process's dump that needs ptrace: its state, injected
 /// queries, files, and its address space with the pages to save.
-fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
+/// `own`: the tree's namespaces apart from the agent's (every process of
+/// the tree shares the root's: `ns::dump` checked).
+fn dump_seized(seized: &Seized, writer: &ImageWriter, own: u64) -> Result<Dumped> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -472,14 +475,14 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter) -> Result<Dumped> {
     )?;
     let mut scratch = Scratch::new(pid, addr, SCRATCH_LEN);
     let result = (|| -> Result<_> {
-        let mut core = task::dump_process(pid, &main, &mut scratch)?;
+        let mut core = task::dump_process(pid, own, &main, &mut scratch)?;
         for (th, t) in threads.iter_mut().zip(&seized.threads) {
             let r = Remote::new(Pid::from_raw(t.tid), gadget)?;
             task::dump_thread_inside(th, &r, &mut scratch)?;
         }
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
-        let fds = files::dump(pid, writer)?;
+        let fds = files::dump(pid, writer, own)?;
         let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)), Some(writer))?;
         Ok(Dumped { core, fds, mm })
     })();

@@ -55,7 +55,9 @@ fn dev_minor(rdev: u64) -> u64 {
 
 /// Reads the fd table of stopped process `pid`; refuses (naming pid, fd and
 /// kind) any descriptor it cannot restore.
-pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
+///
+/// `own`: the namespaces the process has apart from the agent's.
+pub fn dump(pid: i32, images: &ImageWriter, own: u64) -> Result<FdTable> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
@@ -63,18 +65,10 @@ pub fn dump(pid: i32, images: &ImageWriter) -> Result<FdTable> {
         .collect();
     fds.sort_unstable();
     let pidfd = sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
-    // Paths are the process's: in a mount namespace of its own (a job's),
-    // the agent reaches them through the process's root.
-    let own = crate::ns::own_namespaces(pid)?;
-    let own_mnt = own & libc::CLONE_NEWNS as u64 != 0;
+    // Paths and sockets are the process's: in namespaces of its own (a
+    // job's) the agent reaches them from there.
     let own_net = own & libc::CLONE_NEWNET as u64 != 0;
-    let reach = |path: &str| -> String {
-        if own_mnt {
-            format!("/proc/{pid}/root{path}")
-        } else {
-            path.to_string()
-        }
-    };
+    let reach = |path: &str| crate::ns::reach(pid, own, path);
     // Each fd's fdinfo, read once.
     let mut fdinfo = std::collections::HashMap::with_capacity(fds.len());
     for &fd in &fds {

@@ -67,6 +67,19 @@ pub fn own_namespaces(pid: i32) -> Result<u64> {
     Ok(own)
 }
 
+/// Where the agent finds a path as /proc shows it for process `pid`
+/// (a descriptor's or cwd link): as is in the agent's own mount namespace
+/// (also for a chrooted process: links read from the agent's root), through
+/// the process's root when `own` (its namespaces, as `own_namespaces`
+/// gives them) includes a mount namespace of its own.
+pub fn reach(pid: i32, own: u64, path: &str) -> String {
+    if own & libc::CLONE_NEWNS as u64 != 0 {
+        format!("/proc/{pid}/root{path}")
+    } else {
+        path.to_string()
+    }
+}
+
 /// Runs `f` on a thread that entered the `flags` namespaces of `pid`.
 pub fn in_ns<T: Send>(pid: i32, flags: u64, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
     let files = KINDS

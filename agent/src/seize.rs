@@ -66,14 +66,19 @@ pub fn check_target(pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// Seizes and interrupts one thread without waiting for its stop (a frozen
-/// job's thread stops once thawed); `Seized::process` collects it later.
-pub fn seize_and_interrupt(tid: i32) -> Result<()> {
+/// Seizes and interrupts thread `tid` of process `pid` without waiting for
+/// its stop (a frozen job's thread stops only once thawed). False when the
+/// thread is gone; true when it is ours, also when it already was (a clone
+/// auto-attached, or seized while its job was frozen).
+pub fn seize_and_interrupt(pid: i32, tid: i32) -> Result<bool> {
     let t = Pid::from_raw(tid);
     match ptrace::seize(t, inject::seize_options(false)) {
-        Ok(()) => ptrace::interrupt(t).ctx(tid, || "PTRACE_INTERRUPT".into()),
-        // Gone meanwhile: the tree walk will not find it either.
-        Err(Errno::ESRCH) => Ok(()),
+        Ok(()) => {
+            ptrace::interrupt(t).ctx(tid, || "PTRACE_INTERRUPT".into())?;
+            Ok(true)
+        }
+        Err(Errno::ESRCH) => Ok(false),
+        Err(Errno::EPERM) if traced_by_us(pid, tid) => Ok(true),
         Err(e) => Err(Error::sys(
             tid,
             "PTRACE_SEIZE (is it traced by a debugger, or protected by Yama?)",
@@ -101,21 +106,9 @@ impl Seized {
             for tid in new {
                 seen.insert(tid);
                 let t = Pid::from_raw(tid);
-                match ptrace::seize(t, inject::seize_options(false)) {
-                    Ok(()) => {
-                        ptrace::interrupt(t).ctx(tid, || "PTRACE_INTERRUPT".into())?;
-                    }
-                    // A thread that exited between listing and seizing.
-                    Err(Errno::ESRCH) => continue,
-                    // Auto-attached already as a clone of a seized thread.
-                    Err(Errno::EPERM) if traced_by_us(pid, tid) => {}
-                    Err(e) => {
-                        return Err(Error::sys(
-                            tid,
-                            "PTRACE_SEIZE (is it traced by a debugger, or protected by Yama?)",
-                            e,
-                        ))
-                    }
+                // A thread that exited between listing and seizing is skipped.
+                if !seize_and_interrupt(pid, tid)? {
+                    continue;
                 }
                 inject::wait_interrupt_stop(t)?;
                 let regs = inject::get_regs(t)?;

@@ -157,19 +157,11 @@ fn status_hex(status: &std::collections::HashMap<String, String>, key: &str) -> 
 /// back to it by its path: deleted, or hidden by a mount made over it (a
 /// job started from the node's /tmp works in a directory its own /tmp
 /// hides).
-fn reachable_cwd(pid: i32) -> Result<String> {
+fn reachable_cwd(pid: i32, own: u64) -> Result<String> {
     use std::os::unix::fs::MetadataExt;
     let cwd = proc::readlink(pid, "cwd")?;
     let ident = |p: &str| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-    // The link reads as the agent sees the path: from its own root in its
-    // own mount namespace (so also for a chrooted process), from the
-    // process's root in another one.
-    let own_mnt = crate::ns::own_namespaces(pid)? & libc::CLONE_NEWNS as u64 != 0;
-    let by_path = if own_mnt {
-        format!("/proc/{pid}/root{cwd}")
-    } else {
-        cwd.clone()
-    };
+    let by_path = crate::ns::reach(pid, own, &cwd);
     if cwd.ends_with(" (deleted)") || ident(&format!("/proc/{pid}/cwd")) != ident(&by_path) {
         return Err(Error::Refused {
             pid,
@@ -183,7 +175,8 @@ fn reachable_cwd(pid: i32) -> Result<String> {
 }
 
 /// Process-wide state, read from /proc and by injection into the main thread.
-pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<TaskCore> {
+/// `own`: the namespaces the process has apart from the agent's.
+pub fn dump_process(pid: i32, own: u64, main: &Remote, scratch: &mut Scratch) -> Result<TaskCore> {
     let stat = proc::stat(pid, None)?;
     let status = proc::status(pid)?;
     scratch.reset();
@@ -314,7 +307,7 @@ pub fn dump_process(pid: i32, main: &Remote, scratch: &mut Scratch) -> Result<Ta
             thp_disable,
             timerslack_ns,
         }),
-        cwd: reachable_cwd(pid)?,
+        cwd: reachable_cwd(pid, own)?,
         root: proc::readlink(pid, "root")?,
         shared_pending,
         exit_code: 0,

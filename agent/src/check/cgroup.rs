@@ -8,20 +8,8 @@ use std::time::{Duration, Instant};
 use super::{ctx, Outcome, CHILD_TIMEOUT};
 use crate::sys::probe::{fork_child, ProbeChild};
 
-/// Mount points of cgroup filesystems: (fstype, super options, mount point).
-fn cgroup_mounts(mountinfo: &str) -> Vec<(String, String, PathBuf)> {
-    crate::proc::parse_mountinfo(mountinfo)
-        .into_iter()
-        .filter(|m| m.fstype.starts_with("cgroup"))
-        .map(|m| (m.fstype, m.super_options, PathBuf::from(m.mount_point)))
-        .collect()
-}
-
-fn mounts() -> Result<Vec<(String, String, PathBuf)>, String> {
-    Ok(cgroup_mounts(
-        &std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(ctx("read /proc/self/mountinfo"))?,
-    ))
+fn roots() -> Result<(Option<PathBuf>, Option<PathBuf>), String> {
+    crate::cgroup::hierarchies().map_err(|e| e.to_string())
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -115,12 +103,7 @@ fn task_state(pid: i32) -> String {
 }
 
 pub(super) fn v1_freezer() -> Outcome {
-    let ms = mounts()?;
-    let root = ms
-        .iter()
-        .find(|(t, o, _)| t == "cgroup" && o.split(',').any(|x| x == "freezer"))
-        .map(|(_, _, m)| m.clone())
-        .ok_or("no cgroup v1 freezer hierarchy mounted")?;
+    let root = roots()?.1.ok_or("no cgroup v1 freezer hierarchy mounted")?;
     let mut cg = ProbeCgroup::create(&root, ("freezer.state", "THAWED"))?;
     let pid = cg.add_sleeper()?;
     cg.write("freezer.state", "FROZEN")?;
@@ -135,12 +118,7 @@ pub(super) fn v1_freezer() -> Outcome {
 }
 
 pub(super) fn v2_freeze() -> Outcome {
-    let ms = mounts()?;
-    let root = ms
-        .iter()
-        .find(|(t, _, _)| t == "cgroup2")
-        .map(|(_, _, m)| m.clone())
-        .ok_or("no cgroup2 filesystem mounted")?;
+    let root = roots()?.0.ok_or("no cgroup2 filesystem mounted")?;
     let mut cg = ProbeCgroup::create(&root, ("cgroup.freeze", "0"))?;
     let pid = cg.add_sleeper()?;
     cg.write("cgroup.freeze", "1")?;
@@ -156,22 +134,4 @@ pub(super) fn v2_freeze() -> Outcome {
         "froze and thawed a child in {} (frozen task state {state})",
         root.display()
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_cgroup_mounts() {
-        let mi = "30 25 0:26 / /sys/fs/cgroup/freezer rw,relatime shared:12 - cgroup cgroup rw,freezer\n\
-                  31 25 0:27 / /sys/fs/cgroup/unified rw,relatime shared:13 - cgroup2 cgroup2 rw,nsdelegate\n\
-                  32 25 0:28 / /my\\040dir rw - tmpfs tmpfs rw\n";
-        let m = cgroup_mounts(mi);
-        assert_eq!(m.len(), 2);
-        assert_eq!(m[0].0, "cgroup");
-        assert_eq!(m[0].1, "rw,freezer");
-        assert_eq!(m[0].2, PathBuf::from("/sys/fs/cgroup/freezer"));
-        assert_eq!(m[1].2, PathBuf::from("/sys/fs/cgroup/unified"));
-    }
 }

@@ -107,6 +107,46 @@ pub fn fork_into(
     }
 }
 
+/// A close-on-exec pipe over which a forked child reports 8 bytes before
+/// it exits (or execs: then the parent reads nothing).
+struct ReportPipe {
+    rd: OwnedFd,
+    wr: OwnedFd,
+}
+
+impl ReportPipe {
+    fn new() -> io::Result<Self> {
+        let mut pipe = [0i32; 2];
+        // SAFETY: pipe2 writes two fds into the array.
+        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: both fds were just created and are owned here.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+        Ok(ReportPipe { rd, wr })
+    }
+
+    /// The child's side: sends `msg` and exits with `code` (raw syscalls
+    /// only, no allocation).
+    fn send_and_exit(&self, msg: [u8; 8], code: i32) -> ! {
+        // SAFETY: writes 8 bytes from the stack, then exits at once.
+        unsafe {
+            libc::write(self.wr.as_raw_fd(), msg.as_ptr().cast(), 8);
+            libc::_exit(code)
+        }
+    }
+
+    /// The parent's side: the 8 bytes the child sent, or None when it
+    /// sent nothing (exec'ed, or died).
+    fn receive(self) -> Option<[u8; 8]> {
+        drop(self.wr);
+        let mut buf = [0u8; 8];
+        // SAFETY: reads at most 8 bytes into buf.
+        let n = unsafe { libc::read(self.rd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+        (n == 8).then_some(buf)
+    }
+}
+
 /// Like `fork_into`, with the child in a new time namespace whose offsets
 /// are `offsets` (the text /proc/PID/timens_offsets takes). Offsets can be
 /// set only before a process enters the namespace, through the file of the
@@ -122,21 +162,9 @@ pub fn fork_into_time_ns(
     cgroup: Option<BorrowedFd<'_>>,
     set_tid: &[libc::pid_t],
 ) -> io::Result<Option<i32>> {
-    let mut pipe = [0i32; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds were just created and are owned here.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let pipe = ReportPipe::new()?;
     let path = c"/proc/self/timens_offsets";
-    let report = |v: i64| -> ! {
-        // SAFETY: writes 8 bytes from the stack, then exits at once.
-        unsafe {
-            libc::write(wr.as_raw_fd(), (&v as *const i64).cast(), 8);
-            libc::_exit(0)
-        }
-    };
+    let report = |v: i64| -> ! { pipe.send_and_exit(v.to_le_bytes(), 0) };
     match fork_into(0, None, &[])? {
         None => {
             let errno = || -(io::Error::last_os_error().raw_os_error().unwrap_or(1) as i64);
@@ -158,19 +186,13 @@ pub fn fork_into_time_ns(
             }
         }
         Some(mid) => {
-            drop(wr);
-            let mut v = 0i64;
-            // SAFETY: reads at most 8 bytes into v; then reaps the
-            // intermediate, which exits right after writing.
-            let n = unsafe {
-                let n = libc::read(rd.as_raw_fd(), (&mut v as *mut i64).cast(), 8);
-                libc::waitpid(mid, std::ptr::null_mut(), 0);
-                n
-            };
-            match (n, v) {
-                (8, v) if v > 0 => Ok(Some(v as i32)),
-                (8, v) => Err(io::Error::from_raw_os_error(-v as i32)),
-                _ => Err(io::Error::other("the time namespace helper died")),
+            let got = pipe.receive().map(i64::from_le_bytes);
+            // SAFETY: reaps the intermediate, which exits right after writing.
+            unsafe { libc::waitpid(mid, std::ptr::null_mut(), 0) };
+            match got {
+                Some(v) if v > 0 => Ok(Some(v as i32)),
+                Some(v) => Err(io::Error::from_raw_os_error(-v as i32)),
+                None => Err(io::Error::other("the time namespace helper died")),
             }
         }
     }
@@ -233,22 +255,12 @@ pub fn spawn_job(spec: &JobSpawn, cgroup: Option<BorrowedFd<'_>>) -> Result<i32,
     };
     let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let mut pipe = [0i32; 2];
-    // SAFETY: pipe2 writes two fds into the array.
-    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(early(io::Error::last_os_error()));
-    }
-    // SAFETY: both fds were just created and are owned here.
-    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+    let pipe = ReportPipe::new().map_err(early)?;
     match fork_into(spec.flags, cgroup, &[]) {
         Err(e) => Err(early(e)),
-        Ok(None) => child_setup(spec, &argv, wr.as_raw_fd()),
+        Ok(None) => child_setup(spec, &argv, &pipe),
         Ok(Some(pid)) => {
-            drop(wr);
-            let mut buf = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into buf.
-            let n = unsafe { libc::read(rd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
-            if n == 8 {
+            if let Some(buf) = pipe.receive() {
                 let step = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
                 let errno = i32::from_le_bytes(buf[4..].try_into().expect("4 bytes"));
                 // SAFETY: reaps the child that reported its failure.
@@ -264,17 +276,13 @@ pub fn spawn_job(spec: &JobSpawn, cgroup: Option<BorrowedFd<'_>>) -> Result<i32,
 }
 
 /// The child side of `spawn_job`: raw syscalls only, no allocation.
-fn child_setup(spec: &JobSpawn, argv: &[*const libc::c_char], report: i32) -> ! {
+fn child_setup(spec: &JobSpawn, argv: &[*const libc::c_char], report: &ReportPipe) -> ! {
     let fail = |step: usize| -> ! {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let mut msg = [0u8; 8];
         msg[..4].copy_from_slice(&(step as u32).to_le_bytes());
         msg[4..].copy_from_slice(&errno.to_le_bytes());
-        // SAFETY: writes 8 bytes from a stack buffer, then exits at once.
-        unsafe {
-            libc::write(report, msg.as_ptr().cast(), 8);
-            libc::_exit(127)
-        }
+        report.send_and_exit(msg, 127)
     };
     // SAFETY: every pointer passed below comes from a CString or an array
     // prepared by the parent and still alive in this copy of its memory;
