@@ -7,6 +7,7 @@ fn main() {
         "proto/core.proto",
         "proto/mm.proto",
         "proto/pagemap.proto",
+        "proto/inet.proto",
         "proto/files.proto",
         "proto/ns.proto",
         "proto/ipc.proto",
@@ -25,6 +26,9 @@ fn main() {
         "ckpt.image.SeccompFilter.program",
         "ckpt.image.Inventory.signature",
         "ckpt.image.OpenFile.pipe_data",
+        "ckpt.image.TcpConnection.send_queue",
+        "ckpt.image.TcpConnection.recv_queue",
+        "ckpt.image.Datagram.data",
         "ckpt.image.SysvMsg.text",
         "ckpt.image.PosixMsg.data",
     ] {

@@ -539,6 +539,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         tasks_in_parallel: true,
         ext_unix_sk: false,
         shell_job: false,
+        tcp_established: false,
     });
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;
@@ -563,6 +564,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         pidfile: None,
         ext_unix_sk: false,
         shell_job: false,
+        tcp_established: false,
         job: None,
     });
     perf_ctl("restore", false);

@@ -231,6 +231,7 @@ fn main() {
                 tasks_in_parallel: parallel,
                 ext_unix_sk: false,
                 shell_job: false,
+                tcp_established: false,
             })
             .expect("dump");
             reap(&t.pids);
@@ -242,6 +243,7 @@ fn main() {
                 pidfile: None,
                 ext_unix_sk: false,
                 shell_job: false,
+                tcp_established: false,
                 job: None,
             })
             .expect("restore");

@@ -21,6 +21,7 @@ use crate::cgroup::JobCgroup;
 use crate::error::{Error, Result};
 use crate::images::{image_name, pages_name, ImageWriter};
 use crate::inject::{Remote, Scratch};
+use crate::netlock::{NetLock, Netns};
 use crate::ns;
 use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
@@ -40,6 +41,9 @@ pub struct DumpRequest {
     /// The tree runs on the caller's terminal: its terminals outside the
     /// tree are recorded as "the restorer's terminal" instead of refused.
     pub shell_job: bool,
+    /// Dump established TCP connections (in repair mode) instead of
+    /// refusing them.
+    pub tcp_established: bool,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -159,6 +163,7 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let cgroup = JobCgroup::of_pid(pid)?;
     // A job left frozen by an agent that died is thawed first.
     crate::cgroup::recover_frozen()?;
+    crate::netlock::recover(None)?;
     let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
     if let Some(ms) = std::env::var("CKPT_FAULT_HOLD_FROZEN_MS")
         .ok()
@@ -193,12 +198,17 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         }
     }
     let host_pids: Vec<i32> = tree.iter().map(Member::pid).collect();
-    let result = ns::dump(&host_pids, &writer)
-        .and_then(|nsd| dump_tree(&tree, &writer, req, &nsd, progress).map(|r| (r, nsd)));
+    let mut lock = None;
+    let result = ns::dump(&host_pids, &writer).and_then(|nsd| {
+        lock = lock_network(&tree, &nsd)?;
+        dump_tree(&tree, &writer, req, &nsd, lock.as_mut(), progress).map(|r| (r, nsd))
+    });
     let ((pages_bytes, pages_ms), nsd) = match result {
         Ok(v) => v,
         Err(e) => {
             writer.discard();
+            // Sockets out of repair mode and unlocked before the tasks run.
+            drop(lock);
             drop(tree);
             return Err(e);
         }
@@ -224,15 +234,16 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
             .unwrap_or(0),
         options: Some(DumpOptions {
             leave_running: req.leave_running,
+            tcp_established: req.tcp_established,
             ext_unix_sk: req.ext_unix_sk,
             shell_job: req.shell_job,
-            ..Default::default()
         }),
         needs_features: ns::needed_features(&nsd.image),
         signature: Vec::new(),
     };
     if let Err(e) = writer.commit(inv) {
         writer.discard();
+        drop(lock);
         drop(tree);
         return Err(e);
     }
@@ -244,11 +255,29 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         })
         .collect();
     if req.leave_running {
+        if let Some(l) = lock.as_mut() {
+            l.end_repair()?;
+        }
         for s in live {
             s.release()?;
         }
+        if let Some(l) = lock {
+            l.release()?;
+        }
     } else {
         Seized::kill_all(live)?;
+        if let Some(mut l) = lock {
+            // Closed in repair mode: no FIN, no reset.
+            l.drop_sockets()?;
+            if own_netns(&nsd) {
+                // The namespace went with the job, and its rules with it.
+                l.release()?;
+            } else {
+                // The job's addresses stay on this node: a peer's
+                // retransmission must not meet a reset before the restore.
+                l.keep()?;
+            }
+        }
         // The job has left this node.
         if let Some(cg) = &cgroup {
             cg.remove();
@@ -265,6 +294,42 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         pages_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+fn own_netns(nsd: &ns::NsDump) -> bool {
+    nsd.image.own & libc::CLONE_NEWNET as u64 != 0
+}
+
+/// The name a checkpoint's network lock goes by: the job's, or the root
+/// process's for a tree that is not a job.
+pub fn lock_name(job: &str, root: i32) -> String {
+    if job.is_empty() {
+        format!("pid{root}")
+    } else {
+        job.to_string()
+    }
+}
+
+/// Blocks the tree's TCP traffic before any socket is read, in the
+/// namespace the sockets live in. None when the tree has no TCP socket.
+fn lock_network(tree: &[Member], nsd: &ns::NsDump) -> Result<Option<NetLock>> {
+    let live: Vec<i32> = tree
+        .iter()
+        .filter(|m| matches!(m, Member::Live(_)))
+        .map(Member::pid)
+        .collect();
+    let conns = crate::inet::live_conns(&live)?;
+    if conns.is_empty() {
+        return Ok(None);
+    }
+    let root = tree[0].pid();
+    let ns = if own_netns(nsd) {
+        Netns::Of(root)
+    } else {
+        Netns::Agent
+    };
+    let name = lock_name(&nsd.image.job, nsd.pids.inner(root));
+    NetLock::take(&name, ns, conns).map(Some)
 }
 
 /// What one live process's dump produced before its pages are copied; the
@@ -284,13 +349,20 @@ fn dump_tree(
     writer: &ImageWriter,
     req: &DumpRequest,
     nsd: &ns::NsDump,
+    mut lock: Option<&mut NetLock>,
     progress: &dyn Progress,
 ) -> Result<(u64, f64)> {
     let ids = &nsd.pids;
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
         match m {
-            Member::Live(s) => dumped.push(dump_seized(s, writer, nsd.image.own)?),
+            Member::Live(s) => {
+                let mut net = crate::inet::DumpCtx {
+                    tcp_established: req.tcp_established,
+                    lock: lock.as_deref_mut(),
+                };
+                dumped.push(dump_seized(s, writer, nsd.image.own, &mut net)?)
+            }
             Member::Zombie(core) => {
                 let mut core = (**core).clone();
                 ids.core(&mut core);
@@ -451,7 +523,12 @@ fn check_sharing(dumped: &mut [Dumped]) -> Result<()> {
 /// queries, files, and its address space with the pages to save.
 /// `own`: the tree's namespaces apart from the agent's (every process of
 /// the tree shares the root's: `ns::dump` checked).
-fn dump_seized(seized: &Seized, writer: &ImageWriter, own: u64) -> Result<Dumped> {
+fn dump_seized(
+    seized: &Seized,
+    writer: &ImageWriter,
+    own: u64,
+    net: &mut crate::inet::DumpCtx<'_>,
+) -> Result<Dumped> {
     let pid = seized.pid;
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
@@ -482,7 +559,7 @@ fn dump_seized(seized: &Seized, writer: &ImageWriter, own: u64) -> Result<Dumped
         }
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
-        let fds = files::dump(pid, writer, own)?;
+        let fds = files::dump(pid, writer, own, net)?;
         let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)), Some(writer))?;
         Ok(Dumped { core, fds, mm })
     })();

@@ -50,6 +50,8 @@ pub enum Error {
     BadImages { dir: PathBuf, reason: String },
     #[error("cannot restore here: {0}")]
     Incompatible(String),
+    #[error("network lock {name}: {reason}")]
+    NetLock { name: String, reason: String },
     #[error("job {job}: {reason}")]
     Job { job: String, reason: String },
 }

@@ -57,7 +57,12 @@ fn dev_minor(rdev: u64) -> u64 {
 /// kind) any descriptor it cannot restore.
 ///
 /// `own`: the namespaces the process has apart from the agent's.
-pub fn dump(pid: i32, images: &ImageWriter, own: u64) -> Result<FdTable> {
+pub fn dump(
+    pid: i32,
+    images: &ImageWriter,
+    own: u64,
+    net: &mut crate::inet::DumpCtx<'_>,
+) -> Result<FdTable> {
     let dir = format!("/proc/{pid}/fd");
     let mut fds: Vec<i32> = std::fs::read_dir(&dir)
         .map_err(|e| Error::io(&dir, e))?
@@ -189,10 +194,15 @@ pub fn dump(pid: i32, images: &ImageWriter, own: u64) -> Result<FdTable> {
             (_, libc::S_IFSOCK) => {
                 let domain = sys::misc::socket_domain(file.as_fd())
                     .map_err(|e| Error::sys(pid, format!("SO_DOMAIN of fd {fd}"), e))?;
+                if crate::inet::is_inet(domain) {
+                    of.kind = FileKind::FileInetSocket as i32;
+                    of.inet = Some(crate::inet::dump(pid, fd, &file, md.ino(), net)?);
+                    file_of_fd.insert(fd, id);
+                    files.push(of);
+                    continue;
+                }
                 if domain != libc::AF_UNIX {
                     return Err(refuse(match domain {
-                        libc::AF_INET => "IPv4 socket",
-                        libc::AF_INET6 => "IPv6 socket",
                         libc::AF_NETLINK => "netlink socket",
                         libc::AF_PACKET => "packet socket",
                         _ => "socket of another family",
@@ -1220,6 +1230,35 @@ impl Opener<'_> {
                 let fd = self
                     .remote
                     .syscall(libc::SYS_fcntl, &[local, libc::F_DUPFD as u64, self.high])?;
+                self.remote
+                    .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
+                Ok((fd, true))
+            }
+            FileKind::FileInetSocket => {
+                let s = of.inet.as_ref().ok_or_else(|| Error::Refused {
+                    pid,
+                    reason: format!("IP socket {} has no socket state in the images", of.id),
+                })?;
+                let fd = self
+                    .remote
+                    .syscall(libc::SYS_socket, &crate::inet::socket_args(s))?;
+                let ours = self.take(fd)?;
+                let remote = self.remote;
+                let mut raw = |family: i32| -> Result<std::os::fd::OwnedFd> {
+                    let r = remote.syscall(
+                        libc::SYS_socket,
+                        &[
+                            family as u64,
+                            libc::SOCK_RAW as u64,
+                            libc::IPPROTO_UDP as u64,
+                        ],
+                    )?;
+                    let ours = sys::pidfd::pidfd_getfd(self.pidfd.as_fd(), r as i32)
+                        .map_err(|e| Error::sys(pid, format!("pidfd_getfd fd {r}"), e));
+                    remote.syscall(libc::SYS_close, &[r])?;
+                    ours
+                };
+                crate::inet::restore(pid, ours.as_fd(), s, &mut raw)?;
                 self.remote
                     .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
                 Ok((fd, true))

@@ -51,6 +51,10 @@ enum Cmd {
         /// outside the tree as the restorer's terminal instead of refusing.
         #[arg(long)]
         shell_job: bool,
+        /// Checkpoint established TCP connections (TCP repair mode; the
+        /// job's connections are blocked meanwhile) instead of refusing.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// Recreate a checkpointed process with its PID.
     Restore {
@@ -73,6 +77,9 @@ enum Cmd {
         /// (its stdin) and restore the tree into this agent's session.
         #[arg(long)]
         shell_job: bool,
+        /// Rebuild the established TCP connections of the checkpoint.
+        #[arg(long)]
+        tcp_established: bool,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -96,8 +103,14 @@ enum Cmd {
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
-    /// Undo what an agent that died mid-way left: thaw the jobs it froze.
-    Cleanup,
+    /// Undo what an agent that died mid-way left: remove its network
+    /// locks, take its sockets out of repair mode, thaw the jobs it froze.
+    Cleanup {
+        /// Also release the network lock a dump of this job kept on this
+        /// node (the job was restored on another node).
+        #[arg(long)]
+        job: Option<String>,
+    },
     /// Decode any image file.
     Show {
         /// The image file.
@@ -172,6 +185,7 @@ fn main() -> ExitCode {
             leave_running,
             ext_unix_sk,
             shell_job,
+            tcp_established,
         } => {
             let req = dump::DumpRequest {
                 pid,
@@ -180,6 +194,7 @@ fn main() -> ExitCode {
                 tasks_in_parallel: true,
                 ext_unix_sk,
                 shell_job,
+                tcp_established,
             };
             match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
                 Ok(r) => {
@@ -208,6 +223,7 @@ fn main() -> ExitCode {
             ext_unix_sk,
             job,
             shell_job,
+            tcp_established,
         } => {
             let req = restore::RestoreRequest {
                 images,
@@ -216,6 +232,7 @@ fn main() -> ExitCode {
                 ext_unix_sk,
                 job,
                 shell_job,
+                tcp_established,
             };
             match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
                 Ok((r, code)) => {
@@ -250,21 +267,39 @@ fn main() -> ExitCode {
             pidfile,
             cli.json,
         ),
-        Cmd::Cleanup => match ckpt_agent::cgroup::recover_frozen() {
-            Ok(jobs) => {
-                if cli.json {
-                    println!("{}", serde_json::json!({ "thawed": jobs }));
-                } else if jobs.is_empty() {
-                    println!("nothing to clean up");
-                } else {
-                    for j in &jobs {
-                        println!("thawed job {j}, left frozen by an agent that died");
+        Cmd::Cleanup { job } => {
+            let net = match ckpt_agent::netlock::recover(job.as_deref()) {
+                Ok(n) => n,
+                Err(e) => return fail(e),
+            };
+            match ckpt_agent::cgroup::recover_frozen() {
+                Ok(jobs) => {
+                    if cli.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "thawed": jobs, "unlocked": net.unlocked, "unrepaired": net.unrepaired })
+                        );
+                    } else if jobs.is_empty()
+                        && net.unlocked.is_empty()
+                        && net.unrepaired.is_empty()
+                    {
+                        println!("nothing to clean up");
+                    } else {
+                        for t in &net.unlocked {
+                            println!("removed network lock {t}");
+                        }
+                        for s in &net.unrepaired {
+                            println!("took socket {s} (pid/fd) out of TCP repair mode");
+                        }
+                        for j in &jobs {
+                            println!("thawed job {j}, left frozen by an agent that died");
+                        }
                     }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
         Cmd::Show { path } => match show::show(&path, cli.json) {
             Ok(s) => {
                 println!("{s}");

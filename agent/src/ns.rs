@@ -690,6 +690,16 @@ fn fs_data(super_options: &str) -> String {
 /// What `finish` completes once every process of the job is built.
 pub struct Restored {
     ipc: Option<IpcImage>,
+    /// The network lock of a job with its own network namespace, released
+    /// once every process runs.
+    pub lock: Option<crate::netlock::NetLock>,
+}
+
+/// A network lock to take in the job's new network namespace before any
+/// of its addresses exist: its name and the connections it blocks.
+pub struct LockRequest {
+    pub name: String,
+    pub conns: Vec<crate::netlock::Conn>,
 }
 
 /// Recreates the job's own namespaces' contents from inside its freshly
@@ -702,6 +712,7 @@ pub fn restore_root(
     remote: &Remote,
     scratch: &mut Scratch,
     dir: &Path,
+    lock: Option<LockRequest>,
 ) -> Result<Restored> {
     if img.own & libc::CLONE_NEWNS as u64 != 0 {
         let slave = libc::MS_REC | libc::MS_SLAVE;
@@ -720,7 +731,17 @@ pub fn restore_root(
             remote.syscall(nr, &[p, name.len() as u64])?;
         }
     }
+    let mut netlock = None;
     if img.own & libc::CLONE_NEWNET as u64 != 0 {
+        // Locked before the job's addresses exist: a peer's retransmission
+        // must not meet a reset before the job's sockets are rebuilt.
+        if let Some(l) = lock {
+            netlock = Some(crate::netlock::NetLock::take(
+                &l.name,
+                crate::netlock::Netns::Of(host),
+                l.conns,
+            )?);
+        }
         in_ns(host, libc::CLONE_NEWNET as u64, || {
             crate::sys::misc::loopback_up().map_err(|e| Error::sys(host, "bringing lo up", e))
         })?;
@@ -731,7 +752,7 @@ pub fn restore_root(
         crate::ipc::restore(host, &i, dir)?;
         ipc = Some(i);
     }
-    Ok(Restored { ipc })
+    Ok(Restored { ipc, lock: netlock })
 }
 
 /// The last namespace step, once every process is built: IPC segments

@@ -39,6 +39,9 @@ pub struct RestoreRequest {
     /// Reopen the dumping shell's terminals on the agent's own (stdin) and
     /// restore the tree into the agent's session.
     pub shell_job: bool,
+    /// Rebuild established TCP connections (else a checkpoint holding
+    /// some is refused).
+    pub tcp_established: bool,
 }
 
 /// What a restore did.
@@ -152,6 +155,7 @@ fn skeleton(
     job: Option<(&NsImage, Option<&JobCgroup>)>,
     dir: &Path,
     root_own_session: bool,
+    lock: Option<ns::LockRequest>,
 ) -> Result<Option<ns::Restored>> {
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
@@ -211,6 +215,7 @@ fn skeleton(
             &remote,
             &mut blank_scratch(child)?,
             dir,
+            lock,
         )?);
     }
     let setsid = |host: i32, pid: i32| -> Result<()> {
@@ -381,6 +386,25 @@ pub fn restore_with_progress(
     };
     let tables: Vec<&FdTable> = live.iter().map(|i| &i.fds).collect();
     crate::tty::check_restore(&tables, req.shell_job)?;
+    if !req.tcp_established {
+        let conn = tables.iter().flat_map(|t| t.files.iter()).find_map(|f| {
+            f.inet
+                .as_ref()
+                .filter(|s| s.tcp.is_some())
+                .map(|s| (f, crate::inet::describe(s)))
+        });
+        if let Some((f, what)) = conn {
+            return Err(Error::Refused {
+                pid: tables
+                    .iter()
+                    .find(|t| t.files.iter().any(|g| std::ptr::eq(g, f)))
+                    .map_or(inv.root_pid, |t| t.pid),
+                reason: format!(
+                    "the checkpoint holds the established TCP connection {what}: restore with --tcp-established"
+                ),
+            });
+        }
+    }
     let own_session = !live
         .iter()
         .find(|i| i.core.pid == inv.root_pid)
@@ -422,7 +446,40 @@ pub fn restore_with_progress(
     let job = ns_img
         .as_ref()
         .map(|img| (img, cgroup.as_ref().map(|g| &g.cg)));
-    let restored = skeleton(&inv.pids, &cores, &mut guard, job, dir, own_session)?;
+    // The checkpoint's TCP endpoints stay blocked until every process runs:
+    // in the job's new network namespace (taken there, before its
+    // addresses exist) or in this agent's.
+    let conns = crate::inet::lock_conns(&tables);
+    let lock_name =
+        crate::dump::lock_name(ns_img.as_ref().map_or("", |n| n.job.as_str()), inv.root_pid);
+    let own_net = ns_img
+        .as_ref()
+        .is_some_and(|n| n.own & libc::CLONE_NEWNET as u64 != 0);
+    let mut agent_lock = None;
+    let mut job_lock = None;
+    if !conns.is_empty() {
+        if own_net {
+            job_lock = Some(ns::LockRequest {
+                name: lock_name,
+                conns,
+            });
+        } else {
+            agent_lock = Some(crate::netlock::NetLock::take(
+                &lock_name,
+                crate::netlock::Netns::Agent,
+                conns,
+            )?);
+        }
+    }
+    let mut restored = skeleton(
+        &inv.pids,
+        &cores,
+        &mut guard,
+        job,
+        dir,
+        own_session,
+        job_lock,
+    )?;
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&tables);
     shared.shell_job = req.shell_job;
@@ -456,6 +513,11 @@ pub fn restore_with_progress(
         }
     }
     guard.armed = false;
+    // Every socket is rebuilt and every process runs: traffic may flow.
+    let lock = agent_lock.or_else(|| restored.as_mut().and_then(|r| r.lock.take()));
+    if let Some(l) = lock {
+        l.release()?;
+    }
     let cgroup = cgroup.map(|mut g| {
         g.armed = false;
         g.cg.clone()

@@ -631,7 +631,7 @@ pub fn restore_detached_with(
 /// Restores `case` from `images` and checks the restored process.
 fn restore_and_check(case: &mut CaseProcess, images: &Path, dir: &Workdir) -> Result<(), String> {
     clear_result(&case.result);
-    let (run, pid) = restore_detached(images, dir, "restore");
+    let (run, pid) = restore_detached_with(images, net_flags(&case.name), dir, "restore");
     if pid == Some(case.pid) {
         case.adopt_restored();
     }
@@ -725,6 +725,16 @@ pub fn inner_pid(host_pid: i32) -> Option<i32> {
 
 /// A case run as a job: dump kills it, restore recreates its namespaces,
 /// and the restored root must be PID 1 of a new PID namespace again.
+/// Agent flags a case needs on dump and restore: cases holding TCP
+/// connections (named tcp_*, or job_net_tcp*) are dumped with them.
+fn net_flags(name: &str) -> &'static [&'static str] {
+    if name.starts_with("tcp") || name.starts_with("job_net_tcp") {
+        &["--tcp-established"]
+    } else {
+        &[]
+    }
+}
+
 fn run_job_case(case_bin: &Path, name: &str, no_ckpt: bool, dir: &Workdir) -> Result<(), String> {
     let job = format!("zdtm-{name}-{}", std::process::id());
     let _cg = JobCgroupGuard(job.clone());
@@ -737,12 +747,12 @@ fn run_job_case(case_bin: &Path, name: &str, no_ckpt: bool, dir: &Workdir) -> Re
     if no_ckpt {
         return case.terminate_and_check("no checkpoint");
     }
-    if !dump(case.pid, &images, &[], dir).ok() {
+    if !dump(case.pid, &images, net_flags(name), dir).ok() {
         return Err(format!("dump failed; case log:\n{}", case.log_text()));
     }
     case.expect_gone()?;
     clear_result(&case.result);
-    let (run, pid) = restore_detached(&images, dir, "restore");
+    let (run, pid) = restore_detached_with(&images, net_flags(name), dir, "restore");
     let Some(pid) = pid else {
         return Err(format!("restore wrote no pid (ok: {})", run.ok()));
     };
@@ -772,7 +782,7 @@ fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result
     match mode {
         Mode::NoCheckpoint => case.terminate_and_check("no checkpoint"),
         Mode::Kill => {
-            if !dump(case.pid, &images, &[], dir).ok() {
+            if !dump(case.pid, &images, net_flags(name), dir).ok() {
                 return Err(dump_failed(&case));
             }
             case.expect_gone()?;
@@ -781,7 +791,8 @@ fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result
         }
         Mode::Job => unreachable!("jobs run in run_job_case"),
         Mode::LeaveRunning => {
-            if !dump(case.pid, &images, &["--leave-running"], dir).ok() {
+            let flags = [&["--leave-running"][..], net_flags(name)].concat();
+            if !dump(case.pid, &images, &flags, dir).ok() {
                 return Err(dump_failed(&case));
             }
             case.terminate_and_check("original after --leave-running dump")?;

@@ -187,22 +187,52 @@ fn restore_pid_taken_refused() {
         .unwrap();
 }
 
+/// A TCP connection whose peer closed its side cannot be rebuilt: refused
+/// with pid, fd and state, and the process keeps its connection.
 #[test]
-fn dump_refuses_inet_socket() {
-    let dir = Workdir::new("inet-socket");
-    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "inet_socket", &dir).unwrap();
+fn dump_refuses_tcp_close_wait() {
+    let dir = Workdir::new("tcp-close-wait");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "tcp_close_wait", &dir).unwrap();
     case.wait_ready().unwrap();
     if !no_checkpoint() {
-        let run = dump(case.pid, &dir.join("images"), &[], &dir);
-        assert_refused(&run, &[&case.pid.to_string(), "socket"]);
-        assert!(
-            run.stderr.contains("fd 40"),
-            "stderr should name the fd (40):\n{}",
-            run.describe()
-        );
+        let run = dump(case.pid, &dir.join("images"), &["--tcp-established"], &dir);
+        assert_refused(&run, &[&case.pid.to_string(), "CLOSE_WAIT", "FIN"]);
         assert!(pid_exists(case.pid), "the process must keep running");
     }
     case.terminate_and_check("after a refused dump").unwrap();
+}
+
+/// Established connections need --tcp-established; refused without it,
+/// and the connections go on untouched (the case checks them all).
+#[test]
+fn dump_refuses_tcp_without_flag() {
+    let dir = Workdir::new("tcp-no-flag");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "tcp_loopback", &dir).unwrap();
+    case.wait_ready().unwrap();
+    if !no_checkpoint() {
+        let run = dump(case.pid, &dir.join("images"), &[], &dir);
+        assert_refused(
+            &run,
+            &[&case.pid.to_string(), "--tcp-established", "127.0.0.1"],
+        );
+        assert!(pid_exists(case.pid), "the process must keep running");
+        let left = ckpt_agent_tables();
+        assert!(left.is_empty(), "lock rules left behind: {left:?}");
+    }
+    case.terminate_and_check("after a refused dump").unwrap();
+}
+
+/// Lock tables of ckpt in this network namespace.
+fn ckpt_agent_tables() -> Vec<String> {
+    let out = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("ckpt_"))
+        .map(str::to_string)
+        .collect()
 }
 
 /// An agent SIGKILLed in the middle of a dump (during the page copy) leaves

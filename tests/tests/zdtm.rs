@@ -73,8 +73,12 @@ cases!(
     memfd_shared_map,
     time_ns,
     fifo,
-    #[ignore = "refused at dump by design: bad_input::dump_refuses_inet_socket runs it"]
     inet_socket,
+    // network
+    tcp_loopback,
+    udp_sockets,
+    #[ignore = "refused at dump by design: bad_input::dump_refuses_tcp_close_wait runs it"]
+    tcp_close_wait,
     // files
     file_offsets,
     unlinked_file,
@@ -143,6 +147,11 @@ mod leave_running {
     #[test]
     fn posix_timers() {
         zdtm("posix_timers", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn tcp_loopback() {
+        zdtm("tcp_loopback", Mode::LeaveRunning)
     }
 }
 

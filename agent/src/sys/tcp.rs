@@ -80,6 +80,31 @@ fn getsockopt_raw<T: Copy + Default>(
     Ok((v, len as usize))
 }
 
+fn getsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    max: usize,
+) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; max];
+    let mut len = max as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `buf` and updates len.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            opt,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    buf.truncate(len as usize);
+    Ok(buf)
+}
+
 fn setsockopt_raw<T: ?Sized>(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
@@ -133,7 +158,102 @@ pub fn tcp_info_head(fd: BorrowedFd<'_>) -> Result<[u8; 8], Errno> {
     getsockopt_raw::<[u8; 8]>(fd, libc::IPPROTO_TCP, libc::TCP_INFO).map(|(v, _)| v)
 }
 
+/// getsockopt of an int-sized option at any level.
+pub fn get_int(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> Result<i32, Errno> {
+    getsockopt_raw::<i32>(fd, level, opt).map(|(v, _)| v)
+}
+
+/// setsockopt of an int-sized option at any level.
+pub fn set_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: i32,
+) -> Result<(), Errno> {
+    setsockopt_raw(fd, level, opt, &v)
+}
+
+/// getsockopt of a string option (TCP_CONGESTION, SO_BINDTODEVICE).
+pub fn get_string(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+) -> Result<String, Errno> {
+    let buf = getsockopt_bytes(fd, level, opt, 64)?;
+    let s = &buf[..];
+    let end = s.iter().position(|&b| b == 0).unwrap_or(s.len());
+    Ok(String::from_utf8_lossy(&s[..end]).into_owned())
+}
+
+/// setsockopt of a string option.
+pub fn set_string(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    v: &str,
+) -> Result<(), Errno> {
+    setsockopt_raw(fd, level, opt, v.as_bytes())
+}
+
+/// SO_LINGER: (on, seconds).
+pub fn get_linger(fd: BorrowedFd<'_>) -> Result<(bool, i32), Errno> {
+    let (l, _) = getsockopt_raw::<[i32; 2]>(fd, libc::SOL_SOCKET, libc::SO_LINGER)?;
+    Ok((l[0] != 0, l[1]))
+}
+
+/// SO_LINGER set.
+pub fn set_linger(fd: BorrowedFd<'_>, on: bool, secs: i32) -> Result<(), Errno> {
+    setsockopt_raw(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_LINGER,
+        &[i32::from(on), secs],
+    )
+}
+
+/// The whole `struct tcp_info` as the kernel fills it.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> Result<Vec<u8>, Errno> {
+    getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, 256)
+}
+
+/// SIOCINQ (bytes to read), SIOCOUTQ (bytes not yet acknowledged) or
+/// SIOCOUTQNSD (bytes not yet sent) of a socket.
+pub fn queue_len(fd: BorrowedFd<'_>, req: QueueIoctl) -> Result<u32, Errno> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: these ioctls write one int through the pointer.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as libc::c_ulong, &mut v) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(v.max(0) as u32)
+}
+
+/// The socket queue-length ioctls.
+#[derive(Debug, Clone, Copy)]
+#[repr(u32)]
+pub enum QueueIoctl {
+    /// SIOCINQ (= FIONREAD).
+    In = 0x541B,
+    /// SIOCOUTQ (= TIOCOUTQ).
+    Out = 0x5411,
+    /// SIOCOUTQNSD.
+    OutNotSent = 0x894B,
+}
+
 /// SO_REUSEADDR on.
 pub fn set_reuseaddr(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     setsockopt_raw(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, &1i32)
 }
+
+/// SO_SNDBUFFORCE: SO_SNDBUF past net.core.wmem_max (CAP_NET_ADMIN).
+pub const SO_SNDBUFFORCE: libc::c_int = 32;
+/// SO_RCVBUFFORCE.
+pub const SO_RCVBUFFORCE: libc::c_int = 33;
+/// SO_MARK.
+pub const SO_MARK: libc::c_int = 36;
+/// SO_PEEK_OFF: MSG_PEEK goes on from where the last peek stopped.
+pub const SO_PEEK_OFF: libc::c_int = 42;
+/// SO_BUF_LOCK (5.14): whether the buffer sizes are fixed by the user.
+pub const SO_BUF_LOCK: libc::c_int = 72;
+/// TCP_REPAIR value: leave repair mode without sending a window probe.
+pub const TCP_REPAIR_OFF_NO_WP: u32 = u32::MAX;

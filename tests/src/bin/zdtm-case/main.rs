@@ -10,6 +10,7 @@ mod files;
 mod jobs;
 mod later;
 mod memory;
+mod net;
 mod process;
 mod syscalls;
 mod threads;
@@ -85,6 +86,9 @@ const CASES: &[(&str, CaseFn)] = &[
     ("memfd_sealed", later::memfd_sealed),
     ("fifo", later::fifo),
     ("inet_socket", later::inet_socket),
+    ("tcp_loopback", net::tcp_loopback),
+    ("udp_sockets", net::udp_sockets),
+    ("tcp_close_wait", net::tcp_close_wait),
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),

@@ -1,0 +1,527 @@
+//! The network lock: while a job's TCP connections are read, and until the
+//! job is resumed or restored, packets of those connections are dropped
+//! (nftables, in the network namespace the sockets live in), so that no
+//! peer sees a reset: the peer retransmits, and once the lock goes the
+//! connection resumes where it was.
+//!
+//! A lock is an nftables table named after the job, plus a record file in
+//! /run/ckpt/netlock flocked by the agent that holds it. Each socket put in
+//! repair mode is noted there too. If the agent dies, the flock goes with
+//! it: the next agent start or `ckpt-agent cleanup` finds the record
+//! unlocked, deletes the table, takes the sockets out of repair mode and
+//! thaws the job ([`recover`]). A dump that killed a job living in its
+//! node's network namespace *keeps* the lock (the address stays on the
+//! node and a peer's retransmission would meet a reset) until the job is
+//! restored here or `ckpt-agent cleanup --job` says it went elsewhere.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+
+/// Where lock records live.
+pub const RECORD_DIR: &str = "/run/ckpt/netlock";
+
+/// One TCP endpoint of the job to block: a connection (both directions)
+/// or a listening socket (new connections to it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conn {
+    pub local: SocketAddr,
+    /// None for a listening socket.
+    pub remote: Option<SocketAddr>,
+}
+
+/// Which network namespace a lock lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Netns {
+    /// The agent's own (the node's).
+    Agent,
+    /// The one process `pid` (host PID) is in: a job's private namespace.
+    Of(i32),
+}
+
+/// A socket the lock's holder put in repair mode: undone by [`recover`]
+/// if the holder dies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Repaired {
+    pid: i32,
+    fd: i32,
+    ino: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    table: String,
+    netns: Netns,
+    netns_ino: u64,
+    /// Kept after a dump that killed the job: not a leftover.
+    kept: bool,
+    conns: Vec<Conn>,
+    repaired: Vec<Repaired>,
+}
+
+/// A held network lock. Dropping it without [`NetLock::release`] or
+/// [`NetLock::keep`] releases it.
+pub struct NetLock {
+    rec: Record,
+    path: PathBuf,
+    file: Option<Flock<File>>,
+    /// Our copies of the sockets in repair mode: closing them after the
+    /// job was killed sends nothing (a socket closed in repair mode is
+    /// dropped silently).
+    sockets: Vec<OwnedFd>,
+    done: bool,
+    /// Took over the lock a dump kept: a failure keeps it again.
+    was_kept: bool,
+}
+
+/// The nftables table name for a lock of `job` (a job id or "pid<N>").
+pub fn table_name(job: &str) -> String {
+    let clean: String = job
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("ckpt_{clean}")
+}
+
+fn netns_ino(ns: Netns) -> Result<u64> {
+    let p = match ns {
+        Netns::Agent => "/proc/self/ns/net".to_string(),
+        Netns::Of(pid) => format!("/proc/{pid}/ns/net"),
+    };
+    std::fs::metadata(&p)
+        .map(|m| m.ino())
+        .map_err(|e| Error::io(&p, e))
+}
+
+/// Runs `nft` with `script` on stdin in namespace `ns`.
+fn nft(ns: Netns, name: &str, args: &[&str], script: &str) -> Result<String> {
+    let run = || -> Result<String> {
+        let mut child = Command::new("nft")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::NetLock {
+                name: name.into(),
+                reason: format!("cannot run nft (install the nftables package): {e}"),
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(script.as_bytes())
+                .map_err(|e| Error::io("nft stdin", e))?;
+        }
+        let out = child.wait_with_output().map_err(|e| Error::io("nft", e))?;
+        if !out.status.success() {
+            return Err(Error::NetLock {
+                name: name.into(),
+                reason: format!(
+                    "nft {} failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    match ns {
+        Netns::Agent => run(),
+        // A child spawned from a thread inside the namespace is in it too.
+        Netns::Of(pid) => crate::ns::in_ns(pid, libc::CLONE_NEWNET as u64, run),
+    }
+}
+
+/// The nft match of one direction of a connection: `from` sends to `to`.
+fn flow(from: &SocketAddr, to: Option<&SocketAddr>) -> String {
+    let fam = |ip: &IpAddr| match ip {
+        IpAddr::V4(_) => "ip",
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => "ip",
+        IpAddr::V6(_) => "ip6",
+    };
+    let addr = |ip: &IpAddr| match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.to_string(), |v4| v4.to_string()),
+        IpAddr::V4(v4) => v4.to_string(),
+    };
+    let mut m = Vec::new();
+    if !from.ip().is_unspecified() {
+        m.push(format!("{} saddr {}", fam(&from.ip()), addr(&from.ip())));
+    }
+    if let Some(to) = to {
+        if !to.ip().is_unspecified() {
+            m.push(format!("{} daddr {}", fam(&to.ip()), addr(&to.ip())));
+        }
+        m.push(format!("tcp sport {} tcp dport {}", from.port(), to.port()));
+    } else {
+        m.push(format!("tcp sport {}", from.port()));
+    }
+    m.join(" ")
+}
+
+/// The ruleset of a lock: its table, created if missing (so a restore on
+/// the node where the dump kept its lock takes that lock over), with one
+/// drop rule per direction of each connection and one per listener.
+pub fn ruleset(table: &str, conns: &[Conn]) -> String {
+    let mut s = format!(
+        "table inet {table} {{\n\
+         \tchain in {{ type filter hook input priority -310; policy accept; }}\n\
+         \tchain out {{ type filter hook output priority -310; policy accept; }}\n\
+         }}\n"
+    );
+    for c in conns {
+        match &c.remote {
+            Some(r) => {
+                s += &format!(
+                    "add rule inet {table} in {} drop\n",
+                    flow(r, Some(&c.local))
+                );
+                s += &format!(
+                    "add rule inet {table} out {} drop\n",
+                    flow(&c.local, Some(r))
+                );
+            }
+            None => {
+                // New connections to the listener: match on the way in by
+                // destination.
+                let mut m = Vec::new();
+                if !c.local.ip().is_unspecified() {
+                    let (fam, a) = match c.local.ip() {
+                        IpAddr::V4(v4) => ("ip", v4.to_string()),
+                        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                            Some(v4) => ("ip", v4.to_string()),
+                            None => ("ip6", v6.to_string()),
+                        },
+                    };
+                    m.push(format!("{fam} daddr {a}"));
+                }
+                m.push(format!("tcp dport {}", c.local.port()));
+                s += &format!("add rule inet {table} in {} drop\n", m.join(" "));
+            }
+        }
+    }
+    s
+}
+
+impl NetLock {
+    /// Blocks `conns` in namespace `ns` under the name of `job`.
+    pub fn take(job: &str, ns: Netns, conns: Vec<Conn>) -> Result<NetLock> {
+        let table = table_name(job);
+        let ino = netns_ino(ns)?;
+        std::fs::create_dir_all(RECORD_DIR).map_err(|e| Error::io(RECORD_DIR, e))?;
+        let path = Path::new(RECORD_DIR).join(format!("{table}-{ino}"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            Error::NetLock {
+                name: table.clone(),
+                reason: format!(
+                    "another agent holds this lock ({}: {e}); is the job being checkpointed or restored?",
+                    path.display()
+                ),
+            }
+        })?;
+        let was_kept = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Record>(&t).ok())
+            .is_some_and(|r| r.kept);
+        let mut lock = NetLock {
+            rec: Record {
+                table,
+                netns: ns,
+                netns_ino: ino,
+                kept: false,
+                conns,
+                repaired: Vec::new(),
+            },
+            path,
+            file: Some(file),
+            sockets: Vec::new(),
+            done: false,
+            was_kept,
+        };
+        // Recorded before the rules exist: a crash in between leaves a
+        // record whose cleanup finds nothing to delete, never rules nobody knows.
+        lock.save()?;
+        nft(
+            ns,
+            &lock.rec.table,
+            &["-f", "-"],
+            &ruleset(&lock.rec.table, &lock.rec.conns),
+        )?;
+        info!(
+            table = lock.rec.table,
+            conns = lock.rec.conns.len(),
+            "network locked"
+        );
+        Ok(lock)
+    }
+
+    fn save(&mut self) -> Result<()> {
+        let text = serde_json::to_string(&self.rec).expect("a record serializes");
+        let f = self.file.as_mut().expect("record file held");
+        f.set_len(0).map_err(|e| Error::io(&self.path, e))?;
+        std::io::Seek::rewind(&mut **f).map_err(|e| Error::io(&self.path, e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
+        Ok(())
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.rec.table
+    }
+
+    /// Notes a socket just put in repair mode (`sock` is the agent's copy).
+    pub fn note_repair(&mut self, pid: i32, fd: i32, ino: u64, sock: OwnedFd) -> Result<()> {
+        self.rec.repaired.push(Repaired { pid, fd, ino });
+        self.sockets.push(sock);
+        self.save()
+    }
+
+    /// Takes every noted socket out of repair mode (the job goes on).
+    pub fn end_repair(&mut self) -> Result<()> {
+        for (s, r) in self.sockets.iter().zip(&self.rec.repaired) {
+            crate::inet::repair_off(std::os::fd::AsFd::as_fd(s))
+                .map_err(|e| Error::sys(r.pid, format!("TCP_REPAIR off, fd {}", r.fd), e))?;
+        }
+        self.sockets.clear();
+        self.rec.repaired.clear();
+        self.save()
+    }
+
+    /// Closes the agent's copies of the sockets (after the job was killed:
+    /// closed in repair mode, they vanish without a FIN or reset).
+    pub fn drop_sockets(&mut self) -> Result<()> {
+        self.sockets.clear();
+        self.rec.repaired.clear();
+        self.save()
+    }
+
+    /// Unblocks the connections and forgets the lock.
+    pub fn release(mut self) -> Result<()> {
+        self.done = true;
+        let r = delete_table(self.rec.netns, self.rec.netns_ino, &self.rec.table);
+        self.sockets.clear();
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(f);
+        }
+        if r.is_ok() {
+            info!(table = self.rec.table, "network unlocked");
+        }
+        r
+    }
+
+    /// Leaves the rules in place after the job was killed, until it is
+    /// restored on this node or `cleanup --job` releases them.
+    pub fn keep(mut self) -> Result<()> {
+        self.done = true;
+        self.sockets.clear();
+        self.rec.repaired.clear();
+        self.rec.kept = true;
+        self.save()?;
+        info!(
+            table = self.rec.table,
+            "network lock kept until the job is restored"
+        );
+        self.file.take();
+        Ok(())
+    }
+}
+
+impl Drop for NetLock {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if self.was_kept {
+            // A restore that took over a dump's lock failed: the job's
+            // connections still wait for a restore.
+            self.sockets.clear();
+            self.rec.repaired.clear();
+            self.rec.kept = true;
+            if let Err(e) = self.save() {
+                warn!("{e}");
+            }
+            self.file.take();
+            return;
+        }
+        if !self.sockets.is_empty() {
+            if let Err(e) = self.end_repair() {
+                warn!("{e}");
+            }
+        }
+        if let Err(e) = delete_table(self.rec.netns, self.rec.netns_ino, &self.rec.table) {
+            warn!("{e}");
+        }
+        if let Some(f) = self.file.take() {
+            let _ = std::fs::remove_file(&self.path);
+            drop(f);
+        }
+    }
+}
+
+/// Deletes a lock table; one already gone (or its namespace) is fine.
+fn delete_table(ns: Netns, ino: u64, table: &str) -> Result<()> {
+    if netns_ino(ns).ok() != Some(ino) {
+        // The namespace went with the job (its PID may be someone else's now).
+        return Ok(());
+    }
+    let script = format!("table inet {table}\ndelete table inet {table}\n");
+    nft(ns, table, &["-f", "-"], &script).map(drop)
+}
+
+/// What [`recover`] did.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Recovered {
+    /// Tables deleted.
+    pub unlocked: Vec<String>,
+    /// Sockets taken out of repair mode, as "pid/fd".
+    pub unrepaired: Vec<String>,
+}
+
+/// Undoes the locks of agents that died holding them: in this agent's
+/// namespace or a job namespace it can reach. With `kept_of` set, also
+/// releases the locks dumps of that job kept in this agent's namespace
+/// (the job was restored elsewhere).
+pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
+    let mut done = Recovered::default();
+    let rd = match std::fs::read_dir(RECORD_DIR) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(done),
+        Err(e) => return Err(Error::io(RECORD_DIR, e)),
+    };
+    let own_ino = netns_ino(Netns::Agent)?;
+    let kept_table = kept_of.map(table_name);
+    for e in rd.flatten() {
+        let path = e.path();
+        let Ok(file) = File::options().read(true).write(true).open(&path) else {
+            continue;
+        };
+        // Locked: its agent is alive.
+        let Ok(file) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let Ok(rec) = serde_json::from_str::<Record>(&text) else {
+            warn!("{}: unreadable lock record removed", path.display());
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        // Which namespace can this agent reach the lock in?
+        let ns = match rec.netns {
+            Netns::Of(pid) if netns_ino(Netns::Of(pid)).ok() == Some(rec.netns_ino) => {
+                Some(Netns::Of(pid))
+            }
+            // The job and its namespace are gone: so are the rules.
+            Netns::Of(_) => None,
+            Netns::Agent if rec.netns_ino == own_ino => Some(Netns::Agent),
+            // Another node's: its own agent recovers it.
+            Netns::Agent => continue,
+        };
+        if rec.kept && kept_table.as_deref() != Some(rec.table.as_str()) {
+            continue;
+        }
+        for r in &rec.repaired {
+            match unrepair(r) {
+                Ok(true) => done.unrepaired.push(format!("{}/{}", r.pid, r.fd)),
+                Ok(false) => {}
+                Err(e) => warn!("{e}"),
+            }
+        }
+        if let Some(ns) = ns {
+            delete_table(ns, rec.netns_ino, &rec.table)?;
+            warn!(
+                table = rec.table,
+                "removed a network lock its agent left behind"
+            );
+            done.unlocked.push(rec.table.clone());
+        }
+        let _ = std::fs::remove_file(&path);
+        drop(file);
+    }
+    Ok(done)
+}
+
+/// Takes socket `r` out of repair mode if it is still that process's fd.
+fn unrepair(r: &Repaired) -> Result<bool> {
+    let Ok(pidfd) = crate::sys::pidfd::pidfd_open(r.pid) else {
+        return Ok(false);
+    };
+    let Ok(sock) = crate::sys::pidfd::pidfd_getfd(std::os::fd::AsFd::as_fd(&pidfd), r.fd) else {
+        return Ok(false);
+    };
+    let f = File::from(sock);
+    if f.metadata().map(|m| m.ino()).ok() != Some(r.ino) {
+        debug!(pid = r.pid, fd = r.fd, "fd no longer the repaired socket");
+        return Ok(false);
+    }
+    crate::inet::repair_off(std::os::fd::AsFd::as_fd(&f))
+        .map_err(|e| Error::sys(r.pid, format!("TCP_REPAIR off, fd {}", r.fd), e))?;
+    Ok(true)
+}
+
+/// Whether the lock tables named in this agent's namespace include `table`
+/// (for tests and `cleanup` reports).
+pub fn tables_here() -> Result<Vec<String>> {
+    let out = nft(Netns::Agent, "list", &["list", "tables"], "")?;
+    Ok(out
+        .lines()
+        .filter_map(|l| l.strip_prefix("table inet "))
+        .filter(|t| t.starts_with("ckpt_"))
+        .map(str::to_string)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_nft_identifiers() {
+        assert_eq!(table_name("job-42.a"), "ckpt_job_42_a");
+        assert_eq!(table_name("pid77"), "ckpt_pid77");
+    }
+
+    #[test]
+    fn rules_cover_both_directions_and_listeners() {
+        let conns = vec![
+            Conn {
+                local: "10.0.0.1:5000".parse().unwrap(),
+                remote: Some("10.0.0.2:40000".parse().unwrap()),
+            },
+            Conn {
+                local: "[::]:7000".parse().unwrap(),
+                remote: None,
+            },
+            Conn {
+                local: "[::ffff:10.0.0.1]:6000".parse().unwrap(),
+                remote: Some("[::ffff:10.0.0.3]:1234".parse().unwrap()),
+            },
+        ];
+        let s = ruleset("ckpt_j", &conns);
+        assert!(s.contains("add rule inet ckpt_j in ip saddr 10.0.0.2 ip daddr 10.0.0.1 tcp sport 40000 tcp dport 5000 drop"));
+        assert!(s.contains("add rule inet ckpt_j out ip saddr 10.0.0.1 ip daddr 10.0.0.2 tcp sport 5000 tcp dport 40000 drop"));
+        assert!(s.contains("add rule inet ckpt_j in tcp dport 7000 drop"));
+        // A v4-mapped connection's packets are IPv4 on the wire.
+        assert!(
+            s.contains("in ip saddr 10.0.0.3 ip daddr 10.0.0.1 tcp sport 1234 tcp dport 6000 drop")
+        );
+    }
+}

@@ -1,0 +1,239 @@
+//! TCP and UDP sockets: connections with data queued both ways (and more
+//! than the peer's window, so some of it is not even sent yet), a listener,
+//! IPv6, socket options, UDP datagrams with their senders.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+use crate::Ctx;
+
+fn byte_at(i: usize) -> u8 {
+    (i * 7 % 251) as u8
+}
+
+fn int_opt(fd: i32, level: i32, opt: i32) -> i32 {
+    let mut v: i32 = -1;
+    let mut len = 4 as libc::socklen_t;
+    // SAFETY: v is an int and len its size.
+    unsafe { libc::getsockopt(fd, level, opt, (&mut v as *mut i32).cast(), &mut len) };
+    v
+}
+
+fn set_int_opt(fd: i32, level: i32, opt: i32, v: i32) -> CaseResult {
+    // SAFETY: v is an int and its size is passed.
+    let r = unsafe { libc::setsockopt(fd, level, opt, (&v as *const i32).cast(), 4) };
+    cvt(r, "setsockopt").map(drop)
+}
+
+fn read_exact_timeout(s: &mut TcpStream, n: usize) -> Result<Vec<u8>, String> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; n];
+    s.read_exact(&mut buf)
+        .map_err(|e| format!("reading {n} bytes: {e}"))?;
+    Ok(buf)
+}
+
+/// A connected pair over a listener on `host`.
+fn pair(l: &TcpListener) -> Result<(TcpStream, TcpStream), String> {
+    let c = TcpStream::connect(l.local_addr().map_err(|e| e.to_string())?)
+        .map_err(|e| format!("connect: {e}"))?;
+    let (s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+    Ok((c, s))
+}
+
+/// Established TCP connections over loopback (IPv4 and IPv6) with data
+/// queued both ways, a connection whose sender filled the peer's window
+/// (bytes acknowledged, not acknowledged and not sent), options, and a
+/// listener that still accepts after the restore.
+pub fn tcp_loopback(ctx: &Ctx) -> CaseResult {
+    let l4 = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    let (mut c, mut s) = pair(&l4)?;
+    c.set_nodelay(true).map_err(|e| e.to_string())?;
+    set_int_opt(c.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_int_opt(c.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 77)?;
+    c.write_all(b"hello from client")
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"hello from server")
+        .map_err(|e| e.to_string())?;
+    // A bulk sender that fills the window.
+    let (mut bc, mut bs) = pair(&l4)?;
+    bc.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut sent = 0usize;
+    loop {
+        let block: Vec<u8> = (sent..sent + 16384).map(byte_at).collect();
+        match bc.write(&block) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+            Err(e) => return Err(format!("bulk write: {e}")),
+        }
+    }
+    // IPv6 when the machine has it.
+    let v6 = TcpListener::bind("[::1]:0").ok();
+    let mut p6 = match &v6 {
+        Some(l) => Some(pair(l)?),
+        None => None,
+    };
+    if let Some((c6, _)) = p6.as_mut() {
+        c6.write_all(b"over ipv6").map_err(|e| e.to_string())?;
+    }
+    let addrs = |a: &TcpStream| (a.local_addr().ok(), a.peer_addr().ok());
+    let before = (addrs(&c), addrs(&s), addrs(&bc));
+    // Let the kernel settle what it sends and acknowledges.
+    std::thread::sleep(Duration::from_millis(100));
+    ctx.ready_and_wait()?;
+
+    let mut k = Check::new();
+    k.eq("addresses", before, (addrs(&c), addrs(&s), addrs(&bc)));
+    k.eq(
+        "queued client -> server",
+        Ok(b"hello from client".to_vec()),
+        read_exact_timeout(&mut s, 17),
+    );
+    k.eq(
+        "queued server -> client",
+        Ok(b"hello from server".to_vec()),
+        read_exact_timeout(&mut c, 17),
+    );
+    c.write_all(b"after").map_err(|e| e.to_string())?;
+    s.write_all(b"restore").map_err(|e| e.to_string())?;
+    k.eq(
+        "new data c->s",
+        Ok(b"after".to_vec()),
+        read_exact_timeout(&mut s, 5),
+    );
+    k.eq(
+        "new data s->c",
+        Ok(b"restore".to_vec()),
+        read_exact_timeout(&mut c, 7),
+    );
+    k.ok("nodelay kept", c.nodelay().unwrap_or(false));
+    k.eq(
+        "keepalive kept",
+        (1, 77),
+        (
+            int_opt(c.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+            int_opt(c.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+        ),
+    );
+    // Every byte the bulk sender wrote arrives once and in order, while
+    // the sender goes on writing.
+    bc.set_nonblocking(false).map_err(|e| e.to_string())?;
+    let extra = 100_000usize;
+    let writer = std::thread::spawn(move || -> Result<(), String> {
+        let block: Vec<u8> = (sent..sent + extra).map(byte_at).collect();
+        bc.write_all(&block)
+            .map_err(|e| format!("bulk write after: {e}"))?;
+        bc.shutdown(Shutdown::Write).map_err(|e| e.to_string())
+    });
+    bs.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::with_capacity(sent + extra);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut buf = vec![0u8; 65536];
+    while Instant::now() < deadline {
+        match bs.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("bulk read after {} bytes: {e}", got.len())),
+        }
+    }
+    let _ = writer.join();
+    k.eq("bulk stream length", sent + extra, got.len());
+    let bad = got.iter().enumerate().position(|(i, b)| *b != byte_at(i));
+    k.eq("bulk stream bytes", None, bad);
+    if let Some((_, s6)) = p6.as_mut() {
+        k.eq(
+            "ipv6 data",
+            Ok(b"over ipv6".to_vec()),
+            read_exact_timeout(s6, 9),
+        );
+    }
+    let (mut c2, mut s2) = pair(&l4)?;
+    c2.write_all(b"new").map_err(|e| e.to_string())?;
+    k.eq(
+        "listener accepts",
+        Ok(b"new".to_vec()),
+        read_exact_timeout(&mut s2, 3),
+    );
+    k.finish()
+}
+
+/// UDP sockets: one bound with datagrams queued from two senders, one
+/// connected to it; after restore each datagram comes with its sender and
+/// its boundaries, and the connection still filters.
+pub fn udp_sockets(ctx: &Ctx) -> CaseResult {
+    let a = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let b = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let c = UdpSocket::bind("127.0.0.2:0").map_err(|e| e.to_string())?;
+    let aa = a.local_addr().map_err(|e| e.to_string())?;
+    b.connect(aa).map_err(|e| e.to_string())?;
+    for m in [&b"one"[..], b"two2", b""] {
+        b.send(m).map_err(|e| e.to_string())?;
+    }
+    c.send_to(b"from c", aa).map_err(|e| e.to_string())?;
+    let (ba, ca) = (b.local_addr().ok(), c.local_addr().ok());
+    let v6 = UdpSocket::bind("[::1]:0").ok();
+    if let Some(s) = &v6 {
+        let to = s.local_addr().map_err(|e| e.to_string())?;
+        let tx = UdpSocket::bind("[::1]:0").map_err(|e| e.to_string())?;
+        tx.send_to(b"six", to).map_err(|e| e.to_string())?;
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    ctx.ready_and_wait()?;
+
+    let mut k = Check::new();
+    a.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let mut got: Vec<(Vec<u8>, Option<SocketAddr>)> = Vec::new();
+    let mut buf = [0u8; 100];
+    for _ in 0..4 {
+        match a.recv_from(&mut buf) {
+            Ok((n, from)) => got.push((buf[..n].to_vec(), Some(from))),
+            Err(e) => return Err(format!("recv after {} datagrams: {e}", got.len())),
+        }
+    }
+    k.eq(
+        "datagrams with senders",
+        vec![
+            (b"one".to_vec(), ba),
+            (b"two2".to_vec(), ba),
+            (b"".to_vec(), ba),
+            (b"from c".to_vec(), ca),
+        ],
+        got,
+    );
+    k.eq("connected peer", Some(aa), b.peer_addr().ok());
+    a.send_to(b"back", ba.ok_or("b unbound")?)
+        .map_err(|e| e.to_string())?;
+    b.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let n = b.recv(&mut buf).map_err(|e| e.to_string())?;
+    k.eq("reply", &b"back"[..], &buf[..n]);
+    if let Some(s) = &v6 {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        let n = s.recv(&mut buf).map_err(|e| e.to_string())?;
+        k.eq("ipv6 datagram", &b"six"[..], &buf[..n]);
+    }
+    k.finish()
+}
+
+/// A connection whose peer closed its side (CLOSE_WAIT): refused at dump
+/// (repair mode cannot replay a received FIN), the process left running.
+pub fn tcp_close_wait(ctx: &Ctx) -> CaseResult {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let (c, mut s) = pair(&l)?;
+    c.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(50));
+    ctx.ready_and_wait()?;
+    let mut k = Check::new();
+    k.eq("peer's end of stream", Ok(Vec::new()), {
+        let mut v = Vec::new();
+        s.read_to_end(&mut v).map(|_| v).map_err(|e| e.to_string())
+    });
+    k.finish()
+}
