@@ -165,14 +165,10 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     crate::cgroup::recover_frozen()?;
     crate::netlock::recover(None)?;
     let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
-    if let Some(ms) = std::env::var("CKPT_FAULT_HOLD_FROZEN_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|_| frozen.is_some())
-    {
+    if frozen.is_some() {
         // Fault injection for tests: widen the frozen window so that a
         // test can kill the agent inside it.
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+        fault_hold("CKPT_FAULT_HOLD_FROZEN_MS");
     }
     let frozen_at = Instant::now();
     if let Some(cg) = &cgroup {
@@ -201,7 +197,13 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
     let mut lock = None;
     let result = ns::dump(&host_pids, &writer).and_then(|nsd| {
         lock = lock_network(&tree, &nsd)?;
-        dump_tree(&tree, &writer, req, &nsd, lock.as_mut(), progress).map(|r| (r, nsd))
+        let r = dump_tree(&tree, &writer, req, &nsd, lock.as_mut(), progress)?;
+        if lock.is_some() {
+            // Fault injection for tests: a window, with the network
+            // locked, to kill the agent in.
+            fault_hold("CKPT_FAULT_HOLD_LOCKED_MS");
+        }
+        Ok((r, nsd))
     });
     let ((pages_bytes, pages_ms), nsd) = match result {
         Ok(v) => v,
@@ -255,9 +257,6 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         })
         .collect();
     if req.leave_running {
-        if let Some(l) = lock.as_mut() {
-            l.end_repair()?;
-        }
         for s in live {
             s.release()?;
         }
@@ -265,6 +264,9 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
             l.release()?;
         }
     } else {
+        if let Some(l) = lock.as_mut() {
+            l.repair_for_close()?;
+        }
         Seized::kill_all(live)?;
         if let Some(mut l) = lock {
             // Closed in repair mode: no FIN, no reset.
@@ -294,6 +296,14 @@ pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<
         pages_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// Sleeps for the milliseconds environment variable `var` names, if set:
+/// tests widen a window of the dump to kill the agent in it.
+fn fault_hold(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 fn own_netns(nsd: &ns::NsDump) -> bool {

@@ -319,13 +319,23 @@ pub fn dump(
                 pid,
                 reason: format!("TCP connection on fd {fd} found but the network is not locked"),
             })?;
+            // In repair mode only while read: if the agent died here the
+            // job would run on with it (cleanup takes it out again).
+            lock.note_repair(pid, fd, ino)?;
             t::set_u32(s, t::TCP_REPAIR, 1).map_err(sys("TCP_REPAIR on"))?;
+            let read = dump_connection(s, out.state, &info);
+            repair_off(s).map_err(sys("TCP_REPAIR off"))?;
+            // Leaving repair mode resets SO_REUSEADDR.
+            let reuse = out.opts.as_ref().is_some_and(|o| o.reuseaddr);
+            t::set_int(s, libc::SOL_SOCKET, libc::SO_REUSEADDR, i32::from(reuse))
+                .map_err(sys("SO_REUSEADDR"))?;
+            lock.clear_repair(pid, fd)?;
+            out.tcp = Some(read.map_err(sys("repair-mode read"))?);
             let copy = sock
                 .try_clone()
                 .map(OwnedFd::from)
                 .map_err(|e| Error::sys(pid, format!("dup of socket fd {fd}"), e))?;
-            lock.note_repair(pid, fd, ino, copy)?;
-            out.tcp = Some(dump_connection(s, out.state, &info).map_err(sys("repair-mode read"))?);
+            lock.hold(pid, fd, ino, copy);
         }
         st => {
             let why = match st {

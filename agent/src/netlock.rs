@@ -75,10 +75,8 @@ pub struct NetLock {
     rec: Record,
     path: PathBuf,
     file: Option<Flock<File>>,
-    /// Our copies of the sockets in repair mode: closing them after the
-    /// job was killed sends nothing (a socket closed in repair mode is
-    /// dropped silently).
-    sockets: Vec<OwnedFd>,
+    /// Our copies of the job's connections.
+    held: Vec<(Repaired, OwnedFd)>,
     done: bool,
     /// Took over the lock a dump kept: a failure keeps it again.
     was_kept: bool,
@@ -251,7 +249,7 @@ impl NetLock {
             },
             path,
             file: Some(file),
-            sockets: Vec::new(),
+            held: Vec::new(),
             done: false,
             was_kept,
         };
@@ -287,28 +285,43 @@ impl NetLock {
         &self.rec.table
     }
 
-    /// Notes a socket just put in repair mode (`sock` is the agent's copy).
-    pub fn note_repair(&mut self, pid: i32, fd: i32, ino: u64, sock: OwnedFd) -> Result<()> {
+    /// Notes that socket `fd` of `pid` goes into repair mode (before it
+    /// does: a crash in between only makes cleanup check it).
+    pub fn note_repair(&mut self, pid: i32, fd: i32, ino: u64) -> Result<()> {
         self.rec.repaired.push(Repaired { pid, fd, ino });
-        self.sockets.push(sock);
         self.save()
     }
 
-    /// Takes every noted socket out of repair mode (the job goes on).
-    pub fn end_repair(&mut self) -> Result<()> {
-        for (s, r) in self.sockets.iter().zip(&self.rec.repaired) {
-            crate::inet::repair_off(std::os::fd::AsFd::as_fd(s))
-                .map_err(|e| Error::sys(r.pid, format!("TCP_REPAIR off, fd {}", r.fd), e))?;
+    /// Notes that socket `fd` of `pid` left repair mode.
+    pub fn clear_repair(&mut self, pid: i32, fd: i32) -> Result<()> {
+        self.rec.repaired.retain(|r| (r.pid, r.fd) != (pid, fd));
+        self.save()
+    }
+
+    /// Keeps the agent's copy of a connection's socket, for
+    /// [`NetLock::repair_for_close`].
+    pub fn hold(&mut self, pid: i32, fd: i32, ino: u64, sock: OwnedFd) {
+        self.held.push((Repaired { pid, fd, ino }, sock));
+    }
+
+    /// Puts every held socket in repair mode, just before the job is
+    /// killed: closed in repair mode, a socket vanishes without a FIN or a
+    /// reset, and leaves no orphan holding its addresses.
+    pub fn repair_for_close(&mut self) -> Result<()> {
+        self.rec
+            .repaired
+            .extend(self.held.iter().map(|(r, _)| r.clone()));
+        self.save()?;
+        for (r, s) in &self.held {
+            crate::sys::tcp::set_u32(std::os::fd::AsFd::as_fd(s), crate::sys::tcp::TCP_REPAIR, 1)
+                .map_err(|e| Error::sys(r.pid, format!("TCP_REPAIR on, fd {}", r.fd), e))?;
         }
-        self.sockets.clear();
-        self.rec.repaired.clear();
-        self.save()
+        Ok(())
     }
 
-    /// Closes the agent's copies of the sockets (after the job was killed:
-    /// closed in repair mode, they vanish without a FIN or reset).
+    /// Closes the agent's copies of the sockets (after the job was killed).
     pub fn drop_sockets(&mut self) -> Result<()> {
-        self.sockets.clear();
+        self.held.clear();
         self.rec.repaired.clear();
         self.save()
     }
@@ -316,8 +329,9 @@ impl NetLock {
     /// Unblocks the connections and forgets the lock.
     pub fn release(mut self) -> Result<()> {
         self.done = true;
+        self.unrepair_all();
         let r = delete_table(self.rec.netns, self.rec.netns_ino, &self.rec.table);
-        self.sockets.clear();
+        self.held.clear();
         if let Some(f) = self.file.take() {
             let _ = std::fs::remove_file(&self.path);
             drop(f);
@@ -332,7 +346,7 @@ impl NetLock {
     /// restored on this node or `cleanup --job` releases them.
     pub fn keep(mut self) -> Result<()> {
         self.done = true;
-        self.sockets.clear();
+        self.held.clear();
         self.rec.repaired.clear();
         self.rec.kept = true;
         self.save()?;
@@ -345,6 +359,19 @@ impl NetLock {
     }
 }
 
+impl NetLock {
+    /// Takes every socket noted in repair mode out of it (a failed dump:
+    /// the job goes on).
+    fn unrepair_all(&mut self) {
+        for r in std::mem::take(&mut self.rec.repaired) {
+            if let Err(e) = unrepair(&r) {
+                warn!("{e}");
+            }
+        }
+        let _ = self.save();
+    }
+}
+
 impl Drop for NetLock {
     fn drop(&mut self) {
         if self.done {
@@ -353,8 +380,8 @@ impl Drop for NetLock {
         if self.was_kept {
             // A restore that took over a dump's lock failed: the job's
             // connections still wait for a restore.
-            self.sockets.clear();
-            self.rec.repaired.clear();
+            self.unrepair_all();
+            self.held.clear();
             self.rec.kept = true;
             if let Err(e) = self.save() {
                 warn!("{e}");
@@ -362,11 +389,7 @@ impl Drop for NetLock {
             self.file.take();
             return;
         }
-        if !self.sockets.is_empty() {
-            if let Err(e) = self.end_repair() {
-                warn!("{e}");
-            }
-        }
+        self.unrepair_all();
         if let Err(e) = delete_table(self.rec.netns, self.rec.netns_ino, &self.rec.table) {
             warn!("{e}");
         }

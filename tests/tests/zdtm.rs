@@ -79,6 +79,8 @@ cases!(
     udp_sockets,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_tcp_close_wait runs it"]
     tcp_close_wait,
+    #[ignore = "needs a peer outside the tree: the tcp tests run it"]
+    tcp_stream,
     // files
     file_offsets,
     unlinked_file,

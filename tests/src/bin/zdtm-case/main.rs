@@ -89,6 +89,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("tcp_loopback", net::tcp_loopback),
     ("udp_sockets", net::udp_sockets),
     ("tcp_close_wait", net::tcp_close_wait),
+    ("tcp_stream", net::tcp_stream),
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),

@@ -237,3 +237,75 @@ pub fn tcp_close_wait(ctx: &Ctx) -> CaseResult {
     });
     k.finish()
 }
+
+/// A stream to and from a peer outside the tree (the test, at the address
+/// in $CKPT_ZDTM_TMP/peer): both sides send a counted byte pattern and check
+/// what they receive, through checkpoints; the case passes when every byte
+/// it received was the next one expected, and it received some.
+pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let tmp = std::env::var("CKPT_ZDTM_TMP").map_err(|_| "CKPT_ZDTM_TMP unset")?;
+    let peer: SocketAddr = std::fs::read_to_string(format!("{tmp}/peer"))
+        .map_err(|e| format!("reading the peer address: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("peer address: {e}"))?;
+    let s = TcpStream::connect(peer).map_err(|e| format!("connect {peer}: {e}"))?;
+    let mut w = s.try_clone().map_err(|e| e.to_string())?;
+    let mut r = s;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_w, received) = (stop.clone(), Arc::new(AtomicU64::new(0)));
+    let writer = std::thread::spawn(move || -> Result<u64, String> {
+        let mut sent = 0usize;
+        while !stop_w.load(Ordering::Relaxed) {
+            let block: Vec<u8> = (sent..sent + 1000).map(byte_at).collect();
+            w.write_all(&block)
+                .map_err(|e| format!("write after {sent}: {e}"))?;
+            sent += 1000;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Ok(sent as u64)
+    });
+    let rcount = received.clone();
+    let reader = std::thread::spawn(move || -> Result<(), String> {
+        let mut buf = vec![0u8; 8192];
+        let mut at = 0usize;
+        loop {
+            let n = r
+                .read(&mut buf)
+                .map_err(|e| format!("read after {at}: {e}"))?;
+            if n == 0 {
+                return Ok(());
+            }
+            if let Some(i) = buf[..n]
+                .iter()
+                .enumerate()
+                .position(|(i, b)| *b != byte_at(at + i))
+            {
+                return Err(format!("byte {} of the stream is wrong", at + i));
+            }
+            at += n;
+            rcount.store(at as u64, Ordering::Relaxed);
+        }
+    });
+    if !wait_until(Duration::from_secs(5), || {
+        received.load(Ordering::Relaxed) > 0
+    }) {
+        return Err("nothing received from the peer".into());
+    }
+    ctx.ready_and_wait()?;
+    stop.store(true, Ordering::Relaxed);
+    let mut k = Check::new();
+    k.ok("writer ok", matches!(writer.join(), Ok(Ok(_))));
+    // The peer closes once told the case is done: the reader sees the end.
+    k.ok("received data", received.load(Ordering::Relaxed) > 0);
+    if reader.is_finished() {
+        k.eq(
+            "reader",
+            Ok(()),
+            reader.join().map_err(|_| "panicked".to_string())?,
+        );
+    }
+    k.finish()
+}

@@ -1,0 +1,268 @@
+//! TCP connections to a peer outside the checkpoint (this test): the
+//! network lock keeps the peer from seeing a reset while the process is
+//! dumped and restored, and a lock left by an agent killed mid-dump is
+//! removed by `ckpt-agent cleanup`, after which the connection goes on.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ckpt_tests::{
+    agent, agent_binary, dump, no_checkpoint, pid_exists, restore_detached_with, CaseProcess,
+    Workdir,
+};
+
+const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
+
+fn byte_at(i: usize) -> u8 {
+    (i * 7 % 251) as u8
+}
+
+/// The test's end of the stream: sends the pattern, checks what arrives.
+struct Peer {
+    received: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    conn: TcpStream,
+}
+
+impl Peer {
+    fn start(listener: TcpListener) -> Peer {
+        let (conn, _) = listener.accept().expect("accept the case's connection");
+        let received = Arc::new(AtomicU64::new(0));
+        let error = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut r = conn.try_clone().unwrap();
+        let (rc, re) = (received.clone(), error.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            let mut at = 0usize;
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if let Some(i) = (0..n).find(|&i| buf[i] != byte_at(at + i)) {
+                            *re.lock().unwrap() = Some(format!("byte {} wrong", at + i));
+                            return;
+                        }
+                        at += n;
+                        rc.store(at as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        *re.lock().unwrap() = Some(format!("read after {at}: {e}"));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut w = conn.try_clone().unwrap();
+        let (ws, we) = (stop.clone(), error.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            while !ws.load(Ordering::Relaxed) {
+                let block: Vec<u8> = (sent..sent + 1000).map(byte_at).collect();
+                if let Err(e) = w.write_all(&block) {
+                    *we.lock().unwrap() = Some(format!("write after {sent}: {e}"));
+                    return;
+                }
+                sent += 1000;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Peer {
+            received,
+            error,
+            stop,
+            conn,
+        }
+    }
+
+    fn error(&self) -> Option<String> {
+        self.error.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `more` new bytes arrived (the stream flows).
+    fn flows(&self, more: u64, within: Duration) -> Result<(), String> {
+        let start = self.received.load(Ordering::Relaxed);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(e) = self.error() {
+                return Err(e);
+            }
+            if self.received.load(Ordering::Relaxed) >= start + more {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "the stream stalled at {} bytes",
+            self.received.load(Ordering::Relaxed)
+        ))
+    }
+
+    fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The lock tables of process `pid`'s checkpoints in this namespace (tests
+/// run in parallel: each looks at its own).
+fn lock_tables(pid: i32) -> Vec<String> {
+    let name = format!("ckpt_pid{pid}");
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().last() == Some(name.as_str()))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A case streaming with this test, set up.
+fn streaming_case(dir: &Workdir) -> (CaseProcess, Peer) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("peer"), listener.local_addr().unwrap().to_string()).unwrap();
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "tcp_stream", dir).unwrap();
+    let peer = Peer::start(listener);
+    case.wait_ready().unwrap();
+    peer.flows(10_000, Duration::from_secs(5)).unwrap();
+    (case, peer)
+}
+
+/// The process is dumped (killed) and restored while the peer keeps
+/// sending: the lock the dump kept in this namespace holds the peer off
+/// (no reset) until the restore has rebuilt the connection, and both
+/// directions go on byte-exact.
+#[test]
+fn connection_to_outside_peer_survives_dump_and_restore() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("tcp-outside-peer");
+    let (mut case, peer) = streaming_case(&dir);
+    let images = dir.join("images");
+    let run = dump(case.pid, &images, &["--tcp-established"], &dir);
+    assert!(run.ok(), "dump failed:\n{}", run.describe());
+    case.expect_gone().unwrap();
+    // The process is gone; its addresses stay here: the lock must too.
+    assert_eq!(
+        lock_tables(case.pid).len(),
+        1,
+        "the dump must keep its lock until the restore"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        peer.error(),
+        None,
+        "the peer saw an error while the process was away"
+    );
+    let (run, pid) = restore_detached_with(&images, &["--tcp-established"], &dir, "restore");
+    if pid == Some(case.pid) {
+        case.adopt_restored();
+    }
+    assert!(run.ok(), "restore failed:\n{}", run.describe());
+    assert!(
+        lock_tables(case.pid).is_empty(),
+        "lock left after the restore: {:?}",
+        lock_tables(case.pid)
+    );
+    peer.flows(50_000, Duration::from_secs(10)).unwrap();
+    case.terminate_and_check("restored process").unwrap();
+    peer.finish();
+}
+
+/// With --leave-running the process goes on at once and the lock is gone.
+#[test]
+fn leave_running_unlocks() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("tcp-leave-running");
+    let (mut case, peer) = streaming_case(&dir);
+    let run = dump(
+        case.pid,
+        &dir.join("images"),
+        &["--tcp-established", "--leave-running"],
+        &dir,
+    );
+    assert!(run.ok(), "dump failed:\n{}", run.describe());
+    assert!(
+        lock_tables(case.pid).is_empty(),
+        "lock left: {:?}",
+        lock_tables(case.pid)
+    );
+    peer.flows(50_000, Duration::from_secs(10)).unwrap();
+    case.terminate_and_check("after --leave-running").unwrap();
+    peer.finish();
+}
+
+/// The agent is SIGKILLed mid-dump with the connection locked: the process
+/// keeps running, `ckpt-agent cleanup` removes the lock, and the stream
+/// goes on with no byte lost or repeated.
+#[test]
+fn agent_killed_while_locked() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("tcp-agent-killed");
+    let (mut case, peer) = streaming_case(&dir);
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let mut agent_proc = Command::new(agent_binary())
+        .args(["dump", "--tree", &case.pid.to_string(), "--images"])
+        .arg(&images)
+        .arg("--tcp-established")
+        .env("CKPT_FAULT_HOLD_LOCKED_MS", "20000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lock_tables(case.pid).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        lock_tables(case.pid).len(),
+        1,
+        "the dump never locked the network"
+    );
+    // Past the socket reads, inside the fault window.
+    std::thread::sleep(Duration::from_millis(300));
+    agent_proc.kill().unwrap();
+    agent_proc.wait().unwrap();
+    assert!(pid_exists(case.pid), "the process must keep running");
+    assert_eq!(
+        lock_tables(case.pid).len(),
+        1,
+        "a dead agent's lock is still there"
+    );
+    assert!(
+        !images.join("inventory.img").exists(),
+        "a dump that never committed must not look complete"
+    );
+    let run = agent(&["cleanup"], &dir, "cleanup");
+    assert!(run.ok(), "cleanup failed:\n{}", run.describe());
+    assert!(
+        run.stdout.contains("removed network lock"),
+        "{}",
+        run.describe()
+    );
+    assert!(
+        lock_tables(case.pid).is_empty(),
+        "lock left after cleanup: {:?}",
+        lock_tables(case.pid)
+    );
+    peer.flows(50_000, Duration::from_secs(10)).unwrap();
+    case.terminate_and_check("after the agent died").unwrap();
+    peer.finish();
+}
