@@ -174,8 +174,8 @@ mod job {
     }
 
     // Cases that exist only as jobs.
-    job_cases!(job_namespaces, sysv_ipc, job_net);
-    pub const ONLY: &[&str] = &["job_namespaces", "sysv_ipc", "job_net"];
+    job_cases!(job_namespaces, sysv_ipc, job_net, job_net_tcp);
+    pub const ONLY: &[&str] = &["job_namespaces", "sysv_ipc", "job_net", "job_net_tcp"];
 
     // Ordinary cases, as jobs too.
     job_cases!(
@@ -196,6 +196,7 @@ mod job {
         file_shared,
         shared_fd_table,
         pty_pair,
+        udp_sockets,
     );
 }
 

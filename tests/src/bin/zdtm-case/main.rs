@@ -90,6 +90,8 @@ const CASES: &[(&str, CaseFn)] = &[
     ("udp_sockets", net::udp_sockets),
     ("tcp_close_wait", net::tcp_close_wait),
     ("tcp_stream", net::tcp_stream),
+    // the same in a job with its own network namespace (lock taken there)
+    ("job_net_tcp", net::tcp_loopback),
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),
