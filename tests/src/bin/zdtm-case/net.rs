@@ -55,6 +55,16 @@ pub fn tcp_loopback(ctx: &Ctx) -> CaseResult {
     c.set_nodelay(true).map_err(|e| e.to_string())?;
     set_int_opt(c.as_raw_fd(), libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
     set_int_opt(c.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 77)?;
+    // A fixed receive buffer stays fixed; the others go on autotuning.
+    set_int_opt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUF, 200_000)?;
+    const SO_BUF_LOCK: i32 = 72;
+    let bufs = |fd: i32| {
+        (
+            int_opt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF),
+            int_opt(fd, libc::SOL_SOCKET, SO_BUF_LOCK),
+        )
+    };
+    let (s_bufs, c_lock) = (bufs(s.as_raw_fd()), bufs(c.as_raw_fd()).1);
     c.write_all(b"hello from client")
         .map_err(|e| e.to_string())?;
     s.write_all(b"hello from server")
@@ -84,9 +94,22 @@ pub fn tcp_loopback(ctx: &Ctx) -> CaseResult {
     let before = (addrs(&c), addrs(&s), addrs(&bc));
     // Let the kernel settle what it sends and acknowledges.
     std::thread::sleep(Duration::from_millis(100));
+    // The connection's timestamp clock (a random offset per connection).
+    const TCP_TIMESTAMP: i32 = 24;
+    let ts = |fd: i32| int_opt(fd, libc::IPPROTO_TCP, TCP_TIMESTAMP) as u32;
+    let (ts_before, t0) = (ts(c.as_raw_fd()), Instant::now());
     ctx.ready_and_wait()?;
 
     let mut k = Check::new();
+    // It goes on from where it was, as the peer expects.
+    let ticks = ts(c.as_raw_fd()).wrapping_sub(ts_before) as u64;
+    let elapsed = t0.elapsed().as_millis() as u64;
+    k.ok(
+        &format!("timestamp clock went on ({ticks} ms in {elapsed} ms)"),
+        ticks <= elapsed + 50,
+    );
+    k.eq("fixed receive buffer", s_bufs, bufs(s.as_raw_fd()));
+    k.eq("autotuned buffers stay unlocked", c_lock, bufs(c.as_raw_fd()).1);
     k.eq("addresses", before, (addrs(&c), addrs(&s), addrs(&bc)));
     k.eq(
         "queued client -> server",
