@@ -310,10 +310,14 @@ pub fn dump(
         }
         state::ESTABLISHED | state::FIN_WAIT1 | state::FIN_WAIT2 => {
             if !ctx.tcp_established {
-                return Err(refuse(format!(
-                    "established TCP connection {} (dump with --tcp-established to keep it)",
-                    conn_name()
-                )));
+                return Err(Error::Refused {
+                    pid,
+                    reason: format!(
+                        "fd {fd} is the established TCP connection {}: dump with \
+                         --tcp-established to keep it; the process was left running untouched",
+                        conn_name()
+                    ),
+                });
             }
             let lock = ctx.lock.as_deref_mut().ok_or_else(|| Error::Refused {
                 pid,

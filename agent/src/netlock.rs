@@ -470,10 +470,14 @@ pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
         }
         if let Some(ns) = ns {
             delete_table(ns, rec.netns_ino, &rec.table)?;
-            warn!(
-                table = rec.table,
-                "removed a network lock its agent left behind"
-            );
+            if rec.kept {
+                info!(table = rec.table, "released the network lock a dump kept");
+            } else {
+                warn!(
+                    table = rec.table,
+                    "removed a network lock its agent left behind"
+                );
+            }
             done.unlocked.push(rec.table.clone());
         }
         let _ = std::fs::remove_file(&path);

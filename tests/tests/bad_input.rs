@@ -202,6 +202,24 @@ fn dump_refuses_tcp_close_wait() {
     case.terminate_and_check("after a refused dump").unwrap();
 }
 
+/// A listener whose accept queue is not empty: refused, naming the
+/// listener, and the connection still waits to be accepted.
+#[test]
+fn dump_refuses_tcp_listen_pending() {
+    let dir = Workdir::new("tcp-listen-pending");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "tcp_listen_pending", &dir).unwrap();
+    case.wait_ready().unwrap();
+    if !no_checkpoint() {
+        let run = dump(case.pid, &dir.join("images"), &["--tcp-established"], &dir);
+        assert_refused(
+            &run,
+            &[&case.pid.to_string(), "not yet accepted", "127.0.0.1"],
+        );
+        assert!(pid_exists(case.pid), "the process must keep running");
+    }
+    case.terminate_and_check("after a refused dump").unwrap();
+}
+
 /// Established connections need --tcp-established; refused without it,
 /// and the connections go on untouched (the case checks them all).
 #[test]
@@ -211,26 +229,24 @@ fn dump_refuses_tcp_without_flag() {
     case.wait_ready().unwrap();
     if !no_checkpoint() {
         let run = dump(case.pid, &dir.join("images"), &[], &dir);
-        assert_refused(
-            &run,
-            &[&case.pid.to_string(), "--tcp-established", "127.0.0.1"],
-        );
+        assert_refused(&run, &[&case.pid.to_string(), "--tcp-established", " -> "]);
         assert!(pid_exists(case.pid), "the process must keep running");
-        let left = ckpt_agent_tables();
+        let left = ckpt_agent_tables(case.pid);
         assert!(left.is_empty(), "lock rules left behind: {left:?}");
     }
     case.terminate_and_check("after a refused dump").unwrap();
 }
 
-/// Lock tables of ckpt in this network namespace.
-fn ckpt_agent_tables() -> Vec<String> {
+/// Lock tables of process `pid`'s checkpoints in this network namespace.
+fn ckpt_agent_tables(pid: i32) -> Vec<String> {
+    let name = format!("ckpt_pid{pid}");
     let out = std::process::Command::new("nft")
         .args(["list", "tables"])
         .output()
         .expect("nft");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("ckpt_"))
+        .filter(|l| l.split_whitespace().last() == Some(name.as_str()))
         .map(str::to_string)
         .collect()
 }

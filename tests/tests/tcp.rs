@@ -125,6 +125,20 @@ fn lock_tables(pid: i32) -> Vec<String> {
         .collect()
 }
 
+/// Releases a lock a dump of `pid` kept, whatever the test's outcome (a
+/// kept lock waits for a restore that a failed test never makes).
+struct KeptLockGuard(i32);
+
+impl Drop for KeptLockGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(agent_binary())
+            .args(["cleanup", "--job", &format!("pid{}", self.0)])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
 /// A case streaming with this test, set up.
 fn streaming_case(dir: &Workdir) -> (CaseProcess, Peer) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -149,6 +163,7 @@ fn connection_to_outside_peer_survives_dump_and_restore() {
     }
     let dir = Workdir::new("tcp-outside-peer");
     let (mut case, peer) = streaming_case(&dir);
+    let _kept = KeptLockGuard(case.pid);
     let images = dir.join("images");
     let run = dump(case.pid, &images, &["--tcp-established"], &dir);
     assert!(run.ok(), "dump failed:\n{}", run.describe());
@@ -265,4 +280,44 @@ fn agent_killed_while_locked() {
     peer.flows(50_000, Duration::from_secs(10)).unwrap();
     case.terminate_and_check("after the agent died").unwrap();
     peer.finish();
+}
+
+/// A connection this side had shut down (FIN sent, acknowledged): restored
+/// half-closed; the peer still receives no more data from it, and what the
+/// peer sends after the restore arrives, then the peer's end of stream.
+#[test]
+fn half_closed_connection() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("tcp-half-closed");
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("peer"), listener.local_addr().unwrap().to_string()).unwrap();
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "tcp_half_closed", &dir).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    case.wait_ready().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut got = Vec::new();
+    conn.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye");
+    let images = dir.join("images");
+    let _kept = KeptLockGuard(case.pid);
+    let run = dump(case.pid, &images, &["--tcp-established"], &dir);
+    assert!(run.ok(), "dump failed:\n{}", run.describe());
+    case.expect_gone().unwrap();
+    let (run, pid) = restore_detached_with(&images, &["--tcp-established"], &dir, "restore");
+    if pid == Some(case.pid) {
+        case.adopt_restored();
+    }
+    assert!(run.ok(), "restore failed:\n{}", run.describe());
+    conn.write_all(b"answer after restore").unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    // Nothing more from the case: its side stays closed.
+    let mut more = Vec::new();
+    let n = conn.read_to_end(&mut more).expect("read the case's side");
+    assert_eq!((n, more), (0, Vec::new()), "the case's side must stay shut");
+    case.terminate_and_check("restored half-closed").unwrap();
 }

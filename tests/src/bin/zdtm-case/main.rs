@@ -90,6 +90,8 @@ const CASES: &[(&str, CaseFn)] = &[
     ("udp_sockets", net::udp_sockets),
     ("tcp_close_wait", net::tcp_close_wait),
     ("tcp_stream", net::tcp_stream),
+    ("tcp_half_closed", net::tcp_half_closed),
+    ("tcp_listen_pending", net::tcp_listen_pending),
     // the same in a job with its own network namespace (lock taken there)
     ("job_net_tcp", net::tcp_loopback),
     ("unix_pairs", later::unix_pairs),

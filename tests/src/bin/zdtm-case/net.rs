@@ -109,7 +109,11 @@ pub fn tcp_loopback(ctx: &Ctx) -> CaseResult {
         ticks <= elapsed + 50,
     );
     k.eq("fixed receive buffer", s_bufs, bufs(s.as_raw_fd()));
-    k.eq("autotuned buffers stay unlocked", c_lock, bufs(c.as_raw_fd()).1);
+    k.eq(
+        "autotuned buffers stay unlocked",
+        c_lock,
+        bufs(c.as_raw_fd()).1,
+    );
     k.eq("addresses", before, (addrs(&c), addrs(&s), addrs(&bc)));
     k.eq(
         "queued client -> server",
@@ -330,5 +334,54 @@ pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
             reader.join().map_err(|_| "panicked".to_string())?,
         );
     }
+    k.finish()
+}
+
+/// Half-closed by this side: the case sent "bye" and shut down its sending
+/// side to the peer (the test, at $CKPT_ZDTM_TMP/peer), which has not
+/// answered yet. After restore the case still receives what the peer
+/// sends, and its end of stream.
+pub fn tcp_half_closed(ctx: &Ctx) -> CaseResult {
+    let tmp = std::env::var("CKPT_ZDTM_TMP").map_err(|_| "CKPT_ZDTM_TMP unset")?;
+    let peer: SocketAddr = std::fs::read_to_string(format!("{tmp}/peer"))
+        .map_err(|e| format!("reading the peer address: {e}"))?
+        .trim()
+        .parse()
+        .map_err(|e| format!("peer address: {e}"))?;
+    let mut s = TcpStream::connect(peer).map_err(|e| format!("connect {peer}: {e}"))?;
+    s.write_all(b"bye").map_err(|e| e.to_string())?;
+    s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_millis(100));
+    ctx.ready_and_wait()?;
+    let mut k = Check::new();
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    k.eq(
+        "peer's answer, then its end of stream",
+        Ok(b"answer after restore".to_vec()),
+        s.read_to_end(&mut got)
+            .map(|_| got)
+            .map_err(|e| e.to_string()),
+    );
+    k.finish()
+}
+
+/// A listener with a connection it has not accepted yet: refused at dump
+/// (the kernel cannot put a connection back into an accept queue), the
+/// process left running with its connection.
+pub fn tcp_listen_pending(ctx: &Ctx) -> CaseResult {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let mut c = TcpStream::connect(l.local_addr().map_err(|e| e.to_string())?)
+        .map_err(|e| e.to_string())?;
+    c.write_all(b"waiting").map_err(|e| e.to_string())?;
+    ctx.ready_and_wait()?;
+    let mut k = Check::new();
+    let (mut s, _) = l.accept().map_err(|e| e.to_string())?;
+    k.eq(
+        "still there",
+        Ok(b"waiting".to_vec()),
+        read_exact_timeout(&mut s, 7),
+    );
     k.finish()
 }
