@@ -564,6 +564,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         ext_unix_sk: false,
         shell_job: false,
         job: None,
+        bridge: None,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;

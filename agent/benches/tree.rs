@@ -243,6 +243,7 @@ fn main() {
                 ext_unix_sk: false,
                 shell_job: false,
                 job: None,
+                bridge: None,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

@@ -15,6 +15,7 @@ pub mod inject;
 pub mod ipc;
 pub mod job;
 pub mod mm;
+pub mod net;
 pub mod ns;
 pub mod pages;
 pub mod proc;

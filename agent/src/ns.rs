@@ -11,6 +11,9 @@
 //! keeps its own view. Mounts are made by the job's root itself (injected
 //! mount calls), because a procfs belongs to the PID namespace of whoever
 //! mounts it.
+//!
+//! The network namespace's interfaces, addresses and routes are the `net`
+//! module's; this one calls it at the right moments.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,7 +21,7 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use ckpt_proto::image::{FdTable, IpcImage, Mount, NsImage, TaskCore};
+use ckpt_proto::image::{FdTable, IpcImage, Mount, NetImage, NsImage, TaskCore};
 use ckpt_proto::ImageKind;
 use nix::sched::CloneFlags;
 use tracing::{debug, warn};
@@ -285,22 +288,9 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
         image.domainname = u.domainname().to_string_lossy().into_owned();
     }
     if own & libc::CLONE_NEWNET as u64 != 0 {
-        let dev = proc::read(root, "net/dev")?;
-        let ifaces: Vec<&str> = dev
-            .lines()
-            .skip(2)
-            .filter_map(|l| l.split(':').next().map(str::trim))
-            .filter(|i| *i != "lo")
-            .collect();
-        if !ifaces.is_empty() {
-            return Err(Error::Refused {
-                pid: root,
-                reason: format!(
-                    "its network namespace has interfaces other than lo ({}); not supported yet",
-                    ifaces.join(", ")
-                ),
-            });
-        }
+        let net = crate::net::dump(root)?;
+        image.net_link_kinds = crate::net::link_kinds(&net);
+        writer.write(crate::net::NET_IMAGE, ImageKind::Net, &net)?;
     }
     if own & libc::CLONE_NEWIPC as u64 != 0 {
         let ipc = crate::ipc::dump(root, writer)?;
@@ -637,6 +627,9 @@ pub fn needed_features(img: &NsImage) -> Vec<String> {
     if img.own & libc::CLONE_NEWIPC as u64 != 0 {
         v.push("sysv_ipc_ids".into());
     }
+    if img.net_link_kinds.iter().any(|k| k == "veth") {
+        v.push("veth".into());
+    }
     v
 }
 
@@ -690,18 +683,22 @@ fn fs_data(super_options: &str) -> String {
 /// What `finish` completes once every process of the job is built.
 pub struct Restored {
     ipc: Option<IpcImage>,
+    /// The job's veths, removed if the restore fails before `finish`.
+    links: Option<crate::net::Links>,
 }
 
 /// Recreates the job's own namespaces' contents from inside its freshly
 /// cloned root `remote` (host PID `host`): mounts with tmpfs contents, UTS
-/// names, loopback, IPC objects. Runs before any other process of the job
-/// exists (their memory maps the IPC segments).
+/// names, loopback and the other interfaces (`net` says how the veths are
+/// made on this node), IPC objects. Runs before any other process of the
+/// job exists (their memory maps the IPC segments).
 pub fn restore_root(
     img: &NsImage,
     host: i32,
     remote: &Remote,
     scratch: &mut Scratch,
     dir: &Path,
+    net: &crate::net::LinkOptions,
 ) -> Result<Restored> {
     if img.own & libc::CLONE_NEWNS as u64 != 0 {
         let slave = libc::MS_REC | libc::MS_SLAVE;
@@ -720,10 +717,26 @@ pub fn restore_root(
             remote.syscall(nr, &[p, name.len() as u64])?;
         }
     }
+    let mut links = None;
     if img.own & libc::CLONE_NEWNET as u64 != 0 {
         in_ns(host, libc::CLONE_NEWNET as u64, || {
             crate::sys::misc::loopback_up().map_err(|e| Error::sys(host, "bringing lo up", e))
         })?;
+        // Checkpoints from before net.img knew only loopback.
+        let path = dir.join(crate::net::NET_IMAGE);
+        if path.exists() {
+            let n: NetImage = ckpt_proto::read_image_file(&path, ImageKind::Net)?;
+            // Veth pairs made, the job's ends down and without addresses.
+            let made = crate::net::create_links(host, &n, net)?;
+            // NETWORK LOCK GOES HERE: the job's namespace has its
+            // interfaces but no address yet, so rules installed now (e.g.
+            // nftables dropping everything but what the restore needs) are
+            // in force before the first packet can reach the job or leave
+            // it. `configure` then adds addresses, brings links up, adds
+            // routes and announces the addresses.
+            crate::net::configure(host, &n, &made)?;
+            links = Some(made);
+        }
     }
     let mut ipc = None;
     if img.own & libc::CLONE_NEWIPC as u64 != 0 {
@@ -731,16 +744,20 @@ pub fn restore_root(
         crate::ipc::restore(host, &i, dir)?;
         ipc = Some(i);
     }
-    Ok(Restored { ipc })
+    Ok(Restored { ipc, links })
 }
 
 /// The last namespace step, once every process is built: IPC segments
-/// removed while attached are removed again.
+/// removed while attached are removed again; the veths stay from now on
+/// (they go with the job's namespace).
 pub fn finish(r: &Restored, host: i32) -> Result<()> {
-    match &r.ipc {
-        Some(i) => crate::ipc::finish_restore(host, i),
-        None => Ok(()),
+    if let Some(i) = &r.ipc {
+        crate::ipc::finish_restore(host, i)?;
     }
+    if let Some(l) = &r.links {
+        l.keep();
+    }
+    Ok(())
 }
 
 fn restore_mount(

@@ -39,6 +39,9 @@ pub struct RestoreRequest {
     /// Reopen the dumping shell's terminals on the agent's own (stdin) and
     /// restore the tree into the agent's session.
     pub shell_job: bool,
+    /// Put the node's ends of the job's veths on this bridge instead of
+    /// the recorded one.
+    pub bridge: Option<String>,
 }
 
 /// What a restore did.
@@ -152,6 +155,7 @@ fn skeleton(
     job: Option<(&NsImage, Option<&JobCgroup>)>,
     dir: &Path,
     root_own_session: bool,
+    bridge: Option<&str>,
 ) -> Result<Option<ns::Restored>> {
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
@@ -205,12 +209,18 @@ fn skeleton(
         // Mounts, names, loopback and IPC objects exist before any other
         // process does.
         let remote = Remote::new(t, gadget)?;
+        let net = crate::net::LinkOptions {
+            job: cgroup.map_or_else(|| format!("pid-{child}"), |cg| cg.job.clone()),
+            bridge: bridge.map(String::from),
+            hint: "--bridge NAME",
+        };
         restored = Some(ns::restore_root(
             img,
             child,
             &remote,
             &mut blank_scratch(child)?,
             dir,
+            &net,
         )?);
     }
     let setsid = |host: i32, pid: i32| -> Result<()> {
@@ -402,6 +412,15 @@ pub fn restore_with_progress(
         }
     }
 
+    if let Some(img) = &ns_img {
+        let net = crate::net::LinkOptions {
+            bridge: req.bridge.clone(),
+            hint: "--bridge NAME",
+            ..Default::default()
+        };
+        crate::net::check_restore(img, dir, &net)?;
+    }
+
     // The job's cgroup (dropped after the tree guard: removed on failure
     // once the half-built tasks are gone).
     let job_id = req
@@ -422,7 +441,15 @@ pub fn restore_with_progress(
     let job = ns_img
         .as_ref()
         .map(|img| (img, cgroup.as_ref().map(|g| &g.cg)));
-    let restored = skeleton(&inv.pids, &cores, &mut guard, job, dir, own_session)?;
+    let restored = skeleton(
+        &inv.pids,
+        &cores,
+        &mut guard,
+        job,
+        dir,
+        own_session,
+        req.bridge.as_deref(),
+    )?;
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&tables);
     shared.shell_job = req.shell_job;
