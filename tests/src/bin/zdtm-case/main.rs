@@ -10,6 +10,7 @@ mod files;
 mod jobs;
 mod later;
 mod memory;
+mod net;
 mod process;
 mod syscalls;
 mod threads;
@@ -107,6 +108,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("job_namespaces", jobs::job_namespaces),
     ("sysv_ipc", jobs::sysv_ipc),
     ("job_net", jobs::job_net),
+    ("job_net_veth", net::job_net_veth),
     ("memfd_shared_map", jobs::memfd_shared_map),
     ("time_ns", jobs::time_ns),
 ];
