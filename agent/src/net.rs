@@ -62,29 +62,57 @@ fn ip_binary() -> Result<PathBuf> {
         })
 }
 
+/// `ip -j ARGS` started in the calling thread's network namespace; its
+/// output is read by `IpJson::parse`. Several can run at once: a dump
+/// reads a frozen job's namespace, and every millisecond counts.
+struct IpJson {
+    child: std::process::Child,
+    args: String,
+}
+
+impl IpJson {
+    fn start(args: &[&str]) -> Result<IpJson> {
+        let args_s = args.join(" ");
+        let child = Command::new(ip_binary()?)
+            .arg("-j")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| Error::net("-", format!("running ip -j {args_s}: {e}")))?;
+        Ok(IpJson {
+            child,
+            args: args_s,
+        })
+    }
+
+    fn parse<T: serde::de::DeserializeOwned>(self) -> Result<T> {
+        let args = self.args;
+        let out = self
+            .child
+            .wait_with_output()
+            .map_err(|e| Error::net("-", format!("waiting for ip -j {args}: {e}")))?;
+        if !out.status.success() {
+            return Err(Error::net(
+                "-",
+                format!(
+                    "ip -j {args} failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
+        // `ip -j` prints nothing at all for an empty list.
+        let text = String::from_utf8_lossy(&out.stdout);
+        let text = if text.trim().is_empty() { "[]" } else { &text };
+        serde_json::from_str(text)
+            .map_err(|e| Error::net("-", format!("parsing `ip -j {args}`: {e}")))
+    }
+}
+
 /// `ip -j ARGS` in the calling thread's network namespace, parsed.
 fn ip_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> Result<T> {
-    let out = Command::new(ip_binary()?)
-        .arg("-j")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| Error::net("-", format!("running ip {}: {e}", args.join(" "))))?;
-    if !out.status.success() {
-        return Err(Error::net(
-            "-",
-            format!(
-                "ip -j {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    // `ip -j` prints nothing at all for an empty list.
-    let text = String::from_utf8_lossy(&out.stdout);
-    let text = if text.trim().is_empty() { "[]" } else { &text };
-    serde_json::from_str(text)
-        .map_err(|e| Error::net("-", format!("parsing `ip -j {}`: {e}", args.join(" "))))
+    IpJson::start(args)?.parse()
 }
 
 /// One line of an `ip -batch` script and the interface it is about.
@@ -368,15 +396,22 @@ fn routes_to_keep(pid: i32, family: &str, routes: Vec<IpRoute>) -> Result<Vec<Ne
 /// end is in this agent's namespace, and the routes. Interfaces of any
 /// other kind are refused, naming them.
 pub fn dump(pid: i32) -> Result<NetImage> {
+    // The node's links, for the other ends of veths; listing them also
+    // makes the kernel give the job's namespace an id here if it had none.
+    let node = IpJson::start(&["-d", "link", "show"])?;
     let (links, routes4, routes6) = crate::ns::in_ns(pid, NEWNET, || {
+        let l = IpJson::start(&["-d", "addr", "show"])?;
+        let r4 = IpJson::start(&["-4", "route", "show", "table", "all"])?;
+        let r6 = IpJson::start(&["-6", "route", "show", "table", "all"])?;
         Ok((
-            ip_json::<Vec<IpLink>>(&["-d", "addr", "show"])?,
-            ip_json::<Vec<IpRoute>>(&["-4", "route", "show", "table", "all"])?,
-            ip_json::<Vec<IpRoute>>(&["-6", "route", "show", "table", "all"])?,
+            l.parse::<Vec<IpLink>>()?,
+            r4.parse::<Vec<IpRoute>>()?,
+            r6.parse::<Vec<IpRoute>>()?,
         ))
     })?;
+    let node: Vec<IpLink> = node.parse()?;
     let mut img = NetImage::default();
-    let mut node_links: Option<(Vec<IpLink>, Option<i32>)> = None;
+    let mut job_nsid: Option<Option<i32>> = None;
     for l in &links {
         let kind = l.kind();
         let mut link = NetLink {
@@ -400,18 +435,18 @@ pub fn dump(pid: i32) -> Result<NetImage> {
                         ),
                     });
                 };
-                if node_links.is_none() {
-                    // Listing the node's links makes the kernel give the
-                    // job's namespace an id here, if it had none yet.
-                    let all: Vec<IpLink> = ip_json(&["-d", "link", "show"])?;
-                    let id = crate::sys::netlink::nsid_of_pid(pid)
-                        .map_err(|e| Error::sys(pid, "RTM_GETNSID for its network namespace", e))?;
-                    node_links = Some((all, id));
-                }
-                let (all, job_nsid) = node_links.as_ref().expect("listed above");
-                let peer = all.iter().find(|p| {
+                let job_nsid = match job_nsid {
+                    Some(id) => id,
+                    None => {
+                        let id = crate::sys::netlink::nsid_of_pid(pid).map_err(|e| {
+                            Error::sys(pid, "RTM_GETNSID for its network namespace", e)
+                        })?;
+                        *job_nsid.insert(id)
+                    }
+                };
+                let peer = node.iter().find(|p| {
                     job_nsid.is_some()
-                        && p.link_netnsid == *job_nsid
+                        && p.link_netnsid == job_nsid
                         && p.link_index == Some(l.ifindex)
                         && p.kind() == "veth"
                 });
@@ -670,12 +705,17 @@ fn bridge_for<'a>(l: &'a NetLink, opts: &'a LinkOptions) -> Result<&'a str> {
 /// Checks that every bridge `img`'s veths need exists in this agent's
 /// network namespace (before anything of the job is created).
 pub fn check_bridges(img: &NetImage, opts: &LinkOptions) -> Result<()> {
-    let veths: Vec<&NetLink> = img.links.iter().filter(|l| l.kind == "veth").collect();
-    if veths.is_empty() {
+    if !img.links.iter().any(|l| l.kind == "veth") {
         return Ok(());
     }
     let here: Vec<IpLink> = ip_json(&["-d", "link", "show"])?;
-    for l in veths {
+    check_bridges_in(&here, img, opts)
+}
+
+/// `check_bridges` against the links `here` (a listing of the agent's
+/// namespace).
+fn check_bridges_in(here: &[IpLink], img: &NetImage, opts: &LinkOptions) -> Result<()> {
+    for l in img.links.iter().filter(|l| l.kind == "veth") {
         let b = bridge_for(l, opts)?;
         match here.iter().find(|x| x.ifname == b) {
             None => {
@@ -760,10 +800,14 @@ impl Drop for Links {
 /// Waits a little for a veth named `name` to go: the node's end of a job
 /// that just ended on this node disappears only once the kernel has torn
 /// its namespace down. Anything else of that name is an error at once.
-fn wait_name_free(name: &str) -> Result<()> {
+/// `here` is a fresh listing of the agent's namespace, if there is one.
+fn wait_name_free(name: &str, here: Option<Vec<IpLink>>) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut here = match here {
+        Some(h) => h,
+        None => ip_json(&["-d", "link", "show"])?,
+    };
     loop {
-        let here: Vec<IpLink> = ip_json(&["-d", "link", "show"])?;
         let Some(x) = here.iter().find(|x| x.ifname == name) else {
             return Ok(());
         };
@@ -778,6 +822,7 @@ fn wait_name_free(name: &str) -> Result<()> {
             ));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+        here = ip_json(&["-d", "link", "show"])?;
     }
 }
 
@@ -787,11 +832,17 @@ fn wait_name_free(name: &str) -> Result<()> {
 /// name, MAC and MTU, down and without addresses. Then `configure` gives
 /// the job's side its addresses and routes.
 pub fn create_links(host: i32, img: &NetImage, opts: &LinkOptions) -> Result<Links> {
-    check_bridges(img, opts)?;
     let mut links = Links {
         names: Vec::new(),
         kept: Cell::new(false),
     };
+    if !img.links.iter().any(|l| l.kind == "veth") {
+        return Ok(links);
+    }
+    let listing: Vec<IpLink> = ip_json(&["-d", "link", "show"])?;
+    check_bridges_in(&listing, img, opts)?;
+    // Good for the first veth's name; later ones list again.
+    let mut here = Some(listing);
     let netns = format!("/proc/{host}/ns/net");
     for (i, l) in img.links.iter().filter(|l| l.kind == "veth").enumerate() {
         let name = node_end_name(&opts.job, i);
@@ -800,7 +851,7 @@ pub fn create_links(host: i32, img: &NetImage, opts: &LinkOptions) -> Result<Lin
         let mac = token("MAC address", &l.mac)?;
         parse_mac(mac).map_err(|e| Error::net(job_end, e))?;
         let mtu = l.mtu.to_string();
-        wait_name_free(&name)?;
+        wait_name_free(&name, here.take())?;
         ip_batch(&[cmd(
             &name,
             &[
