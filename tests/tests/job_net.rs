@@ -564,3 +564,51 @@ fn run_refuses_bad_network_options_and_leaves_nothing() {
         assert_nothing_left(&lab, &dir, &job);
     }
 }
+
+#[test]
+fn dump_refuses_other_interfaces_and_the_job_runs_on() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("br0", 0);
+    let job = job_id("kinds");
+    let _cg = JobCgroupGuard(job.clone());
+    let dir = Workdir::for_job("job-net-kinds");
+    let (mut case, _) = start(&lab, "br0", &job, &dir);
+    let pid = case.pid.to_string();
+    let in_job = |args: &[&str]| {
+        let mut c = vec!["nsenter", "-t", &pid, "-n", "ip"];
+        c.extend_from_slice(args);
+        sh(&c).unwrap();
+    };
+    let images = dir.join("images");
+    let prefix = lab.prefix_refs();
+    for (add, del, needles) in [
+        (
+            vec!["link", "add", "jbr", "type", "bridge"],
+            vec!["link", "del", "jbr"],
+            vec!["interface jbr of kind bridge", "only lo and veth"],
+        ),
+        (
+            vec!["link", "add", "va", "type", "veth", "peer", "name", "vb"],
+            vec!["link", "del", "va"],
+            vec!["both ends of veth", "inside its network namespace"],
+        ),
+    ] {
+        in_job(&add);
+        let run = dump_in(&prefix, case.pid, &images, &[], &dir);
+        assert_eq!(run.code, Some(1), "{}", run.describe());
+        for n in needles {
+            assert!(
+                run.stderr.contains(n),
+                "stderr lacks {n:?}:\n{}",
+                run.describe()
+            );
+        }
+        assert!(!images.join("inventory.img").exists());
+        in_job(&del);
+    }
+    // Left running as it was: its network unchanged, its peer reachable.
+    case.terminate_and_check("after the refused dumps")
+        .unwrap_or_else(|e| panic!("{e}{}", dir.agent_report()));
+}
