@@ -527,6 +527,7 @@ pub struct VethRequest {
     pub gateway: Option<String>,
     /// MAC of eth0 (default: a random locally administered one).
     pub mac: Option<String>,
+    /// MTU of both ends (default 1500).
     pub mtu: Option<u32>,
 }
 

@@ -206,7 +206,7 @@ fn skeleton(
     sys::ptrace::set_sigmask(t, !0).ctx(child, || "PTRACE_SETSIGMASK".into())?;
     let mut restored = None;
     if let Some((img, _)) = job {
-        // Mounts, names, loopback and IPC objects exist before any other
+        // Mounts, names, interfaces and IPC objects exist before any other
         // process does.
         let remote = Remote::new(t, gadget)?;
         let net = crate::net::LinkOptions {

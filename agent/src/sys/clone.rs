@@ -256,7 +256,9 @@ pub struct SpawnError {
 /// before the exec.
 #[derive(Debug)]
 pub enum SpawnFailure<E> {
+    /// A step of the child failed (or it could not be created).
     Step(SpawnError),
+    /// The parent's `before_exec` failed; the child was killed.
     BeforeExec(E),
 }
 
