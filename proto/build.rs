@@ -11,6 +11,7 @@ fn main() {
         "proto/files.proto",
         "proto/ns.proto",
         "proto/ipc.proto",
+        "proto/net.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -566,6 +566,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         shell_job: false,
         tcp_established: false,
         job: None,
+        bridge: None,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;

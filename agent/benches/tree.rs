@@ -245,6 +245,7 @@ fn main() {
                 shell_job: false,
                 tcp_established: false,
                 job: None,
+                bridge: None,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

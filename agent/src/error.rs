@@ -54,6 +54,8 @@ pub enum Error {
     NetLock { name: String, reason: String },
     #[error("job {job}: {reason}")]
     Job { job: String, reason: String },
+    #[error("network interface {iface}: {reason}")]
+    Net { iface: String, reason: String },
 }
 
 /// Result with the agent's error type.
@@ -66,6 +68,15 @@ impl Error {
             pid,
             what: what.into(),
             source: source.into(),
+        }
+    }
+
+    /// A network interface (or bridge) that cannot be dumped, created or
+    /// configured.
+    pub fn net(iface: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Net {
+            iface: iface.into(),
+            reason: reason.into(),
         }
     }
 

@@ -3,6 +3,10 @@
 //! and its own PID, IPC, UTS and mount namespaces (network when asked),
 //! with job-private tmpfs on /tmp and /dev/shm.
 //!
+//! With `--veth` the job's namespace also gets a veth pair whose other end
+//! is on a bridge of the node (see `net`), all set up before the command
+//! starts.
+//!
 //! The command itself is the job's root and PID 1 of its PID namespace: it
 //! reaps orphans of the job and ignores signals it has no handler for
 //! (except SIGKILL from outside), as any namespace init does.
@@ -16,7 +20,7 @@ use tracing::info;
 
 use crate::cgroup::{Freezer, JobCgroup};
 use crate::error::{Error, Result};
-use crate::sys::clone::{self, JobSpawn, MountStep, SpawnError};
+use crate::sys::clone::{self, JobSpawn, MountStep, SpawnError, SpawnFailure};
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -27,6 +31,8 @@ pub struct RunRequest {
     pub net: bool,
     /// Hostname inside the job's UTS namespace (default: the node's).
     pub hostname: Option<String>,
+    /// A veth into the job's network namespace (needs `net`).
+    pub veth: Option<crate::net::VethRequest>,
     pub cmd: Vec<String>,
 }
 
@@ -132,6 +138,27 @@ pub fn run(req: &RunRequest) -> Result<Job> {
             cwd.display()
         )));
     }
+    if req.veth.is_some() && !req.net {
+        return Err(job_err(
+            "--veth needs --net: the veth's job end lives in the job's own network namespace"
+                .into(),
+        ));
+    }
+    let net_img = req
+        .veth
+        .as_ref()
+        .map(|v| v.image())
+        .transpose()
+        .map_err(job_err)?;
+    let link_opts = crate::net::LinkOptions {
+        job: id.clone(),
+        bridge: None,
+        hint: "another --veth",
+    };
+    if let Some(img) = &net_img {
+        crate::cgroup::check_job_id(&id)?;
+        crate::net::check_bridges(img, &link_opts)?;
+    }
     let cg = JobCgroup::create(&id)?;
     let mut flags = JOB_NAMESPACES;
     if req.net {
@@ -177,9 +204,34 @@ pub fn run(req: &RunRequest) -> Result<Job> {
         Freezer::V1 => None,
     };
     use std::os::fd::AsFd;
-    let pid = match clone::spawn_job(&spec, cgfd.as_ref().map(|f| f.as_fd())) {
+    // The job's interfaces exist, addressed and up, before its command
+    // runs: it may bind or connect at once. They are removed again if the
+    // command does not start.
+    let mut links = None;
+    let network = |pid: i32| -> Result<()> {
+        if let Some(img) = &net_img {
+            let made = crate::net::create_links(pid, img, &link_opts)?;
+            crate::net::configure(pid, img, &made)?;
+            links = Some(made);
+        }
+        Ok(())
+    };
+    let spawned = clone::spawn_job(&spec, cgfd.as_ref().map(|f| f.as_fd()), network);
+    if spawned.is_ok() {
+        if let Some(l) = &links {
+            l.keep();
+        }
+    }
+    drop(links);
+    let pid = match spawned {
         Ok(pid) => pid,
-        Err(SpawnError { step, error }) => {
+        Err(SpawnFailure::BeforeExec(e)) => {
+            cg.remove();
+            return Err(job_err(format!(
+                "cannot start: setting up its network: {e}"
+            )));
+        }
+        Err(SpawnFailure::Step(SpawnError { step, error })) => {
             cg.remove();
             let what = match step {
                 clone::STEP_SETSID => "setsid".to_string(),

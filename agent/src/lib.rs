@@ -16,6 +16,7 @@ pub mod inject;
 pub mod ipc;
 pub mod job;
 pub mod mm;
+pub mod net;
 pub mod netlock;
 pub mod ns;
 pub mod pages;

@@ -80,6 +80,10 @@ enum Cmd {
         /// Rebuild the established TCP connections of the checkpoint.
         #[arg(long)]
         tcp_established: bool,
+        /// Put the node's ends of the job's veths on this bridge (in this
+        /// agent's network namespace) instead of the one recorded at dump.
+        #[arg(long, value_name = "NAME")]
+        bridge: Option<String>,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -87,9 +91,27 @@ enum Cmd {
         /// Job id (default: generated); names the job's cgroup.
         #[arg(long)]
         job: Option<String>,
-        /// Give the job its own network namespace (loopback only).
+        /// Give the job its own network namespace (loopback only, unless
+        /// --veth).
         #[arg(long)]
         net: bool,
+        /// Give the job an interface eth0, one end of a veth pair whose
+        /// other end joins BRIDGE in this agent's network namespace.
+        #[arg(long, value_name = "BRIDGE", requires = "net")]
+        veth: Option<String>,
+        /// An address of eth0 with its prefix length (IPv4 or IPv6;
+        /// repeatable).
+        #[arg(long = "address", value_name = "CIDR", requires = "veth")]
+        addresses: Vec<String>,
+        /// Default route of the job via this address.
+        #[arg(long, value_name = "IP", requires = "veth")]
+        gateway: Option<String>,
+        /// MAC address of eth0 (default: random, locally administered).
+        #[arg(long, value_name = "MAC", requires = "veth")]
+        mac: Option<String>,
+        /// MTU of eth0 and of the node's end (default 1500).
+        #[arg(long, value_name = "N", requires = "veth")]
+        mtu: Option<u32>,
         /// Hostname inside the job.
         #[arg(long)]
         hostname: Option<String>,
@@ -224,6 +246,7 @@ fn main() -> ExitCode {
             job,
             shell_job,
             tcp_established,
+            bridge,
         } => {
             let req = restore::RestoreRequest {
                 images,
@@ -233,6 +256,7 @@ fn main() -> ExitCode {
                 job,
                 shell_job,
                 tcp_established,
+                bridge,
             };
             match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
                 Ok((r, code)) => {
@@ -252,6 +276,11 @@ fn main() -> ExitCode {
         Cmd::Run {
             job,
             net,
+            veth,
+            addresses,
+            gateway,
+            mac,
+            mtu,
             hostname,
             detach,
             pidfile,
@@ -261,6 +290,13 @@ fn main() -> ExitCode {
                 job,
                 net,
                 hostname,
+                veth: veth.map(|bridge| ckpt_agent::net::VethRequest {
+                    bridge,
+                    addresses,
+                    gateway,
+                    mac,
+                    mtu,
+                }),
                 cmd,
             },
             detach,

@@ -11,6 +11,9 @@
 //! keeps its own view. Mounts are made by the job's root itself (injected
 //! mount calls), because a procfs belongs to the PID namespace of whoever
 //! mounts it.
+//!
+//! The network namespace's interfaces, addresses and routes are the `net`
+//! module's; this one calls it at the right moments.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,7 +21,7 @@ use std::io::{BufReader, BufWriter};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use ckpt_proto::image::{FdTable, IpcImage, Mount, NsImage, TaskCore};
+use ckpt_proto::image::{FdTable, IpcImage, Mount, NetImage, NsImage, TaskCore};
 use ckpt_proto::ImageKind;
 use nix::sched::CloneFlags;
 use tracing::{debug, warn};
@@ -285,22 +288,9 @@ pub fn dump(members: &[i32], writer: &ImageWriter) -> Result<NsDump> {
         image.domainname = u.domainname().to_string_lossy().into_owned();
     }
     if own & libc::CLONE_NEWNET as u64 != 0 {
-        let dev = proc::read(root, "net/dev")?;
-        let ifaces: Vec<&str> = dev
-            .lines()
-            .skip(2)
-            .filter_map(|l| l.split(':').next().map(str::trim))
-            .filter(|i| *i != "lo")
-            .collect();
-        if !ifaces.is_empty() {
-            return Err(Error::Refused {
-                pid: root,
-                reason: format!(
-                    "its network namespace has interfaces other than lo ({}); not supported yet",
-                    ifaces.join(", ")
-                ),
-            });
-        }
+        let net = crate::net::dump(root)?;
+        image.net_link_kinds = crate::net::link_kinds(&net);
+        writer.write(crate::net::NET_IMAGE, ImageKind::Net, &net)?;
     }
     if own & libc::CLONE_NEWIPC as u64 != 0 {
         let ipc = crate::ipc::dump(root, writer)?;
@@ -637,6 +627,9 @@ pub fn needed_features(img: &NsImage) -> Vec<String> {
     if img.own & libc::CLONE_NEWIPC as u64 != 0 {
         v.push("sysv_ipc_ids".into());
     }
+    if img.net_link_kinds.iter().any(|k| k == "veth") {
+        v.push("veth".into());
+    }
     v
 }
 
@@ -693,6 +686,8 @@ pub struct Restored {
     /// The network lock of a job with its own network namespace, released
     /// once every process runs.
     pub lock: Option<crate::netlock::NetLock>,
+    /// The job's veths, removed if the restore fails before `finish`.
+    links: Option<crate::net::Links>,
 }
 
 /// A network lock to take in the job's new network namespace before any
@@ -704,8 +699,9 @@ pub struct LockRequest {
 
 /// Recreates the job's own namespaces' contents from inside its freshly
 /// cloned root `remote` (host PID `host`): mounts with tmpfs contents, UTS
-/// names, loopback, IPC objects. Runs before any other process of the job
-/// exists (their memory maps the IPC segments).
+/// names, loopback and the other interfaces (`net` says how the veths are
+/// made on this node), IPC objects. Runs before any other process of the
+/// job exists (their memory maps the IPC segments).
 pub fn restore_root(
     img: &NsImage,
     host: i32,
@@ -713,6 +709,7 @@ pub fn restore_root(
     scratch: &mut Scratch,
     dir: &Path,
     lock: Option<LockRequest>,
+    net: &crate::net::LinkOptions,
 ) -> Result<Restored> {
     if img.own & libc::CLONE_NEWNS as u64 != 0 {
         let slave = libc::MS_REC | libc::MS_SLAVE;
@@ -732,6 +729,7 @@ pub fn restore_root(
         }
     }
     let mut netlock = None;
+    let mut links = None;
     if img.own & libc::CLONE_NEWNET as u64 != 0 {
         // Locked before the job's addresses exist: a peer's retransmission
         // must not meet a reset before the job's sockets are rebuilt.
@@ -745,6 +743,19 @@ pub fn restore_root(
         in_ns(host, libc::CLONE_NEWNET as u64, || {
             crate::sys::misc::loopback_up().map_err(|e| Error::sys(host, "bringing lo up", e))
         })?;
+        // Checkpoints from before net.img knew only loopback.
+        let path = dir.join(crate::net::NET_IMAGE);
+        if path.exists() {
+            let n: NetImage = ckpt_proto::read_image_file(&path, ImageKind::Net)?;
+            // Veth pairs made, the job's ends down and without addresses.
+            let made = crate::net::create_links(host, &n, net)?;
+            // The network lock (taken above) is in force before the
+            // first packet can reach the job or leave it: `configure` adds
+            // addresses, brings links up, adds routes and announces the
+            // addresses.
+            crate::net::configure(host, &n, &made)?;
+            links = Some(made);
+        }
     }
     let mut ipc = None;
     if img.own & libc::CLONE_NEWIPC as u64 != 0 {
@@ -752,16 +763,24 @@ pub fn restore_root(
         crate::ipc::restore(host, &i, dir)?;
         ipc = Some(i);
     }
-    Ok(Restored { ipc, lock: netlock })
+    Ok(Restored {
+        ipc,
+        lock: netlock,
+        links,
+    })
 }
 
 /// The last namespace step, once every process is built: IPC segments
-/// removed while attached are removed again.
+/// removed while attached are removed again; the veths stay from now on
+/// (they go with the job's namespace).
 pub fn finish(r: &Restored, host: i32) -> Result<()> {
-    match &r.ipc {
-        Some(i) => crate::ipc::finish_restore(host, i),
-        None => Ok(()),
+    if let Some(i) = &r.ipc {
+        crate::ipc::finish_restore(host, i)?;
     }
+    if let Some(l) = &r.links {
+        l.keep();
+    }
+    Ok(())
 }
 
 fn restore_mount(

@@ -42,6 +42,9 @@ pub struct RestoreRequest {
     /// Rebuild established TCP connections (else a checkpoint holding
     /// some is refused).
     pub tcp_established: bool,
+    /// Put the node's ends of the job's veths on this bridge instead of
+    /// the recorded one.
+    pub bridge: Option<String>,
 }
 
 /// What a restore did.
@@ -156,6 +159,7 @@ fn skeleton(
     dir: &Path,
     root_own_session: bool,
     lock: Option<ns::LockRequest>,
+    bridge: Option<&str>,
 ) -> Result<Option<ns::Restored>> {
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
@@ -206,9 +210,14 @@ fn skeleton(
     sys::ptrace::set_sigmask(t, !0).ctx(child, || "PTRACE_SETSIGMASK".into())?;
     let mut restored = None;
     if let Some((img, _)) = job {
-        // Mounts, names, loopback and IPC objects exist before any other
+        // Mounts, names, interfaces and IPC objects exist before any other
         // process does.
         let remote = Remote::new(t, gadget)?;
+        let net = crate::net::LinkOptions {
+            job: cgroup.map_or_else(|| format!("pid-{child}"), |cg| cg.job.clone()),
+            bridge: bridge.map(String::from),
+            hint: "--bridge NAME",
+        };
         restored = Some(ns::restore_root(
             img,
             child,
@@ -216,6 +225,7 @@ fn skeleton(
             &mut blank_scratch(child)?,
             dir,
             lock,
+            &net,
         )?);
     }
     let setsid = |host: i32, pid: i32| -> Result<()> {
@@ -426,6 +436,15 @@ pub fn restore_with_progress(
         }
     }
 
+    if let Some(img) = &ns_img {
+        let net = crate::net::LinkOptions {
+            bridge: req.bridge.clone(),
+            hint: "--bridge NAME",
+            ..Default::default()
+        };
+        crate::net::check_restore(img, dir, &net)?;
+    }
+
     // The job's cgroup (dropped after the tree guard: removed on failure
     // once the half-built tasks are gone).
     let job_id = req
@@ -479,6 +498,7 @@ pub fn restore_with_progress(
         dir,
         own_session,
         job_lock,
+        req.bridge.as_deref(),
     )?;
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&tables);

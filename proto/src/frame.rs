@@ -34,6 +34,8 @@ pub enum ImageKind {
     Ns = 7,
     /// Contents of a job's IPC namespace: SysV objects, POSIX queues.
     Ipc = 8,
+    /// A job's network namespace: interfaces, addresses, routes.
+    Net = 9,
 }
 
 impl ImageKind {
@@ -48,6 +50,7 @@ impl ImageKind {
             6 => Self::Node,
             7 => Self::Ns,
             8 => Self::Ipc,
+            9 => Self::Net,
             _ => return None,
         })
     }
@@ -63,6 +66,7 @@ impl ImageKind {
             Self::Node => "node",
             Self::Ns => "ns",
             Self::Ipc => "ipc",
+            Self::Net => "net",
         }
     }
 }
@@ -337,5 +341,26 @@ mod tests {
         assert_eq!(kind, ImageKind::Inventory);
         assert_eq!(v["root_pid"], 42);
         assert_eq!(v["files"][0]["name"], "core-42.img");
+    }
+
+    #[test]
+    fn kinds_round_trip_and_net_describes() {
+        for k in 1..=9 {
+            let kind = ImageKind::from_u32(k).expect("known kind");
+            assert_eq!(kind as u32, k);
+        }
+        assert_eq!(ImageKind::from_u32(10), None);
+        let net = crate::image::NetImage {
+            links: vec![crate::image::NetLink {
+                name: "eth0".into(),
+                kind: "veth".into(),
+                bridge: "br0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let (kind, v) = crate::describe(&encode_image(ImageKind::Net, &[net])).unwrap();
+        assert_eq!((kind, kind.name()), (ImageKind::Net, "net"));
+        assert_eq!(v["links"][0]["bridge"], "br0");
     }
 }

@@ -39,6 +39,7 @@ pub fn describe(bytes: &[u8]) -> Result<(ImageKind, serde_json::Value), FrameErr
         ImageKind::Node => one::<NodeFingerprint>(bytes, kind)?,
         ImageKind::Ns => one::<NsImage>(bytes, kind)?,
         ImageKind::Ipc => one::<IpcImage>(bytes, kind)?,
+        ImageKind::Net => one::<NetImage>(bytes, kind)?,
     };
     Ok((kind, v))
 }

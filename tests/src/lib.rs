@@ -230,6 +230,18 @@ fn kill(pid: i32, sig: i32) -> bool {
     unsafe { libc::kill(pid, sig) == 0 }
 }
 
+/// How `CaseProcess::spawn_job_with` starts the agent that runs a job.
+#[derive(Debug, Clone, Default)]
+pub struct JobOptions {
+    /// Command and arguments the agent runs under (e.g. `nsenter
+    /// --net=/run/netns/NAME`, which execs it: the agent stays our child).
+    pub prefix: Vec<String>,
+    /// Extra `ckpt-agent run` options.
+    pub run_args: Vec<String>,
+    /// Extra environment for the agent and so for the case.
+    pub env: Vec<(String, String)>,
+}
+
 /// A running case program (the original, or the restored process under the
 /// same PID). Dropping it SIGKILLs and reaps whatever is still ours.
 pub struct CaseProcess {
@@ -301,6 +313,18 @@ impl CaseProcess {
         job: &str,
         dir: &Workdir,
     ) -> Result<CaseProcess, String> {
+        Self::spawn_job_with(case_bin, name, job, dir, &JobOptions::default())
+    }
+
+    /// `spawn_job` with a command in front of the agent (e.g. `nsenter
+    /// --net=...`), extra `run` options and extra environment for the case.
+    pub fn spawn_job_with(
+        case_bin: &Path,
+        name: &str,
+        job: &str,
+        dir: &Workdir,
+        opts: &JobOptions,
+    ) -> Result<CaseProcess, String> {
         become_subreaper();
         let (ready, result, log) = (dir.join("ready"), dir.join("result"), dir.join("case.log"));
         let pidfile = dir.join("job.pid");
@@ -310,16 +334,25 @@ impl CaseProcess {
         let copy = dir.join("zdtm-case");
         fs::copy(case_bin, &copy).map_err(|e| format!("copy {}: {e}", case_bin.display()))?;
         let case_bin = copy.as_path();
-        let mut cmd = Command::new(agent_binary());
+        let mut cmd = match opts.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(agent_binary());
+                c
+            }
+            None => Command::new(agent_binary()),
+        };
         cmd.args(["run", "--job", job, "--hostname", "zdtm-job"]);
         // Cases named job_net* get a network namespace of their own.
         if name.starts_with("job_net") {
             cmd.arg("--net");
         }
+        cmd.args(&opts.run_args);
         cmd.arg("--pidfile").arg(&pidfile).arg("--").arg(case_bin);
         // Not the test's own directory, which may be under the node's /tmp.
         cmd.current_dir(&dir.path);
         case_args(&mut cmd, name, dir, &log)?;
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd
             .spawn()
             .map_err(|e| format!("spawn ckpt-agent run: {e}"))?;
@@ -538,9 +571,15 @@ impl AgentRun {
 /// `dir`, not pipes: a detached restored process could otherwise inherit a
 /// pipe and keep it open after the agent exits.
 pub fn agent(args: &[&str], dir: &Workdir, label: &str) -> AgentRun {
+    agent_in(&[], args, dir, label)
+}
+
+/// `agent` run under a command `prefix` (e.g. `nsenter --net=...`, which
+/// execs the agent).
+pub fn agent_in(prefix: &[&str], args: &[&str], dir: &Workdir, label: &str) -> AgentRun {
     let out_path = dir.join(&format!("agent-{label}.out"));
     let err_path = dir.join(&format!("agent-{label}.err"));
-    let args_owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let args_owned: Vec<String> = prefix.iter().chain(args).map(|s| s.to_string()).collect();
     let run = |code| AgentRun {
         args: args_owned.clone(),
         code,
@@ -550,7 +589,15 @@ pub fn agent(args: &[&str], dir: &Workdir, label: &str) -> AgentRun {
     let (Ok(out), Ok(err)) = (fs::File::create(&out_path), fs::File::create(&err_path)) else {
         panic!("cannot create agent output files in {}", dir.path.display());
     };
-    let spawned = Command::new(agent_binary())
+    let mut command = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(agent_binary());
+            c
+        }
+        None => Command::new(agent_binary()),
+    };
+    let spawned = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(out)
@@ -585,12 +632,23 @@ pub fn agent(args: &[&str], dir: &Workdir, label: &str) -> AgentRun {
 
 /// `ckpt-agent dump --tree PID --images DIR [extra...]`.
 pub fn dump(pid: i32, images: &Path, extra: &[&str], dir: &Workdir) -> AgentRun {
+    dump_in(&[], pid, images, extra, dir)
+}
+
+/// `dump` with the agent run under a command `prefix`.
+pub fn dump_in(
+    prefix: &[&str],
+    pid: i32,
+    images: &Path,
+    extra: &[&str],
+    dir: &Workdir,
+) -> AgentRun {
     fs::create_dir_all(images).expect("create images dir");
     let pid_s = pid.to_string();
     let images_s = images.to_string_lossy().into_owned();
     let mut args = vec!["dump", "--tree", &pid_s, "--images", &images_s];
     args.extend_from_slice(extra);
-    agent(&args, dir, "dump")
+    agent_in(prefix, &args, dir, "dump")
 }
 
 /// `ckpt-agent restore --images DIR --detach --pidfile DIR/../restore-N.pid`;
@@ -601,6 +659,17 @@ pub fn restore_detached(images: &Path, dir: &Workdir, label: &str) -> (AgentRun,
 
 /// `restore_detached` with extra agent arguments (e.g. `--ext-unix-sk`).
 pub fn restore_detached_with(
+    images: &Path,
+    extra: &[&str],
+    dir: &Workdir,
+    label: &str,
+) -> (AgentRun, Option<i32>) {
+    restore_detached_in(&[], images, extra, dir, label)
+}
+
+/// `restore_detached_with` with the agent run under a command `prefix`.
+pub fn restore_detached_in(
+    prefix: &[&str],
     images: &Path,
     extra: &[&str],
     dir: &Workdir,
@@ -619,7 +688,7 @@ pub fn restore_detached_with(
         &pidfile_s,
     ];
     args.extend_from_slice(extra);
-    let run = agent(&args, dir, label);
+    let run = agent_in(prefix, &args, dir, label);
     let pid = fs::read_to_string(&pidfile)
         .ok()
         .and_then(|s| s.trim().parse().ok());

@@ -109,6 +109,8 @@ cases!(
     refuse_device,
     #[ignore = "needs a server outside the tree: ext_unix::reconnects_by_name runs it"]
     ext_unix_client,
+    #[ignore = "needs a lab network namespace with a bridge: job_net.rs runs it"]
+    job_net_veth,
     inotify,
     // terminals
     pty_pair,

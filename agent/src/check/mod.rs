@@ -181,6 +181,12 @@ const PROBES: &[ProbeDef] = &[
     ),
     p("nftables", "tcp (network lock)", false, ns::nftables),
     p(
+        "veth",
+        "job launcher, restore (job interfaces)",
+        false,
+        ns::veth,
+    ),
+    p(
         "sysv_ipc_ids",
         "restore (SysV IPC)",
         false,

@@ -1,4 +1,5 @@
-//! Probes of namespaces, clone3 with set_tid, SysV IPC ids and nftables.
+//! Probes of namespaces, clone3 with set_tid, SysV IPC ids, nftables and
+//! veth pairs on a bridge.
 //! Every namespace is created in a throw-away child and dies with it.
 
 use std::path::{Path, PathBuf};
@@ -348,6 +349,37 @@ pub(super) fn nftables() -> Outcome {
         return Err("nft list did not show the drop rule".into());
     }
     Ok("added, listed and deleted a table with a drop rule in a private netns".into())
+}
+
+pub(super) fn veth() -> Outcome {
+    let ip = find_program("ip").ok_or("ip binary not found (apt-get install iproute2)")?;
+    let unshare_bin =
+        find_program("unshare").ok_or("unshare binary not found (apt-get install util-linux)")?;
+    let ip = ip.display();
+    // What a job's restore does, in a private network namespace that takes
+    // everything with it when the probe ends.
+    let script = format!(
+        "set -e; {ip} link add ckpt-br type bridge; \
+         {ip} link add ckpt-a mtu 1400 type veth peer name ckpt-b address 02:00:00:00:00:01 mtu 1400; \
+         {ip} link set ckpt-a master ckpt-br up; {ip} link set ckpt-b up; \
+         {ip} -j -d link show ckpt-a"
+    );
+    let out = Command::new(&unshare_bin)
+        .args(["--net", "--", "sh", "-c", &script])
+        .output()
+        .map_err(|e| format!("run {}: {e}", unshare_bin.display()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(format!("ip failed ({}): {}", out.status, err.trim()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !stdout.contains("\"master\":\"ckpt-br\"") {
+        return Err("the veth end did not join the bridge".into());
+    }
+    Ok(
+        "made a veth pair with a chosen MAC and MTU, one end on a bridge, in a private netns"
+            .into(),
+    )
 }
 
 #[cfg(test)]

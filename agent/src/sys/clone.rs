@@ -108,38 +108,54 @@ pub fn fork_into(
 }
 
 /// A close-on-exec pipe over which a forked child reports 8 bytes before
-/// it exits (or execs: then the parent reads nothing).
+/// it exits (or execs: then the parent reads nothing); a held job's child
+/// also reports once before it waits for the parent's go.
 struct ReportPipe {
     rd: OwnedFd,
-    wr: OwnedFd,
+    wr: Option<OwnedFd>,
+}
+
+/// A close-on-exec pipe pair, owned.
+fn cloexec_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut pipe = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just created and are owned here.
+    Ok(unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) })
 }
 
 impl ReportPipe {
     fn new() -> io::Result<Self> {
-        let mut pipe = [0i32; 2];
-        // SAFETY: pipe2 writes two fds into the array.
-        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
+        let (rd, wr) = cloexec_pipe()?;
+        Ok(ReportPipe { rd, wr: Some(wr) })
+    }
+
+    fn wr_raw(&self) -> i32 {
+        self.wr.as_ref().map_or(-1, |w| w.as_raw_fd())
+    }
+
+    /// The child's side: sends `msg` (raw syscall, no allocation).
+    fn send(&self, msg: [u8; 8]) {
+        // SAFETY: writes 8 bytes from the stack.
+        unsafe {
+            libc::write(self.wr_raw(), msg.as_ptr().cast(), 8);
         }
-        // SAFETY: both fds were just created and are owned here.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
-        Ok(ReportPipe { rd, wr })
     }
 
     /// The child's side: sends `msg` and exits with `code` (raw syscalls
     /// only, no allocation).
     fn send_and_exit(&self, msg: [u8; 8], code: i32) -> ! {
-        // SAFETY: writes 8 bytes from the stack, then exits at once.
-        unsafe {
-            libc::write(self.wr.as_raw_fd(), msg.as_ptr().cast(), 8);
-            libc::_exit(code)
-        }
+        self.send(msg);
+        // SAFETY: exits at once.
+        unsafe { libc::_exit(code) }
     }
 
-    /// The parent's side: the 8 bytes the child sent, or None when it
-    /// sent nothing (exec'ed, or died).
-    fn receive(self) -> Option<[u8; 8]> {
-        drop(self.wr);
+    /// The parent's side: the next 8 bytes the child sent, or None when it
+    /// sent nothing more (exec'ed, or died).
+    fn receive(&mut self) -> Option<[u8; 8]> {
+        self.wr = None;
         let mut buf = [0u8; 8];
         // SAFETY: reads at most 8 bytes into buf.
         let n = unsafe { libc::read(self.rd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
@@ -162,7 +178,7 @@ pub fn fork_into_time_ns(
     cgroup: Option<BorrowedFd<'_>>,
     set_tid: &[libc::pid_t],
 ) -> io::Result<Option<i32>> {
-    let pipe = ReportPipe::new()?;
+    let mut pipe = ReportPipe::new()?;
     let path = c"/proc/self/timens_offsets";
     let report = |v: i64| -> ! { pipe.send_and_exit(v.to_le_bytes(), 0) };
     match fork_into(0, None, &[])? {
@@ -236,6 +252,16 @@ pub struct SpawnError {
     pub error: io::Error,
 }
 
+/// Why `spawn_job` failed: a step of the child, or the parent's own work
+/// before the exec.
+#[derive(Debug)]
+pub enum SpawnFailure<E> {
+    /// A step of the child failed (or it could not be created).
+    Step(SpawnError),
+    /// The parent's `before_exec` failed; the child was killed.
+    BeforeExec(E),
+}
+
 /// Step numbers reported in `SpawnError`.
 pub const STEP_SETSID: usize = 0;
 pub const STEP_CGROUP: usize = 1;
@@ -243,40 +269,100 @@ pub const STEP_HOSTNAME: usize = 2;
 pub const STEP_EXEC: usize = 3;
 pub const STEP_LOOPBACK: usize = 4;
 pub const STEP_MOUNTS: usize = 5;
+/// Not a step: the child's report that it is set up and waits for the go.
+const HELD: u32 = u32::MAX - 1;
+
+fn decode_report(buf: [u8; 8]) -> SpawnError {
+    let step = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    let errno = i32::from_le_bytes(buf[4..].try_into().expect("4 bytes"));
+    SpawnError {
+        step,
+        error: io::Error::from_raw_os_error(errno),
+    }
+}
+
+/// Kills and reaps a child that will not run its command.
+fn kill_and_reap(pid: i32) {
+    // SAFETY: signals and reaps our own child.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+        libc::waitpid(pid, std::ptr::null_mut(), 0);
+    }
+}
 
 /// Starts a job's first process: clone3 with `spec.flags` (into `cgroup`
 /// when given), then in the child setsid, join the v1 cgroup, set the
-/// hostname, make the mounts and exec the program. Returns the child's PID
-/// once the exec succeeded, or which step failed and why.
-pub fn spawn_job(spec: &JobSpawn, cgroup: Option<BorrowedFd<'_>>) -> Result<i32, SpawnError> {
-    let early = |error| SpawnError {
-        step: usize::MAX,
-        error,
+/// hostname, make the mounts, and wait: the parent runs `before_exec` with
+/// the child's PID (its namespaces exist, its command has not started:
+/// the place to give it network interfaces), and only once that succeeded
+/// does the child exec the program. Returns the child's PID once the exec
+/// succeeded; on any failure the child is gone.
+pub fn spawn_job<E>(
+    spec: &JobSpawn,
+    cgroup: Option<BorrowedFd<'_>>,
+    before_exec: impl FnOnce(i32) -> Result<(), E>,
+) -> Result<i32, SpawnFailure<E>> {
+    let early = |error| {
+        SpawnFailure::Step(SpawnError {
+            step: usize::MAX,
+            error,
+        })
     };
     let mut argv: Vec<*const libc::c_char> = spec.argv.iter().map(|a| a.as_ptr()).collect();
     argv.push(std::ptr::null());
-    let pipe = ReportPipe::new().map_err(early)?;
+    let mut pipe = ReportPipe::new().map_err(early)?;
+    let (go_rd, go_wr) = cloexec_pipe().map_err(early)?;
     match fork_into(spec.flags, cgroup, &[]) {
         Err(e) => Err(early(e)),
-        Ok(None) => child_setup(spec, &argv, &pipe),
+        Ok(None) => child_setup(spec, &argv, &pipe, go_rd.as_raw_fd(), go_wr.as_raw_fd()),
         Ok(Some(pid)) => {
-            if let Some(buf) = pipe.receive() {
-                let step = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
-                let errno = i32::from_le_bytes(buf[4..].try_into().expect("4 bytes"));
-                // SAFETY: reaps the child that reported its failure.
-                unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
-                return Err(SpawnError {
-                    step,
-                    error: io::Error::from_raw_os_error(errno),
-                });
+            drop(go_rd);
+            match pipe.receive() {
+                Some(buf) if buf[..4] == HELD.to_le_bytes() => {}
+                Some(buf) => {
+                    // SAFETY: reaps the child that reported its failure.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                    return Err(SpawnFailure::Step(decode_report(buf)));
+                }
+                None => {
+                    kill_and_reap(pid);
+                    return Err(early(io::Error::other(
+                        "the job's first process died while being set up",
+                    )));
+                }
             }
-            Ok(pid)
+            if let Err(e) = before_exec(pid) {
+                kill_and_reap(pid);
+                return Err(SpawnFailure::BeforeExec(e));
+            }
+            // SAFETY: writes one byte from the stack to our pipe.
+            let sent = unsafe { libc::write(go_wr.as_raw_fd(), [1u8].as_ptr().cast(), 1) };
+            if sent != 1 {
+                let e = io::Error::last_os_error();
+                kill_and_reap(pid);
+                return Err(early(e));
+            }
+            drop(go_wr);
+            match pipe.receive() {
+                None => Ok(pid),
+                Some(buf) => {
+                    // SAFETY: reaps the child that reported its failure.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+                    Err(SpawnFailure::Step(decode_report(buf)))
+                }
+            }
         }
     }
 }
 
 /// The child side of `spawn_job`: raw syscalls only, no allocation.
-fn child_setup(spec: &JobSpawn, argv: &[*const libc::c_char], report: &ReportPipe) -> ! {
+fn child_setup(
+    spec: &JobSpawn,
+    argv: &[*const libc::c_char],
+    report: &ReportPipe,
+    go_rd: i32,
+    go_wr: i32,
+) -> ! {
     let fail = |step: usize| -> ! {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
         let mut msg = [0u8; 8];
@@ -288,6 +374,9 @@ fn child_setup(spec: &JobSpawn, argv: &[*const libc::c_char], report: &ReportPip
     // prepared by the parent and still alive in this copy of its memory;
     // the calls are async-signal-safe and do not allocate.
     unsafe {
+        // Only the parent writes the go: if it dies instead, the read
+        // below sees end of file.
+        libc::close(go_wr);
         if libc::setsid() < 0 {
             fail(STEP_SETSID);
         }
@@ -325,6 +414,22 @@ fn child_setup(spec: &JobSpawn, argv: &[*const libc::c_char], report: &ReportPip
                 fail(STEP_MOUNTS + i);
             }
         }
+        let mut held = [0u8; 8];
+        held[..4].copy_from_slice(&HELD.to_le_bytes());
+        report.send(held);
+        let mut go = 0u8;
+        loop {
+            let n = libc::read(go_rd, (&mut go as *mut u8).cast(), 1);
+            if n == 1 {
+                break;
+            }
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            // The parent gave up on this job (or died): never run it.
+            libc::_exit(127);
+        }
+        libc::close(go_rd);
         // A job starts with stdin, stdout and stderr only: descriptors the
         // caller leaked would tie it to processes outside the job.
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;

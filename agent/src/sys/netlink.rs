@@ -1,5 +1,6 @@
 //! sock_diag over netlink: what the kernel knows about every unix socket
-//! of the caller's network namespace (peer, state, name, shutdown).
+//! of the caller's network namespace (peer, state, name, shutdown); and the
+//! id under which the caller's network namespace knows another one.
 
 use std::collections::HashMap;
 use std::io;
@@ -150,6 +151,82 @@ pub fn unix_sockets() -> io::Result<HashMap<u64, UnixDiag>> {
     }
 }
 
+const NETLINK_ROUTE: i32 = 0;
+const RTM_GETNSID: u16 = 90;
+const RTM_NEWNSID: u16 = 88;
+const NETNSA_NSID: u16 = 1;
+const NETNSA_PID: u16 = 2;
+
+/// The id (nsid) under which the calling thread's network namespace knows
+/// the network namespace of process `pid`; None when it has none assigned.
+/// A veth's `link_netnsid` is such an id: comparing the two tells whether
+/// an interface's peer lives in that process's namespace.
+pub fn nsid_of_pid(pid: i32) -> io::Result<Option<i32>> {
+    // SAFETY: plain socket creation; the fd is owned right away.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            NETLINK_ROUTE,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // nlmsghdr (16) + rtgenmsg padded (4) + NETNSA_PID attribute (8).
+    let mut req = Vec::with_capacity(28);
+    req.extend_from_slice(&28u32.to_ne_bytes());
+    req.extend_from_slice(&RTM_GETNSID.to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_UNSPEC as u8, 0, 0, 0]);
+    req.extend_from_slice(&8u16.to_ne_bytes());
+    req.extend_from_slice(&NETNSA_PID.to_ne_bytes());
+    req.extend_from_slice(&(pid as u32).to_ne_bytes());
+    // SAFETY: sends a buffer we own to the kernel.
+    if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: receives into a buffer we own.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let m = &buf[..n as usize];
+    if m.len() < 20 {
+        return Err(io::Error::other("short RTM_GETNSID reply"));
+    }
+    match u16_at(m, 4) {
+        NLMSG_ERROR => {
+            let errno = -(u32_at(m, 16) as i32);
+            Err(io::Error::from_raw_os_error(errno))
+        }
+        RTM_NEWNSID => {
+            let len = (u32_at(m, 0) as usize).min(m.len());
+            let mut at = 20;
+            while at + 4 <= len {
+                let alen = u16_at(m, at) as usize;
+                if alen < 4 || at + alen > len {
+                    break;
+                }
+                if u16_at(m, at + 2) & 0x3fff == NETNSA_NSID && alen >= 8 {
+                    let id = u32_at(m, at + 4) as i32;
+                    return Ok((id >= 0).then_some(id));
+                }
+                at += (alen + 3) & !3;
+            }
+            Ok(None)
+        }
+        t => Err(io::Error::other(format!(
+            "unexpected netlink message type {t} in reply to RTM_GETNSID"
+        ))),
+    }
+}
+
 /// Sets SO_PEEK_OFF (-1 turns peeking with an offset off again).
 pub fn set_peek_off(fd: std::os::fd::BorrowedFd<'_>, off: i32) -> io::Result<()> {
     // SAFETY: passes a pointer to a live int of the right size.
@@ -193,5 +270,14 @@ mod tests {
         assert_eq!(da.peer, ino(&b));
         assert_eq!(da.kind as i32, libc::SOCK_STREAM);
         assert!(da.name.is_empty());
+    }
+
+    #[test]
+    fn own_namespace_has_no_nsid_or_a_valid_one() {
+        // Our own namespace may or may not have an id for itself; asking
+        // must work either way, and a missing process is an error.
+        let me = std::process::id() as i32;
+        assert!(nsid_of_pid(me).is_ok());
+        assert!(nsid_of_pid(i32::MAX).is_err());
     }
 }

@@ -8,7 +8,7 @@ use crate::later::{pipe_pair, read_u32, write_u32};
 use crate::util::*;
 use crate::Ctx;
 
-fn must_be_job() -> CaseResult {
+pub(crate) fn must_be_job() -> CaseResult {
     // SAFETY: getpid has no arguments.
     let pid = unsafe { libc::getpid() };
     if pid != 1 {

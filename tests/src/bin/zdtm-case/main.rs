@@ -11,6 +11,7 @@ mod jobs;
 mod later;
 mod memory;
 mod net;
+mod netif;
 mod process;
 mod syscalls;
 mod threads;
@@ -116,6 +117,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("job_namespaces", jobs::job_namespaces),
     ("sysv_ipc", jobs::sysv_ipc),
     ("job_net", jobs::job_net),
+    ("job_net_veth", netif::job_net_veth),
     ("memfd_shared_map", jobs::memfd_shared_map),
     ("time_ns", jobs::time_ns),
 ];
