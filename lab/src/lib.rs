@@ -312,7 +312,33 @@ impl Node {
             pid,
             child: child.clone(),
         });
-        Ok(NodeProcess { pid, child })
+        let process = NodeProcess { pid, child };
+        if cmd.get_program() == "nsenter" {
+            self.wait_entered(&process)?;
+        }
+        Ok(process)
+    }
+
+    /// Waits until `p` is inside the node's network namespace (or has exited): spawn returns once
+    /// nsenter is exec'd, before its setns, and callers expect a process that is on the node.
+    fn wait_entered(&self, p: &NodeProcess) -> Result<(), LabError> {
+        let Some(inode) = procs::ns_inode(&self.netns_path) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !procs::in_net_ns(p.pid, inode) {
+            if !matches!(p.try_wait(), Ok(None)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout {
+                    what: format!("process {} to enter {}", p.pid, self.name),
+                    secs: 5,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 
     /// Runs `f` on a thread that has entered this node's network namespace (so sockets it opens
@@ -394,6 +420,10 @@ impl Node {
             problems.push(e.to_string());
         }
         if let Err(e) = remove_uts(&self.uts_path) {
+            problems.push(e.to_string());
+        }
+        // Anyone who opened the namespace files before they went is found now.
+        if let Err(e) = procs::kill_members(&inodes, &self.name) {
             problems.push(e.to_string());
         }
         if problems.is_empty() {
@@ -639,13 +669,17 @@ fn teardown_k(k: u8, remove_lab_dir: bool) -> Vec<String> {
             problems.push(e.to_string());
         }
     }
-    if let Err(e) = remove_prohibit_route(k) {
-        problems.push(e.to_string());
-    }
     for u in &uts {
         if let Err(e) = remove_uts(u) {
             problems.push(e.to_string());
         }
+    }
+    // Anyone who opened the namespace files before they went is found now.
+    if let Err(e) = procs::kill_members(&inodes, &format!("lab {k}")) {
+        problems.push(e.to_string());
+    }
+    if let Err(e) = remove_prohibit_route(k) {
+        problems.push(e.to_string());
     }
     let mut dirs = vec![var_dir(k)];
     if remove_lab_dir {

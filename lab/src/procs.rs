@@ -29,24 +29,51 @@ fn proc_ns_inode(pid: i32, kind: &str) -> Option<u64> {
         .ok()
 }
 
-/// Every process (other than this one) whose network or UTS namespace is one of `inodes`.
+/// Inode of the namespace an open file descriptor refers to, if it is a network or UTS one.
+fn fd_ns_inode(link: &Path) -> Option<u64> {
+    let s = link.to_str()?;
+    let rest = s
+        .strip_prefix("net:[")
+        .or_else(|| s.strip_prefix("uts:["))?;
+    rest.strip_suffix(']')?.parse().ok()
+}
+
+/// Whether `pid` is in one of the namespaces `inodes`, or holds one open and so may enter it
+/// at any moment: `nsenter` opens the namespace files, then calls setns, then execs, so a
+/// process started just before a scan is found only by its descriptors.
+fn is_member(pid: i32, inodes: &HashSet<u64>) -> bool {
+    if ["net", "uts"]
+        .iter()
+        .any(|k| proc_ns_inode(pid, k).is_some_and(|i| inodes.contains(&i)))
+    {
+        return true;
+    }
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .any(|l| fd_ns_inode(&l).is_some_and(|i| inodes.contains(&i)))
+}
+
+/// Every process (other than this one) in, or holding, one of the namespaces `inodes`.
 fn members(inodes: &HashSet<u64>) -> Vec<i32> {
     let me = std::process::id() as i32;
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != me)
-        .filter(|&pid| {
-            ["net", "uts"]
-                .iter()
-                .any(|k| proc_ns_inode(pid, k).is_some_and(|i| inodes.contains(&i)))
-        })
+        .filter(|&pid| pid != me && is_member(pid, inodes))
         .collect()
 }
 
-/// SIGKILLs every process in the namespaces `inodes` until none is left, because a process that
-/// forks while we scan would otherwise survive its node. `what` names the namespaces for errors.
+/// Whether process `pid` is in the network namespace `inode`.
+pub(crate) fn in_net_ns(pid: u32, inode: u64) -> bool {
+    proc_ns_inode(pid as i32, "net") == Some(inode)
+}
+
+/// SIGKILLs every process in (or holding) the namespaces `inodes` until none is left, because a
+/// process that forks while we scan would otherwise survive its node. Callers run it again once
+/// the namespace files are gone, when nobody new can open them. `what` names them for errors.
 pub(crate) fn kill_members(inodes: &HashSet<u64>, what: &str) -> Result<usize, LabError> {
     if inodes.is_empty() {
         return Ok(0);
