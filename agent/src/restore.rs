@@ -147,6 +147,14 @@ fn blank_scratch(pid: i32) -> Result<Scratch> {
     Ok(Scratch::new(pid, (rsp - 0x10000) & !0xfff, 0x1000))
 }
 
+/// What a job's own network namespace is restored with.
+struct JobNet<'a> {
+    /// The network lock to take in it before its addresses exist.
+    lock: Option<ns::LockRequest>,
+    /// Put the node ends of its veths on this bridge.
+    bridge: Option<&'a str>,
+}
+
 /// Creates every process of the checkpoint, parents first, as a blank
 /// copy of the agent forked by its own parent (clone3 with set_tid,
 /// injected into the parent), stopped and traced; then recreates sessions
@@ -158,9 +166,9 @@ fn skeleton(
     job: Option<(&NsImage, Option<&JobCgroup>)>,
     dir: &Path,
     root_own_session: bool,
-    lock: Option<ns::LockRequest>,
-    bridge: Option<&str>,
+    jobnet: JobNet<'_>,
 ) -> Result<Option<ns::Restored>> {
+    let JobNet { lock, bridge } = jobnet;
     let gadget = sys::gadget::syscall_gadget_addr();
     let root = pids[0];
     let flags = job.map_or(0, |(img, _)| ns::clone_flags(img));
@@ -497,8 +505,10 @@ pub fn restore_with_progress(
         job,
         dir,
         own_session,
-        job_lock,
-        req.bridge.as_deref(),
+        JobNet {
+            lock: job_lock,
+            bridge: req.bridge.as_deref(),
+        },
     )?;
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&tables);
