@@ -448,6 +448,13 @@ impl CaseProcess {
     /// Sends SIGTERM, waits for the exit and returns the verdict file's text
     /// (which must be PASS) or a failure message with everything known.
     pub fn terminate_and_check(&mut self, context: &str) -> Result<(), String> {
+        self.terminate(context)?;
+        self.check_exit(context)
+    }
+
+    /// Tells the case to check itself and exit (SIGTERM), without waiting:
+    /// cases that talk to each other are told together, then checked.
+    pub fn terminate(&mut self, context: &str) -> Result<(), String> {
         clear_result(&self.result);
         if !kill(self.pid, libc::SIGTERM) {
             return Err(format!(
@@ -457,6 +464,11 @@ impl CaseProcess {
                 self.log_text()
             ));
         }
+        Ok(())
+    }
+
+    /// Waits for a case told to terminate and reads its verdict.
+    pub fn check_exit(&mut self, context: &str) -> Result<(), String> {
         let status = if let Some(mut child) = self.child.take() {
             wait_child(&mut child, EXIT_TIMEOUT).map(|s| describe_exit(&s))
         } else {

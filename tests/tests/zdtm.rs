@@ -81,6 +81,8 @@ cases!(
     tcp_close_wait,
     #[ignore = "needs a peer outside the tree: the tcp tests run it"]
     tcp_stream,
+    #[ignore = "one part of a job on two nodes: multinode::tcp_parts_move_to_other_nodes runs it"]
+    job_net_tcp_part,
     #[ignore = "needs a peer outside the tree: tcp::half_closed_connection runs it"]
     tcp_half_closed,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_tcp_listen_pending runs it"]

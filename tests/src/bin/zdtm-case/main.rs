@@ -91,6 +91,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("udp_sockets", net::udp_sockets),
     ("tcp_close_wait", net::tcp_close_wait),
     ("tcp_stream", net::tcp_stream),
+    ("job_net_tcp_part", net::job_net_tcp_part),
     ("tcp_half_closed", net::tcp_half_closed),
     ("tcp_listen_pending", net::tcp_listen_pending),
     // the same in a job with its own network namespace (lock taken there)

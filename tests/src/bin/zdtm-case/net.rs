@@ -270,8 +270,6 @@ pub fn tcp_close_wait(ctx: &Ctx) -> CaseResult {
 /// what they receive, through checkpoints; the case passes when every byte
 /// it received was the next one expected, and it received some.
 pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    use std::sync::Arc;
     let tmp = std::env::var("CKPT_ZDTM_TMP").map_err(|_| "CKPT_ZDTM_TMP unset")?;
     let peer: SocketAddr = std::fs::read_to_string(format!("{tmp}/peer"))
         .map_err(|e| format!("reading the peer address: {e}"))?
@@ -279,6 +277,52 @@ pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
         .parse()
         .map_err(|e| format!("peer address: {e}"))?;
     let s = TcpStream::connect(peer).map_err(|e| format!("connect {peer}: {e}"))?;
+    stream(ctx, s, None)
+}
+
+/// One part of a job spread over two nodes: $CKPT_ZDTM_TMP/part says
+/// "listen ADDR" or "connect ADDR"; the two parts then stream to each
+/// other as in `tcp_stream`, and each writes how many bytes it received
+/// so far to $CKPT_ZDTM_TMP/count, for the test to watch.
+pub fn job_net_tcp_part(ctx: &Ctx) -> CaseResult {
+    let tmp = std::env::var("CKPT_ZDTM_TMP").map_err(|_| "CKPT_ZDTM_TMP unset")?;
+    let part = std::fs::read_to_string(format!("{tmp}/part"))
+        .map_err(|e| format!("reading the part file: {e}"))?;
+    let (role, addr) = part.trim().split_once(' ').ok_or("part file: ROLE ADDR")?;
+    let addr: SocketAddr = addr.parse().map_err(|e| format!("address {addr}: {e}"))?;
+    // The listener stays open through the checkpoint.
+    let mut listener = None;
+    let s = match role {
+        "listen" => {
+            let l = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+            let (s, _) = l.accept().map_err(|e| format!("accept: {e}"))?;
+            listener = Some(l);
+            s
+        }
+        "connect" => {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match TcpStream::connect(addr) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(format!("connect {addr}: {e}"))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        r => return Err(format!("unknown role {r}")),
+    };
+    let r = stream(ctx, s, Some(format!("{tmp}/count")));
+    drop(listener);
+    r
+}
+
+/// Streams the counted pattern both ways on `s` until the case is told to
+/// stop; checks every byte received.
+fn stream(ctx: &Ctx, s: TcpStream, count_file: Option<String>) -> CaseResult {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
     let mut w = s.try_clone().map_err(|e| e.to_string())?;
     let mut r = s;
     let stop = Arc::new(AtomicBool::new(false));
@@ -287,8 +331,13 @@ pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
         let mut sent = 0usize;
         while !stop_w.load(Ordering::Relaxed) {
             let block: Vec<u8> = (sent..sent + 1000).map(byte_at).collect();
-            w.write_all(&block)
-                .map_err(|e| format!("write after {sent}: {e}"))?;
+            if let Err(e) = w.write_all(&block) {
+                // The peer may be told to stop (and go) a moment before us.
+                if crate::TERM.load(Ordering::SeqCst) {
+                    break;
+                }
+                return Err(format!("write after {sent}: {e}"));
+            }
             sent += 1000;
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -298,41 +347,38 @@ pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
     let reader = std::thread::spawn(move || -> Result<(), String> {
         let mut buf = vec![0u8; 8192];
         let mut at = 0usize;
+        let mut told = Instant::now();
         loop {
-            let n = r
-                .read(&mut buf)
-                .map_err(|e| format!("read after {at}: {e}"))?;
-            if n == 0 {
-                return Ok(());
-            }
-            if let Some(i) = buf[..n]
-                .iter()
-                .enumerate()
-                .position(|(i, b)| *b != byte_at(at + i))
-            {
+            let n = match r.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(_) if crate::TERM.load(Ordering::SeqCst) => return Ok(()),
+                Err(e) => return Err(format!("read after {at}: {e}")),
+            };
+            if let Some(i) = buf[..n].iter().enumerate().position(|(i, b)| *b != byte_at(at + i)) {
                 return Err(format!("byte {} of the stream is wrong", at + i));
             }
             at += n;
             rcount.store(at as u64, Ordering::Relaxed);
+            if let Some(f) = &count_file {
+                if told.elapsed() > Duration::from_millis(50) {
+                    let _ = std::fs::write(f, at.to_string());
+                    told = Instant::now();
+                }
+            }
         }
     });
-    if !wait_until(Duration::from_secs(5), || {
-        received.load(Ordering::Relaxed) > 0
-    }) {
+    if !wait_until(Duration::from_secs(5), || received.load(Ordering::Relaxed) > 0) {
         return Err("nothing received from the peer".into());
     }
     ctx.ready_and_wait()?;
     stop.store(true, Ordering::Relaxed);
     let mut k = Check::new();
     k.ok("writer ok", matches!(writer.join(), Ok(Ok(_))));
-    // The peer closes once told the case is done: the reader sees the end.
     k.ok("received data", received.load(Ordering::Relaxed) > 0);
+    // A reader that stopped early says why (a wrong byte, a reset).
     if reader.is_finished() {
-        k.eq(
-            "reader",
-            Ok(()),
-            reader.join().map_err(|_| "panicked".to_string())?,
-        );
+        k.eq("reader", Ok(()), reader.join().map_err(|_| "panicked".to_string())?);
     }
     k.finish()
 }

@@ -1,0 +1,182 @@
+//! A job in two parts on two nodes of a simulated cluster (ckpt-lab), the
+//! parts streaming to each other over TCP on the job's own addresses: both
+//! parts are checkpointed by their nodes' agents, both nodes are destroyed
+//! (namespaces, agents, addresses), both parts are restored by the agents of
+//! two other nodes, and the stream goes on byte-exact on the same sockets.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ckpt_lab::{Lab, Node};
+use ckpt_tests::{
+    dump_in, no_checkpoint, restore_detached_in, CaseProcess, JobCgroupGuard, JobOptions, Workdir,
+};
+
+const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
+const CASE: &str = "job_net_tcp_part";
+const PORT: u16 = 7000;
+
+/// How an agent runs on `node`: in its network and UTS namespaces (not
+/// `ip netns exec`, which hides the cgroup mounts).
+fn on(node: &Node) -> Vec<String> {
+    vec![
+        "nsenter".into(),
+        format!("--net={}", node.netns_path().display()),
+        format!("--uts={}", node.uts_path().display()),
+        "--".into(),
+    ]
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Bytes one part has received so far, as it last wrote them.
+fn received(dir: &Workdir) -> u64 {
+    std::fs::read_to_string(dir.join("tmp/count"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until both parts received `more` bytes beyond what they had.
+fn both_flow(parts: &[&Workdir], more: u64, within: Duration) -> Result<(), String> {
+    let start: Vec<u64> = parts.iter().map(|d| received(d)).collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let now: Vec<u64> = parts.iter().map(|d| received(d)).collect();
+        if now.iter().zip(&start).all(|(n, s)| *n >= s + more) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the stream stalled: received {now:?}, was {start:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One part: its work dir, job id, address and MAC.
+struct Part {
+    dir: Workdir,
+    job: String,
+    addr: std::net::Ipv4Addr,
+    mac: String,
+    images: PathBuf,
+}
+
+fn start(part: &Part, node: &Node, role: &str, peer: std::net::Ipv4Addr) -> CaseProcess {
+    let tmp = part.dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("part"), format!("{role} {peer}:{PORT}")).unwrap();
+    let opts = JobOptions {
+        prefix: on(node),
+        run_args: [
+            "--veth",
+            node.bridge(),
+            "--address",
+            &format!("{}/24", part.addr),
+            "--mac",
+            &part.mac,
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: Vec::new(),
+    };
+    CaseProcess::spawn_job_with(Path::new(CASE_BIN), CASE, &part.job, &part.dir, &opts)
+        .unwrap_or_else(|e| panic!("starting part {} on {}: {e}", part.job, node.name()))
+}
+
+/// The lock tables in the network namespace of process `pid`.
+fn lock_tables_of(pid: i32) -> String {
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["nft", "list", "tables"])
+        .output()
+        .expect("nsenter nft");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn tcp_parts_move_to_other_nodes() {
+    if no_checkpoint() {
+        return;
+    }
+    let lab = Lab::up(4).expect("bring up a lab of 4 nodes");
+    let k = lab.number();
+    let parts: Vec<Part> = ["a", "b"]
+        .iter()
+        .enumerate()
+        .map(|(j, name)| Part {
+            dir: Workdir::for_job(&format!("multinode-{name}")),
+            job: format!("mn{k}-{name}-{}", std::process::id()),
+            addr: lab.job_address(j as u8),
+            mac: format!("02:00:c6:12:{k:02x}:{:02x}", 100 + j),
+            images: lab.shared_dir().join(format!("part-{name}")),
+        })
+        .collect();
+    let _cgroups: Vec<JobCgroupGuard> = parts.iter().map(|p| JobCgroupGuard(p.job.clone())).collect();
+    let (a, b) = (&parts[0], &parts[1]);
+    let mut ca = start(a, lab.node(1), "listen", a.addr);
+    let mut cb = start(b, lab.node(2), "connect", a.addr);
+    ca.wait_ready().unwrap();
+    cb.wait_ready().unwrap();
+    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10)).unwrap();
+
+    // Both parts checkpointed at once, each by its node's agent.
+    let dumps = std::thread::scope(|s| {
+        [(a, &ca, lab.node(1)), (b, &cb, lab.node(2))]
+            .map(|(p, c, n)| {
+                let prefix = on(n);
+                let pid = c.pid;
+                s.spawn(move || {
+                    dump_in(&strs(&prefix), pid, &p.images, &["--tcp-established"], &p.dir)
+                })
+            })
+            .map(|h| h.join().unwrap())
+    })
+    ;
+    for d in &dumps {
+        assert!(d.ok(), "dump failed:\n{}", d.describe());
+    }
+    ca.expect_gone().unwrap();
+    cb.expect_gone().unwrap();
+    let before = (received(&a.dir), received(&b.dir));
+
+    // The old nodes go away, with their agents and addresses.
+    lab.node(1).destroy().unwrap();
+    lab.node(2).destroy().unwrap();
+
+    for (p, c, n) in [(a, &mut ca, lab.node(3)), (b, &mut cb, lab.node(4))] {
+        let (run, pid) = restore_detached_in(
+            &strs(&on(n)),
+            &p.images,
+            &["--tcp-established"],
+            &p.dir,
+            "restore",
+        );
+        if let Some(pid) = pid {
+            c.pid = pid;
+            c.adopt_restored();
+        }
+        assert!(run.ok(), "restore of {} on {} failed:\n{}", p.job, n.name(), run.describe());
+        assert!(
+            !lock_tables_of(c.pid).contains("ckpt_"),
+            "a lock was left in the restored job's namespace"
+        );
+    }
+    both_flow(&[&a.dir, &b.dir], 100_000, Duration::from_secs(20)).unwrap_or_else(|e| {
+        panic!(
+            "after the move ({before:?} before): {e}\ncase logs:\n{}\n{}",
+            ca.log_text(),
+            cb.log_text()
+        )
+    });
+    // Both told to stop at once: neither sees its peer vanish mid-stream.
+    ca.terminate("part a").unwrap();
+    cb.terminate("part b").unwrap();
+    ca.check_exit("part a, restored on node 3").unwrap();
+    cb.check_exit("part b, restored on node 4").unwrap();
+    lab.down().unwrap();
+}
