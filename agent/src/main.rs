@@ -133,6 +133,14 @@ enum Cmd {
         #[arg(long)]
         job: Option<String>,
     },
+    /// Block, in this agent's network namespace, the TCP connections of a
+    /// checkpoint about to be restored here, before its addresses move to
+    /// this node; the restore takes the lock over and releases it.
+    Lock {
+        /// The checkpoint directory.
+        #[arg(long, short = 'D')]
+        images: PathBuf,
+    },
     /// Decode any image file.
     Show {
         /// The image file.
@@ -336,6 +344,20 @@ fn main() -> ExitCode {
                 Err(e) => fail(e),
             }
         }
+        Cmd::Lock { images } => match restore::lock_ahead(&images) {
+            Ok(t) => {
+                if cli.json {
+                    println!("{}", serde_json::json!({ "table": t }));
+                } else {
+                    match t {
+                        Some(t) => println!("locked: nftables table inet {t} until the restore"),
+                        None => println!("nothing to lock: the checkpoint has no TCP socket"),
+                    }
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
         Cmd::Show { path } => match show::show(&path, cli.json) {
             Ok(s) => {
                 println!("{s}");

@@ -96,6 +96,52 @@ fn load(dir: &Path, core: TaskCore) -> Result<Images> {
     })
 }
 
+/// Takes, in this agent's network namespace, the lock a restore of the
+/// checkpoint in `dir` takes, and keeps it for that restore: for when the
+/// tree's addresses must come to this node before it is restored (a
+/// retransmission reaching the address before its socket exists would get
+/// a reset). Returns the lock's table, None when the checkpoint has no TCP
+/// socket.
+pub fn lock_ahead(dir: &Path) -> Result<Option<String>> {
+    let inv = read_inventory(dir)?;
+    verify(dir, &inv)?;
+    let ns_img: Option<NsImage> = if dir.join(ns::NS_IMAGE).exists() {
+        Some(read_image_file(&dir.join(ns::NS_IMAGE), ImageKind::Ns)?)
+    } else {
+        None
+    };
+    if ns_img
+        .as_ref()
+        .is_some_and(|n| n.own & libc::CLONE_NEWNET as u64 != 0)
+    {
+        return Err(Error::BadImages {
+            dir: dir.to_path_buf(),
+            reason: "the job has its own network namespace: its restore locks it before \
+                     its addresses exist, there is nothing to lock ahead"
+                .into(),
+        });
+    }
+    let mut tables = Vec::new();
+    for &pid in &inv.pids {
+        if load_core(dir, pid)?.state != "Z" {
+            let t: FdTable = read_image_file(
+                &dir.join(image_name(ImageKind::Files, pid)),
+                ImageKind::Files,
+            )?;
+            tables.push(t);
+        }
+    }
+    let conns = crate::inet::lock_conns(&tables.iter().collect::<Vec<_>>());
+    if conns.is_empty() {
+        return Ok(None);
+    }
+    let name = crate::dump::lock_name(ns_img.as_ref().map_or("", |n| n.job.as_str()), inv.root_pid);
+    let lock = crate::netlock::NetLock::take(&name, crate::netlock::Netns::Agent, conns)?;
+    let table = lock.table().to_string();
+    lock.keep()?;
+    Ok(Some(table))
+}
+
 /// Kills every half-built process unless disarmed, children first.
 struct TreeGuard {
     /// Host PIDs, in creation order.

@@ -277,9 +277,27 @@ impl CaseProcess {
     /// Starts `zdtm-case NAME` with stdin /dev/null and stdout+stderr on one
     /// log file, and no descriptors but those three.
     pub fn spawn(case_bin: &Path, name: &str, dir: &Workdir) -> Result<CaseProcess, String> {
+        Self::spawn_in(&[], case_bin, name, dir)
+    }
+
+    /// `spawn` under a command `prefix` that execs the case (e.g.
+    /// `nsenter --net=...`: the case runs in a lab node's namespaces).
+    pub fn spawn_in(
+        prefix: &[String],
+        case_bin: &Path,
+        name: &str,
+        dir: &Workdir,
+    ) -> Result<CaseProcess, String> {
         become_subreaper();
         let (ready, result, log) = (dir.join("ready"), dir.join("result"), dir.join("case.log"));
-        let mut cmd = Command::new(case_bin);
+        let mut cmd = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(case_bin);
+                c
+            }
+            None => Command::new(case_bin),
+        };
         case_args(&mut cmd, name, dir, &log)?;
         // SAFETY: close_range is async-signal-safe. Descriptors inherited by
         // the test runner without CLOEXEC (a make jobserver pipe, say) would
@@ -879,5 +897,108 @@ fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result
             case.terminate_and_check("original after --leave-running dump")?;
             restore_and_check(&mut case, &images, dir)
         }
+    }
+}
+
+// ------------------------------------------------------------ streams
+
+use std::io::{Read as _, Write as _};
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+/// The byte at position `i` of the counted pattern stream cases send.
+pub fn byte_at(i: usize) -> u8 {
+    (i * 7 % 251) as u8
+}
+
+/// A test's end of a pattern stream with a case (`tcp_stream`): sends
+/// the pattern, checks every byte that arrives.
+pub struct StreamPeer {
+    received: Arc<AtomicU64>,
+    error: Arc<Mutex<Option<String>>>,
+    stop: Arc<AtomicBool>,
+    conn: std::net::TcpStream,
+}
+
+impl StreamPeer {
+    /// Accepts the case's connection on `listener` and starts streaming.
+    pub fn start(listener: std::net::TcpListener) -> StreamPeer {
+        let (conn, _) = listener.accept().expect("accept the case's connection");
+        let received = Arc::new(AtomicU64::new(0));
+        let error = Arc::new(Mutex::new(None));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut r = conn.try_clone().unwrap();
+        let (rc, re) = (received.clone(), error.clone());
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 8192];
+            let mut at = 0usize;
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        if let Some(i) = (0..n).find(|&i| buf[i] != byte_at(at + i)) {
+                            *re.lock().unwrap() = Some(format!("byte {} wrong", at + i));
+                            return;
+                        }
+                        at += n;
+                        rc.store(at as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        *re.lock().unwrap() = Some(format!("read after {at}: {e}"));
+                        return;
+                    }
+                }
+            }
+        });
+        let mut w = conn.try_clone().unwrap();
+        let (ws, we) = (stop.clone(), error.clone());
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            while !ws.load(Ordering::Relaxed) {
+                let block: Vec<u8> = (sent..sent + 1000).map(byte_at).collect();
+                if let Err(e) = w.write_all(&block) {
+                    *we.lock().unwrap() = Some(format!("write after {sent}: {e}"));
+                    return;
+                }
+                sent += 1000;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        StreamPeer {
+            received,
+            error,
+            stop,
+            conn,
+        }
+    }
+
+    /// The first thing that went wrong, if any.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `more` new bytes arrived (the stream flows).
+    pub fn flows(&self, more: u64, within: Duration) -> Result<(), String> {
+        let start = self.received.load(Ordering::Relaxed);
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(e) = self.error() {
+                return Err(e);
+            }
+            if self.received.load(Ordering::Relaxed) >= start + more {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "the stream stalled at {} bytes",
+            self.received.load(Ordering::Relaxed)
+        ))
+    }
+
+    /// Stops sending and closes the connection.
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
     }
 }

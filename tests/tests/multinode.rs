@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use ckpt_lab::{Lab, Node};
 use ckpt_tests::{
-    dump_in, no_checkpoint, restore_detached_in, CaseProcess, JobCgroupGuard, JobOptions, Workdir,
+    dump_in, no_checkpoint, restore_detached_in, CaseProcess, JobCgroupGuard, JobOptions,
+    StreamPeer, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
@@ -88,6 +89,57 @@ fn start(part: &Part, node: &Node, role: &str, peer: std::net::Ipv4Addr) -> Case
         .unwrap_or_else(|e| panic!("starting part {} on {}: {e}", part.job, node.name()))
 }
 
+/// Runs `ip ARGS` in `node`'s network namespace.
+fn ip(node: &Node, args: &[&str]) {
+    let st = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns_path().display()))
+        .arg("ip")
+        .args(args)
+        .status()
+        .expect("nsenter ip");
+    assert!(
+        st.success(),
+        "ip {} on {} failed",
+        args.join(" "),
+        node.name()
+    );
+}
+
+/// Makes `node` take over `addr` the way an address manager does: the
+/// address on its bridge, then a gratuitous ARP (the kernel sends one for
+/// every address of a device whose MAC is set, with arp_notify on), so
+/// that peers stop sending to the old owner's MAC.
+fn take_over(node: &Node, addr: std::net::Ipv4Addr) {
+    ip(
+        node,
+        &["addr", "add", &format!("{addr}/24"), "dev", node.bridge()],
+    );
+    let sysctl = "/proc/sys/net/ipv4/conf/br0/arp_notify";
+    let st = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns_path().display()))
+        .args(["sh", "-c", &format!("echo 1 > {sysctl}")])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mac = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns_path().display()))
+        .args(["ip", "-o", "link", "show", "dev", node.bridge()])
+        .output()
+        .unwrap();
+    // /sys is the root namespace's here: ask ip.
+    let text = String::from_utf8_lossy(&mac.stdout).into_owned();
+    let mac = text
+        .split_whitespace()
+        .skip_while(|w| *w != "link/ether")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no MAC in {text}"))
+        .to_string();
+    ip(
+        node,
+        &["link", "set", "dev", node.bridge(), "address", &mac],
+    );
+}
+
 /// The lock tables in the network namespace of process `pid`.
 fn lock_tables_of(pid: i32) -> String {
     let out = std::process::Command::new("nsenter")
@@ -116,7 +168,10 @@ fn tcp_parts_move_to_other_nodes() {
             images: lab.shared_dir().join(format!("part-{name}")),
         })
         .collect();
-    let _cgroups: Vec<JobCgroupGuard> = parts.iter().map(|p| JobCgroupGuard(p.job.clone())).collect();
+    let _cgroups: Vec<JobCgroupGuard> = parts
+        .iter()
+        .map(|p| JobCgroupGuard(p.job.clone()))
+        .collect();
     let (a, b) = (&parts[0], &parts[1]);
     let mut ca = start(a, lab.node(1), "listen", a.addr);
     let mut cb = start(b, lab.node(2), "connect", a.addr);
@@ -131,12 +186,17 @@ fn tcp_parts_move_to_other_nodes() {
                 let prefix = on(n);
                 let pid = c.pid;
                 s.spawn(move || {
-                    dump_in(&strs(&prefix), pid, &p.images, &["--tcp-established"], &p.dir)
+                    dump_in(
+                        &strs(&prefix),
+                        pid,
+                        &p.images,
+                        &["--tcp-established"],
+                        &p.dir,
+                    )
                 })
             })
             .map(|h| h.join().unwrap())
-    })
-    ;
+    });
     for d in &dumps {
         assert!(d.ok(), "dump failed:\n{}", d.describe());
     }
@@ -160,7 +220,13 @@ fn tcp_parts_move_to_other_nodes() {
             c.pid = pid;
             c.adopt_restored();
         }
-        assert!(run.ok(), "restore of {} on {} failed:\n{}", p.job, n.name(), run.describe());
+        assert!(
+            run.ok(),
+            "restore of {} on {} failed:\n{}",
+            p.job,
+            n.name(),
+            run.describe()
+        );
         assert!(
             !lock_tables_of(c.pid).contains("ckpt_"),
             "a lock was left in the restored job's namespace"
@@ -178,5 +244,92 @@ fn tcp_parts_move_to_other_nodes() {
     cb.terminate("part b").unwrap();
     ca.check_exit("part a, restored on node 3").unwrap();
     cb.check_exit("part b, restored on node 4").unwrap();
+    lab.down().unwrap();
+}
+
+/// A process living in its node's network namespace (not a job's own), on
+/// an address of that node: dumped by the node's agent, restored by the
+/// agent of the node that took the address over, into that agent's
+/// namespace; its connection to a peer on a third node goes on.
+#[test]
+fn node_process_follows_its_address() {
+    if no_checkpoint() {
+        return;
+    }
+    let lab = Lab::up(3).expect("bring up a lab of 3 nodes");
+    let service = lab.job_address(20);
+    ip(
+        lab.node(1),
+        &["addr", "add", &format!("{service}/24"), "dev", "br0"],
+    );
+    // The peer listens on node 3.
+    let n3 = lab.node(3).address();
+    let listener = lab
+        .node(3)
+        .in_netns(|| std::net::TcpListener::bind((n3, 0)))
+        .unwrap()
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = Workdir::new("node-process");
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("peer"), format!("{n3}:{port} {service}")).unwrap();
+    let mut case =
+        CaseProcess::spawn_in(&on(lab.node(1)), Path::new(CASE_BIN), "tcp_stream", &dir).unwrap();
+    let peer = StreamPeer::start(listener);
+    case.wait_ready().unwrap();
+    peer.flows(20_000, Duration::from_secs(5)).unwrap();
+    let images = lab.shared_dir().join("node-process");
+    let run = dump_in(
+        &strs(&on(lab.node(1))),
+        case.pid,
+        &images,
+        &["--tcp-established"],
+        &dir,
+    );
+    assert!(run.ok(), "dump failed:\n{}", run.describe());
+    case.expect_gone().unwrap();
+    lab.node(1).destroy().unwrap();
+    // Node 2 blocks the connection before the address comes to it: the
+    // peer's retransmissions must not meet a reset before the restore.
+    let images_s = images.display().to_string();
+    let lock = ckpt_tests::agent_in(
+        &strs(&on(lab.node(2))),
+        &["lock", "--images", &images_s],
+        &dir,
+        "lock",
+    );
+    assert!(lock.ok(), "lock ahead failed:\n{}", lock.describe());
+    take_over(lab.node(2), service);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        peer.error(),
+        None,
+        "the peer saw an error before the restore"
+    );
+    let (run, pid) = restore_detached_in(
+        &strs(&on(lab.node(2))),
+        &images,
+        &["--tcp-established"],
+        &dir,
+        "restore",
+    );
+    if pid == Some(case.pid) {
+        case.adopt_restored();
+    }
+    assert!(run.ok(), "restore on node 2 failed:\n{}", run.describe());
+    let ns = |p: &str| std::fs::read_link(p).ok();
+    assert_eq!(
+        ns(&format!("/proc/{}/ns/net", case.pid)),
+        ns(&lab.node(2).netns_path().display().to_string()).or_else(|| {
+            std::fs::metadata(lab.node(2).netns_path()).ok().map(|m| {
+                PathBuf::from(format!("net:[{}]", std::os::unix::fs::MetadataExt::ino(&m)))
+            })
+        }),
+        "restored into node 2's namespace"
+    );
+    peer.flows(50_000, Duration::from_secs(10)).unwrap();
+    case.terminate_and_check("restored on node 2").unwrap();
+    peer.finish();
     lab.down().unwrap();
 }

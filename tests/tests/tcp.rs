@@ -4,111 +4,17 @@
 //! removed by `ckpt-agent cleanup`, after which the connection goes on.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ckpt_tests::{
     agent, agent_binary, dump, no_checkpoint, pid_exists, restore_detached_with, CaseProcess,
-    Workdir,
+    StreamPeer, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
-
-fn byte_at(i: usize) -> u8 {
-    (i * 7 % 251) as u8
-}
-
-/// The test's end of the stream: sends the pattern, checks what arrives.
-struct Peer {
-    received: Arc<AtomicU64>,
-    error: Arc<Mutex<Option<String>>>,
-    stop: Arc<AtomicBool>,
-    conn: TcpStream,
-}
-
-impl Peer {
-    fn start(listener: TcpListener) -> Peer {
-        let (conn, _) = listener.accept().expect("accept the case's connection");
-        let received = Arc::new(AtomicU64::new(0));
-        let error = Arc::new(Mutex::new(None));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut r = conn.try_clone().unwrap();
-        let (rc, re) = (received.clone(), error.clone());
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 8192];
-            let mut at = 0usize;
-            loop {
-                match r.read(&mut buf) {
-                    Ok(0) => return,
-                    Ok(n) => {
-                        if let Some(i) = (0..n).find(|&i| buf[i] != byte_at(at + i)) {
-                            *re.lock().unwrap() = Some(format!("byte {} wrong", at + i));
-                            return;
-                        }
-                        at += n;
-                        rc.store(at as u64, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        *re.lock().unwrap() = Some(format!("read after {at}: {e}"));
-                        return;
-                    }
-                }
-            }
-        });
-        let mut w = conn.try_clone().unwrap();
-        let (ws, we) = (stop.clone(), error.clone());
-        std::thread::spawn(move || {
-            let mut sent = 0usize;
-            while !ws.load(Ordering::Relaxed) {
-                let block: Vec<u8> = (sent..sent + 1000).map(byte_at).collect();
-                if let Err(e) = w.write_all(&block) {
-                    *we.lock().unwrap() = Some(format!("write after {sent}: {e}"));
-                    return;
-                }
-                sent += 1000;
-                std::thread::sleep(Duration::from_millis(2));
-            }
-        });
-        Peer {
-            received,
-            error,
-            stop,
-            conn,
-        }
-    }
-
-    fn error(&self) -> Option<String> {
-        self.error.lock().unwrap().clone()
-    }
-
-    /// Waits until at least `more` new bytes arrived (the stream flows).
-    fn flows(&self, more: u64, within: Duration) -> Result<(), String> {
-        let start = self.received.load(Ordering::Relaxed);
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(e) = self.error() {
-                return Err(e);
-            }
-            if self.received.load(Ordering::Relaxed) >= start + more {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!(
-            "the stream stalled at {} bytes",
-            self.received.load(Ordering::Relaxed)
-        ))
-    }
-
-    fn finish(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.conn.shutdown(std::net::Shutdown::Both);
-    }
-}
 
 /// The lock tables of process `pid`'s checkpoints in this namespace (tests
 /// run in parallel: each looks at its own).
@@ -140,13 +46,13 @@ impl Drop for KeptLockGuard {
 }
 
 /// A case streaming with this test, set up.
-fn streaming_case(dir: &Workdir) -> (CaseProcess, Peer) {
+fn streaming_case(dir: &Workdir) -> (CaseProcess, StreamPeer) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&tmp).unwrap();
     std::fs::write(tmp.join("peer"), listener.local_addr().unwrap().to_string()).unwrap();
     let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "tcp_stream", dir).unwrap();
-    let peer = Peer::start(listener);
+    let peer = StreamPeer::start(listener);
     case.wait_ready().unwrap();
     peer.flows(10_000, Duration::from_secs(5)).unwrap();
     (case, peer)

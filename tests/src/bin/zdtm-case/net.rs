@@ -271,13 +271,57 @@ pub fn tcp_close_wait(ctx: &Ctx) -> CaseResult {
 /// it received was the next one expected, and it received some.
 pub fn tcp_stream(ctx: &Ctx) -> CaseResult {
     let tmp = std::env::var("CKPT_ZDTM_TMP").map_err(|_| "CKPT_ZDTM_TMP unset")?;
-    let peer: SocketAddr = std::fs::read_to_string(format!("{tmp}/peer"))
-        .map_err(|e| format!("reading the peer address: {e}"))?
-        .trim()
+    let text = std::fs::read_to_string(format!("{tmp}/peer"))
+        .map_err(|e| format!("reading the peer address: {e}"))?;
+    // "PEER [LOCAL]": connect from a given local address.
+    let mut words = text.split_whitespace();
+    let peer: SocketAddr = words
+        .next()
+        .ok_or("empty peer file")?
         .parse()
         .map_err(|e| format!("peer address: {e}"))?;
-    let s = TcpStream::connect(peer).map_err(|e| format!("connect {peer}: {e}"))?;
+    let s = match words.next() {
+        None => TcpStream::connect(peer).map_err(|e| format!("connect {peer}: {e}"))?,
+        Some(local) => connect_from(local, peer)?,
+    };
     stream(ctx, s, None)
+}
+
+/// A TCP connection to `peer` from local address `local` (an IP).
+fn connect_from(local: &str, peer: SocketAddr) -> Result<TcpStream, String> {
+    use std::os::fd::FromRawFd;
+    let ip: std::net::Ipv4Addr = local.parse().map_err(|e| format!("local {local}: {e}"))?;
+    // SAFETY: a plain socket; its fd is owned by the TcpStream below.
+    let fd = cvt(
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) },
+        "socket",
+    )?;
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let s = unsafe { TcpStream::from_raw_fd(fd) };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let SocketAddr::V4(p) = peer else {
+        return Err("IPv4 peers only".into());
+    };
+    let (a, b) = (sin(ip, 0), sin(*p.ip(), p.port()));
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: a and b are sockaddr_in of the given length.
+    cvt(
+        unsafe { libc::bind(fd, (&a as *const libc::sockaddr_in).cast(), len) },
+        "bind",
+    )?;
+    // SAFETY: as above.
+    cvt(
+        unsafe { libc::connect(fd, (&b as *const libc::sockaddr_in).cast(), len) },
+        "connect",
+    )?;
+    Ok(s)
 }
 
 /// One part of a job spread over two nodes: $CKPT_ZDTM_TMP/part says
@@ -355,7 +399,11 @@ fn stream(ctx: &Ctx, s: TcpStream, count_file: Option<String>) -> CaseResult {
                 Err(_) if crate::TERM.load(Ordering::SeqCst) => return Ok(()),
                 Err(e) => return Err(format!("read after {at}: {e}")),
             };
-            if let Some(i) = buf[..n].iter().enumerate().position(|(i, b)| *b != byte_at(at + i)) {
+            if let Some(i) = buf[..n]
+                .iter()
+                .enumerate()
+                .position(|(i, b)| *b != byte_at(at + i))
+            {
                 return Err(format!("byte {} of the stream is wrong", at + i));
             }
             at += n;
@@ -368,7 +416,9 @@ fn stream(ctx: &Ctx, s: TcpStream, count_file: Option<String>) -> CaseResult {
             }
         }
     });
-    if !wait_until(Duration::from_secs(5), || received.load(Ordering::Relaxed) > 0) {
+    if !wait_until(Duration::from_secs(5), || {
+        received.load(Ordering::Relaxed) > 0
+    }) {
         return Err("nothing received from the peer".into());
     }
     ctx.ready_and_wait()?;
@@ -378,7 +428,11 @@ fn stream(ctx: &Ctx, s: TcpStream, count_file: Option<String>) -> CaseResult {
     k.ok("received data", received.load(Ordering::Relaxed) > 0);
     // A reader that stopped early says why (a wrong byte, a reset).
     if reader.is_finished() {
-        k.eq("reader", Ok(()), reader.join().map_err(|_| "panicked".to_string())?);
+        k.eq(
+            "reader",
+            Ok(()),
+            reader.join().map_err(|_| "panicked".to_string())?,
+        );
     }
     k.finish()
 }
