@@ -415,6 +415,8 @@ pub fn restore_with_progress(
 ) -> Result<(RestoreReport, Option<i32>)> {
     let t0 = Instant::now();
     let dir = &req.images;
+    // What an agent that died here left is undone first.
+    crate::netlock::recover(None)?;
     let inv = read_inventory(dir)?;
     verify(dir, &inv)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
