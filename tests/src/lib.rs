@@ -900,6 +900,21 @@ fn run_case_in(case_bin: &Path, name: &str, mode: Mode, dir: &Workdir) -> Result
     }
 }
 
+/// The network lock tables of process `pid`'s checkpoints (`ckpt_pidN`) in
+/// this network namespace; tests run in parallel, so each looks at its own.
+pub fn lock_tables(pid: i32) -> Vec<String> {
+    let name = format!("ckpt_pid{pid}");
+    let out = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .expect("nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().last() == Some(name.as_str()))
+        .map(str::to_string)
+        .collect()
+}
+
 // ------------------------------------------------------------ streams
 
 use std::io::{Read as _, Write as _};

@@ -231,24 +231,10 @@ fn dump_refuses_tcp_without_flag() {
         let run = dump(case.pid, &dir.join("images"), &[], &dir);
         assert_refused(&run, &[&case.pid.to_string(), "--tcp-established", " -> "]);
         assert!(pid_exists(case.pid), "the process must keep running");
-        let left = ckpt_agent_tables(case.pid);
+        let left = ckpt_tests::lock_tables(case.pid);
         assert!(left.is_empty(), "lock rules left behind: {left:?}");
     }
     case.terminate_and_check("after a refused dump").unwrap();
-}
-
-/// Lock tables of process `pid`'s checkpoints in this network namespace.
-fn ckpt_agent_tables(pid: i32) -> Vec<String> {
-    let name = format!("ckpt_pid{pid}");
-    let out = std::process::Command::new("nft")
-        .args(["list", "tables"])
-        .output()
-        .expect("nft");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.split_whitespace().last() == Some(name.as_str()))
-        .map(str::to_string)
-        .collect()
 }
 
 /// An agent SIGKILLed in the middle of a dump (during the page copy) leaves

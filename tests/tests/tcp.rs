@@ -10,26 +10,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ckpt_tests::{
-    agent, agent_binary, dump, no_checkpoint, pid_exists, restore_detached_with, CaseProcess,
-    StreamPeer, Workdir,
+    agent, agent_binary, dump, lock_tables, no_checkpoint, pid_exists, restore_detached_with,
+    CaseProcess, StreamPeer, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
-
-/// The lock tables of process `pid`'s checkpoints in this namespace (tests
-/// run in parallel: each looks at its own).
-fn lock_tables(pid: i32) -> Vec<String> {
-    let name = format!("ckpt_pid{pid}");
-    let out = Command::new("nft")
-        .args(["list", "tables"])
-        .output()
-        .expect("nft");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.split_whitespace().last() == Some(name.as_str()))
-        .map(str::to_string)
-        .collect()
-}
 
 /// Releases a lock a dump of `pid` kept, whatever the test's outcome (a
 /// kept lock waits for a restore that a failed test never makes).
