@@ -703,8 +703,10 @@ struct Opener<'a> {
     /// Both ends (in the task) of each unix socket pair it created.
     socks: std::collections::HashMap<u64, [u64; 2]>,
     shared: &'a mut Shared,
-    /// The task's socket that receives descriptors from the agent.
+    /// The task's socket that receives descriptors from the agent, and
+    /// the agent's copy of its other end.
     receiver: Option<u64>,
+    sender: Option<std::os::fd::OwnedFd>,
     /// Whether sockets connected outside the checkpoint may be reconnected.
     ext_unix_sk: bool,
 }
@@ -718,7 +720,6 @@ pub struct Shared {
     files: std::collections::HashMap<u64, std::os::fd::OwnedFd>,
     pipe_ends: std::collections::HashMap<(u64, usize), std::os::fd::OwnedFd>,
     pipe_data: std::collections::HashMap<u64, Vec<u8>>,
-    sender: Option<std::os::fd::OwnedFd>,
     /// Shared memory objects (anonymous, memfd) recreated so far, by inode:
     /// the path a process of the job opens to get the same object.
     pub shm: std::collections::HashMap<u64, String>,
@@ -809,56 +810,46 @@ impl Opener<'_> {
         Ok(())
     }
 
-    /// Puts the agent's descriptor `ours` into the task (SCM_RIGHTS over an
-    /// abstract unix socket the task binds) and returns its number there.
+    /// Puts the agent's descriptor `ours` into the task (SCM_RIGHTS over a
+    /// socket pair the task makes, one end of which the agent takes: no
+    /// name, so it works whatever network namespace the task is in) and
+    /// returns its number there.
     fn install(&mut self, ours: std::os::fd::BorrowedFd<'_>, scratch: &mut Scratch) -> Result<u64> {
-        use nix::sys::socket::{
-            self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
-        };
+        use nix::sys::socket::{self, ControlMessage, MsgFlags};
         let pid = self.pid;
-        let name = format!("ckpt-restore-{}-{pid}", std::process::id());
         let sock = match self.receiver {
             Some(s) => s,
             None => {
                 scratch.reset();
-                let s = self.remote.syscall(
-                    libc::SYS_socket,
+                let arr = scratch.alloc(8)?;
+                self.remote.syscall(
+                    libc::SYS_socketpair,
                     &[
                         libc::AF_UNIX as u64,
                         (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64,
                         0,
+                        arr,
                     ],
                 )?;
-                let addr = crate::unix::sockaddr(&format!("@{name}"));
-                let ap = scratch.put(&addr)?;
-                self.remote
-                    .syscall(libc::SYS_bind, &[s, ap, addr.len() as u64])?;
+                let b = crate::inject::read_mem(self.remote.tid.as_raw(), arr, 8)?;
+                let mine = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) as u64;
+                let theirs = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as u64;
+                self.sender = Some(self.take(theirs)?);
+                self.remote.syscall(libc::SYS_close, &[theirs])?;
                 // Out of the way of the fds being placed.
-                let s = self.to_high(s)?;
+                let s = self.to_high(mine)?;
                 self.receiver = Some(s);
                 s
             }
         };
-        if self.shared.sender.is_none() {
-            let fd = socket::socket(
-                AddressFamily::Unix,
-                SockType::Datagram,
-                SockFlag::SOCK_CLOEXEC,
-                None,
-            )
-            .map_err(|e| Error::sys(pid, "socket for passing descriptors", e))?;
-            self.shared.sender = Some(fd);
-        }
-        let sender = self.shared.sender.as_ref().expect("sender just made");
-        let to = UnixAddr::new_abstract(name.as_bytes())
-            .map_err(|e| Error::sys(pid, "abstract address", e))?;
+        let sender = self.sender.as_ref().expect("sender made with the receiver");
         let fds = [std::os::fd::AsRawFd::as_raw_fd(&ours)];
-        socket::sendmsg(
+        socket::sendmsg::<()>(
             std::os::fd::AsRawFd::as_raw_fd(sender),
             &[std::io::IoSlice::new(b"f")],
             &[ControlMessage::ScmRights(&fds)],
             MsgFlags::empty(),
-            Some(&to),
+            None,
         )
         .map_err(|e| Error::sys(pid, "sendmsg(SCM_RIGHTS)", e))?;
         // recvmsg in the task: msghdr, one 1-byte iovec, room for one fd.
@@ -1455,6 +1446,7 @@ pub fn restore(
         socks: Default::default(),
         shared,
         receiver: None,
+        sender: None,
         ext_unix_sk,
     };
     let (epolls, others): (Vec<&OpenFile>, Vec<&OpenFile>) = table

@@ -182,8 +182,20 @@ mod job {
     }
 
     // Cases that exist only as jobs.
-    job_cases!(job_namespaces, sysv_ipc, job_net, job_net_tcp);
-    pub const ONLY: &[&str] = &["job_namespaces", "sysv_ipc", "job_net", "job_net_tcp"];
+    job_cases!(
+        job_namespaces,
+        sysv_ipc,
+        job_net,
+        job_net_tcp,
+        job_net_unix_pairs
+    );
+    pub const ONLY: &[&str] = &[
+        "job_namespaces",
+        "sysv_ipc",
+        "job_net",
+        "job_net_tcp",
+        "job_net_unix_pairs",
+    ];
 
     // Ordinary cases, as jobs too.
     job_cases!(

@@ -96,6 +96,9 @@ const CASES: &[(&str, CaseFn)] = &[
     ("tcp_listen_pending", net::tcp_listen_pending),
     // the same in a job with its own network namespace (lock taken there)
     ("job_net_tcp", net::tcp_loopback),
+    // descriptors shared between processes of a job with its own network
+    // namespace (passed to each with SCM_RIGHTS at restore)
+    ("job_net_unix_pairs", later::unix_pairs),
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),
