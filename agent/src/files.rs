@@ -593,6 +593,7 @@ pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
     }
     let present: std::collections::HashSet<u64> =
         pairs.values().flat_map(|p| p.1.iter().copied()).collect();
+    mark_accepted(tables);
     for t in tables.iter() {
         for u in t.files.iter().filter_map(|f| f.unix.as_ref()) {
             if !u.listening && u.external_peer.is_empty() && !present.contains(&u.peer) {
@@ -626,6 +627,90 @@ pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Sets a task's effective uid and gid (it is still root: real and saved
+/// ids stay 0, so it can come back).
+fn set_effective_ids(remote: &Remote, uid: u32, gid: u32) -> Result<()> {
+    let keep = u64::MAX; // -1: unchanged
+    if uid == 0 {
+        remote.syscall(libc::SYS_setresuid, &[keep, 0, keep])?;
+        remote.syscall(libc::SYS_setresgid, &[keep, gid as u64, keep])?;
+    } else {
+        remote.syscall(libc::SYS_setresgid, &[keep, gid as u64, keep])?;
+        remote.syscall(libc::SYS_setresuid, &[keep, uid as u64, keep])?;
+    }
+    Ok(())
+}
+
+/// Runs `f` with an injector into process `host` (images' PID `pid`): the
+/// task being built (its own remote and scratch) or a process of the
+/// checkpoint not built yet (still a blank copy of the agent, with a
+/// scratch area mapped for the occasion and unmapped after).
+fn with_task<T>(
+    op: &Opener<'_>,
+    scratch: &mut Scratch,
+    pid: i32,
+    f: impl FnOnce(&Remote, &mut Scratch) -> Result<T>,
+) -> Result<T> {
+    if pid == op.pid {
+        return f(op.remote, scratch);
+    }
+    let host = *op.shared.hosts.get(&pid).ok_or_else(|| Error::Refused {
+        pid: op.pid,
+        reason: format!("process {pid} of the checkpoint was not created"),
+    })?;
+    const LEN: u64 = 16 * 4096;
+    let remote = Remote::new(
+        nix::unistd::Pid::from_raw(host),
+        sys::gadget::syscall_gadget_addr(),
+    )?;
+    let busy: Vec<(u64, u64)> = proc::maps(host)?.iter().map(|m| (m.start, m.end)).collect();
+    let at = crate::mm::find_gap(&busy, LEN).ok_or_else(|| Error::Refused {
+        pid: host,
+        reason: "no free address range for a scratch area".into(),
+    })?;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+    remote.syscall(libc::SYS_mmap, &[at, LEN, prot, flags, u64::MAX, 0])?;
+    let mut sc = Scratch::new(host, at, LEN);
+    let r = f(&remote, &mut sc);
+    remote.syscall(libc::SYS_munmap, &[at, LEN])?;
+    r
+}
+
+/// Marks the connections made through a listener (see `UnixSocket.accepted`):
+/// a stream or seqpacket pair in the tree whose one end is named and its
+/// unnamed peer sees that name.
+fn mark_accepted(tables: &mut [FdTable]) {
+    use std::collections::HashMap;
+    let ends: HashMap<u64, (String, String, u32)> = tables
+        .iter()
+        .flat_map(|t| t.files.iter().filter_map(|f| f.unix.as_ref()))
+        .filter(|u| !u.listening && u.external_peer.is_empty() && u.peer != 0)
+        .map(|u| {
+            (
+                u.ino,
+                (u.bound_name.clone(), u.peer_name.clone(), u.sock_type),
+            )
+        })
+        .collect();
+    let accepted = |ino: u64, peer: u64| -> bool {
+        let (Some(x), Some(y)) = (ends.get(&ino), ends.get(&peer)) else {
+            return false;
+        };
+        let named = x.0.starts_with('/') || x.0.starts_with('@');
+        named && y.0.is_empty() && y.1 == x.0 && x.2 != libc::SOCK_DGRAM as u32
+    };
+    for u in tables
+        .iter_mut()
+        .flat_map(|t| t.files.iter_mut().filter_map(|f| f.unix.as_mut()))
+    {
+        if ends.contains_key(&u.ino) {
+            u.accepted = accepted(u.ino, u.peer);
+            u.connected_by_name = accepted(u.peer, u.ino);
+        }
+    }
 }
 
 /// Saves a file's whole content into the image (files unlinked while open,
@@ -736,6 +821,16 @@ pub struct Shared {
     pub ptys: crate::tty::Ptys,
     /// Terminals of the dumping shell are reopened on the agent's.
     pub shell_job: bool,
+    /// Every process of the checkpoint: its PID in the images -> the
+    /// agent's, for system calls injected into a process not yet built.
+    pub hosts: std::collections::HashMap<i32, i32>,
+    /// Every unix socket end, by inode, and the first process (images'
+    /// PID) holding it.
+    unix_ends: std::collections::HashMap<u64, (ckpt_proto::image::UnixSocket, i32)>,
+    /// The agent's copy of each listener restored so far, by name.
+    listeners: std::collections::HashMap<String, std::os::fd::OwnedFd>,
+    /// Listeners that already have restored clients waiting to be accepted.
+    queued: std::collections::HashSet<String>,
 }
 
 impl Shared {
@@ -744,6 +839,11 @@ impl Shared {
     /// another process than the pipe's creator holds).
     pub fn new(tables: &[&FdTable]) -> Self {
         let mut s = Shared::default();
+        for t in tables {
+            for u in t.files.iter().filter_map(|f| f.unix.as_ref()) {
+                s.unix_ends.entry(u.ino).or_insert((u.clone(), t.pid));
+            }
+        }
         for f in tables.iter().flat_map(|t| t.files.iter()) {
             let piped = f.kind == FileKind::FilePipe as i32 || f.kind == FileKind::FileFifo as i32;
             if piped && !f.pipe_data.is_empty() {
@@ -771,18 +871,7 @@ impl Opener<'_> {
     /// Sets the task's effective uid and gid (it is still root: real and
     /// saved ids stay 0, so it can come back).
     fn set_effective_ids(&self, uid: u32, gid: u32) -> Result<()> {
-        let keep = u64::MAX; // -1: unchanged
-        if uid == 0 {
-            self.remote.syscall(libc::SYS_setresuid, &[keep, 0, keep])?;
-            self.remote
-                .syscall(libc::SYS_setresgid, &[keep, gid as u64, keep])?;
-        } else {
-            self.remote
-                .syscall(libc::SYS_setresgid, &[keep, gid as u64, keep])?;
-            self.remote
-                .syscall(libc::SYS_setresuid, &[keep, uid as u64, keep])?;
-        }
-        Ok(())
+        set_effective_ids(self.remote, uid, gid)
     }
 
     /// Gives memfd `fd` the seals it had; `sealable` says whether the
@@ -929,6 +1018,9 @@ impl Opener<'_> {
             });
         }
         let fd = self.named_socket(u.sock_type, &u.external_peer, false, scratch)?;
+        if u.listener_in_tree {
+            self.shared.queued.insert(u.external_peer.clone());
+        }
         self.remote
             .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
         Ok((fd, true))
@@ -952,11 +1044,167 @@ impl Opener<'_> {
             }
         }
         let fd = self.named_socket(u.sock_type, &u.name, true, scratch)?;
-        self.remote
-            .syscall(libc::SYS_listen, &[fd, u.backlog as u64])?;
+        // Its clients see the credentials listen() was called with.
+        if let Some(c) = &u.peer_cred {
+            self.set_effective_ids(c.uid, c.gid)?;
+        }
+        let listened = self
+            .remote
+            .syscall(libc::SYS_listen, &[fd, u.backlog as u64]);
+        if u.peer_cred.is_some() {
+            self.set_effective_ids(0, 0)?;
+        }
+        listened?;
         self.remote
             .syscall(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, status])?;
+        let ours = self.take(fd)?;
+        self.shared.listeners.insert(u.name.clone(), ours);
         Ok((fd, true))
+    }
+
+    /// Queues each end's saved data again (sent through the other end) and
+    /// shuts them down as they were.
+    fn refill_pair(&self, key: u64, u: &ckpt_proto::image::UnixSocket) -> Result<()> {
+        // End 0 stands for the pair's lower inode, end 1 for the other.
+        let inos = [key, u.ino.max(u.peer)];
+        for (e, ino) in inos.iter().enumerate() {
+            let (queue, _) = self.shared.sock_state.get(ino).cloned().unwrap_or_default();
+            let sender = &self.shared.sock_ends[&(key, 1 - e)];
+            crate::unix::refill(self.pid, sender.as_fd(), &queue)?;
+        }
+        for (e, ino) in inos.iter().enumerate() {
+            let how = self.shared.sock_state.get(ino).map_or(0, |s| s.1);
+            crate::unix::shut(self.pid, self.shared.sock_ends[&(key, e)].as_fd(), how)?;
+        }
+        Ok(())
+    }
+
+    /// Makes a connection through a listener again: a real connect (by the
+    /// process holding the client end, with the effective ids it connected
+    /// with) and accept, so that both ends name the listener and carry
+    /// the peer credentials of the processes that connected and listened.
+    /// The listener is the restored one, or a stand-in with its name, made
+    /// by the process holding the accepted end when the name is free (the
+    /// listener is gone or restored later). Returns the agent's copies of
+    /// both ends (by end index), or None when that cannot be done (the
+    /// pair is then made with socketpair and the ends are unnamed).
+    fn accepted_pair(
+        &mut self,
+        u: &ckpt_proto::image::UnixSocket,
+        scratch: &mut Scratch,
+    ) -> Result<Option<[std::os::fd::OwnedFd; 2]>> {
+        let (x_ino, y_ino) = if u.accepted {
+            (u.ino, u.peer)
+        } else {
+            (u.peer, u.ino)
+        };
+        let (Some((x, x_pid)), Some((y, y_pid))) = (
+            self.shared.unix_ends.get(&x_ino).cloned(),
+            self.shared.unix_ends.get(&y_ino).cloned(),
+        ) else {
+            return Ok(None);
+        };
+        let name = x.bound_name.clone();
+        if self.shared.queued.contains(&name) {
+            // Accepting now would take a client restored as waiting.
+            tracing::debug!(
+                name,
+                "listener has waiting clients: accepted pair made unnamed"
+            );
+            return Ok(None);
+        }
+        let addr = crate::unix::sockaddr(&name);
+        let kind = u.sock_type as u64;
+        let real = self.shared.listeners.contains_key(&name);
+        // A stand-in listener where the accepted end's process is.
+        let stand_in = if real {
+            None
+        } else {
+            let lc = y.peer_cred;
+            let made = with_task(self, scratch, x_pid, |r, sc| {
+                sc.reset();
+                let fd = r.syscall(
+                    libc::SYS_socket,
+                    &[libc::AF_UNIX as u64, kind | libc::SOCK_CLOEXEC as u64, 0],
+                )?;
+                let ap = sc.put(&addr)?;
+                if r.syscall(libc::SYS_bind, &[fd, ap, addr.len() as u64])
+                    .is_err()
+                {
+                    r.syscall(libc::SYS_close, &[fd])?;
+                    return Ok(None);
+                }
+                if let Some(c) = &lc {
+                    set_effective_ids(r, c.uid, c.gid)?;
+                }
+                let l = r.syscall(libc::SYS_listen, &[fd, 1]);
+                if lc.is_some() {
+                    set_effective_ids(r, 0, 0)?;
+                }
+                l?;
+                Ok(Some(fd))
+            })?;
+            match made {
+                Some(fd) => Some(fd),
+                None => return Ok(None),
+            }
+        };
+        // The client connects, as the process and ids that did.
+        let cc = x.peer_cred;
+        let client = with_task(self, scratch, y_pid, |r, sc| {
+            sc.reset();
+            let fd = r.syscall(
+                libc::SYS_socket,
+                &[libc::AF_UNIX as u64, kind | libc::SOCK_CLOEXEC as u64, 0],
+            )?;
+            let ap = sc.put(&addr)?;
+            if let Some(c) = &cc {
+                set_effective_ids(r, c.uid, c.gid)?;
+            }
+            let c = r.syscall(libc::SYS_connect, &[fd, ap, addr.len() as u64]);
+            if cc.is_some() {
+                set_effective_ids(r, 0, 0)?;
+            }
+            c?;
+            let host = r.tid.as_raw();
+            let pidfd =
+                sys::pidfd::pidfd_open(host).map_err(|e| Error::sys(host, "pidfd_open", e))?;
+            let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+                .map_err(|e| Error::sys(host, format!("pidfd_getfd fd {fd}"), e))?;
+            r.syscall(libc::SYS_close, &[fd])?;
+            Ok(ours)
+        })?;
+        let accepted = match stand_in {
+            None => {
+                let l = &self.shared.listeners[&name];
+                sys::misc::accept(l.as_fd())
+                    .map_err(|e| Error::sys(self.pid, format!("accept on {name}"), e))?
+            }
+            Some(tl) => with_task(self, scratch, x_pid, |r, _| {
+                let fd = r.syscall(libc::SYS_accept4, &[tl, 0, 0, libc::SOCK_CLOEXEC as u64])?;
+                let host = r.tid.as_raw();
+                let pidfd =
+                    sys::pidfd::pidfd_open(host).map_err(|e| Error::sys(host, "pidfd_open", e))?;
+                let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+                    .map_err(|e| Error::sys(host, format!("pidfd_getfd fd {fd}"), e))?;
+                r.syscall(libc::SYS_close, &[fd])?;
+                r.syscall(libc::SYS_close, &[tl])?;
+                if name.starts_with('/') {
+                    // The stand-in's socket file goes: the real listener
+                    // (restored later, if any) binds the name again.
+                    let path = format!("/proc/{host}/root{name}");
+                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                }
+                Ok(ours)
+            })?,
+        };
+        let key = x_ino.min(y_ino);
+        let mut ends = [Some(accepted), Some(client)];
+        if key != x_ino {
+            ends.swap(0, 1);
+        }
+        let [a, b] = ends;
+        Ok(Some([a.expect("end"), b.expect("end")]))
     }
 
     /// A descriptor, in the task, of an open file another process of the
@@ -1166,6 +1414,17 @@ impl Opener<'_> {
                     return self.reconnect(u, scratch, status);
                 }
                 let key = u.ino.min(u.peer);
+                if !self.socks.contains_key(&key) && (u.accepted || u.connected_by_name) {
+                    if let Some(ends) = self.accepted_pair(u, scratch)? {
+                        let mut local = [0u64; 2];
+                        for (e, ours) in ends.into_iter().enumerate() {
+                            local[e] = self.install(ours.as_fd(), scratch)?;
+                            self.shared.sock_ends.insert((key, e), ours);
+                        }
+                        self.refill_pair(key, u)?;
+                        self.socks.insert(key, local);
+                    }
+                }
                 if !self.socks.contains_key(&key) {
                     let arr = scratch.alloc(8)?;
                     // socketpair() gives both ends the caller's credentials:
@@ -1203,18 +1462,7 @@ impl Opener<'_> {
                         let ours = self.take(*fd)?;
                         self.shared.sock_ends.insert((key, e), ours);
                     }
-                    // End 0 stands for the pair's lower inode, end 1 for the other.
-                    let inos = [key, u.ino.max(u.peer)];
-                    for (e, ino) in inos.iter().enumerate() {
-                        let (queue, _) =
-                            self.shared.sock_state.get(ino).cloned().unwrap_or_default();
-                        let sender = &self.shared.sock_ends[&(key, 1 - e)];
-                        crate::unix::refill(pid, sender.as_fd(), &queue)?;
-                    }
-                    for (e, ino) in inos.iter().enumerate() {
-                        let how = self.shared.sock_state.get(ino).map_or(0, |s| s.1);
-                        crate::unix::shut(pid, self.shared.sock_ends[&(key, e)].as_fd(), how)?;
-                    }
+                    self.refill_pair(key, u)?;
                     self.socks.insert(key, ends);
                 }
                 let local = self.socks[&key][usize::from(u.ino != key)];

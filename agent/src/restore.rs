@@ -561,6 +561,7 @@ pub fn restore_with_progress(
     let root = inv.root_pid;
     let mut shared = files::Shared::new(&tables);
     shared.shell_job = req.shell_job;
+    shared.hosts = guard.host.clone();
     let mut pages_ms = 0.0;
     for img in &live {
         let is_root = img.core.pid == root;

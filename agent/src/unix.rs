@@ -3,8 +3,8 @@
 //! queued at each end (peeked without consuming it, message boundaries
 //! kept) and their shutdown state; listening sockets without pending
 //! connections, bound again to their path or abstract name; connections a
-//! listener accepted (their end carries the listener's name), restored as
-//! pair ends without it. Sockets connected outside the tree are reconnected
+//! listener accepted (their end carries the listener's name), made again
+//! by connect and accept (files.rs `accepted_pair`). Sockets connected outside the tree are reconnected
 //! by name with --ext-unix-sk, or refused.
 
 use std::collections::HashMap;
@@ -48,6 +48,8 @@ pub fn dump(
             listening: true,
             backlog: d.wqueue,
             pending: d.rqueue,
+            // Who called listen(): what its clients see as their peer.
+            peer_cred: peer_cred(sock),
             ..Default::default()
         });
     }
@@ -92,13 +94,11 @@ pub fn dump(
         PeekError::Io(e) => Error::sys(pid, format!("peeking the queue of fd {fd}"), e),
         PeekError::Descriptors => refuse("descriptors in flight in its queue"),
     })?;
-    let peer_cred = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
-        .ok()
-        .map(|c| ckpt_proto::image::PeerCred {
-            pid: c.pid(),
-            uid: c.uid(),
-            gid: c.gid(),
-        });
+    let peer_name = if d.kind as i32 == libc::SOCK_DGRAM {
+        String::new()
+    } else {
+        peer_name(sock)
+    };
     Ok(UnixSocket {
         sock_type: d.kind as u32,
         ino,
@@ -107,9 +107,22 @@ pub fn dump(
         shutdown: d.shutdown as u32,
         external_peer,
         bound_name: d.name.clone(),
-        peer_cred,
+        peer_cred: peer_cred(sock),
+        peer_name,
         ..Default::default()
     })
+}
+
+/// SO_PEERCRED of a socket, as the agent (in the initial PID namespace)
+/// sees it.
+fn peer_cred(sock: BorrowedFd<'_>) -> Option<ckpt_proto::image::PeerCred> {
+    nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()
+        .map(|c| ckpt_proto::image::PeerCred {
+            pid: c.pid(),
+            uid: c.uid(),
+            gid: c.gid(),
+        })
 }
 
 /// The name of the socket `sock` is connected to, as diag spells names

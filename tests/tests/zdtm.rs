@@ -97,6 +97,7 @@ cases!(
     unix_pairs,
     unix_listener,
     unix_accepted,
+    unix_accepted_closed,
     unix_pending,
     unix_peercred,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_unsupported_kinds runs it"]
@@ -206,6 +207,7 @@ mod job {
         unix_pairs,
         unix_listener,
         unix_accepted,
+        unix_accepted_closed,
         unix_pending,
         unix_peercred,
         posix_timers,

@@ -174,3 +174,22 @@ pub fn socket_domain(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<i32> {
     }
     Ok(v)
 }
+
+/// accept4(SOCK_CLOEXEC) on a listening socket: the new connection's end.
+pub fn accept(listener: std::os::fd::BorrowedFd<'_>) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: no address is asked for (null pointers are allowed).
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}

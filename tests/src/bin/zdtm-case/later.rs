@@ -1080,8 +1080,11 @@ pub(crate) fn listen_abstract(
 }
 
 /// A connection accepted from a listener (parent: listener and accepted
-/// end; child: the client), with bytes queued unread at both ends. After
-/// restore both queues are intact and the connection carries new data.
+/// end; child: the client, connected with effective ids 4321/4322), with
+/// bytes queued unread at both ends. After restore both queues are intact,
+/// the connection carries new data, the accepted end still bears the
+/// listener's name and the client's credentials (SO_PEERCRED), and the
+/// client still sees the listener's name and the parent as its peer.
 pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
     let (l, a, len) = listen_abstract(&unique_name("accepted"))?;
     let (go_r, go_w) = pipe_pair()?;
@@ -1093,6 +1096,9 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
             libc::close(l);
             libc::close(go_w);
             let c = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            // The accepted end records who connected, with these ids.
+            libc::setresgid(u32::MAX, 4322, u32::MAX);
+            libc::setresuid(u32::MAX, 4321, u32::MAX);
             if libc::connect(c, &a as *const _ as *const libc::sockaddr, len) != 0 {
                 libc::_exit(3);
             }
@@ -1111,8 +1117,25 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
                 }
                 got += n as usize;
             }
-            // Echo it back, then triple every number asked.
+            // Echo it back, say whether our end still names the listener
+            // and the parent, then triple every number asked.
             libc::write(c, buf.as_ptr().cast(), buf.len());
+            let mut peer: libc::sockaddr_un = std::mem::zeroed();
+            let mut plen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            libc::getpeername(c, &mut peer as *mut _ as *mut libc::sockaddr, &mut plen);
+            let named = plen == len
+                && peer.sun_path[..(len as usize - 2)] == a.sun_path[..(len as usize - 2)];
+            let mut cred: libc::ucred = std::mem::zeroed();
+            let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            libc::getsockopt(
+                c,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut clen,
+            );
+            let parent = cred.pid == libc::getppid();
+            write_u32(c, u32::from(named) | (u32::from(parent) << 1));
             while let Some(v) = read_u32(c) {
                 if !write_u32(c, v * 3) {
                     break;
@@ -1144,6 +1167,34 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
     }) {
         return Err("client's hello not queued".into());
     }
+    let identity = |fd: i32| {
+        // SAFETY: out-buffers of the sizes passed.
+        unsafe {
+            let mut me: libc::sockaddr_un = std::mem::zeroed();
+            let mut mlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            libc::getsockname(fd, &mut me as *mut _ as *mut libc::sockaddr, &mut mlen);
+            let name: Vec<u8> = me.sun_path[..(mlen as usize).saturating_sub(2)]
+                .iter()
+                .map(|&b| b as u8)
+                .collect();
+            let mut cred: libc::ucred = std::mem::zeroed();
+            let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut clen,
+            );
+            (name, cred.pid, cred.uid, cred.gid)
+        }
+    };
+    let before = identity(s);
+    if before.1 != child || before.2 != 4321 || before.3 != 4322 {
+        return Err(format!(
+            "accepted end's peer before the checkpoint: {before:?}"
+        ));
+    }
     ctx.ready_and_wait()?;
 
     let mut c = Check::new();
@@ -1173,6 +1224,16 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
         "queued at the client, echoed",
         queued.to_vec(),
         read_n(s, 17),
+    );
+    c.eq(
+        "client end names the listener (1) and the parent (2)",
+        Some(3),
+        read_u32(s),
+    );
+    c.eq(
+        "accepted end: listener's name and the client's credentials",
+        before,
+        identity(s),
     );
     c.ok(
         "new data both ways",
@@ -1407,6 +1468,86 @@ pub fn unix_peercred(ctx: &Ctx) -> CaseResult {
         libc::close(sv[0]);
         let mut st = 0;
         libc::waitpid(child, &mut st, 0);
+    }
+    c.finish()
+}
+
+/// A connection accepted from a listener that was closed since: restored
+/// through a stand-in listener with the same name, which is gone again
+/// afterwards (the name can be bound anew), and the accepted end still
+/// bears the name and the client's credentials.
+pub fn unix_accepted_closed(ctx: &Ctx) -> CaseResult {
+    let name = unique_name("closed");
+    let (l, a, len) = listen_abstract(&name)?;
+    // SAFETY: the child only makes raw syscalls, then _exit.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: raw syscalls in the child on its own socket.
+        unsafe {
+            libc::close(l);
+            let c = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            if libc::connect(c, &a as *const _ as *const libc::sockaddr, len) != 0 {
+                libc::_exit(3);
+            }
+            // Echo numbers until the parent closes.
+            while let Some(v) = read_u32(c) {
+                if !write_u32(c, v + 1) {
+                    break;
+                }
+            }
+            libc::_exit(0);
+        }
+    }
+    cvt(child, "fork")?;
+    // SAFETY: accept on our listener, then close it.
+    let s = unsafe {
+        let s = cvt(
+            libc::accept(l, std::ptr::null_mut(), std::ptr::null_mut()),
+            "accept",
+        )?;
+        libc::close(l);
+        s
+    };
+    let peer = |fd: i32| {
+        // SAFETY: out-buffers of the sizes passed.
+        unsafe {
+            let mut me: libc::sockaddr_un = std::mem::zeroed();
+            let mut mlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            libc::getsockname(fd, &mut me as *mut _ as *mut libc::sockaddr, &mut mlen);
+            let mut cred: libc::ucred = std::mem::zeroed();
+            let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                &mut cred as *mut _ as *mut libc::c_void,
+                &mut clen,
+            );
+            (mlen, cred.pid)
+        }
+    };
+    let before = peer(s);
+    ctx.ready_and_wait()?;
+    let mut c = Check::new();
+    c.eq("accepted end: name length and client pid", before, peer(s));
+    c.ok(
+        "still connected",
+        write_u32(s, 41) && read_u32(s) == Some(42),
+    );
+    // The stand-in listener is gone: the name is free.
+    match listen_abstract(&name) {
+        // SAFETY: closing our new listener.
+        Ok((l2, _, _)) => unsafe {
+            libc::close(l2);
+        },
+        Err(e) => c.fail(format!("the listener's name is still taken: {e}")),
+    }
+    // SAFETY: closing ends the child's loop; then reap it.
+    unsafe {
+        libc::close(s);
+        let mut st = 0;
+        libc::waitpid(child, &mut st, 0);
+        c.eq("client exit", 0, libc::WEXITSTATUS(st));
     }
     c.finish()
 }

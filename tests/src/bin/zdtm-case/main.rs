@@ -102,6 +102,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("unix_pairs", later::unix_pairs),
     ("unix_listener", later::unix_listener),
     ("unix_accepted", later::unix_accepted),
+    ("unix_accepted_closed", later::unix_accepted_closed),
     ("unix_pending", later::unix_pending),
     ("unix_peercred", later::unix_peercred),
     // refused at dump, by kind
