@@ -149,153 +149,234 @@ pub fn dump(req: &DumpRequest) -> Result<DumpReport> {
 
 /// Like `dump`, reporting the page copy to `progress`.
 pub fn dump_with_progress(req: &DumpRequest, progress: &dyn Progress) -> Result<DumpReport> {
-    let t0 = Instant::now();
-    let pid = req.pid;
-    check_target(pid)?;
-    let writer = ImageWriter::create(&req.images)?;
-    // Before the freeze: nothing about the node changes during it.
-    let node = crate::check::fingerprint()
-        .map_err(|e| tracing::warn!("checkpoint will not name its node: {e}"))
-        .ok();
-    // A job's cgroup is frozen first, so no fork, clone or exit races the
-    // seizing; the seized tasks stay stopped by ptrace once it is thawed
-    // (injected calls need them able to run).
-    let cgroup = JobCgroup::of_pid(pid)?;
-    // A job left frozen by an agent that died is thawed first.
-    crate::cgroup::recover_frozen()?;
-    crate::netlock::recover(None)?;
-    let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
-    if frozen.is_some() {
-        // Fault injection for tests: widen the frozen window so that a
-        // test can kill the agent inside it.
-        fault_hold("CKPT_FAULT_HOLD_FROZEN_MS");
-    }
-    let frozen_at = Instant::now();
-    if let Some(cg) = &cgroup {
-        // A task frozen by the v1 freezer reaches its ptrace stop only once
-        // thawed: seize and interrupt every thread now, while nothing can
-        // fork, and collect the stops after the thaw.
-        for tid in cg.threads()? {
-            crate::seize::seize_and_interrupt(tid, tid)?;
+    let mut session = DumpSession::prepare(req)?;
+    session.dump(progress)?;
+    session.finish(!req.leave_running)
+}
+
+/// A dump in its phases, as a two-phase checkpoint of a job spread over
+/// nodes drives it: [`DumpSession::prepare`] stops the tree and blocks its
+/// network (every node does so before any dumps: the barrier),
+/// [`DumpSession::dump`] writes the images and commits this part,
+/// [`DumpSession::finish`] resumes or stops the tree once the whole
+/// checkpoint is committed. Dropped before `finish`, it aborts: the images
+/// are discarded, the network unblocked, and every task runs on as before.
+pub struct DumpSession {
+    req: DumpRequest,
+    t0: Instant,
+    frozen_at: Instant,
+    writer: ImageWriter,
+    node: Option<ckpt_proto::image::NodeFingerprint>,
+    cgroup: Option<JobCgroup>,
+    tree: Vec<Member>,
+    own_net: bool,
+    lock: Option<NetLock>,
+    /// Set by `dump`: the namespaces, and the pages written and how long.
+    dumped: Option<(ns::NsDump, u64, f64)>,
+    finished: bool,
+}
+
+impl DumpSession {
+    /// Stops every task of the tree (its cgroup frozen first, for a job, so
+    /// that nothing forks or exits meanwhile) and blocks its TCP traffic.
+    pub fn prepare(req: &DumpRequest) -> Result<DumpSession> {
+        let t0 = Instant::now();
+        let pid = req.pid;
+        check_target(pid)?;
+        let writer = ImageWriter::create(&req.images)?;
+        // Before the freeze: nothing about the node changes during it.
+        let node = crate::check::fingerprint()
+            .map_err(|e| tracing::warn!("checkpoint will not name its node: {e}"))
+            .ok();
+        // A job's cgroup is frozen first, so no fork, clone or exit races
+        // the seizing; the seized tasks stay stopped by ptrace once it is
+        // thawed (injected calls need them able to run).
+        let cgroup = JobCgroup::of_pid(pid)?;
+        // What an agent that died mid-way left is undone first.
+        crate::cgroup::recover_frozen()?;
+        crate::netlock::recover(None)?;
+        let own = ns::own_namespaces(pid)?;
+        let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
+        if frozen.is_some() {
+            // Fault injection for tests: widen the frozen window so that a
+            // test can kill the agent inside it.
+            fault_hold("CKPT_FAULT_HOLD_FROZEN_MS");
         }
-    }
-    drop(frozen);
-    let tree = seize_tree(pid)?;
-    if let Some(cg) = &cgroup {
-        let procs = cg.procs()?;
-        if let Some(stray) = procs.iter().find(|p| !tree.iter().any(|m| m.pid() == **p)) {
-            return Err(Error::Refused {
-                pid: *stray,
-                reason: format!(
-                    "it is in job {}'s cgroup but not a descendant of {pid}: the job would be incomplete",
-                    cg.job
-                ),
-            });
+        let frozen_at = Instant::now();
+        if let Some(cg) = &cgroup {
+            // A task frozen by the v1 freezer reaches its ptrace stop only
+            // once thawed: seize and interrupt every thread now, while
+            // nothing can fork, and collect the stops after the thaw.
+            for tid in cg.threads()? {
+                crate::seize::seize_and_interrupt(tid, tid)?;
+            }
         }
+        drop(frozen);
+        let tree = seize_tree(pid)?;
+        if let Some(cg) = &cgroup {
+            let procs = cg.procs()?;
+            if let Some(stray) = procs.iter().find(|p| !tree.iter().any(|m| m.pid() == **p)) {
+                return Err(Error::Refused {
+                    pid: *stray,
+                    reason: format!(
+                        "it is in job {}'s cgroup but not a descendant of {pid}: the job would be incomplete",
+                        cg.job
+                    ),
+                });
+            }
+        }
+        let own_net = own & libc::CLONE_NEWNET as u64 != 0;
+        // The root of a tree with its own PID namespace is its init.
+        let inner_root = if own & libc::CLONE_NEWPID as u64 != 0 {
+            1
+        } else {
+            pid
+        };
+        let name = lock_name(cgroup.as_ref().map_or("", |c| c.job.as_str()), inner_root);
+        let lock = lock_network(&tree, &name, own_net)?;
+        Ok(DumpSession {
+            req: req.clone(),
+            t0,
+            frozen_at,
+            writer,
+            node,
+            cgroup,
+            tree,
+            own_net,
+            lock,
+            dumped: None,
+            finished: false,
+        })
     }
-    let host_pids: Vec<i32> = tree.iter().map(Member::pid).collect();
-    let mut lock = None;
-    let result = ns::dump(&host_pids, &writer).and_then(|nsd| {
-        lock = lock_network(&tree, &nsd)?;
-        let r = dump_tree(&tree, &writer, req, &nsd, lock.as_mut(), progress)?;
-        if lock.is_some() {
+
+    /// Writes every image of the stopped tree and commits this checkpoint
+    /// (its inventory); the tree stays stopped.
+    pub fn dump(&mut self, progress: &dyn Progress) -> Result<()> {
+        let host_pids: Vec<i32> = self.tree.iter().map(Member::pid).collect();
+        let nsd = ns::dump(&host_pids, &self.writer)?;
+        let (pages_bytes, pages_ms) = dump_tree(
+            &self.tree,
+            &self.writer,
+            &self.req,
+            &nsd,
+            self.lock.as_mut(),
+            progress,
+        )?;
+        if self.lock.is_some() {
             // Fault injection for tests: a window, with the network
             // locked, to kill the agent in.
             fault_hold("CKPT_FAULT_HOLD_LOCKED_MS");
         }
-        Ok((r, nsd))
-    });
-    let ((pages_bytes, pages_ms), nsd) = match result {
-        Ok(v) => v,
-        Err(e) => {
-            writer.discard();
-            // Sockets out of repair mode and unlocked before the tasks run.
-            drop(lock);
-            drop(tree);
-            return Err(e);
-        }
-    };
-    let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
-    let threads = tree
-        .iter()
-        .map(|m| match m {
-            Member::Live(s) => s.threads.len(),
-            Member::Zombie(_) => 0,
-        })
-        .sum();
-    let inv = Inventory {
-        format_version: FORMAT_VERSION,
-        tool_version: env!("CARGO_PKG_VERSION").to_string(),
-        root_pid: nsd.pids.inner(pid),
-        pids,
-        node,
-        files: Vec::new(),
-        created_unix_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
-        options: Some(DumpOptions {
-            leave_running: req.leave_running,
-            tcp_established: req.tcp_established,
-            ext_unix_sk: req.ext_unix_sk,
-            shell_job: req.shell_job,
-        }),
-        needs_features: ns::needed_features(&nsd.image),
-        signature: Vec::new(),
-    };
-    if let Err(e) = writer.commit(inv) {
-        writer.discard();
-        drop(lock);
-        drop(tree);
-        return Err(e);
+        let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
+        let req = &self.req;
+        let inv = Inventory {
+            format_version: FORMAT_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            root_pid: nsd.pids.inner(req.pid),
+            pids,
+            node: self.node.clone(),
+            files: Vec::new(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            options: Some(DumpOptions {
+                leave_running: req.leave_running,
+                tcp_established: req.tcp_established,
+                ext_unix_sk: req.ext_unix_sk,
+                shell_job: req.shell_job,
+            }),
+            needs_features: ns::needed_features(&nsd.image),
+            signature: Vec::new(),
+        };
+        self.writer.commit(inv)?;
+        self.dumped = Some((nsd, pages_bytes, pages_ms));
+        Ok(())
     }
-    let live: Vec<Seized> = tree
-        .into_iter()
-        .filter_map(|m| match m {
-            Member::Live(s) => Some(s),
-            Member::Zombie(_) => None,
-        })
-        .collect();
-    if req.leave_running {
-        for s in live {
-            s.release()?;
-        }
-        if let Some(l) = lock {
-            l.release()?;
-        }
-    } else {
-        if let Some(l) = lock.as_mut() {
-            l.repair_for_close()?;
-        }
-        Seized::kill_all(live)?;
-        if let Some(mut l) = lock {
-            // Closed in repair mode: no FIN, no reset.
-            l.drop_sockets()?;
-            if own_netns(&nsd) {
-                // The namespace went with the job, and its rules with it.
+
+    /// Lets the tree run on (`stop` false) or kills it (`stop` true: the
+    /// job has left this node; its cgroup goes, and its network lock stays
+    /// until the restore when its addresses stay on this node).
+    pub fn finish(mut self, stop: bool) -> Result<DumpReport> {
+        let Some((pages_bytes, pages_ms)) = self.dumped.as_ref().map(|d| (d.1, d.2)) else {
+            return Err(Error::Refused {
+                pid: self.req.pid,
+                reason: "finish before the dump was written".into(),
+            });
+        };
+        self.finished = true;
+        let threads = self
+            .tree
+            .iter()
+            .map(|m| match m {
+                Member::Live(s) => s.threads.len(),
+                Member::Zombie(_) => 0,
+            })
+            .sum();
+        let live: Vec<Seized> = std::mem::take(&mut self.tree)
+            .into_iter()
+            .filter_map(|m| match m {
+                Member::Live(s) => Some(s),
+                Member::Zombie(_) => None,
+            })
+            .collect();
+        let lock = self.lock.take();
+        if !stop {
+            for s in live {
+                s.release()?;
+            }
+            if let Some(l) = lock {
                 l.release()?;
-            } else {
-                // The job's addresses stay on this node: a peer's
-                // retransmission must not meet a reset before the restore.
-                l.keep()?;
+            }
+        } else {
+            let mut lock = lock;
+            if let Some(l) = lock.as_mut() {
+                l.repair_for_close()?;
+            }
+            Seized::kill_all(live)?;
+            if let Some(mut l) = lock {
+                // Closed in repair mode: no FIN, no reset.
+                l.drop_sockets()?;
+                if self.own_net {
+                    // The namespace went with the job, and its rules with it.
+                    l.release()?;
+                } else {
+                    // The job's addresses stay on this node: a peer's
+                    // retransmission must not meet a reset before the restore.
+                    l.keep()?;
+                }
+            }
+            // The job has left this node.
+            if let Some(cg) = &self.cgroup {
+                cg.remove();
             }
         }
-        // The job has left this node.
-        if let Some(cg) = &cgroup {
-            cg.remove();
-        }
+        let pid = self.req.pid;
+        let frozen_ms = self.frozen_at.elapsed().as_secs_f64() * 1e3;
+        info!(pid, pages_bytes, frozen_ms, "dump complete");
+        Ok(DumpReport {
+            pid,
+            threads,
+            images: self.req.images.clone(),
+            pages_bytes,
+            frozen_ms,
+            pages_ms,
+            total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
+        })
     }
-    let frozen_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
-    info!(pid, pages_bytes, frozen_ms, "dump complete");
-    Ok(DumpReport {
-        pid,
-        threads,
-        images: req.images.clone(),
-        pages_bytes,
-        frozen_ms,
-        pages_ms,
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
-    })
+}
+
+impl Drop for DumpSession {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // Aborted: nothing may look like a checkpoint; sockets out of repair
+        // mode and unlocked before the tasks run again as they were.
+        self.writer.discard();
+        drop(self.lock.take());
+        self.tree.clear();
+    }
 }
 
 /// Sleeps for the milliseconds environment variable `var` names, if set:
@@ -304,10 +385,6 @@ fn fault_hold(var: &str) {
     if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
-}
-
-fn own_netns(nsd: &ns::NsDump) -> bool {
-    nsd.image.own & libc::CLONE_NEWNET as u64 != 0
 }
 
 /// The name a checkpoint's network lock goes by: the job's, or the root
@@ -321,8 +398,9 @@ pub fn lock_name(job: &str, root: i32) -> String {
 }
 
 /// Blocks the tree's TCP traffic before any socket is read, in the
-/// namespace the sockets live in. None when the tree has no TCP socket.
-fn lock_network(tree: &[Member], nsd: &ns::NsDump) -> Result<Option<NetLock>> {
+/// namespace the sockets live in (the job's own when `own_net`). None when
+/// the tree has no TCP socket.
+fn lock_network(tree: &[Member], name: &str, own_net: bool) -> Result<Option<NetLock>> {
     let live: Vec<i32> = tree
         .iter()
         .filter(|m| matches!(m, Member::Live(_)))
@@ -332,14 +410,12 @@ fn lock_network(tree: &[Member], nsd: &ns::NsDump) -> Result<Option<NetLock>> {
     if conns.is_empty() {
         return Ok(None);
     }
-    let root = tree[0].pid();
-    let ns = if own_netns(nsd) {
-        Netns::Of(root)
+    let ns = if own_net {
+        Netns::Of(tree[0].pid())
     } else {
         Netns::Agent
     };
-    let name = lock_name(&nsd.image.job, nsd.pids.inner(root));
-    NetLock::take(&name, ns, conns).map(Some)
+    NetLock::take(name, ns, conns).map(Some)
 }
 
 /// What one live process's dump produced before its pages are copied; the

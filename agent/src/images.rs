@@ -93,9 +93,17 @@ impl ImageWriter {
         Ok(())
     }
 
-    /// Removes every file this writer created (after a failed dump),
-    /// including data files written before they could be recorded.
+    /// Removes every file this writer created (after a failed or aborted
+    /// dump), including data files written before they could be recorded;
+    /// the inventory first, so that no half-removed checkpoint looks
+    /// complete.
     pub fn discard(&self) {
+        let inv = self.dir.join(INVENTORY);
+        if std::fs::remove_file(&inv).is_ok() {
+            if let Ok(d) = std::fs::File::open(&self.dir) {
+                let _ = d.sync_all();
+            }
+        }
         for e in self.entries.lock().expect("image list lock").iter() {
             let _ = std::fs::remove_file(self.dir.join(&e.name));
         }
