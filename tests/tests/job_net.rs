@@ -1,7 +1,8 @@
 //! Jobs with a veth on a lab node's bridge: `run --net --veth`, dump,
 //! restore on the same node, on another node (its `br0`), on another node's
-//! bridge of another name (`--bridge`), and the refusals (missing bridge,
-//! bad options) that must leave nothing behind.
+//! bridge of another name (`--bridge`), the refusals (missing bridge, bad
+//! options) that must leave nothing behind, and the jobs of a destroyed
+//! node dying with it.
 //!
 //! Each test builds a simulated cluster with ckpt-lab, as tests/multinode.rs
 //! does, and runs every agent on a node with `ckpt_tests::on`. The last node
@@ -174,17 +175,30 @@ impl Cluster {
     }
 
     fn job_addr(&self) -> Ipv4Addr {
-        self.lab.job_address(0)
+        self.nth_addr(0)
+    }
+
+    /// The address of the lab's `j`th job (two each: see `second_addr`).
+    fn nth_addr(&self, j: u8) -> Ipv4Addr {
+        self.lab.job_address(2 * j)
     }
 
     /// The job's MAC, unique to the lab, as in tests/multinode.rs.
     fn job_mac(&self) -> String {
-        format!("02:00:c6:12:{:02x}:0a", self.lab.number())
+        self.nth_mac(0)
+    }
+
+    fn nth_mac(&self, j: u8) -> String {
+        format!("02:00:c6:12:{:02x}:{:02x}", self.lab.number(), 10 + j)
     }
 
     /// A second address the case adds itself (`run` was not told of it).
     fn second_addr(&self) -> Ipv4Addr {
-        self.lab.job_address(1)
+        self.nth_second_addr(0)
+    }
+
+    fn nth_second_addr(&self, j: u8) -> Ipv4Addr {
+        self.lab.job_address(2 * j + 1)
     }
 
     /// A route the case adds itself: the top half of the lab's /24, which
@@ -194,16 +208,16 @@ impl Cluster {
         format!("{a}.{b}.{c}.128/25")
     }
 
-    /// What the job is given, what the case adds itself, and what it must
-    /// see, for a job started on `node`'s `bridge`.
-    fn job_options(&self, node: &Node, bridge: &str) -> JobOptions {
+    /// What the lab's `j`th job is given, what the case adds itself, and
+    /// what it must see, for a job started on `node`'s `bridge`.
+    fn job_options(&self, node: &Node, bridge: &str, j: u8) -> JobOptions {
         let gateway = self.server().address();
-        let mac = self.job_mac();
+        let mac = self.nth_mac(j);
         let run_args = [
             "--veth",
             bridge,
             "--address",
-            &format!("{}/24", self.job_addr()),
+            &format!("{}/24", self.nth_addr(j)),
             "--address",
             JOB_ADDR6,
             "--gateway",
@@ -223,7 +237,7 @@ impl Cluster {
                     format!(
                         "addr add {}/24 dev eth0; route add blackhole {}; \
                          -6 route add 2001:db8:251::/64 via 2001:db8:250::1 dev eth0 metric 77",
-                        self.second_addr(),
+                        self.nth_second_addr(j),
                         self.blackhole()
                     ),
                 ),
@@ -233,22 +247,37 @@ impl Cluster {
                         "link eth0 mac {mac} mtu 1400 up; link lo mac 00:00:00:00:00:00 mtu 65536 up; \
                          addr eth0 {}/24; addr eth0 {JOB_ADDR6}; \
                          route4 eth0 0.0.0.0/0 via {gateway} metric 0 flags 0003",
-                        self.job_addr()
+                        self.nth_addr(j)
                     ),
                 ),
             ],
         }
     }
 
-    /// A job started on `node`'s `bridge`, ready; and the name of its
-    /// veth's node end there.
+    /// The lab's first job started on `node`'s `bridge`, ready; and the
+    /// name of its veth's node end there.
     fn start(&self, node: &Node, bridge: &str, job: &str, dir: &Workdir) -> (CaseProcess, String) {
-        let opts = self.job_options(node, bridge);
+        self.start_nth(node, bridge, job, dir, 0)
+    }
+
+    /// `start` for the lab's `j`th job, which has addresses and a MAC of
+    /// its own.
+    fn start_nth(
+        &self,
+        node: &Node,
+        bridge: &str,
+        job: &str,
+        dir: &Workdir,
+        j: u8,
+    ) -> (CaseProcess, String) {
+        let before = job_ports(node, bridge);
+        let opts = self.job_options(node, bridge, j);
         let mut case = CaseProcess::spawn_job_with(Path::new(CASE_BIN), CASE, job, dir, &opts)
             .unwrap_or_else(|e| panic!("{e}{}", dir.agent_report()));
         case.wait_ready().unwrap();
-        let ports = job_ports(node, bridge);
-        assert_eq!(ports.len(), 1, "one job port on {bridge}: {ports:?}");
+        let mut ports = job_ports(node, bridge);
+        ports.retain(|p| !before.contains(p));
+        assert_eq!(ports.len(), 1, "one new job port on {bridge}: {ports:?}");
         assert!(ports[0].starts_with("ckj-"), "{ports:?}");
         (case, ports[0].clone())
     }
@@ -451,6 +480,46 @@ fn veth_job_moves_onto_a_bridge_of_another_name() {
     assert_eq!(job_ports(new, "br0"), ["patch0"], "the job is not on br0");
     case.terminate_and_check("job restored on another node's br1")
         .unwrap_or_else(|e| panic!("{e}{}", dir.agent_report()));
+}
+
+/// Whether process `pid` is gone (or a zombie, not yet reaped).
+fn dead(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.contains(") Z")
+}
+
+/// Losing a node takes its jobs with it, though each has network and UTS
+/// namespaces of its own: one still under the agent that started it, and
+/// one restored with --detach, a child of nothing on the node any more.
+#[test]
+fn a_destroyed_nodes_jobs_die_with_it() {
+    if skip() {
+        return;
+    }
+    let c = Cluster::up(2);
+    let node = c.node(1);
+    let (run_job, restored_job) = (job_id("lost-run"), job_id("lost-restored"));
+    let _cg = [
+        JobCgroupGuard(run_job.clone()),
+        JobCgroupGuard(restored_job.clone()),
+    ];
+    let (run_dir, restored_dir) = (
+        Workdir::for_job("job-net-lost-run"),
+        Workdir::for_job("job-net-lost-restored"),
+    );
+    let (mut restored, _) = c.start_nth(node, "br0", &restored_job, &restored_dir, 1);
+    let images = restored_dir.join("images");
+    dump_job(node, &mut restored, &images, &restored_dir);
+    restore_job(node, &mut restored, &images, &[], &restored_dir);
+    let (running, _) = c.start_nth(node, "br0", &run_job, &run_dir, 0);
+    assert!(!dead(running.pid) && !dead(restored.pid));
+
+    node.destroy().unwrap();
+    assert!(dead(running.pid), "the job run on the node survived it");
+    assert!(
+        dead(restored.pid),
+        "the job restored on the node survived it"
+    );
 }
 
 #[test]
