@@ -10,6 +10,7 @@
 
 mod cmd;
 mod error;
+mod peers;
 mod procs;
 mod record;
 
@@ -389,19 +390,31 @@ impl Node {
         announce(netns_path, address)
     }
 
-    /// Simulates losing the node: kills every process in its network or UTS namespace, then
-    /// removes its fabric veth (at once, so its addresses leave the fabric now rather than when
-    /// the kernel gets round to freeing the namespace), the namespace and the UTS bind mount.
+    /// Simulates losing the node: kills every process in its network or UTS namespace, every
+    /// process in a network namespace plugged into it by a veth (its jobs, which have namespaces
+    /// of their own), and every descendant of one of those, then removes its fabric veth (at
+    /// once, so its addresses leave the fabric now rather than when the kernel gets round to
+    /// freeing the namespace), the namespace and the UTS bind mount.
     pub fn destroy(&self) -> Result<(), LabError> {
         tracing::info!(node = %self.name, "destroying node");
         let mut problems = Vec::new();
-        self.tracked.kill(Some(self.index));
-        let inodes: HashSet<u64> = [&self.netns_path, &self.uts_path]
+        let mut inodes: HashSet<u64> = [&self.netns_path, &self.uts_path]
             .iter()
             .filter_map(|p| procs::ns_inode(p))
             .collect();
+        // The node's own processes first: once its agents are gone, nobody plugs in a new job
+        // while we look for the jobs.
         if let Err(e) = procs::kill_members(&inodes, &self.name) {
             problems.push(e.to_string());
+        }
+        self.tracked.kill(Some(self.index));
+        let jobs = peers::attached_netns(&self.name, &node_inodes(self.lab));
+        if !jobs.is_empty() {
+            tracing::debug!(node = %self.name, namespaces = jobs.len(), "killing the node's jobs");
+            inodes.extend(jobs);
+            if let Err(e) = procs::kill_members(&inodes, &self.name) {
+                problems.push(e.to_string());
+            }
         }
         let fab = fabric_netns(self.lab);
         let port = format!("n{}", self.index);
@@ -580,6 +593,25 @@ fn lab_netns(k: u8) -> Vec<String> {
     v
 }
 
+/// Whether `name` is one of lab `k`'s node namespaces (not its fabric, nor a job namespace named
+/// with the lab's prefix).
+fn is_node_netns(k: u8, name: &str) -> bool {
+    name.strip_prefix(&netns_prefix(k))
+        .and_then(|rest| rest.strip_prefix('n'))
+        .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Inodes of lab `k`'s node and fabric namespaces: they are wired to each other by veths, which
+/// is no reason for one to take another down.
+fn node_inodes(k: u8) -> HashSet<u64> {
+    let fab = fabric_netns(k);
+    lab_netns(k)
+        .into_iter()
+        .filter(|n| *n == fab || is_node_netns(k, n))
+        .filter_map(|n| procs::ns_inode(&netns_path(&n)))
+        .collect()
+}
+
 /// Whether our prohibit route for lab `k` is in the root namespace.
 fn prohibit_route_present(k: u8) -> bool {
     let net = subnet(k).to_string();
@@ -653,16 +685,29 @@ fn teardown_k(k: u8, remove_lab_dir: bool) -> Vec<String> {
     let uts: Vec<PathBuf> = fs::read_dir(uts_dir(k))
         .map(|d| d.filter_map(|e| Some(e.ok()?.path())).collect())
         .unwrap_or_default();
-    let inodes: HashSet<u64> = names
+    let mut inodes: HashSet<u64> = names
         .iter()
         .map(|n| netns_path(n))
         .chain(uts.iter().cloned())
         .filter_map(|p| procs::ns_inode(&p))
         .collect();
-    match procs::kill_members(&inodes, &format!("lab {k}")) {
+    let what = format!("lab {k}");
+    let mut kill_all = |inodes: &HashSet<u64>| match procs::kill_members(inodes, &what) {
         Ok(0) => {}
         Ok(n) => tracing::debug!(lab = k, killed = n, "killed processes left in the lab"),
         Err(e) => problems.push(e.to_string()),
+    };
+    kill_all(&inodes);
+    // Then the jobs plugged into the nodes, as `Node::destroy` does.
+    let nodes = node_inodes(k);
+    let jobs: HashSet<u64> = names
+        .iter()
+        .filter(|n| is_node_netns(k, n))
+        .flat_map(|n| peers::attached_netns(n, &nodes))
+        .collect();
+    if !jobs.is_empty() {
+        inodes.extend(jobs);
+        kill_all(&inodes);
     }
     for n in &names {
         if let Err(e) = delete_netns(n) {
@@ -900,8 +945,11 @@ impl Lab {
 
     fn teardown(&self) -> Result<(), LabError> {
         tracing::info!(lab = self.k, "tearing lab down");
-        self.tracked.kill(None);
+        // Tracked children are killed with everything else on the nodes (killing them alone
+        // first would orphan their children, which then no longer show as the nodes'); here
+        // they are only reaped, or killed if they never entered a node.
         let problems = teardown_k(self.k, true);
+        self.tracked.kill(None);
         if problems.is_empty() {
             Ok(())
         } else {

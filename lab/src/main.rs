@@ -40,7 +40,7 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<OsString>,
     },
-    /// Simulate losing a node: kill its processes and remove its namespaces.
+    /// Simulate losing a node: kill its processes and jobs and remove its namespaces.
     DestroyNode {
         /// Lab number.
         lab: u8,

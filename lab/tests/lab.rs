@@ -210,6 +210,112 @@ fn destroying_a_node_kills_its_processes_and_removes_it() {
     assert_gone(k);
 }
 
+/// `sleep 1000` in network and UTS namespaces of its own, like a job; killed when dropped, so
+/// that a failing test leaves nothing behind.
+struct Job(std::process::Child);
+
+impl Job {
+    /// Starts it from this process (not from any node) and waits until it is in its namespaces.
+    fn start() -> Job {
+        let child = Command::new("unshare")
+            .args(["--net", "--uts", "sleep", "1000"])
+            .spawn()
+            .unwrap();
+        let job = Job(child);
+        wait_left(job.pid(), Path::new("/proc/self/ns/net"));
+        job
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn netns(&self) -> std::path::PathBuf {
+        format!("/proc/{}/ns/net", self.pid()).into()
+    }
+
+    /// Whether it has died (and is now reaped).
+    fn dead(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_some()
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits until process `pid` has left the network namespace at `from` (its unshare has run).
+fn wait_left(pid: u32, from: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // The namespace's identity is the inode both paths lead to (a /run/netns file is a bind mount,
+    // not a link).
+    let ino = |p: &Path| std::fs::metadata(p).ok().map(|m| m.ino());
+    let old = ino(from).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ino(Path::new(&format!("/proc/{pid}/ns/net"))) == Some(old) {
+        assert!(
+            Instant::now() < deadline,
+            "{pid} never unshared its namespaces"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Alive, not a zombie.
+fn running(pid: &str) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.contains(") Z")
+}
+
+#[test]
+fn destroying_a_node_kills_its_jobs() {
+    require_root();
+    let lab = Lab::up(2).unwrap();
+    let k = lab.number();
+    let (n1, n2) = (lab.node(1), lab.node(2));
+    // Plugged into node 1, but started by nobody on it (as a job restored with --detach is once
+    // its agent has exited): only its veth ties it to the node.
+    let mut attached = Job::start();
+    n1.attach_netns("job0", &attached.netns(), lab.job_address(0), None)
+        .unwrap();
+    // The same on node 2, which stays.
+    let mut elsewhere = Job::start();
+    n2.attach_netns("job1", &elsewhere.netns(), lab.job_address(1), None)
+        .unwrap();
+    // Forked by a process on node 1 into namespaces of its own and plugged into nothing (yet),
+    // as an agent starts a job: only its ancestry ties it to the node.
+    let shell = n1
+        .spawn(
+            n1.command("sh")
+                .args(["-c", "unshare --net --uts sleep 1000 & echo $!; wait"])
+                .stdout(Stdio::piped()),
+        )
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(shell.take_stdout().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let forked = line.trim().to_string();
+    wait_left(forked.parse().unwrap(), n1.netns_path());
+    assert!(!attached.dead() && running(&forked));
+
+    n1.destroy().unwrap();
+    assert!(attached.dead(), "the job attached to node 1 survived it");
+    assert!(!running(&forked), "the job forked on node 1 survived it");
+    assert!(
+        !elsewhere.dead(),
+        "the job on node 2 died with node 1: {}",
+        elsewhere.pid()
+    );
+    // Node 2's jobs go with the lab.
+    drop(lab);
+    assert!(elsewhere.dead(), "the job on node 2 survived the lab");
+    assert_gone(k);
+}
+
 #[test]
 fn drop_removes_everything_including_stray_processes() {
     require_root();

@@ -725,6 +725,26 @@ pub fn restore_detached_in(
     (run, pid)
 }
 
+// ------------------------------------------------------------ lab nodes
+
+/// The command prefix that runs an agent (or a case) on a lab node: its
+/// network and UTS namespaces, entered with nsenter, not `ip netns exec`,
+/// which hides the cgroup mounts the agent needs. nsenter execs, so the
+/// program stays our child.
+pub fn on(node: &ckpt_lab::Node) -> Vec<String> {
+    vec![
+        "nsenter".into(),
+        format!("--net={}", node.netns_path().display()),
+        format!("--uts={}", node.uts_path().display()),
+        "--".into(),
+    ]
+}
+
+/// `prefix` as the `&[&str]` that `agent_in`, `dump_in` and friends take.
+pub fn strs(prefix: &[String]) -> Vec<&str> {
+    prefix.iter().map(String::as_str).collect()
+}
+
 // ------------------------------------------------------------ the flow
 
 /// Restores `case` from `images` and checks the restored process.

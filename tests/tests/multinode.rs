@@ -9,28 +9,13 @@ use std::time::{Duration, Instant};
 
 use ckpt_lab::{Lab, Node};
 use ckpt_tests::{
-    dump_in, no_checkpoint, restore_detached_in, CaseProcess, JobCgroupGuard, JobOptions,
+    dump_in, no_checkpoint, on, restore_detached_in, strs, CaseProcess, JobCgroupGuard, JobOptions,
     StreamPeer, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
 const CASE: &str = "job_net_tcp_part";
 const PORT: u16 = 7000;
-
-/// How an agent runs on `node`: in its network and UTS namespaces (not
-/// `ip netns exec`, which hides the cgroup mounts).
-fn on(node: &Node) -> Vec<String> {
-    vec![
-        "nsenter".into(),
-        format!("--net={}", node.netns_path().display()),
-        format!("--uts={}", node.uts_path().display()),
-        "--".into(),
-    ]
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
 
 /// Bytes one part has received so far, as it last wrote them.
 fn received(dir: &Workdir) -> u64 {

@@ -1,7 +1,7 @@
 //! A job's network interfaces seen from inside: names, MACs, MTUs, state,
 //! addresses and routes, read with ioctls, getifaddrs and /proc/net (not
 //! with the `ip` tool the agent uses), and a TCP peer reached over them.
-//! Run by tests/job_net.rs, which builds the lab network and says what to
+//! Run by tests/job_net.rs, which runs it on a ckpt-lab node and says what to
 //! expect through the environment.
 
 use std::io::{Read, Write};
