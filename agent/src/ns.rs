@@ -388,6 +388,14 @@ pub fn added_mounts(job: &[MountInfo], agent: &[MountInfo], pid: i32) -> Result<
             left.swap_remove(k);
             continue;
         }
+        if m.fstype == "nsfs" {
+            // A namespace handle (`ip netns`, a lab node's UTS file) the
+            // job inherited from the node at its start and the node has
+            // dropped since: bookkeeping of the node's, which nothing can
+            // recreate (its namespace may be gone). Not the job's.
+            debug!(pid, mount = %m.mount_point, "namespace handle mount left out");
+            continue;
+        }
         // A filesystem mounted earlier in the job's table (inherited or
         // not): this is a bind of some directory of it.
         let from = job[..i].iter().rev().find_map(|e| {
@@ -834,6 +842,16 @@ mod tests {
 
     fn mi(line: &str) -> MountInfo {
         proc::parse_mountinfo(line).remove(0)
+    }
+
+    #[test]
+    fn stale_namespace_handles_are_not_the_jobs() {
+        let agent = vec![mi("1 0 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw")];
+        let job = vec![
+            mi("10 9 8:1 / / rw,relatime master:1 - ext4 /dev/sda1 rw"),
+            mi("11 10 0:4 net:[4026532] /run/netns/gone rw - nsfs nsfs rw"),
+        ];
+        assert!(added_mounts(&job, &agent, 1).unwrap().is_empty());
     }
 
     #[test]
