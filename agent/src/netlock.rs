@@ -455,8 +455,14 @@ pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
             // The job and its namespace are gone: so are the rules.
             Netns::Of(_) => None,
             Netns::Agent if rec.netns_ino == own_ino => Some(Netns::Agent),
-            // Another node's: its own agent recovers it.
-            Netns::Agent => continue,
+            // Another node's: its own agent recovers it, unless that
+            // namespace is gone (the node with it), and its rules with it.
+            Netns::Agent if netns_exists(rec.netns_ino) => continue,
+            Netns::Agent => {
+                debug!(table = rec.table, "lock record of a namespace that is gone");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
         };
         if rec.kept && kept_table.as_deref() != Some(rec.table.as_str()) {
             continue;
@@ -484,6 +490,25 @@ pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
         drop(file);
     }
     Ok(done)
+}
+
+/// Whether a network namespace with inode `ino` still exists: some process
+/// is in it, or a bind mount under /run/netns holds it.
+fn netns_exists(ino: u64) -> bool {
+    let held = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.ino() == ino);
+    let by_process = std::fs::read_dir("/proc").is_ok_and(|rd| {
+        rd.flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .bytes()
+                    .all(|b| b.is_ascii_digit())
+            })
+            .any(|e| held(&e.path().join("ns/net")))
+    });
+    let by_mount =
+        std::fs::read_dir("/run/netns").is_ok_and(|rd| rd.flatten().any(|e| held(&e.path())));
+    by_process || by_mount
 }
 
 /// Takes socket `r` out of repair mode if it is still that process's fd.

@@ -627,8 +627,11 @@ pub fn agent_in(prefix: &[&str], args: &[&str], dir: &Workdir, label: &str) -> A
         }
         None => Command::new(agent_binary()),
     };
+    // In the work dir: a job started by `run` refuses a current directory
+    // under /tmp (where a CI checkout may be), which it could not see.
     let spawned = command
         .args(args)
+        .current_dir(&dir.path)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
