@@ -11,6 +11,7 @@ fn main() {
         "proto/files.proto",
         "proto/ns.proto",
         "proto/ipc.proto",
+        "proto/rpc.proto",
         "proto/net.proto",
     ];
     for f in &files {

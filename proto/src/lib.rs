@@ -3,6 +3,7 @@
 //! records each with its own crc32c, and a trailer that seals the file.
 
 pub mod frame;
+pub mod rpc;
 
 /// Messages stored in checkpoint images.
 pub mod image {
