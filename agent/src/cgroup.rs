@@ -130,6 +130,27 @@ impl JobCgroup {
         })
     }
 
+    /// The cgroup of job `job` on this node, which must exist.
+    pub fn find(job: &str) -> Result<Self> {
+        check_job_id(job)?;
+        let (v2, v1) = hierarchies()?;
+        for (root, freezer) in [(v2, Freezer::V2), (v1, Freezer::V1)] {
+            let Some(root) = root else { continue };
+            let dir = root.join(PARENT).join(job);
+            if dir.join("cgroup.procs").exists() {
+                return Ok(JobCgroup {
+                    job: job.into(),
+                    dir,
+                    freezer,
+                });
+            }
+        }
+        Err(Error::Job {
+            job: job.into(),
+            reason: "no such job on this node".into(),
+        })
+    }
+
     /// The job cgroup `pid` is in, if it is in one.
     pub fn of_pid(pid: i32) -> Result<Option<Self>> {
         let text = proc::read(pid, "cgroup")?;

@@ -24,6 +24,7 @@ pub mod proc;
 pub mod progress;
 pub mod restore;
 pub mod seize;
+pub mod serve;
 pub mod show;
 pub mod sys;
 pub mod task;

@@ -141,6 +141,23 @@ enum Cmd {
         #[arg(long, short = 'D')]
         images: PathBuf,
     },
+    /// Run as the node's service for ckpt-coord: authenticated connections
+    /// carry checkpoint (prepare, dump, finish or abort) and restore orders.
+    Serve {
+        /// Address to listen on (port 0: any free port; the address is
+        /// printed once listening).
+        #[arg(long, default_value = "0.0.0.0:7707")]
+        listen: String,
+        /// The cluster key file (mode 0600, at least 32 bytes).
+        #[arg(long, default_value = "/etc/ckpt/cluster.key")]
+        key: PathBuf,
+        /// This node's name in the cluster configuration (default: hostname).
+        #[arg(long)]
+        node: Option<String>,
+        /// Where work in progress is recorded, for a restarted agent.
+        #[arg(long, default_value = "/var/lib/ckpt/agent")]
+        state_dir: PathBuf,
+    },
     /// Decode any image file.
     Show {
         /// The image file.
@@ -358,6 +375,41 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Cmd::Serve {
+            listen,
+            key,
+            node,
+            state_dir,
+        } => {
+            let node = node.unwrap_or_else(|| {
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "localhost".into())
+            });
+            let cfg = ckpt_agent::serve::ServeConfig {
+                listen,
+                key,
+                node,
+                state_dir,
+            };
+            let json = cli.json;
+            let r = ckpt_agent::serve::serve(&cfg, |addr| {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "node": cfg.node, "listening": addr })
+                    );
+                } else {
+                    println!("node {} listening on {addr}", cfg.node);
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Cmd::Show { path } => match show::show(&path, cli.json) {
             Ok(s) => {
                 println!("{s}");
@@ -396,33 +448,16 @@ fn run(req: job::RunRequest, detach: bool, pidfile: Option<PathBuf>, json: bool)
 }
 
 fn check_images(dir: &std::path::Path, json: bool) -> ExitCode {
-    let inv = match ckpt_agent::images::read_inventory(dir) {
-        Ok(i) => i,
-        Err(e) => return fail(e),
-    };
-    let here = match ckpt_agent::check::fingerprint() {
-        Ok(f) => f,
-        Err(e) => return fail(e),
-    };
-    let why = match &inv.node {
-        Some(n) => ckpt_agent::check::incompatibilities(n, &here),
-        None => vec!["the checkpoint does not say which node it was taken on".to_string()],
-    };
-    let verify = ckpt_agent::images::verify(dir, &inv)
-        .err()
-        .map(|e| e.to_string());
-    let ok = why.is_empty() && verify.is_none();
+    let why = ckpt_agent::check::restorable(dir);
+    let ok = why.is_empty();
     if json {
-        let v = serde_json::json!({"ok": ok, "incompatibilities": why, "integrity_error": verify});
+        let v = serde_json::json!({"ok": ok, "cannot_restore": why});
         println!("{v}");
     } else if ok {
         println!("this node can restore the checkpoint in {}", dir.display());
     } else {
         for w in &why {
             println!("cannot restore: {w}");
-        }
-        if let Some(v) = &verify {
-            println!("cannot restore: {v}");
         }
     }
     if ok {

@@ -397,6 +397,47 @@ fn render_fingerprint(f: &NodeFingerprint) -> String {
     s
 }
 
+/// Why this node cannot restore the checkpoint in `dir`, one reason per
+/// entry naming what is wrong (empty: it can): the checkpoint's integrity,
+/// the CPU, xsave and vdso layout it was taken with, and every kernel
+/// feature it needs, probed here.
+pub fn restorable(dir: &std::path::Path) -> Vec<String> {
+    let inv = match crate::images::read_inventory(dir) {
+        Ok(i) => i,
+        Err(e) => return vec![e.to_string()],
+    };
+    let mut why = Vec::new();
+    if let Err(e) = crate::images::verify(dir, &inv) {
+        why.push(e.to_string());
+    }
+    match (fingerprint(), &inv.node) {
+        (Ok(here), Some(n)) => why.extend(incompatibilities(n, &here)),
+        (Ok(_), None) => why.push("the checkpoint does not say which node it was taken on".into()),
+        (Err(e), _) => why.push(format!("cannot fingerprint this node: {e}")),
+    }
+    let known: Vec<String> = inv
+        .needs_features
+        .iter()
+        .filter(|f| PROBES.iter().any(|p| p.name == f.as_str()))
+        .cloned()
+        .collect();
+    for f in inv.needs_features.iter().filter(|f| !known.contains(f)) {
+        why.push(format!(
+            "needs kernel feature {f}, which this ckpt does not know"
+        ));
+    }
+    match run_probes(&known) {
+        Ok(results) => why.extend(
+            results
+                .into_iter()
+                .filter(|r| !r.ok)
+                .map(|r| format!("needs kernel feature {}: {}", r.name, r.detail)),
+        ),
+        Err(e) => why.push(e.to_string()),
+    }
+    why
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
