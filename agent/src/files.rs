@@ -643,6 +643,35 @@ fn set_effective_ids(remote: &Remote, uid: u32, gid: u32) -> Result<()> {
     Ok(())
 }
 
+/// Makes the task run `nr(args)` with effective ids `cred` (when known),
+/// back to root after: credentials the kernel records at that call.
+fn as_ids(
+    r: &Remote,
+    cred: Option<&ckpt_proto::image::PeerCred>,
+    nr: i64,
+    args: &[u64],
+) -> Result<u64> {
+    if let Some(c) = cred {
+        set_effective_ids(r, c.uid, c.gid)?;
+    }
+    let res = r.syscall(nr, args);
+    if cred.is_some() {
+        set_effective_ids(r, 0, 0)?;
+    }
+    res
+}
+
+/// Moves descriptor `fd` of the task `r` drives into the agent (closed
+/// in the task).
+fn take_out(r: &Remote, fd: u64) -> Result<std::os::fd::OwnedFd> {
+    let host = r.tid.as_raw();
+    let pidfd = sys::pidfd::pidfd_open(host).map_err(|e| Error::sys(host, "pidfd_open", e))?;
+    let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
+        .map_err(|e| Error::sys(host, format!("pidfd_getfd fd {fd}"), e))?;
+    r.syscall(libc::SYS_close, &[fd])?;
+    Ok(ours)
+}
+
 /// Runs `f` with an injector into process `host` (images' PID `pid`): the
 /// task being built (its own remote and scratch) or a process of the
 /// checkpoint not built yet (still a blank copy of the agent, with a
@@ -1134,14 +1163,7 @@ impl Opener<'_> {
                     r.syscall(libc::SYS_close, &[fd])?;
                     return Ok(None);
                 }
-                if let Some(c) = &lc {
-                    set_effective_ids(r, c.uid, c.gid)?;
-                }
-                let l = r.syscall(libc::SYS_listen, &[fd, 1]);
-                if lc.is_some() {
-                    set_effective_ids(r, 0, 0)?;
-                }
-                l?;
+                as_ids(r, lc.as_ref(), libc::SYS_listen, &[fd, 1])?;
                 Ok(Some(fd))
             })?;
             match made {
@@ -1158,53 +1180,61 @@ impl Opener<'_> {
                 &[libc::AF_UNIX as u64, kind | libc::SOCK_CLOEXEC as u64, 0],
             )?;
             let ap = sc.put(&addr)?;
-            if let Some(c) = &cc {
-                set_effective_ids(r, c.uid, c.gid)?;
-            }
-            let c = r.syscall(libc::SYS_connect, &[fd, ap, addr.len() as u64]);
-            if cc.is_some() {
-                set_effective_ids(r, 0, 0)?;
-            }
-            c?;
-            let host = r.tid.as_raw();
-            let pidfd =
-                sys::pidfd::pidfd_open(host).map_err(|e| Error::sys(host, "pidfd_open", e))?;
-            let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
-                .map_err(|e| Error::sys(host, format!("pidfd_getfd fd {fd}"), e))?;
-            r.syscall(libc::SYS_close, &[fd])?;
-            Ok(ours)
-        })?;
-        let accepted = match stand_in {
-            None => {
+            as_ids(
+                r,
+                cc.as_ref(),
+                libc::SYS_connect,
+                &[fd, ap, addr.len() as u64],
+            )?;
+            take_out(r, fd)
+        });
+        // Accepted only once the client is connected: an accept with
+        // nothing queued would wait for ever.
+        let accepted = match (&client, stand_in) {
+            (Err(e), _) => Err(Error::Refused {
+                pid: y_pid,
+                reason: format!("cannot connect to {name} again: {e}"),
+            }),
+            (Ok(_), None) => {
                 let l = &self.shared.listeners[&name];
                 sys::misc::accept(l.as_fd())
-                    .map_err(|e| Error::sys(self.pid, format!("accept on {name}"), e))?
+                    .map_err(|e| Error::sys(self.pid, format!("accept on {name}"), e))
             }
-            Some(tl) => with_task(self, scratch, x_pid, |r, _| {
+            (Ok(_), Some(tl)) => with_task(self, scratch, x_pid, |r, _| {
                 let fd = r.syscall(libc::SYS_accept4, &[tl, 0, 0, libc::SOCK_CLOEXEC as u64])?;
-                let host = r.tid.as_raw();
-                let pidfd =
-                    sys::pidfd::pidfd_open(host).map_err(|e| Error::sys(host, "pidfd_open", e))?;
-                let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
-                    .map_err(|e| Error::sys(host, format!("pidfd_getfd fd {fd}"), e))?;
-                r.syscall(libc::SYS_close, &[fd])?;
-                r.syscall(libc::SYS_close, &[tl])?;
-                if name.starts_with('/') {
-                    // The stand-in's socket file goes: the real listener
-                    // (restored later, if any) binds the name again.
-                    let path = format!("/proc/{host}/root{name}");
-                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                }
-                Ok(ours)
-            })?,
+                take_out(r, fd)
+            }),
         };
-        let key = x_ino.min(y_ino);
-        let mut ends = [Some(accepted), Some(client)];
-        if key != x_ino {
-            ends.swap(0, 1);
+        if let Some(tl) = stand_in {
+            self.drop_stand_in(x_pid, tl, &name, scratch)?;
         }
-        let [a, b] = ends;
-        Ok(Some([a.expect("end"), b.expect("end")]))
+        let (accepted, client) = (accepted?, client?);
+        let key = x_ino.min(y_ino);
+        Ok(Some(if key == x_ino {
+            [accepted, client]
+        } else {
+            [client, accepted]
+        }))
+    }
+
+    /// Closes a stand-in listener; the socket file of a path name goes
+    /// too, so that the real listener (restored later, if any) binds the
+    /// name again.
+    fn drop_stand_in(
+        &mut self,
+        pid: i32,
+        fd: u64,
+        name: &str,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        with_task(self, scratch, pid, |r, _| {
+            r.syscall(libc::SYS_close, &[fd])?;
+            if name.starts_with('/') {
+                let path = format!("/proc/{}/root{name}", r.tid.as_raw());
+                std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+            }
+            Ok(())
+        })
     }
 
     /// A descriptor, in the task, of an open file another process of the

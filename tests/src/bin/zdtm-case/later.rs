@@ -1079,6 +1079,31 @@ pub(crate) fn listen_abstract(
     Ok((l, a, len))
 }
 
+/// A unix socket's name (getsockname) and its peer's credentials
+/// (SO_PEERCRED: pid, uid, gid).
+fn sock_identity(fd: i32) -> (Vec<u8>, i32, u32, u32) {
+    // SAFETY: out-buffers of the sizes passed.
+    unsafe {
+        let mut me: libc::sockaddr_un = std::mem::zeroed();
+        let mut mlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        libc::getsockname(fd, &mut me as *mut _ as *mut libc::sockaddr, &mut mlen);
+        let name: Vec<u8> = me.sun_path[..(mlen as usize).saturating_sub(2)]
+            .iter()
+            .map(|&b| b as u8)
+            .collect();
+        let mut cred: libc::ucred = std::mem::zeroed();
+        let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            &mut cred as *mut _ as *mut libc::c_void,
+            &mut clen,
+        );
+        (name, cred.pid, cred.uid, cred.gid)
+    }
+}
+
 /// A connection accepted from a listener (parent: listener and accepted
 /// end; child: the client, connected with effective ids 4321/4322), with
 /// bytes queued unread at both ends. After restore both queues are intact,
@@ -1167,29 +1192,7 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
     }) {
         return Err("client's hello not queued".into());
     }
-    let identity = |fd: i32| {
-        // SAFETY: out-buffers of the sizes passed.
-        unsafe {
-            let mut me: libc::sockaddr_un = std::mem::zeroed();
-            let mut mlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            libc::getsockname(fd, &mut me as *mut _ as *mut libc::sockaddr, &mut mlen);
-            let name: Vec<u8> = me.sun_path[..(mlen as usize).saturating_sub(2)]
-                .iter()
-                .map(|&b| b as u8)
-                .collect();
-            let mut cred: libc::ucred = std::mem::zeroed();
-            let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                &mut cred as *mut _ as *mut libc::c_void,
-                &mut clen,
-            );
-            (name, cred.pid, cred.uid, cred.gid)
-        }
-    };
-    let before = identity(s);
+    let before = sock_identity(s);
     if before.1 != child || before.2 != 4321 || before.3 != 4322 {
         return Err(format!(
             "accepted end's peer before the checkpoint: {before:?}"
@@ -1233,7 +1236,7 @@ pub fn unix_accepted(ctx: &Ctx) -> CaseResult {
     c.eq(
         "accepted end: listener's name and the client's credentials",
         before,
-        identity(s),
+        sock_identity(s),
     );
     c.ok(
         "new data both ways",
@@ -1508,28 +1511,14 @@ pub fn unix_accepted_closed(ctx: &Ctx) -> CaseResult {
         libc::close(l);
         s
     };
-    let peer = |fd: i32| {
-        // SAFETY: out-buffers of the sizes passed.
-        unsafe {
-            let mut me: libc::sockaddr_un = std::mem::zeroed();
-            let mut mlen = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
-            libc::getsockname(fd, &mut me as *mut _ as *mut libc::sockaddr, &mut mlen);
-            let mut cred: libc::ucred = std::mem::zeroed();
-            let mut clen = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-            libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                &mut cred as *mut _ as *mut libc::c_void,
-                &mut clen,
-            );
-            (mlen, cred.pid)
-        }
-    };
-    let before = peer(s);
+    let before = sock_identity(s);
     ctx.ready_and_wait()?;
     let mut c = Check::new();
-    c.eq("accepted end: name length and client pid", before, peer(s));
+    c.eq(
+        "accepted end: name and client credentials",
+        before,
+        sock_identity(s),
+    );
     c.ok(
         "still connected",
         write_u32(s, 41) && read_u32(s) == Some(42),
