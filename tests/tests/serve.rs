@@ -184,7 +184,16 @@ fn a_coordinator_with_another_key_is_refused() {
         Some(A::Status(s)) => assert_eq!(s.node, "test-node"),
         other => panic!("status answered {other:?}"),
     }
-    let log = std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default();
+    // Logged once the agent has dropped the connection: maybe a moment
+    // after the coordinator saw it close.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let log = loop {
+        let log = std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default();
+        if log.contains("refused a connection") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         log.contains("refused a connection"),
         "the refusal is logged:\n{log}"
