@@ -13,6 +13,7 @@ fn main() {
         "proto/ipc.proto",
         "proto/rpc.proto",
         "proto/net.proto",
+        "proto/manifest.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
@@ -33,6 +34,9 @@ fn main() {
         "ckpt.image.Datagram.data",
         "ckpt.image.SysvMsg.text",
         "ckpt.image.PosixMsg.data",
+        "ckpt.image.Manifest.signature",
+        "ckpt.image.ManifestPart.inventory_sha256",
+        "ckpt.image.PartFile.sha256",
     ] {
         cfg.field_attribute(field, "#[serde(serialize_with = \"crate::hexbytes\")]");
     }

@@ -36,6 +36,8 @@ pub enum ImageKind {
     Ipc = 8,
     /// A job's network namespace: interfaces, addresses, routes.
     Net = 9,
+    /// A coordinated checkpoint of all parts of a job (the coordinator's).
+    Manifest = 10,
 }
 
 impl ImageKind {
@@ -51,6 +53,7 @@ impl ImageKind {
             7 => Self::Ns,
             8 => Self::Ipc,
             9 => Self::Net,
+            10 => Self::Manifest,
             _ => return None,
         })
     }
@@ -67,6 +70,7 @@ impl ImageKind {
             Self::Ns => "ns",
             Self::Ipc => "ipc",
             Self::Net => "net",
+            Self::Manifest => "manifest",
         }
     }
 }
@@ -344,12 +348,43 @@ mod tests {
     }
 
     #[test]
+    fn manifest_describes_with_hex_digests() {
+        use crate::image::{Manifest, ManifestPart, PartFile};
+        let m = Manifest {
+            job_id: "j1".into(),
+            checkpoint_id: "20260101T000000-1".into(),
+            parts: vec![ManifestPart {
+                name: "a".into(),
+                node: "n1".into(),
+                dir: "part-a".into(),
+                inventory_sha256: vec![0xab; 32],
+                files: vec![PartFile {
+                    name: "inventory.img".into(),
+                    size: 3,
+                    sha256: vec![0xcd; 32],
+                }],
+            }],
+            signature: vec![1, 2],
+            ..Default::default()
+        };
+        let bytes = encode_image(ImageKind::Manifest, std::slice::from_ref(&m));
+        let back: Manifest = decode_one(&bytes, ImageKind::Manifest).unwrap();
+        assert_eq!(back, m);
+        let (kind, v) = crate::describe(&bytes).unwrap();
+        assert_eq!((kind, kind.name()), (ImageKind::Manifest, "manifest"));
+        assert_eq!(v["parts"][0]["node"], "n1");
+        assert_eq!(v["parts"][0]["inventory_sha256"], "ab".repeat(32));
+        assert_eq!(v["parts"][0]["files"][0]["sha256"], "cd".repeat(32));
+        assert_eq!(v["signature"], "0102");
+    }
+
+    #[test]
     fn kinds_round_trip_and_net_describes() {
-        for k in 1..=9 {
+        for k in 1..=10 {
             let kind = ImageKind::from_u32(k).expect("known kind");
             assert_eq!(kind as u32, k);
         }
-        assert_eq!(ImageKind::from_u32(10), None);
+        assert_eq!(ImageKind::from_u32(11), None);
         let net = crate::image::NetImage {
             links: vec![crate::image::NetLink {
                 name: "eth0".into(),

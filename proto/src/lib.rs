@@ -41,6 +41,7 @@ pub fn describe(bytes: &[u8]) -> Result<(ImageKind, serde_json::Value), FrameErr
         ImageKind::Ns => one::<NsImage>(bytes, kind)?,
         ImageKind::Ipc => one::<IpcImage>(bytes, kind)?,
         ImageKind::Net => one::<NetImage>(bytes, kind)?,
+        ImageKind::Manifest => one::<Manifest>(bytes, kind)?,
     };
     Ok((kind, v))
 }
