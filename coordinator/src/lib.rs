@@ -3,18 +3,22 @@
 //! storage; talking to agents is layered on top of it.
 
 pub mod config;
+pub mod jobspec;
 pub mod time;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use config::{AgentAddr, Cluster, ClusterKey, ConfigError, Node, Timeouts};
+pub use jobspec::{Cidr, JobSpec, Mac, Network, Part, SpecError};
 
 /// Any error of the coordinator library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
 }
 
 /// A problem found in a file an admin or user wrote: where it is, what is
