@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod jobspec;
+pub mod store;
 pub mod time;
 
 use std::fmt;
@@ -11,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{AgentAddr, Cluster, ClusterKey, ConfigError, Node, Timeouts};
 pub use jobspec::{Cidr, JobSpec, Mac, Network, Part, SpecError};
+pub use store::{Checkpoint, CheckpointId, PendingCheckpoint, Store, StoreError, Verify};
 
 /// Any error of the coordinator library.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +21,8 @@ pub enum Error {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A problem found in a file an admin or user wrote: where it is, what is
