@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod jobspec;
+pub mod plan;
 pub mod store;
 pub mod time;
 
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 pub use config::{AgentAddr, Cluster, ClusterKey, ConfigError, Node, Timeouts};
 pub use jobspec::{Cidr, JobSpec, Mac, Network, Part, SpecError};
+pub use plan::{LaunchPlan, PlanError, RestartPlan, RestoreOrder};
 pub use store::{Checkpoint, CheckpointId, PendingCheckpoint, Store, StoreError, Verify};
 
 /// Any error of the coordinator library.
@@ -23,6 +25,8 @@ pub enum Error {
     Spec(#[from] SpecError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 /// A problem found in a file an admin or user wrote: where it is, what is
