@@ -1,24 +1,552 @@
-//! `ckpt-coord`: drives the agents of all nodes of a job.
-//!
-//! The coordinated checkpoint protocol is the subject of a later issue; this
-//! binary exists so that the workspace layout of the brief is in place.
+//! `ckpt-coord`: the coordinator's command line (BRIEF §3). The logic lives
+//! in the library; this file parses arguments, prints results and maps
+//! errors to exit codes (0 success, 1 failure, 2 bad usage).
 
-use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Drives the ckpt agents of every node of a job.
+use anyhow::{bail, Context, Result};
+use ckpt_coord::plan::{self, LaunchPlan, RestartPlan};
+use ckpt_coord::store::{Entry, Signature, Verify};
+use ckpt_coord::{jobspec, Checkpoint, CheckpointId, Cluster, JobSpec, Store};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+/// Checkpoints, restarts and migrates jobs that span several nodes.
 #[derive(Parser)]
 #[command(name = "ckpt-coord", version)]
 struct Cli {
-    /// The command (launch, checkpoint, restart, check, status, list, migrate).
-    #[arg(trailing_var_arg = true)]
-    args: Vec<String>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Print results as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Cluster configuration (default: $CKPT_CLUSTER, else
+    /// /etc/ckpt/cluster.toml, else this node alone).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-fn main() -> anyhow::Result<()> {
+/// A `--nodes A,B` list.
+#[derive(Clone, Debug)]
+struct Nodes(Vec<String>);
+
+fn nodes(s: &str) -> Result<Nodes, String> {
+    ckpt_coord::parse_node_list(s).map(Nodes)
+}
+
+fn job_id(s: &str) -> Result<String, String> {
+    jobspec::check_job_id(s).map(|()| s.to_string())
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start the job a job spec describes, its parts on their nodes.
+    Launch {
+        /// The job spec (TOML; see docs/OPERATIONS.md).
+        jobspec: PathBuf,
+        /// Job id (default: the spec's, else generated).
+        #[arg(long, value_parser = job_id)]
+        job: Option<String>,
+        /// Nodes to place the parts on (default: every node of the cluster).
+        #[arg(long, value_parser = nodes, value_name = "A,B")]
+        nodes: Option<Nodes>,
+    },
+    /// Checkpoint every part of a job at once (two-phase).
+    Checkpoint {
+        /// The job id.
+        #[arg(value_parser = job_id)]
+        job: String,
+        /// Let the job run on afterwards (the default).
+        #[arg(long, conflicts_with = "stop")]
+        leave_running: bool,
+        /// Stop the job once the checkpoint is committed (for preemption).
+        #[arg(long)]
+        stop: bool,
+    },
+    /// Restore a job from a checkpoint, on its nodes or on others.
+    Restart {
+        /// The job id.
+        #[arg(value_parser = job_id)]
+        job: String,
+        /// Checkpoint id (default: the newest).
+        #[arg(long, value_name = "ID")]
+        checkpoint: Option<String>,
+        /// Nodes to restore on, taking the checkpoint's nodes in order
+        /// (default: the nodes it was taken on).
+        #[arg(long, value_parser = nodes, value_name = "A,B")]
+        nodes: Option<Nodes>,
+        /// Allow fewer nodes than the checkpoint had: several nodes' parts
+        /// share one.
+        #[arg(long)]
+        pack: bool,
+    },
+    /// Whether nodes can run jobs, or restore a checkpoint.
+    Check {
+        /// Nodes to check (default: every node, or the checkpoint's).
+        #[arg(long, value_parser = nodes, value_name = "A,B")]
+        nodes: Option<Nodes>,
+        /// A checkpoint (ID, or JOB/ID) the nodes must be able to restore.
+        #[arg(long, value_name = "ID")]
+        checkpoint: Option<String>,
+        /// Allow fewer nodes than the checkpoint had.
+        #[arg(long)]
+        pack: bool,
+    },
+    /// A job's checkpoints, their parts and nodes, and whether they verify;
+    /// without JOB, a line per job.
+    Status {
+        /// The job id.
+        #[arg(value_parser = job_id)]
+        job: Option<String>,
+        /// Also check every file's SHA-256 (reads whole checkpoints).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Jobs in the checkpoint store and their checkpoints.
+    List,
+    /// Move a job to other nodes (checkpoint, then restart there).
+    Migrate {
+        /// The job id.
+        #[arg(value_parser = job_id)]
+        job: String,
+        /// The nodes to move to, taking the job's nodes in order.
+        #[arg(long, value_parser = nodes, value_name = "A,B", required = true)]
+        to: Nodes,
+        /// Allow fewer nodes than the job has.
+        #[arg(long)]
+        pack: bool,
+    },
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    eprintln!(
-        "ckpt-coord: '{}' is not implemented yet; use ckpt-agent dump/restore on a single node",
-        cli.args.join(" ")
+    init_logging(cli.verbose);
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Library errors carry their causes in their own message.
+            eprintln!("ckpt-coord: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let cluster = Cluster::load(cli.config.as_deref())?;
+    tracing::info!(config = %cluster.describe_source(), nodes = cluster.nodes.len(), store = %cluster.store.display(), "cluster");
+    let store = Store::new(&cluster.store);
+    match &cli.cmd {
+        Cmd::List => list(cli, &store),
+        Cmd::Status { job: None, full } => status_all(cli, &cluster, &store, *full),
+        Cmd::Status {
+            job: Some(job),
+            full,
+        } => status_job(cli, &cluster, &store, job, *full),
+        Cmd::Launch {
+            jobspec,
+            job,
+            nodes,
+        } => {
+            let spec = JobSpec::load(jobspec, job.as_deref())?;
+            let plan = plan::place(&spec, &cluster, nodes.as_ref().map(|n| n.0.as_slice()))?;
+            print_launch_plan(cli, &plan);
+            not_wired(&format!("launch of job {}", plan.spec.job), "started")
+        }
+        Cmd::Checkpoint { job, stop, .. } => {
+            let mode = if *stop { "stopped" } else { "left running" };
+            tracing::info!(job, mode, "checkpoint asked");
+            not_wired(
+                &format!("checkpoint of job {job} (then {mode})"),
+                "frozen or checkpointed",
+            )
+        }
+        Cmd::Restart {
+            job,
+            checkpoint,
+            nodes,
+            pack,
+        } => {
+            let cp = match checkpoint {
+                Some(id) => {
+                    let id: CheckpointId = id.parse()?;
+                    store.open(job, &id)?
+                }
+                None => store.latest(job)?.with_context(|| {
+                    format!(
+                        "job {job} has no committed checkpoint in {}",
+                        store.root().display()
+                    )
+                })?,
+            };
+            let plan = verified_plan(&cluster, &cp, nodes.as_ref(), *pack)?;
+            print_restart_plan(cli, &plan);
+            not_wired(&format!("restart of job {job}"), "restored")
+        }
+        Cmd::Check {
+            nodes,
+            checkpoint,
+            pack,
+        } => {
+            if let Some(n) = nodes {
+                for name in &n.0 {
+                    cluster.require_node(name)?;
+                }
+            }
+            if let Some(name) = checkpoint {
+                let cp = store.find(name)?;
+                let plan = verified_plan(&cluster, &cp, nodes.as_ref(), *pack)?;
+                print_restart_plan(cli, &plan);
+            }
+            not_wired("check of the nodes' kernels", "probed")
+        }
+        Cmd::Migrate { job, to, pack } => {
+            for name in &to.0 {
+                cluster.require_node(name)?;
+            }
+            if let Some(cp) = store.latest(job).ok().flatten() {
+                // The move takes a new checkpoint; the last one tells
+                // already whether the nodes given are enough.
+                plan::plan_restart(&cp, &cluster, Some(&to.0), *pack)?;
+            }
+            not_wired(&format!("migration of job {job}"), "moved")
+        }
+    }
+}
+
+/// Verifies a checkpoint in full (signature and every file) and places it.
+fn verified_plan(
+    cluster: &Cluster,
+    cp: &Checkpoint,
+    nodes: Option<&Nodes>,
+    pack: bool,
+) -> Result<RestartPlan> {
+    let sig = cp.verify(cluster.key.as_ref(), Verify::Full)?;
+    tracing::info!(checkpoint = %cp.label(), ?sig, "checkpoint verified");
+    Ok(plan::plan_restart(
+        cp,
+        cluster,
+        nodes.map(|n| n.0.as_slice()),
+        pack,
+    )?)
+}
+
+/// The honest end of every command that needs the agents: nothing was
+/// done, and the caller must know.
+fn not_wired(what: &str, done: &str) -> Result<()> {
+    bail!(
+        "{what}: the agent protocol is not wired into ckpt-coord yet, so nothing was {done} \
+         (the configuration and arguments were checked); meanwhile use ckpt-agent run/dump/restore on each node"
+    )
+}
+
+fn print_launch_plan(cli: &Cli, plan: &LaunchPlan) {
+    if cli.json {
+        return;
+    }
+    for o in &plan.orders {
+        tracing::info!(job = %plan.spec.job, node = %o.node, agent = %o.agent, parts = %o.parts.join(","), "would launch");
+    }
+}
+
+fn print_restart_plan(cli: &Cli, plan: &RestartPlan) {
+    if cli.json {
+        return;
+    }
+    for o in &plan.orders {
+        for p in &o.parts {
+            tracing::info!(job = %plan.job, checkpoint = %plan.checkpoint, part = %p.part, from = %p.from_node, to = %o.node, "would restore");
+        }
+    }
+}
+
+fn size_of(m: &ckpt_proto::image::ManifestPart) -> u64 {
+    m.files.iter().map(|f| f.size).sum()
+}
+
+fn human(bytes: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+fn parts_json(cp: &Checkpoint) -> serde_json::Value {
+    cp.manifest
+        .parts
+        .iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "node": p.node,
+                "dir": cp.part_dir(&p.name),
+                "files": p.files.len(),
+                "bytes": size_of(p),
+            })
+        })
+        .collect()
+}
+
+fn checkpoint_json(cp: &Checkpoint) -> serde_json::Value {
+    let m = &cp.manifest;
+    json!({
+        "id": cp.id,
+        "created": ckpt_coord::time::rfc3339_utc(m.created_unix_ms),
+        "created_unix_ms": m.created_unix_ms,
+        "leave_running": cp.options().leave_running,
+        "tcp_established": cp.options().tcp_established,
+        "signed": !m.signature.is_empty(),
+        "parts": parts_json(cp),
+    })
+}
+
+fn parts_text(cp: &Checkpoint) -> String {
+    cp.manifest
+        .parts
+        .iter()
+        .map(|p| format!("{}@{}", p.name, p.node))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn list(cli: &Cli, store: &Store) -> Result<()> {
+    let jobs = store.jobs()?;
+    let mut out = Vec::new();
+    let mut rows: Vec<[String; 4]> = Vec::new();
+    for job in &jobs {
+        let entries = store.entries(job)?;
+        let mut cps = Vec::new();
+        let mut uncommitted = Vec::new();
+        for e in &entries {
+            if !e.committed {
+                uncommitted.push(e.id.to_string());
+                rows.push([
+                    job.clone(),
+                    e.id.to_string(),
+                    "-".into(),
+                    "(uncommitted: being written, or failed)".into(),
+                ]);
+                continue;
+            }
+            match store.open(job, &e.id) {
+                Ok(cp) => {
+                    rows.push([
+                        job.clone(),
+                        e.id.to_string(),
+                        ckpt_coord::time::rfc3339_utc(cp.manifest.created_unix_ms),
+                        parts_text(&cp),
+                    ]);
+                    cps.push(checkpoint_json(&cp));
+                }
+                Err(err) => {
+                    rows.push([
+                        job.clone(),
+                        e.id.to_string(),
+                        "-".into(),
+                        format!("(unreadable: {err})"),
+                    ]);
+                    cps.push(json!({ "id": e.id, "error": err.to_string() }));
+                }
+            }
+        }
+        if entries.is_empty() {
+            rows.push([
+                job.clone(),
+                "-".into(),
+                "-".into(),
+                "(no checkpoints)".into(),
+            ]);
+        }
+        out.push(json!({ "job": job, "checkpoints": cps, "uncommitted": uncommitted }));
+    }
+    if cli.json {
+        println!("{}", json!({ "store": store.root(), "jobs": out }));
+        return Ok(());
+    }
+    if jobs.is_empty() {
+        println!("no jobs in the checkpoint store {}", store.root().display());
+        return Ok(());
+    }
+    print_table(&["JOB", "CHECKPOINT", "CREATED", "PARTS"], &rows);
+    Ok(())
+}
+
+fn print_table(head: &[&str; 4], rows: &[[String; 4]]) {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: [&str; 4]| {
+        println!(
+            "{:<w0$}  {:<w1$}  {:<w2$}  {}",
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3],
+            w0 = w[0],
+            w1 = w[1],
+            w2 = w[2]
+        );
+    };
+    line(*head);
+    for r in rows {
+        line([&r[0], &r[1], &r[2], &r[3]]);
+    }
+}
+
+/// A checkpoint's verification, as status shows it.
+fn verify_state(cluster: &Cluster, cp: &Checkpoint, full: bool) -> (bool, String) {
+    let level = if full { Verify::Full } else { Verify::Quick };
+    let what = if full {
+        "every file's SHA-256"
+    } else {
+        "files present, sizes"
+    };
+    match cp.verify(cluster.key.as_ref(), level) {
+        Ok(Signature::Valid) => (true, format!("verified (signature valid; {what})")),
+        Ok(Signature::Unsigned) => (true, format!("verified (unsigned, no cluster key; {what})")),
+        Ok(Signature::NotChecked) => (
+            true,
+            format!("verified ({what}; signed, but no cluster key here to check the signature)"),
+        ),
+        Err(e) => (false, format!("REFUSED: {e}")),
+    }
+}
+
+fn status_job(cli: &Cli, cluster: &Cluster, store: &Store, job: &str, full: bool) -> Result<()> {
+    let entries = store.entries(job)?;
+    let mut cps = Vec::new();
+    let mut text = format!("job {job} (store {})\n", store.root().display());
+    for e in &entries {
+        if !e.committed {
+            text += &format!("checkpoint {}  uncommitted: being written, or failed (pruned after the next commit)\n", e.id);
+            cps.push(json!({ "id": e.id, "committed": false }));
+            continue;
+        }
+        let cp = match store.open(job, &e.id) {
+            Ok(cp) => cp,
+            Err(err) => {
+                text += &format!("checkpoint {}  REFUSED: {err}\n", e.id);
+                cps.push(json!({ "id": e.id, "committed": true, "verified": false, "error": err.to_string() }));
+                continue;
+            }
+        };
+        let (ok, state) = verify_state(cluster, &cp, full);
+        let o = cp.options();
+        text += &format!(
+            "checkpoint {}  created {}  job {}  {state}\n",
+            e.id,
+            ckpt_coord::time::rfc3339_utc(cp.manifest.created_unix_ms),
+            if o.leave_running {
+                "left running"
+            } else {
+                "stopped"
+            },
+        );
+        for p in &cp.manifest.parts {
+            text += &format!(
+                "  part {:<12} node {:<12} {} files, {}  {}\n",
+                p.name,
+                p.node,
+                p.files.len(),
+                human(size_of(p)),
+                cp.part_dir(&p.name).display()
+            );
+        }
+        let mut v = checkpoint_json(&cp);
+        v["committed"] = json!(true);
+        v["verified"] = json!(ok);
+        v["state"] = json!(state);
+        cps.push(v);
+    }
+    if entries.is_empty() {
+        text += "no checkpoints\n";
+    }
+    if cli.json {
+        println!(
+            "{}",
+            json!({ "job": job, "store": store.root(), "checkpoints": cps })
+        );
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+fn status_all(cli: &Cli, cluster: &Cluster, store: &Store, full: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    let mut out = Vec::new();
+    for job in store.jobs()? {
+        let entries: Vec<Entry> = store.entries(&job)?;
+        let committed = entries.iter().filter(|e| e.committed).count();
+        let (latest, state, ok) = match entries.iter().find(|e| e.committed) {
+            None => (
+                "-".to_string(),
+                "no committed checkpoint".to_string(),
+                false,
+            ),
+            Some(e) => match store.open(&job, &e.id) {
+                Ok(cp) => {
+                    let (ok, s) = verify_state(cluster, &cp, full);
+                    (e.id.to_string(), s, ok)
+                }
+                Err(err) => (e.id.to_string(), format!("REFUSED: {err}"), false),
+            },
+        };
+        rows.push([
+            job.clone(),
+            committed.to_string(),
+            latest.clone(),
+            state.clone(),
+        ]);
+        out.push(json!({ "job": job, "checkpoints": committed, "latest": latest, "verified": ok, "state": state }));
+    }
+    if cli.json {
+        println!(
+            "{}",
+            json!({ "store": store.root(), "cluster": cluster.describe_source(), "nodes": cluster.nodes, "jobs": out })
+        );
+        return Ok(());
+    }
+    println!(
+        "cluster {}: {} node(s), store {}",
+        cluster.describe_source(),
+        cluster.nodes.len(),
+        store.root().display()
     );
-    std::process::exit(1)
+    if rows.is_empty() {
+        println!("no jobs in the checkpoint store");
+    } else {
+        print_table(&["JOB", "CHECKPOINTS", "LATEST", "STATE"], &rows);
+    }
+    Ok(())
 }
