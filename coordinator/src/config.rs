@@ -845,6 +845,32 @@ bridge = "fab0"
     }
 
     #[test]
+    fn the_example_in_the_operations_guide_parses() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let start = doc
+            .find("```toml\n# /etc/ckpt/cluster.toml")
+            .expect("a config example")
+            + "```toml\n".len();
+        let text = &doc[start..start + doc[start..].find("```").unwrap()];
+        let d = Dir::new();
+        let key = d.key(0o600, 32);
+        let text = text.replace("/etc/ckpt/cluster.key", key.to_str().unwrap());
+        let c = d.parse(&text).unwrap();
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(c.nodes[1].hostname.as_deref(), Some("compute-02"));
+        assert_eq!(
+            c.nodes[2].netns.as_deref(),
+            Some(Path::new("/run/netns/ckl1-n3"))
+        );
+        assert_eq!(c.store, Path::new("/shared/ckpt"));
+        assert_eq!(
+            c.timeouts,
+            Timeouts::default(),
+            "the example shows the defaults"
+        );
+    }
+
+    #[test]
     fn agent_addresses() {
         assert_eq!(
             AgentAddr::parse("node1.example:7070").unwrap(),

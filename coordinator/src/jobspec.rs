@@ -767,6 +767,19 @@ mtu = 1400
     }
 
     #[test]
+    fn the_example_in_the_operations_guide_parses() {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        let start = doc.find("```toml\njob = ").expect("a job spec example") + "```toml\n".len();
+        let text = &doc[start..start + doc[start..].find("```").unwrap()];
+        let s = JobSpec::parse(text, Path::new("OPERATIONS.md"), None).unwrap();
+        assert_eq!(s.job, "stencil-1");
+        assert_eq!(s.parts.len(), 2);
+        assert_eq!(s.parts[0].env["RANK"], "0");
+        assert_eq!(s.parts[1].env["OMP_NUM_THREADS"], "2");
+        assert!(s.parts[1].net);
+    }
+
+    #[test]
     fn cidr_contains() {
         let c: Cidr = "198.18.1.100/24".parse().unwrap();
         assert!(c.contains("198.18.1.1".parse().unwrap()));
