@@ -97,7 +97,7 @@ impl AgentAddr {
             let inner = host
                 .strip_prefix('[')
                 .and_then(|h| h.strip_suffix(']'))
-                .ok_or_else(|| bad("write an IPv6 address in brackets, [::1]:7070"))?;
+                .ok_or_else(|| bad("write an IPv6 address in brackets, [::1]:7707"))?;
             inner
                 .parse::<std::net::Ipv6Addr>()
                 .map_err(|_| bad("not an IPv6 address in the brackets"))?;
@@ -403,7 +403,7 @@ impl Cluster {
                     n.agent.span(),
                     field("agent"),
                     e,
-                    "write e.g. agent = \"198.18.1.2:7070\"",
+                    "write e.g. agent = \"198.18.1.2:7707\"",
                 )
             })?;
             let netns = match &n.netns {
@@ -643,13 +643,13 @@ freeze_secs = 10
 
 [[node]]
 name = "n1"
-agent = "198.18.1.1:7070"
+agent = "198.18.1.1:7707"
 netns = "/run/netns/ckl1-n1"
 hostname = "ckl1-n1"
 
 [[node]]
 name = "n2"
-agent = "[fd00::2]:7070"
+agent = "[fd00::2]:7707"
 bridge = "fab0"
 "#;
 
@@ -665,14 +665,14 @@ bridge = "fab0"
         assert!(!c.local_only);
         assert_eq!(c.nodes.len(), 2);
         assert_eq!(c.nodes[0].name, "n1");
-        assert_eq!(c.nodes[0].agent.to_string(), "198.18.1.1:7070");
+        assert_eq!(c.nodes[0].agent.to_string(), "198.18.1.1:7707");
         assert_eq!(
             c.nodes[0].netns.as_deref(),
             Some(Path::new("/run/netns/ckl1-n1"))
         );
         assert_eq!(c.nodes[0].hostname.as_deref(), Some("ckl1-n1"));
         assert_eq!(c.nodes[0].bridge, "br0");
-        assert_eq!(c.nodes[1].agent.to_string(), "[fd00::2]:7070");
+        assert_eq!(c.nodes[1].agent.to_string(), "[fd00::2]:7707");
         assert_eq!(c.nodes[1].bridge, "fab0");
         assert_eq!(c.store, Path::new("/shared/ckpt"));
         assert_eq!(c.keep, 5);
@@ -873,13 +873,13 @@ bridge = "fab0"
     #[test]
     fn agent_addresses() {
         assert_eq!(
-            AgentAddr::parse("node1.example:7070").unwrap(),
+            AgentAddr::parse("node1.example:7707").unwrap(),
             AgentAddr::Tcp {
                 host: "node1.example".into(),
-                port: 7070
+                port: 7707
             }
         );
-        assert!(AgentAddr::parse(":7070").is_err());
+        assert!(AgentAddr::parse(":7707").is_err());
         assert!(AgentAddr::parse("h:70000").is_err());
         assert!(AgentAddr::parse("[nonsense]:1").is_err());
         assert!(AgentAddr::parse("[::1]:1").is_ok());

@@ -122,11 +122,11 @@ mod tests {
             line: Some(4),
             field: "node[1].agent".into(),
             problem: "'x' is not host:port".into(),
-            fix: "write e.g. 198.18.1.2:7070".into(),
+            fix: "write e.g. 198.18.1.2:7707".into(),
         };
         assert_eq!(
             p.to_string(),
-            "/etc/ckpt/cluster.toml:4: node[1].agent: 'x' is not host:port; write e.g. 198.18.1.2:7070"
+            "/etc/ckpt/cluster.toml:4: node[1].agent: 'x' is not host:port; write e.g. 198.18.1.2:7707"
         );
     }
 

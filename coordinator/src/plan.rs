@@ -255,7 +255,7 @@ mod tests {
     fn cluster(n: usize) -> Cluster {
         let mut text = String::from("key = \"k\"\n");
         for i in 1..=n {
-            text += &format!("[[node]]\nname = \"n{i}\"\nagent = \"198.18.1.{i}:7070\"\n");
+            text += &format!("[[node]]\nname = \"n{i}\"\nagent = \"198.18.1.{i}:7707\"\n");
         }
         let t = tempfile::tempdir().unwrap();
         let k = t.path().join("k");
@@ -300,7 +300,7 @@ mod tests {
         assert_eq!(nodes_of(&p), ["n1", "n2", "n3", "n1"]);
         assert_eq!(p.orders.len(), 3);
         assert_eq!(p.orders[0].parts, ["a", "d"]);
-        assert_eq!(p.orders[0].agent.to_string(), "198.18.1.1:7070");
+        assert_eq!(p.orders[0].agent.to_string(), "198.18.1.1:7707");
         let p = place(&spec(&[("a", None), ("b", None)]), &c, Some(&list("n3,n2"))).unwrap();
         assert_eq!(nodes_of(&p), ["n3", "n2"]);
     }

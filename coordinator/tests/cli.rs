@@ -46,7 +46,7 @@ impl Lab {
             lab.store().display()
         );
         for i in 1..=3 {
-            cfg += &format!("\n[[node]]\nname = \"n{i}\"\nagent = \"198.18.1.{i}:7070\"\n");
+            cfg += &format!("\n[[node]]\nname = \"n{i}\"\nagent = \"198.18.1.{i}:7707\"\n");
         }
         fs::write(lab.config(), cfg).unwrap();
         fs::write(lab.spec(), SPEC).unwrap();
@@ -272,7 +272,7 @@ fn a_key_readable_by_others_is_refused_with_the_fix() {
 fn bad_configs_name_file_line_and_field() {
     let lab = Lab::new();
     let cfg = fs::read_to_string(lab.config()).unwrap();
-    fs::write(lab.config(), cfg.replace("198.18.1.2:7070", "198.18.1.2")).unwrap();
+    fs::write(lab.config(), cfg.replace("198.18.1.2:7707", "198.18.1.2")).unwrap();
     let o = lab.run(&["list"]);
     assert_eq!(code(&o), 1);
     let e = err(&o);
