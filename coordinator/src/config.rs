@@ -10,7 +10,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use hmac::{KeyInit, Mac};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
@@ -157,18 +156,15 @@ impl Default for Timeouts {
 #[derive(Clone)]
 pub struct ClusterKey {
     path: PathBuf,
-    bytes: Vec<u8>,
+    /// The same key as the agents' wire protocol uses it.
+    key: ckpt_proto::rpc::Key,
+    len: usize,
 }
 
 impl fmt::Debug for ClusterKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print the key itself, not even in debug logs.
-        write!(
-            f,
-            "ClusterKey({}, {} bytes)",
-            self.path.display(),
-            self.bytes.len()
-        )
+        write!(f, "ClusterKey({}, {} bytes)", self.path.display(), self.len)
     }
 }
 
@@ -178,15 +174,21 @@ impl Serialize for ClusterKey {
     }
 }
 
-type HmacSha256 = hmac::Hmac<sha2::Sha256>;
-
 impl ClusterKey {
-    /// A key from bytes already checked (tests, and keys handed over by a caller).
+    /// A key from bytes already checked (tests, and keys handed over by a
+    /// caller); shorter than the protocol accepts is a caller's bug.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Self {
+        let len = bytes.len();
         ClusterKey {
             path: path.to_owned(),
-            bytes,
+            key: ckpt_proto::rpc::Key::from_bytes(bytes).expect("a checked key length"),
+            len,
         }
+    }
+
+    /// The key for authenticating to the agents.
+    pub fn rpc(&self) -> &ckpt_proto::rpc::Key {
+        &self.key
     }
 
     /// Reads a key file after checking that only its owner can read it.
@@ -235,16 +237,12 @@ impl ClusterKey {
 
     /// HMAC-SHA256 of `data` under this key.
     pub fn sign(&self, data: &[u8]) -> Vec<u8> {
-        let mut mac = HmacSha256::new_from_slice(&self.bytes).expect("HMAC takes any key length");
-        mac.update(data);
-        mac.finalize().into_bytes().to_vec()
+        self.key.mac(&[data])
     }
 
     /// Whether `signature` is this key's HMAC-SHA256 of `data` (constant time).
     pub fn verify(&self, data: &[u8], signature: &[u8]) -> bool {
-        let mut mac = HmacSha256::new_from_slice(&self.bytes).expect("HMAC takes any key length");
-        mac.update(data);
-        mac.verify_slice(signature).is_ok()
+        self.key.verify(&[data], signature)
     }
 }
 
