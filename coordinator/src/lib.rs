@@ -1,8 +1,9 @@
 //! The coordinator's library: cluster configuration, job specs, the shared
 //! checkpoint store and restart planning. Everything here is logic and
-//! storage; talking to agents is layered on top of it.
+//! storage, and `flow`, which drives the agents over the wire protocol.
 
 pub mod config;
+pub mod flow;
 pub mod jobspec;
 pub mod plan;
 pub mod store;
@@ -27,6 +28,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Flow(#[from] flow::FlowError),
 }
 
 /// A problem found in a file an admin or user wrote: where it is, what is

@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use ckpt_coord::plan::{self, LaunchPlan, RestartPlan};
 use ckpt_coord::store::{Entry, Signature, Verify};
-use ckpt_coord::{jobspec, Checkpoint, CheckpointId, Cluster, JobSpec, Store};
+use ckpt_coord::{flow, jobspec, Checkpoint, Cluster, JobSpec, Store};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -54,6 +54,16 @@ enum Cmd {
         /// Nodes to place the parts on (default: every node of the cluster).
         #[arg(long, value_parser = nodes, value_name = "A,B")]
         nodes: Option<Nodes>,
+    },
+    /// Record the spec of a job whose parts were started by hand (`ckpt-agent
+    /// run --job JOB.PART` on their nodes), so that checkpoint and restart
+    /// know it; the way to use the coordinator until launch is wired.
+    Adopt {
+        /// The job spec (TOML; every part names its node).
+        jobspec: PathBuf,
+        /// Job id (default: the spec's, else generated).
+        #[arg(long, value_parser = job_id)]
+        job: Option<String>,
     },
     /// Checkpoint every part of a job at once (two-phase).
     Checkpoint {
@@ -172,13 +182,11 @@ fn run(cli: &Cli) -> Result<()> {
             print_launch_plan(cli, &plan);
             not_wired(&format!("launch of job {}", plan.spec.job), "started")
         }
+        Cmd::Adopt { jobspec, job } => adopt(cli, &cluster, &store, jobspec, job.as_deref()),
         Cmd::Checkpoint { job, stop, .. } => {
-            let mode = if *stop { "stopped" } else { "left running" };
-            tracing::info!(job, mode, "checkpoint asked");
-            not_wired(
-                &format!("checkpoint of job {job} (then {mode})"),
-                "frozen or checkpointed",
-            )
+            let r = flow::checkpoint(&cluster, &store, job, *stop)?;
+            print_checkpoint(cli, &r);
+            Ok(())
         }
         Cmd::Restart {
             job,
@@ -186,21 +194,16 @@ fn run(cli: &Cli) -> Result<()> {
             nodes,
             pack,
         } => {
-            let cp = match checkpoint {
-                Some(id) => {
-                    let id: CheckpointId = id.parse()?;
-                    store.open(job, &id)?
-                }
-                None => store.latest(job)?.with_context(|| {
-                    format!(
-                        "job {job} has no committed checkpoint in {}",
-                        store.root().display()
-                    )
-                })?,
-            };
-            let plan = verified_plan(&cluster, &cp, nodes.as_ref(), *pack)?;
-            print_restart_plan(cli, &plan);
-            not_wired(&format!("restart of job {job}"), "restored")
+            let r = flow::restart(
+                &cluster,
+                &store,
+                job,
+                checkpoint.as_deref(),
+                nodes.as_ref().map(|n| n.0.as_slice()),
+                *pack,
+            )?;
+            print_restart(cli, &r);
+            Ok(())
         }
         Cmd::Check {
             nodes,
@@ -230,6 +233,107 @@ fn run(cli: &Cli) -> Result<()> {
             }
             not_wired(&format!("migration of job {job}"), "moved")
         }
+    }
+}
+
+/// Records the spec of a job started by hand, placed on the cluster's
+/// nodes as launch would place it (parts without `node` are refused: the
+/// coordinator cannot guess where a hand-started part runs).
+fn adopt(
+    cli: &Cli,
+    cluster: &Cluster,
+    store: &Store,
+    jobspec: &std::path::Path,
+    job: Option<&str>,
+) -> Result<()> {
+    let spec = JobSpec::load(jobspec, job)?;
+    if let Some(p) = spec.parts.iter().find(|p| p.node.is_none()) {
+        bail!(
+            "{}: part {} has no node: name the node its `ckpt-agent run --job {}` runs on",
+            jobspec.display(),
+            p.name,
+            spec.agent_job_id(&p.name)
+        );
+    }
+    let plan = plan::place(&spec, cluster, None)?;
+    let path = store.record_spec(&plan.spec)?;
+    let parts: Vec<serde_json::Value> = plan
+        .spec
+        .parts
+        .iter()
+        .map(|p| json!({ "part": p.name, "node": p.node, "agent_job": plan.spec.agent_job_id(&p.name) }))
+        .collect();
+    if cli.json {
+        println!(
+            "{}",
+            json!({ "job": plan.spec.job, "spec": path, "parts": parts })
+        );
+    } else {
+        println!(
+            "job {} adopted: spec recorded in {}",
+            plan.spec.job,
+            path.display()
+        );
+        for p in &plan.spec.parts {
+            println!(
+                "  part {} on node {} (agent job {})",
+                p.name,
+                p.node.as_deref().unwrap_or("-"),
+                plan.spec.agent_job_id(&p.name)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_checkpoint(cli: &Cli, r: &flow::CheckpointReport) {
+    if cli.json {
+        println!("{}", serde_json::to_string(r).expect("a report serializes"));
+        return;
+    }
+    println!(
+        "job {} checkpoint {} committed in {:.0} ms ({}), {}",
+        r.job,
+        r.checkpoint,
+        r.total_ms,
+        r.dir.display(),
+        if r.stopped {
+            "job stopped"
+        } else {
+            "job runs on"
+        }
+    );
+    for s in &r.steps {
+        println!("  {:<34} {:>9.1} ms", s.step, s.ms);
+    }
+    for p in &r.parts {
+        println!(
+            "  part {} on {}: prepare {:.1} ms, dump {:.1} ms, frozen {:.1} ms",
+            p.part, p.node, p.prepare_ms, p.dump_ms, p.frozen_ms
+        );
+    }
+    for id in &r.pruned {
+        println!("  pruned {id}");
+    }
+}
+
+fn print_restart(cli: &Cli, r: &flow::RestartReport) {
+    if cli.json {
+        println!("{}", serde_json::to_string(r).expect("a report serializes"));
+        return;
+    }
+    println!(
+        "job {} restarted from checkpoint {} in {:.0} ms",
+        r.job, r.checkpoint, r.total_ms
+    );
+    for s in &r.steps {
+        println!("  {:<34} {:>9.1} ms", s.step, s.ms);
+    }
+    for p in &r.parts {
+        println!(
+            "  part {} on {}: pid {} ({:.1} ms)",
+            p.part, p.node, p.pid, p.restore_ms
+        );
     }
 }
 

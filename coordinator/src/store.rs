@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -30,6 +30,8 @@ use crate::jobspec::{check_job_id, JobSpec};
 
 /// The manifest's file name in a checkpoint directory.
 pub const MANIFEST: &str = "manifest.img";
+/// A job's recorded spec, in its directory of the store.
+pub const JOB_SPEC: &str = "job.toml";
 /// The agent's inventory in each part's image directory.
 pub const INVENTORY: &str = "inventory.img";
 /// Version of the manifest's content this build writes and reads.
@@ -335,6 +337,62 @@ impl Store {
                 jobs: found.join(", "),
             }),
         }
+    }
+
+    /// Where the job spec of `job` is recorded (`STORE/JOB/job.toml`).
+    pub fn spec_path(&self, job: &str) -> PathBuf {
+        self.job_dir(job).join(JOB_SPEC)
+    }
+
+    /// Records the spec of a job that runs (launched, or adopted after its
+    /// parts were started by hand), so that `checkpoint` knows its parts
+    /// and their nodes. Written to a temporary file and renamed: a reader
+    /// sees the old spec or the new one, never half of one.
+    pub fn record_spec(&self, spec: &JobSpec) -> Result<PathBuf, StoreError> {
+        check_job_id(&spec.job).map_err(StoreError::BadJob)?;
+        let job_dir = self.job_dir(&spec.job);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&job_dir)
+            .map_err(io(&job_dir))?;
+        let path = self.spec_path(&spec.job);
+        let tmp = job_dir.join(format!(".{JOB_SPEC}.{}", std::process::id()));
+        {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
+            f.write_all(spec.to_toml().as_bytes()).map_err(io(&tmp))?;
+            f.sync_all().map_err(io(&tmp))?;
+        }
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        sync_dir(&job_dir)?;
+        Ok(path)
+    }
+
+    /// The recorded spec of `job` (see [`Store::record_spec`]).
+    pub fn job_spec(&self, job: &str) -> Result<JobSpec, StoreError> {
+        check_job_id(job).map_err(StoreError::BadJob)?;
+        let path = self.spec_path(job);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::BadJob(format!(
+                    "job '{job}' has no recorded job spec ({} is missing): start it with \
+                     `ckpt-coord launch`, or record the spec of parts started by hand with \
+                     `ckpt-coord adopt JOBSPEC --job {job}`",
+                    path.display()
+                )))
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        JobSpec::parse(&text, &path, Some(job))
+            .map_err(|e| StoreError::BadJob(format!("recorded job spec: {e}")))
     }
 
     /// Begins a new checkpoint of `job`: an empty, uncommitted directory

@@ -323,10 +323,6 @@ fn commands_that_need_agents_fail_plainly() {
     for args in [
         vec!["launch", spec],
         vec!["launch", spec, "--nodes", "n1,n2", "--job", "j2"],
-        vec!["checkpoint", "j1", "--stop"],
-        vec!["checkpoint", "j1", "--leave-running"],
-        vec!["restart", "j1"],
-        vec!["restart", "j1", "--nodes", "n3,n2"],
         vec!["check"],
         vec!["check", "--nodes", "n3"],
         vec!["migrate", "j1", "--to", "n2,n3"],
@@ -359,6 +355,13 @@ fn commands_that_need_agents_fail_plainly() {
             "no checkpoint '20000101T000000-7' of job 'j1'",
         ),
         (&["restart", "nojob"], "no job 'nojob'"),
+        // Wired to the agents now: a job never launched nor adopted has
+        // no spec to checkpoint by.
+        (&["checkpoint", "j1", "--stop"], "has no recorded job spec"),
+        (
+            &["checkpoint", "j1", "--leave-running"],
+            "ckpt-coord adopt JOBSPEC --job j1",
+        ),
         (
             &["check", "--checkpoint", "20000101T000000-7"],
             "no checkpoint '20000101T000000-7'",

@@ -358,6 +358,17 @@ impl Channel {
             })
     }
 
+    /// Bounds how long a call waits for its answer (`None`: forever), so
+    /// that a coordinator gives up on a hung agent at its own deadline.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) -> Result<(), RpcError> {
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| RpcError::Io {
+                peer: self.peer.clone(),
+                source: e,
+            })
+    }
+
     /// Sends a request and waits for its response; an error the agent
     /// reports comes back as `RpcError::Protocol` naming the agent.
     pub fn call(
