@@ -243,12 +243,13 @@ fn resume_thread(t: &Thread) -> Result<()> {
     ptrace::detach(Pid::from_raw(t.tid), None).ctx(t.tid, || "PTRACE_DETACH".into())
 }
 
+/// TracerPid names the tracing *thread*: in `ckpt-agent serve` that is a
+/// connection's thread, not the main one, so compare with this thread's id
+/// (which is the process id in the single-threaded command line).
 fn traced_by_us(pid: i32, tid: i32) -> bool {
+    let me = nix::unistd::gettid().as_raw().to_string();
     proc::read(pid, &format!("task/{tid}/status"))
-        .map(|s| {
-            proc::parse_status(&s).get("TracerPid").map(String::as_str)
-                == Some(&std::process::id().to_string())
-        })
+        .map(|s| proc::parse_status(&s).get("TracerPid").map(String::as_str) == Some(&me))
         .unwrap_or(false)
 }
 

@@ -88,6 +88,21 @@ pub fn agent_binary() -> PathBuf {
         })
 }
 
+/// `ckpt-coord`: `$CKPT_COORD`, else the one built beside ckpt-agent (a
+/// binary of another package: build it with `cargo build -p ckpt-coord`).
+pub fn coord_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("CKPT_COORD") {
+        return PathBuf::from(p);
+    }
+    let p = agent_binary().with_file_name("ckpt-coord");
+    assert!(
+        p.is_file(),
+        "ckpt-coord not found at {}; build it with `cargo build -p ckpt-coord` or set CKPT_COORD",
+        p.display()
+    );
+    p
+}
+
 // ------------------------------------------------------------ work dirs
 
 /// A per-case directory under `$CKPT_TEST_DIR` or the system temp dir,

@@ -1,0 +1,359 @@
+//! ckpt-coord driving the agents of a simulated cluster (ckpt-lab): a job
+//! in two parts streaming TCP to each other on nodes 1 and 2, adopted by
+//! the coordinator; a checkpoint that leaves it running, tampered with, is
+//! refused by restart before anything starts; a checkpoint that stops it;
+//! nodes 1 and 2 destroyed; the job restarted by the coordinator on nodes
+//! 3 and 4, where its stream goes on.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ckpt_lab::{Lab, Node};
+use ckpt_tests::{
+    agent_binary, coord_binary, no_checkpoint, on, CaseProcess, JobCgroupGuard, JobOptions, Workdir,
+};
+
+const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
+const CASE: &str = "job_net_tcp_part";
+const PORT: u16 = 7000;
+const AGENT_PORT: u16 = 7707;
+
+/// A node's `ckpt-agent serve`, killed when dropped.
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(node: &Node, key: &Path, dir: &Workdir) -> Agent {
+    let prefix = on(node);
+    let mut child = Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .arg(agent_binary())
+        .args([
+            "serve",
+            "--listen",
+            &format!("{}:{AGENT_PORT}", node.address()),
+            "--node",
+            node.name(),
+            "--key",
+        ])
+        .arg(key)
+        .arg("--state-dir")
+        .arg(dir.join(&format!("state-{}", node.name())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join(&format!("serve-{}.err", node.name()))).unwrap())
+        .spawn()
+        .unwrap();
+    // serve prints its address once it accepts connections.
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains(':'),
+        "serve on {} printed {line:?}",
+        node.name()
+    );
+    Agent(child)
+}
+
+/// Bytes one part has received so far, as it last wrote them.
+fn received(dir: &Workdir) -> u64 {
+    std::fs::read_to_string(dir.join("tmp/count"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn both_flow(parts: &[&Workdir], more: u64, within: Duration) -> Result<(), String> {
+    let start: Vec<u64> = parts.iter().map(|d| received(d)).collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let now: Vec<u64> = parts.iter().map(|d| received(d)).collect();
+        if now.iter().zip(&start).all(|(n, s)| *n >= s + more) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the stream stalled: received {now:?}, was {start:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Part {
+    name: &'static str,
+    dir: Workdir,
+    addr: std::net::Ipv4Addr,
+    mac: String,
+}
+
+fn start(
+    part: &Part,
+    agent_job: &str,
+    node: &Node,
+    role: &str,
+    peer: std::net::Ipv4Addr,
+) -> CaseProcess {
+    let tmp = part.dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::write(tmp.join("part"), format!("{role} {peer}:{PORT}")).unwrap();
+    let opts = JobOptions {
+        prefix: on(node),
+        run_args: [
+            "--veth",
+            node.bridge(),
+            "--address",
+            &format!("{}/24", part.addr),
+            "--mac",
+            &part.mac,
+        ]
+        .map(String::from)
+        .to_vec(),
+        env: Vec::new(),
+    };
+    CaseProcess::spawn_job_with(Path::new(CASE_BIN), CASE, agent_job, &part.dir, &opts)
+        .unwrap_or_else(|e| panic!("starting part {agent_job} on {}: {e}", node.name()))
+}
+
+/// Runs ckpt-coord in `node`'s network namespace: the lab's addresses are
+/// reachable only from its nodes (the root namespace prohibits them).
+fn coord(node: &Node, config: &Path, args: &[&str]) -> Output {
+    let prefix = on(node);
+    let o = Command::new(&prefix[0])
+        .args(&prefix[1..])
+        .arg(coord_binary())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    eprintln!(
+        "ckpt-coord {}: {}\n{}{}",
+        args.join(" "),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+#[test]
+fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
+    if no_checkpoint() {
+        return;
+    }
+    let lab = Lab::up(4).expect("bring up a lab of 4 nodes");
+    let k = lab.number();
+    let dir = Workdir::for_job("coord");
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, [0x5a; 32]).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut cfg = format!(
+        "key = \"{}\"\nstore = \"{}\"\n",
+        key.display(),
+        lab.shared_dir().join("store").display()
+    );
+    for n in lab.nodes() {
+        cfg += &format!(
+            "\n[[node]]\nname = \"{}\"\nagent = \"{}:{AGENT_PORT}\"\n",
+            n.name(),
+            n.address()
+        );
+    }
+    let config = dir.join("cluster.toml");
+    std::fs::write(&config, cfg).unwrap();
+    let mut agents: Vec<Option<Agent>> = lab
+        .nodes()
+        .iter()
+        .map(|n| Some(serve(n, &key, &dir)))
+        .collect();
+
+    let job = format!("cw{k}-{}", std::process::id());
+    let parts: Vec<Part> = ["a", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(j, name)| Part {
+            name,
+            dir: Workdir::for_job(&format!("coord-{name}")),
+            addr: lab.job_address(j as u8),
+            mac: format!("02:00:c6:13:{k:02x}:{:02x}", 100 + j),
+        })
+        .collect();
+    let agent_job = |p: &Part| format!("{job}.{}", p.name);
+    let _cgroups: Vec<JobCgroupGuard> =
+        parts.iter().map(|p| JobCgroupGuard(agent_job(p))).collect();
+    let (a, b) = (&parts[0], &parts[1]);
+    let mut ca = start(a, &agent_job(a), lab.node(1), "listen", a.addr);
+    let mut cb = start(b, &agent_job(b), lab.node(2), "connect", a.addr);
+    ca.wait_ready().unwrap();
+    cb.wait_ready().unwrap();
+    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10)).unwrap();
+
+    // The job as the coordinator knows it: parts started by hand, adopted.
+    let mut spec = format!("job = \"{job}\"\n");
+    for (p, n) in [(a, lab.node(1)), (b, lab.node(2))] {
+        spec += &format!(
+            "\n[[part]]\nname = \"{}\"\nnode = \"{}\"\ncommand = \"{}\"\n\n[part.network]\naddress = \"{}/24\"\nmac = \"{}\"\n",
+            p.name,
+            n.name(),
+            p.dir.join("zdtm-case").display(),
+            p.addr,
+            p.mac
+        );
+    }
+    let spec_file = dir.join("job.toml");
+    std::fs::write(&spec_file, spec).unwrap();
+    let o = coord(
+        lab.node(3),
+        &config,
+        &["adopt", spec_file.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "adopt failed");
+
+    // A checkpoint that leaves the job running; the job streams on.
+    let o = coord(
+        lab.node(3),
+        &config,
+        &["--json", "checkpoint", &job, "--leave-running"],
+    );
+    assert!(o.status.success(), "checkpoint --leave-running failed");
+    let first = json(&o);
+    let first_id = first["checkpoint"].as_str().unwrap().to_string();
+    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("after a checkpoint that leaves it running: {e}"));
+
+    // Tampered with, it is refused before any node is asked to restore.
+    let inv = lab.shared_dir().join("store").join(&job).join(&first_id);
+    let victim = std::fs::read_dir(&inv)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.is_dir())
+        .expect("a part directory")
+        .join("inventory.img");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes.push(0);
+    std::fs::write(&victim, bytes).unwrap();
+    let names = format!("{},{}", lab.node(3).name(), lab.node(4).name());
+    let o = coord(
+        lab.node(3),
+        &config,
+        &[
+            "restart",
+            &job,
+            "--checkpoint",
+            &first_id,
+            "--nodes",
+            &names,
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a tampered checkpoint was restarted"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("refused"), "{err}");
+    assert!(
+        o.stdout.is_empty(),
+        "restart printed {:?}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("after the refused restart: {e}"));
+
+    // A checkpoint that stops the job: both parts gone.
+    let o = coord(
+        lab.node(3),
+        &config,
+        &["--json", "checkpoint", &job, "--stop"],
+    );
+    assert!(o.status.success(), "checkpoint --stop failed");
+    let second = json(&o);
+    assert_eq!(second["stopped"], true);
+    ca.expect_gone().unwrap();
+    cb.expect_gone().unwrap();
+    let before = (received(&a.dir), received(&b.dir));
+    let o = coord(lab.node(3), &config, &["--json", "status", &job]);
+    assert!(o.status.success());
+    let status = json(&o);
+    let cps = status["checkpoints"].as_array().unwrap();
+    assert!(
+        cps.iter().any(|c| c["id"] == second["checkpoint"]
+            && c["committed"] == true
+            && c["verified"] == true),
+        "the stopping checkpoint is not committed and verified: {status}"
+    );
+
+    // Nodes 1 and 2 go away, agents first.
+    agents[0].take();
+    agents[1].take();
+    lab.node(1).destroy().unwrap();
+    lab.node(2).destroy().unwrap();
+
+    let o = coord(
+        lab.node(3),
+        &config,
+        &["--json", "restart", &job, "--nodes", &names],
+    );
+    let restarted = if o.status.success() {
+        Some(json(&o))
+    } else {
+        None
+    };
+    for (p, c) in [(a, &mut ca), (b, &mut cb)] {
+        let pid = restarted.as_ref().and_then(|r| {
+            r["parts"]
+                .as_array()?
+                .iter()
+                .find(|x| x["part"] == p.name)?["pid"]
+                .as_i64()
+        });
+        if let Some(pid) = pid {
+            c.pid = pid as i32;
+            c.adopt_restored();
+        }
+    }
+    let r = restarted.expect("restart on nodes 3 and 4 failed");
+    for (p, n) in [(a, lab.node(3)), (b, lab.node(4))] {
+        assert!(
+            r["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == p.name && x["node"] == n.name()),
+            "part {} not restored on {}: {r}",
+            p.name,
+            n.name()
+        );
+    }
+    both_flow(&[&a.dir, &b.dir], 100_000, Duration::from_secs(20)).unwrap_or_else(|e| {
+        panic!(
+            "after the restart ({before:?} before): {e}\ncase logs:\n{}\n{}",
+            ca.log_text(),
+            cb.log_text()
+        )
+    });
+    ca.terminate("part a").unwrap();
+    cb.terminate("part b").unwrap();
+    ca.check_exit("part a, restarted on node 3").unwrap();
+    cb.check_exit("part b, restarted on node 4").unwrap();
+    drop(agents);
+    lab.down().unwrap();
+}
