@@ -1,6 +1,7 @@
 //! ckpt-coord driving the agents of a simulated cluster (ckpt-lab): a job
 //! in two parts streaming TCP to each other on nodes 1 and 2, adopted by
-//! the coordinator; a checkpoint that leaves it running, tampered with, is
+//! the coordinator; a checkpoint that fails on one node and is aborted on
+//! the others; a checkpoint that leaves it running, tampered with, is
 //! refused by restart before anything starts; a checkpoint that stops it;
 //! nodes 1 and 2 destroyed; the job restarted by the coordinator on nodes
 //! 3 and 4, where its stream goes on.
@@ -217,6 +218,38 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
             p.mac
         );
     }
+    // First a spec with a third part that runs nowhere: its node's prepare
+    // fails, the parts already prepared are aborted and stream on, and no
+    // checkpoint is left in the store.
+    let bad = format!(
+        "{spec}\n[[part]]\nname = \"c\"\nnode = \"{}\"\ncommand = \"/bin/true\"\n",
+        lab.node(3).name()
+    );
+    let bad_file = dir.join("bad.toml");
+    std::fs::write(&bad_file, bad).unwrap();
+    let o = coord(lab.node(3), &config, &["adopt", bad_file.to_str().unwrap()]);
+    assert!(o.status.success(), "adopt of the 3-part spec failed");
+    let o = coord(lab.node(3), &config, &["checkpoint", &job, "--stop"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a checkpoint of a missing part succeeded"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!("prepare failed on node {}", lab.node(3).name())),
+        "the error does not name node 3: {err}"
+    );
+    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("after an aborted checkpoint: {e}"));
+    let o = coord(lab.node(3), &config, &["--json", "status", &job]);
+    assert!(o.status.success());
+    assert_eq!(
+        json(&o)["checkpoints"].as_array().map(Vec::len),
+        Some(0),
+        "an aborted checkpoint was left in the store"
+    );
+
     let spec_file = dir.join("job.toml");
     std::fs::write(&spec_file, spec).unwrap();
     let o = coord(
