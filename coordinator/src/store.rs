@@ -1018,6 +1018,28 @@ command = "sleep"
     }
 
     #[test]
+    fn a_recorded_spec_reads_back_and_is_not_a_checkpoint() {
+        let t = tempfile::tempdir().unwrap();
+        let store = Store::new(t.path());
+        let s = spec();
+        let err = store.job_spec(&s.job).unwrap_err().to_string();
+        assert!(err.contains("ckpt-coord adopt"), "{err}");
+        let path = store.record_spec(&s).unwrap();
+        assert_eq!(path, t.path().join(&s.job).join(JOB_SPEC));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(store.job_spec(&s.job).unwrap(), s);
+        // Recorded again (re-adopted): replaced whole.
+        store.record_spec(&s).unwrap();
+        assert_eq!(store.job_spec(&s.job).unwrap(), s);
+        assert!(store.entries(&s.job).unwrap().is_empty());
+        assert_eq!(store.jobs().unwrap(), [s.job.clone()]);
+    }
+
+    #[test]
     fn a_dropped_pending_checkpoint_is_removed() {
         let t = tempfile::tempdir().unwrap();
         let store = Store::new(t.path());
