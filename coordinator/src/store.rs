@@ -1036,7 +1036,7 @@ command = "sleep"
         store.record_spec(&s).unwrap();
         assert_eq!(store.job_spec(&s.job).unwrap(), s);
         assert!(store.entries(&s.job).unwrap().is_empty());
-        assert_eq!(store.jobs().unwrap(), [s.job.clone()]);
+        assert_eq!(store.jobs().unwrap(), vec![s.job.clone()]);
     }
 
     #[test]
