@@ -412,3 +412,33 @@ fn bad_usage_exits_2() {
         assert_eq!(code(&o), 2, "{args:?}: {}", err(&o));
     }
 }
+
+#[test]
+fn adopt_records_the_spec_that_checkpoint_needs() {
+    let lab = Lab::new();
+    let spec = lab.spec();
+    let o = lab.run(&["--json", "adopt", spec.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    let v: serde_json::Value = serde_json::from_str(&out(&o)).unwrap();
+    assert_eq!(v["job"], "j1");
+    assert_eq!(v["parts"][1]["agent_job"], "j1.b");
+    assert!(lab.store().join("j1").join("job.toml").is_file());
+    // The agents are unreachable: the error names the first node, and no
+    // checkpoint directory is left behind.
+    let o = lab.run(&["checkpoint", "j1"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("connect failed on node n"), "{}", err(&o));
+    let left: Vec<_> = fs::read_dir(lab.store().join("j1"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(left, ["job.toml"], "left in the store: {left:?}");
+    // A part without a node cannot be adopted: nobody knows where it runs.
+    let unplaced = lab.path("unplaced.toml");
+    fs::write(&unplaced, SPEC.replace("node = \"n2\"\n", "")).unwrap();
+    let o = lab.run(&["adopt", unplaced.to_str().unwrap(), "--job", "j2"]);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("part b has no node"), "{}", err(&o));
+    assert!(!lab.store().join("j2").exists());
+}
