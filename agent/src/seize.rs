@@ -244,12 +244,19 @@ fn resume_thread(t: &Thread) -> Result<()> {
 }
 
 /// TracerPid names the tracing *thread*: in `ckpt-agent serve` that is a
-/// connection's thread, not the main one, so compare with this thread's id
-/// (which is the process id in the single-threaded command line).
+/// connection's thread, not the main one, so this thread's id counts as
+/// well as the process id (what the command line always compared with).
 fn traced_by_us(pid: i32, tid: i32) -> bool {
-    let me = nix::unistd::gettid().as_raw().to_string();
+    let me = [
+        nix::unistd::gettid().as_raw().to_string(),
+        std::process::id().to_string(),
+    ];
     proc::read(pid, &format!("task/{tid}/status"))
-        .map(|s| proc::parse_status(&s).get("TracerPid").map(String::as_str) == Some(&me))
+        .map(|s| {
+            proc::parse_status(&s)
+                .get("TracerPid")
+                .is_some_and(|t| me.contains(t))
+        })
         .unwrap_or(false)
 }
 
