@@ -332,8 +332,7 @@ impl FreezeLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let mut file = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, e)| Error::Job {
+        let mut file = lock_briefly_held(file).map_err(|(_, e)| Error::Job {
             job: cg.job.clone(),
             reason: format!(
                 "another agent is checkpointing it ({}: {e})",
@@ -356,6 +355,27 @@ impl FreezeLock {
             drop(f);
         }
     }
+}
+
+/// Takes an exclusive flock on a lock record, waiting a little while it is
+/// held only briefly: an agent recovering leftovers locks every record it
+/// looks at for an instant, which must not pass for another agent at work
+/// (that one holds it for its whole dump).
+pub fn lock_briefly_held(
+    file: File,
+) -> std::result::Result<nix::fcntl::Flock<File>, (File, nix::errno::Errno)> {
+    let mut file = file;
+    for _ in 0..50 {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => return Ok(l),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(4));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
 }
 
 /// Thaws the jobs an agent froze and then died without thawing (its lock

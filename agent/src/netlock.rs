@@ -225,7 +225,7 @@ impl NetLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        let file = crate::cgroup::lock_briefly_held(file).map_err(|(_, e)| {
             Error::NetLock {
                 name: table.clone(),
                 reason: format!(
