@@ -26,6 +26,8 @@ cleanup() {
             [ -d "$cg/$JOBID" ] || break
             rmdir "$cg/$JOBID" 2>/dev/null || sleep 0.2
         done
+        # The node's last job takes the agent's parent cgroup with it.
+        rmdir "$cg" 2>/dev/null || true
     done
     rm -rf "$WORK"
 }

@@ -98,9 +98,20 @@ impl JobCgroup {
             }
         };
         let parent = root.join(PARENT);
-        std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
         let dir = parent.join(job);
-        match std::fs::create_dir(&dir) {
+        // The parent goes with the node's last job (`remove`): another
+        // agent may take it away between the two mkdirs.
+        let mut made = std::fs::create_dir(&dir);
+        for _ in 0..5 {
+            match &made {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+                    made = std::fs::create_dir(&dir);
+                }
+                _ => break,
+            }
+        }
+        match made {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 let cg = JobCgroup {
@@ -278,14 +289,19 @@ impl JobCgroup {
         let deadline = Instant::now() + Duration::from_secs(2);
         loop {
             match std::fs::remove_dir(&self.dir) {
-                Ok(()) => return,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
                 Err(e) if Instant::now() >= deadline => {
                     warn!("cannot remove job cgroup {}: {e}", self.dir.display());
                     return;
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(5)),
             }
+        }
+        // The node's last job takes the parent with it (it holds other
+        // jobs' cgroups otherwise, and rmdir refuses).
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
         }
     }
 

@@ -845,6 +845,8 @@ impl Drop for JobCgroupGuard {
             while d.exists() && fs::remove_dir(&d).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
+            // The last job's cgroup takes the agent's parent with it.
+            let _ = fs::remove_dir(root);
         }
     }
 }
