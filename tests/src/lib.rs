@@ -763,6 +763,76 @@ pub fn strs(prefix: &[String]) -> Vec<&str> {
     prefix.iter().map(String::as_str).collect()
 }
 
+/// Port the parts of a two-part TCP job (`job_net_tcp_part`) talk on.
+pub const PART_PORT: u16 = 7000;
+
+/// One part of a job that streams TCP to another part on its own address
+/// (the zdtm case `job_net_tcp_part`).
+pub struct TcpPart {
+    pub dir: Workdir,
+    pub addr: std::net::Ipv4Addr,
+    pub mac: String,
+}
+
+impl TcpPart {
+    /// Starts the part as agent job `job` on `node`, with a veth on the
+    /// node's bridge; it listens on, or connects to, `peer`:PART_PORT.
+    pub fn start(
+        &self,
+        case_bin: &Path,
+        job: &str,
+        node: &ckpt_lab::Node,
+        role: &str,
+        peer: std::net::Ipv4Addr,
+    ) -> CaseProcess {
+        let tmp = self.dir.join("tmp");
+        fs::create_dir_all(&tmp).unwrap();
+        fs::write(tmp.join("part"), format!("{role} {peer}:{PART_PORT}")).unwrap();
+        let opts = JobOptions {
+            prefix: on(node),
+            run_args: [
+                "--veth",
+                node.bridge(),
+                "--address",
+                &format!("{}/24", self.addr),
+                "--mac",
+                &self.mac,
+            ]
+            .map(String::from)
+            .to_vec(),
+            env: Vec::new(),
+        };
+        CaseProcess::spawn_job_with(case_bin, "job_net_tcp_part", job, &self.dir, &opts)
+            .unwrap_or_else(|e| panic!("starting part {job} on {}: {e}", node.name()))
+    }
+
+    /// Bytes the part has received so far, as it last wrote them.
+    pub fn received(&self) -> u64 {
+        fs::read_to_string(self.dir.join("tmp/count"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Waits until every part received `more` bytes beyond what it had.
+pub fn parts_flow(parts: &[&TcpPart], more: u64, within: Duration) -> Result<(), String> {
+    let start: Vec<u64> = parts.iter().map(|p| p.received()).collect();
+    let deadline = Instant::now() + within;
+    loop {
+        let now: Vec<u64> = parts.iter().map(|p| p.received()).collect();
+        if now.iter().zip(&start).all(|(n, s)| *n >= s + more) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the stream stalled: received {now:?}, was {start:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 // ------------------------------------------------------------ the flow
 
 /// Restores `case` from `images` and checks the restored process.

@@ -10,16 +10,14 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ckpt_lab::{Lab, Node};
 use ckpt_tests::{
-    agent_binary, coord_binary, no_checkpoint, on, CaseProcess, JobCgroupGuard, JobOptions, Workdir,
+    agent_binary, coord_binary, no_checkpoint, on, parts_flow, JobCgroupGuard, TcpPart, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
-const CASE: &str = "job_net_tcp_part";
-const PORT: u16 = 7000;
 const AGENT_PORT: u16 = 7707;
 
 /// A node's `ckpt-agent serve`, killed when dropped.
@@ -66,64 +64,10 @@ fn serve(node: &Node, key: &Path, dir: &Workdir) -> Agent {
     Agent(child)
 }
 
-/// Bytes one part has received so far, as it last wrote them.
-fn received(dir: &Workdir) -> u64 {
-    std::fs::read_to_string(dir.join("tmp/count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-fn both_flow(parts: &[&Workdir], more: u64, within: Duration) -> Result<(), String> {
-    let start: Vec<u64> = parts.iter().map(|d| received(d)).collect();
-    let deadline = Instant::now() + within;
-    loop {
-        let now: Vec<u64> = parts.iter().map(|d| received(d)).collect();
-        if now.iter().zip(&start).all(|(n, s)| *n >= s + more) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the stream stalled: received {now:?}, was {start:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
+/// A part of the job: its name in the spec, and the running part.
 struct Part {
     name: &'static str,
-    dir: Workdir,
-    addr: std::net::Ipv4Addr,
-    mac: String,
-}
-
-fn start(
-    part: &Part,
-    agent_job: &str,
-    node: &Node,
-    role: &str,
-    peer: std::net::Ipv4Addr,
-) -> CaseProcess {
-    let tmp = part.dir.join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("part"), format!("{role} {peer}:{PORT}")).unwrap();
-    let opts = JobOptions {
-        prefix: on(node),
-        run_args: [
-            "--veth",
-            node.bridge(),
-            "--address",
-            &format!("{}/24", part.addr),
-            "--mac",
-            &part.mac,
-        ]
-        .map(String::from)
-        .to_vec(),
-        env: Vec::new(),
-    };
-    CaseProcess::spawn_job_with(Path::new(CASE_BIN), CASE, agent_job, &part.dir, &opts)
-        .unwrap_or_else(|e| panic!("starting part {agent_job} on {}: {e}", node.name()))
+    tcp: TcpPart,
 }
 
 /// Runs ckpt-coord in `node`'s network namespace: the lab's addresses are
@@ -191,20 +135,34 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         .enumerate()
         .map(|(j, name)| Part {
             name,
-            dir: Workdir::for_job(&format!("coord-{name}")),
-            addr: lab.job_address(j as u8),
-            mac: format!("02:00:c6:13:{k:02x}:{:02x}", 100 + j),
+            tcp: TcpPart {
+                dir: Workdir::for_job(&format!("coord-{name}")),
+                addr: lab.job_address(j as u8),
+                mac: format!("02:00:c6:13:{k:02x}:{:02x}", 100 + j),
+            },
         })
         .collect();
     let agent_job = |p: &Part| format!("{job}.{}", p.name);
     let _cgroups: Vec<JobCgroupGuard> =
         parts.iter().map(|p| JobCgroupGuard(agent_job(p))).collect();
     let (a, b) = (&parts[0], &parts[1]);
-    let mut ca = start(a, &agent_job(a), lab.node(1), "listen", a.addr);
-    let mut cb = start(b, &agent_job(b), lab.node(2), "connect", a.addr);
+    let mut ca = a.tcp.start(
+        Path::new(CASE_BIN),
+        &agent_job(a),
+        lab.node(1),
+        "listen",
+        a.tcp.addr,
+    );
+    let mut cb = b.tcp.start(
+        Path::new(CASE_BIN),
+        &agent_job(b),
+        lab.node(2),
+        "connect",
+        a.tcp.addr,
+    );
     ca.wait_ready().unwrap();
     cb.wait_ready().unwrap();
-    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10)).unwrap();
+    parts_flow(&[&a.tcp, &b.tcp], 20_000, Duration::from_secs(10)).unwrap();
 
     // The job as the coordinator knows it: parts started by hand, adopted.
     let mut spec = format!("job = \"{job}\"\n");
@@ -213,9 +171,9 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
             "\n[[part]]\nname = \"{}\"\nnode = \"{}\"\ncommand = \"{}\"\n\n[part.network]\naddress = \"{}/24\"\nmac = \"{}\"\n",
             p.name,
             n.name(),
-            p.dir.join("zdtm-case").display(),
-            p.addr,
-            p.mac
+            p.tcp.dir.join("zdtm-case").display(),
+            p.tcp.addr,
+            p.tcp.mac
         );
     }
     // First a spec with a third part that runs nowhere: its node's prepare
@@ -240,7 +198,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         err.contains(&format!("prepare failed on node {}", lab.node(3).name())),
         "the error does not name node 3: {err}"
     );
-    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10))
+    parts_flow(&[&a.tcp, &b.tcp], 20_000, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("after an aborted checkpoint: {e}"));
     let o = coord(lab.node(3), &config, &["--json", "status", &job]);
     assert!(o.status.success());
@@ -268,7 +226,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     assert!(o.status.success(), "checkpoint --leave-running failed");
     let first = json(&o);
     let first_id = first["checkpoint"].as_str().unwrap().to_string();
-    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10))
+    parts_flow(&[&a.tcp, &b.tcp], 20_000, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("after a checkpoint that leaves it running: {e}"));
 
     // Tampered with, it is refused before any node is asked to restore.
@@ -308,7 +266,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         "restart printed {:?}",
         String::from_utf8_lossy(&o.stdout)
     );
-    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10))
+    parts_flow(&[&a.tcp, &b.tcp], 20_000, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("after the refused restart: {e}"));
 
     // A checkpoint that stops the job: both parts gone.
@@ -322,7 +280,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     assert_eq!(second["stopped"], true);
     ca.expect_gone().unwrap();
     cb.expect_gone().unwrap();
-    let before = (received(&a.dir), received(&b.dir));
+    let before = (a.tcp.received(), b.tcp.received());
     let o = coord(lab.node(3), &config, &["--json", "status", &job]);
     assert!(o.status.success());
     let status = json(&o);
@@ -376,7 +334,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
             n.name()
         );
     }
-    both_flow(&[&a.dir, &b.dir], 100_000, Duration::from_secs(20)).unwrap_or_else(|e| {
+    parts_flow(&[&a.tcp, &b.tcp], 100_000, Duration::from_secs(20)).unwrap_or_else(|e| {
         panic!(
             "after the restart ({before:?} before): {e}\ncase logs:\n{}\n{}",
             ca.log_text(),

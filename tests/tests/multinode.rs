@@ -5,73 +5,21 @@
 //! two other nodes, and the stream goes on byte-exact on the same sockets.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ckpt_lab::{Lab, Node};
 use ckpt_tests::{
-    dump_in, no_checkpoint, on, restore_detached_in, strs, CaseProcess, JobCgroupGuard, JobOptions,
-    StreamPeer, Workdir,
+    dump_in, no_checkpoint, on, parts_flow, restore_detached_in, strs, CaseProcess, JobCgroupGuard,
+    StreamPeer, TcpPart, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
-const CASE: &str = "job_net_tcp_part";
-const PORT: u16 = 7000;
 
-/// Bytes one part has received so far, as it last wrote them.
-fn received(dir: &Workdir) -> u64 {
-    std::fs::read_to_string(dir.join("tmp/count"))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Waits until both parts received `more` bytes beyond what they had.
-fn both_flow(parts: &[&Workdir], more: u64, within: Duration) -> Result<(), String> {
-    let start: Vec<u64> = parts.iter().map(|d| received(d)).collect();
-    let deadline = Instant::now() + within;
-    loop {
-        let now: Vec<u64> = parts.iter().map(|d| received(d)).collect();
-        if now.iter().zip(&start).all(|(n, s)| *n >= s + more) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the stream stalled: received {now:?}, was {start:?}"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// One part: its work dir, job id, address and MAC.
+/// One part: the running part, its job id and where its images go.
 struct Part {
-    dir: Workdir,
+    tcp: TcpPart,
     job: String,
-    addr: std::net::Ipv4Addr,
-    mac: String,
     images: PathBuf,
-}
-
-fn start(part: &Part, node: &Node, role: &str, peer: std::net::Ipv4Addr) -> CaseProcess {
-    let tmp = part.dir.join("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
-    std::fs::write(tmp.join("part"), format!("{role} {peer}:{PORT}")).unwrap();
-    let opts = JobOptions {
-        prefix: on(node),
-        run_args: [
-            "--veth",
-            node.bridge(),
-            "--address",
-            &format!("{}/24", part.addr),
-            "--mac",
-            &part.mac,
-        ]
-        .map(String::from)
-        .to_vec(),
-        env: Vec::new(),
-    };
-    CaseProcess::spawn_job_with(Path::new(CASE_BIN), CASE, &part.job, &part.dir, &opts)
-        .unwrap_or_else(|e| panic!("starting part {} on {}: {e}", part.job, node.name()))
 }
 
 /// Runs `ip ARGS` in `node`'s network namespace.
@@ -146,10 +94,12 @@ fn tcp_parts_move_to_other_nodes() {
         .iter()
         .enumerate()
         .map(|(j, name)| Part {
-            dir: Workdir::for_job(&format!("multinode-{name}")),
+            tcp: TcpPart {
+                dir: Workdir::for_job(&format!("multinode-{name}")),
+                addr: lab.job_address(j as u8),
+                mac: format!("02:00:c6:12:{k:02x}:{:02x}", 100 + j),
+            },
             job: format!("mn{k}-{name}-{}", std::process::id()),
-            addr: lab.job_address(j as u8),
-            mac: format!("02:00:c6:12:{k:02x}:{:02x}", 100 + j),
             images: lab.shared_dir().join(format!("part-{name}")),
         })
         .collect();
@@ -158,11 +108,16 @@ fn tcp_parts_move_to_other_nodes() {
         .map(|p| JobCgroupGuard(p.job.clone()))
         .collect();
     let (a, b) = (&parts[0], &parts[1]);
-    let mut ca = start(a, lab.node(1), "listen", a.addr);
-    let mut cb = start(b, lab.node(2), "connect", a.addr);
+    let case_bin = Path::new(CASE_BIN);
+    let mut ca = a
+        .tcp
+        .start(case_bin, &a.job, lab.node(1), "listen", a.tcp.addr);
+    let mut cb = b
+        .tcp
+        .start(case_bin, &b.job, lab.node(2), "connect", a.tcp.addr);
     ca.wait_ready().unwrap();
     cb.wait_ready().unwrap();
-    both_flow(&[&a.dir, &b.dir], 20_000, Duration::from_secs(10)).unwrap();
+    parts_flow(&[&a.tcp, &b.tcp], 20_000, Duration::from_secs(10)).unwrap();
 
     // Both parts checkpointed at once, each by its node's agent.
     let dumps = std::thread::scope(|s| {
@@ -176,7 +131,7 @@ fn tcp_parts_move_to_other_nodes() {
                         pid,
                         &p.images,
                         &["--tcp-established"],
-                        &p.dir,
+                        &p.tcp.dir,
                     )
                 })
             })
@@ -187,7 +142,7 @@ fn tcp_parts_move_to_other_nodes() {
     }
     ca.expect_gone().unwrap();
     cb.expect_gone().unwrap();
-    let before = (received(&a.dir), received(&b.dir));
+    let before = (a.tcp.received(), b.tcp.received());
 
     // The old nodes go away, with their agents and addresses.
     lab.node(1).destroy().unwrap();
@@ -198,7 +153,7 @@ fn tcp_parts_move_to_other_nodes() {
             &strs(&on(n)),
             &p.images,
             &["--tcp-established"],
-            &p.dir,
+            &p.tcp.dir,
             "restore",
         );
         if let Some(pid) = pid {
@@ -217,7 +172,7 @@ fn tcp_parts_move_to_other_nodes() {
             "a lock was left in the restored job's namespace"
         );
     }
-    both_flow(&[&a.dir, &b.dir], 100_000, Duration::from_secs(20)).unwrap_or_else(|e| {
+    parts_flow(&[&a.tcp, &b.tcp], 100_000, Duration::from_secs(20)).unwrap_or_else(|e| {
         panic!(
             "after the move ({before:?} before): {e}\ncase logs:\n{}\n{}",
             ca.log_text(),

@@ -95,6 +95,19 @@ fn prepare(ch: &mut Channel, pid: i32, images: &Path) -> u64 {
     }
 }
 
+/// A case, prepared and dumped by the service (not finished): the case,
+/// its images, the connection holding the session, the session.
+fn dumped(dir: &Workdir, agent: &Served) -> (CaseProcess, PathBuf, Channel, u64) {
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "threads", dir).unwrap();
+    case.wait_ready().unwrap();
+    let images = dir.join("images");
+    let mut ch = connect(agent);
+    let session = prepare(&mut ch, case.pid, &images);
+    ch.call(0, Q::Dump(msg::DumpPartRequest { session }))
+        .unwrap();
+    (case, images, ch, session)
+}
+
 #[test]
 fn checkpoint_in_phases_then_restore() {
     if no_checkpoint() {
@@ -102,13 +115,7 @@ fn checkpoint_in_phases_then_restore() {
     }
     let dir = Workdir::new("serve-phases");
     let agent = serve(&dir);
-    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "threads", &dir).unwrap();
-    case.wait_ready().unwrap();
-    let images = dir.join("images");
-    let mut ch = connect(&agent);
-    let session = prepare(&mut ch, case.pid, &images);
-    ch.call(0, Q::Dump(msg::DumpPartRequest { session }))
-        .unwrap();
+    let (mut case, images, mut ch, session) = dumped(&dir, &agent);
     assert!(images.join("inventory.img").exists());
     ch.call(
         0,
@@ -143,13 +150,7 @@ fn a_connection_that_goes_away_aborts_its_checkpoint() {
     }
     let dir = Workdir::new("serve-abort");
     let agent = serve(&dir);
-    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "threads", &dir).unwrap();
-    case.wait_ready().unwrap();
-    let images = dir.join("images");
-    let mut ch = connect(&agent);
-    let session = prepare(&mut ch, case.pid, &images);
-    ch.call(0, Q::Dump(msg::DumpPartRequest { session }))
-        .unwrap();
+    let (mut case, images, ch, _session) = dumped(&dir, &agent);
     drop(ch);
     let tracer = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
