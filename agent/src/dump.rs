@@ -294,6 +294,11 @@ impl DumpSession {
         Ok(())
     }
 
+    /// Bytes of pages the dump wrote (None before `dump`).
+    pub fn pages_bytes(&self) -> Option<u64> {
+        self.dumped.as_ref().map(|d| d.1)
+    }
+
     /// Lets the tree run on (`stop` false) or kills it (`stop` true: the
     /// job has left this node; its cgroup goes, and its network lock stays
     /// until the restore when its addresses stay on this node).

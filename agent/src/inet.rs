@@ -58,11 +58,6 @@ fn state_name(s: u32) -> &'static str {
     }
 }
 
-/// Whether a dumped TCP socket carries a connection rebuilt in repair mode.
-fn is_connection(s: &InetSocket) -> bool {
-    s.tcp.is_some()
-}
-
 /// What the dump of a tree's IP sockets needs.
 pub struct DumpCtx<'a> {
     /// Established connections are dumped (else refused).
@@ -119,7 +114,8 @@ pub fn lock_conns(tables: &[&FdTable]) -> Vec<Conn> {
             continue;
         };
         let Some(local) = local_addr(s) else { continue };
-        let c = if is_connection(s) {
+        // A connection rebuilt in repair mode carries its TCP state.
+        let c = if s.tcp.is_some() {
             Conn {
                 local,
                 remote: peer_addr(s),

@@ -139,31 +139,29 @@ fn nft(ns: Netns, name: &str, args: &[&str], script: &str) -> Result<String> {
     }
 }
 
+/// The nft match of an address as source or destination (`dir`: "saddr"
+/// or "daddr"); none for the wildcard. A v4-mapped IPv6 address travels as
+/// IPv4 on the wire.
+fn ip_match(dir: &str, ip: &IpAddr) -> Option<String> {
+    if ip.is_unspecified() {
+        return None;
+    }
+    Some(match ip {
+        IpAddr::V4(v4) => format!("ip {dir} {v4}"),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => format!("ip {dir} {v4}"),
+            None => format!("ip6 {dir} {v6}"),
+        },
+    })
+}
+
 /// The nft match of one direction of a connection: `from` sends to `to`.
-fn flow(from: &SocketAddr, to: Option<&SocketAddr>) -> String {
-    let fam = |ip: &IpAddr| match ip {
-        IpAddr::V4(_) => "ip",
-        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => "ip",
-        IpAddr::V6(_) => "ip6",
-    };
-    let addr = |ip: &IpAddr| match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(v6.to_string(), |v4| v4.to_string()),
-        IpAddr::V4(v4) => v4.to_string(),
-    };
-    let mut m = Vec::new();
-    if !from.ip().is_unspecified() {
-        m.push(format!("{} saddr {}", fam(&from.ip()), addr(&from.ip())));
-    }
-    if let Some(to) = to {
-        if !to.ip().is_unspecified() {
-            m.push(format!("{} daddr {}", fam(&to.ip()), addr(&to.ip())));
-        }
-        m.push(format!("tcp sport {} tcp dport {}", from.port(), to.port()));
-    } else {
-        m.push(format!("tcp sport {}", from.port()));
-    }
+fn flow(from: &SocketAddr, to: &SocketAddr) -> String {
+    let mut m: Vec<String> = [ip_match("saddr", &from.ip()), ip_match("daddr", &to.ip())]
+        .into_iter()
+        .flatten()
+        .collect();
+    m.push(format!("tcp sport {} tcp dport {}", from.port(), to.port()));
     m.join(" ")
 }
 
@@ -180,29 +178,13 @@ pub fn ruleset(table: &str, conns: &[Conn]) -> String {
     for c in conns {
         match &c.remote {
             Some(r) => {
-                s += &format!(
-                    "add rule inet {table} in {} drop\n",
-                    flow(r, Some(&c.local))
-                );
-                s += &format!(
-                    "add rule inet {table} out {} drop\n",
-                    flow(&c.local, Some(r))
-                );
+                s += &format!("add rule inet {table} in {} drop\n", flow(r, &c.local));
+                s += &format!("add rule inet {table} out {} drop\n", flow(&c.local, r));
             }
             None => {
                 // New connections to the listener: match on the way in by
                 // destination.
-                let mut m = Vec::new();
-                if !c.local.ip().is_unspecified() {
-                    let (fam, a) = match c.local.ip() {
-                        IpAddr::V4(v4) => ("ip", v4.to_string()),
-                        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                            Some(v4) => ("ip", v4.to_string()),
-                            None => ("ip6", v6.to_string()),
-                        },
-                    };
-                    m.push(format!("{fam} daddr {a}"));
-                }
+                let mut m: Vec<String> = ip_match("daddr", &c.local.ip()).into_iter().collect();
                 m.push(format!("tcp dport {}", c.local.port()));
                 s += &format!("add rule inet {table} in {} drop\n", m.join(" "));
             }
@@ -527,18 +509,6 @@ fn unrepair(r: &Repaired) -> Result<bool> {
     crate::inet::repair_off(std::os::fd::AsFd::as_fd(&f))
         .map_err(|e| Error::sys(r.pid, format!("TCP_REPAIR off, fd {}", r.fd), e))?;
     Ok(true)
-}
-
-/// Whether the lock tables named in this agent's namespace include `table`
-/// (for tests and `cleanup` reports).
-pub fn tables_here() -> Result<Vec<String>> {
-    let out = nft(Netns::Agent, "list", &["list", "tables"], "")?;
-    Ok(out
-        .lines()
-        .filter_map(|l| l.strip_prefix("table inet "))
-        .filter(|t| t.starts_with("ckpt_"))
-        .map(str::to_string)
-        .collect())
 }
 
 #[cfg(test)]

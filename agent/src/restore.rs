@@ -453,18 +453,16 @@ pub fn restore_with_progress(
     let tables: Vec<&FdTable> = live.iter().map(|i| &i.fds).collect();
     crate::tty::check_restore(&tables, req.shell_job)?;
     if !req.tcp_established {
-        let conn = tables.iter().flat_map(|t| t.files.iter()).find_map(|f| {
-            f.inet
-                .as_ref()
-                .filter(|s| s.tcp.is_some())
-                .map(|s| (f, crate::inet::describe(s)))
+        let conn = tables.iter().find_map(|t| {
+            t.files
+                .iter()
+                .filter_map(|f| f.inet.as_ref())
+                .find(|s| s.tcp.is_some())
+                .map(|s| (t.pid, crate::inet::describe(s)))
         });
-        if let Some((f, what)) = conn {
+        if let Some((pid, what)) = conn {
             return Err(Error::Refused {
-                pid: tables
-                    .iter()
-                    .find(|t| t.files.iter().any(|g| std::ptr::eq(g, f)))
-                    .map_or(inv.root_pid, |t| t.pid),
+                pid,
                 reason: format!(
                     "the checkpoint holds the established TCP connection {what}: restore with --tcp-established"
                 ),

@@ -257,9 +257,10 @@ impl Conn {
             Q::Dump(d) => {
                 let t = Instant::now();
                 let s = self.session(d.session)?;
-                s.dump.as_mut().expect("open session").dump(&Quiet)?;
+                let dump = s.dump.as_mut().expect("open session");
+                dump.dump(&Quiet)?;
                 Ok(A::Dump(msg::DumpPartReply {
-                    pages_bytes: 0,
+                    pages_bytes: dump.pages_bytes().unwrap_or(0),
                     dump_ms: t.elapsed().as_secs_f64() * 1e3,
                 }))
             }

@@ -103,8 +103,13 @@ fn dumped(dir: &Workdir, agent: &Served) -> (CaseProcess, PathBuf, Channel, u64)
     let images = dir.join("images");
     let mut ch = connect(agent);
     let session = prepare(&mut ch, case.pid, &images);
-    ch.call(0, Q::Dump(msg::DumpPartRequest { session }))
-        .unwrap();
+    match ch
+        .call(0, Q::Dump(msg::DumpPartRequest { session }))
+        .unwrap()
+    {
+        Some(A::Dump(d)) => assert!(d.pages_bytes > 0, "the dump reports its pages"),
+        other => panic!("dump answered {other:?}"),
+    }
     (case, images, ch, session)
 }
 
