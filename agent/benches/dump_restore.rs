@@ -567,6 +567,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         tcp_established: false,
         job: None,
         bridge: None,
+        hold: false,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;

@@ -246,6 +246,7 @@ fn main() {
                 tcp_established: false,
                 job: None,
                 bridge: None,
+                hold: false,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

@@ -275,6 +275,60 @@ impl JobCgroup {
         Ok(guard)
     }
 
+    /// Freezes the cgroup for longer than an agent's life (no recovery lock:
+    /// a job restored held waits for its release, not for an agent's
+    /// recovery) and waits until it is frozen.
+    pub fn hold(&self) -> Result<()> {
+        match self.freezer {
+            Freezer::V2 => self.write("cgroup.freeze", "1")?,
+            Freezer::V1 => self.write("freezer.state", "FROZEN")?,
+        }
+        let deadline = Instant::now() + FREEZE_TIMEOUT;
+        while !self.frozen()? {
+            if Instant::now() >= deadline {
+                return Err(Error::Job {
+                    job: self.job.clone(),
+                    reason: format!("did not freeze within {FREEZE_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Kills every process of the cgroup and waits until it is empty;
+    /// returns how many there were.
+    pub fn kill_all(&self) -> Result<usize> {
+        let mut killed = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = self.procs()?;
+            if procs.is_empty() {
+                return Ok(killed);
+            }
+            killed = killed.max(procs.len());
+            if self.dir.join("cgroup.kill").exists() {
+                self.write("cgroup.kill", "1")?;
+            } else {
+                // v1: a frozen task dies only once thawed.
+                for &pid in &procs {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                self.thaw()?;
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Job {
+                    job: self.job.clone(),
+                    reason: format!("processes {procs:?} did not die within 10 s of SIGKILL"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Lets the cgroup's tasks run (tasks stopped by ptrace stay stopped).
     pub fn thaw(&self) -> Result<()> {
         match self.freezer {

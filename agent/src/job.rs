@@ -33,6 +33,9 @@ pub struct RunRequest {
     pub hostname: Option<String>,
     /// A veth into the job's network namespace (needs `net`).
     pub veth: Option<crate::net::VethRequest>,
+    /// Append the job's stdout and stderr to this file, its stdin being
+    /// /dev/null (else it keeps the caller's).
+    pub output: Option<PathBuf>,
     pub cmd: Vec<String>,
 }
 
@@ -159,6 +162,20 @@ pub fn run(req: &RunRequest) -> Result<Job> {
         crate::cgroup::check_job_id(&id)?;
         crate::net::check_bridges(img, &link_opts)?;
     }
+    // Opened before anything is made: a bad path leaves nothing behind.
+    let stdio = req
+        .output
+        .as_deref()
+        .map(|out| -> Result<(std::fs::File, std::fs::File)> {
+            let input = std::fs::File::open("/dev/null").map_err(|e| Error::io("/dev/null", e))?;
+            let output = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(out)
+                .map_err(|e| Error::io(out, e))?;
+            Ok((input, output))
+        })
+        .transpose()?;
     let cg = JobCgroup::create(&id)?;
     let mut flags = JOB_NAMESPACES;
     if req.net {
@@ -198,6 +215,10 @@ pub fn run(req: &RunRequest) -> Result<Job> {
             .iter()
             .map(|a| cstring(a, "argument"))
             .collect::<Result<_>>()?,
+        stdio: stdio.as_ref().map(|(i, o)| {
+            use std::os::fd::AsRawFd;
+            (i.as_raw_fd(), o.as_raw_fd())
+        }),
     };
     let cgfd = match cg.freezer {
         Freezer::V2 => Some(cg.open()?),
@@ -239,6 +260,7 @@ pub fn run(req: &RunRequest) -> Result<Job> {
                 clone::STEP_HOSTNAME => "sethostname".to_string(),
                 clone::STEP_LOOPBACK => "bringing loopback up".to_string(),
                 clone::STEP_EXEC => format!("exec {}", program.display()),
+                clone::STEP_STDIO => "redirecting its stdin, stdout and stderr".to_string(),
                 n if n >= clone::STEP_MOUNTS && n - clone::STEP_MOUNTS < mounts.len() => {
                     let m = mounts[n - clone::STEP_MOUNTS];
                     format!("mount {} on {}", m.2, m.1)

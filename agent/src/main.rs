@@ -84,6 +84,11 @@ enum Cmd {
         /// agent's network namespace) instead of the one recorded at dump.
         #[arg(long, value_name = "NAME")]
         bridge: Option<String>,
+        /// Leave the restored job frozen, its TCP connections blocked, for
+        /// the coordinator to release every part of a job at once
+        /// (implies --detach; needs a job).
+        #[arg(long)]
+        hold: bool,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -121,6 +126,10 @@ enum Cmd {
         /// Write the job root's PID into FILE.
         #[arg(long)]
         pidfile: Option<PathBuf>,
+        /// Append the job's stdout and stderr to FILE; its stdin is
+        /// /dev/null.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -272,10 +281,13 @@ fn main() -> ExitCode {
             shell_job,
             tcp_established,
             bridge,
+            hold,
         } => {
+            let detach = detach || hold;
             let req = restore::RestoreRequest {
                 images,
                 detach,
+                hold,
                 pidfile,
                 ext_unix_sk,
                 job,
@@ -309,6 +321,7 @@ fn main() -> ExitCode {
             hostname,
             detach,
             pidfile,
+            output,
             cmd,
         } => run(
             job::RunRequest {
@@ -322,6 +335,7 @@ fn main() -> ExitCode {
                     mac,
                     mtu,
                 }),
+                output,
                 cmd,
             },
             detach,

@@ -45,12 +45,21 @@ pub struct RestoreRequest {
     /// Put the node's ends of the job's veths on this bridge instead of
     /// the recorded one.
     pub bridge: Option<String>,
+    /// Leave the restored job frozen and its TCP connections blocked (the
+    /// lock kept), for a coordinator to release all parts of a job at once
+    /// (`JobCgroup::thaw`, `netlock::recover`). Needs a job.
+    pub hold: bool,
 }
 
 /// What a restore did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RestoreReport {
     pub pid: i32,
+    /// The job's cgroup name, when it is a job.
+    pub job: Option<String>,
+    /// With `hold`: the name of the network lock kept until the release
+    /// (for `netlock::recover`), if it has TCP endpoints.
+    pub held_lock: Option<String>,
     pub threads: usize,
     pub pages_bytes: u64,
     pub verify_ms: f64,
@@ -506,6 +515,14 @@ pub fn restore_with_progress(
         .clone()
         .or_else(|| ns_img.as_ref().map(|n| n.job.clone()))
         .filter(|j| !j.is_empty());
+    if req.hold && job_id.is_none() {
+        return Err(Error::Refused {
+            pid: inv.root_pid,
+            reason: "only a job (started with `ckpt-agent run`, or restored with --job) can be \
+                     held frozen after its restore: it is its cgroup that holds it"
+                .into(),
+        });
+    }
     let cgroup = job_id
         .as_deref()
         .map(JobCgroup::create)
@@ -525,6 +542,7 @@ pub fn restore_with_progress(
     let conns = crate::inet::lock_conns(&tables);
     let lock_name =
         crate::dump::lock_name(ns_img.as_ref().map_or("", |n| n.job.as_str()), inv.root_pid);
+    let lock_job = lock_name.clone();
     let own_net = ns_img
         .as_ref()
         .is_some_and(|n| n.own & libc::CLONE_NEWNET as u64 != 0);
@@ -582,6 +600,14 @@ pub fn restore_with_progress(
     if let Some(pf) = &req.pidfile {
         std::fs::write(pf, format!("{child}\n")).map_err(|e| Error::io(pf, e))?;
     }
+    // A held job is frozen before ptrace lets go (cgroup v2 counts traced
+    // tasks as frozen): not one instruction runs before the release. The
+    // v1 freezer cannot take over traced tasks, so there the tasks are
+    // frozen right after; their TCP traffic is blocked either way.
+    let hold = cgroup.as_ref().filter(|_| req.hold).map(|g| &g.cg);
+    if let Some(cg) = hold.filter(|cg| cg.freezer == Freezer::V2) {
+        cg.hold()?;
+    }
     // Everything is built: let every process go at once.
     for img in &live {
         for th in &img.core.threads {
@@ -589,11 +615,20 @@ pub fn restore_with_progress(
             ptrace::detach(Pid::from_raw(tid), None).ctx(tid, || "PTRACE_DETACH".into())?;
         }
     }
+    if let Some(cg) = hold.filter(|cg| cg.freezer == Freezer::V1) {
+        cg.hold()?;
+    }
     guard.armed = false;
     // Every socket is rebuilt and every process runs: traffic may flow.
     let lock = agent_lock.or_else(|| restored.as_mut().and_then(|r| r.lock.take()));
+    let mut held_lock = None;
     if let Some(l) = lock {
-        l.release()?;
+        if req.hold {
+            held_lock = Some(lock_job);
+            l.keep()?;
+        } else {
+            l.release()?;
+        }
     }
     let cgroup = cgroup.map(|mut g| {
         g.armed = false;
@@ -601,6 +636,8 @@ pub fn restore_with_progress(
     });
     let report = RestoreReport {
         pid: child,
+        job: cgroup.as_ref().map(|cg| cg.job.clone()),
+        held_lock,
         threads: live.iter().map(|i| i.core.threads.len()).sum(),
         pages_bytes: live.iter().map(|i| i.pm.pages_file_size).sum(),
         verify_ms,

@@ -44,6 +44,26 @@ struct SessionRecord {
     job: String,
     pid: i32,
     images: PathBuf,
+    /// The part is to stop once the checkpoint is committed.
+    #[serde(default)]
+    stop_after_commit: bool,
+}
+
+/// A part restored held, waiting for its release, as recorded on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct HeldRecord {
+    agent_pid: u32,
+    job: String,
+    lock: Option<String>,
+}
+
+/// Whether the checkpoint a part's images belong to was committed: the
+/// store's layout (JOB/CHECKPOINT/part-NAME) has the manifest, written
+/// last, beside the part directories.
+fn committed(images: &Path) -> bool {
+    images
+        .parent()
+        .is_some_and(|cp| cp.join(ckpt_proto::image::MANIFEST_FILE).is_file())
 }
 
 /// Runs the service until the process is killed. `ready` is called with
@@ -77,8 +97,10 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
     Ok(())
 }
 
-/// Undoes what a predecessor left: its network locks and freezes.
-fn recover(sessions_dir: &Path) -> Result<()> {
+/// Undoes what a predecessor left: its network locks and freezes, the
+/// parts it restored held, and finishes the parts of checkpoints committed
+/// after it prepared them.
+pub fn recover(sessions_dir: &Path) -> Result<()> {
     let me = std::process::id();
     for e in std::fs::read_dir(sessions_dir)
         .map_err(|e| Error::io(sessions_dir, e))?
@@ -88,23 +110,69 @@ fn recover(sessions_dir: &Path) -> Result<()> {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
+        if let Ok(held) = serde_json::from_str::<HeldRecord>(&text) {
+            if held.agent_pid != me && alive(held.agent_pid) {
+                continue;
+            }
+            // Its restart never got the release: the job's other parts
+            // were killed with it.
+            warn!(
+                job = held.job,
+                "a part restored held by a dead agent, never released: killed"
+            );
+            if let Err(e) = kill_job(&held.job, held.lock.as_deref()) {
+                warn!("{e}");
+            }
+            let _ = std::fs::remove_file(&path);
+            continue;
+        }
         let Ok(rec) = serde_json::from_str::<SessionRecord>(&text) else {
             let _ = std::fs::remove_file(&path);
             continue;
         };
-        if rec.agent_pid != me && Path::new(&format!("/proc/{}", rec.agent_pid)).exists() {
+        if rec.agent_pid != me && alive(rec.agent_pid) {
             // Another agent of this node still serves it.
             continue;
         }
         // Its images stay: whether they count is the coordinator's
-        // manifest's to say (a part dumped but not finished may belong to
-        // a committed checkpoint).
-        warn!(job = rec.job, pid = rec.pid, images = %rec.images.display(), "a checkpoint session left by a dead agent");
+        // manifest's to say. A part of a committed checkpoint that was to
+        // stop is stopped, as the finish its agent missed would have done
+        // (the job's other parts were); any other runs on.
+        if rec.stop_after_commit && committed(&rec.images) {
+            warn!(job = rec.job, pid = rec.pid, images = %rec.images.display(),
+                "a checkpoint session left by a dead agent after its checkpoint was committed: the part is stopped");
+            if let Err(e) = kill_job(&rec.job, None) {
+                warn!("{e}");
+            }
+        } else {
+            warn!(job = rec.job, pid = rec.pid, images = %rec.images.display(),
+                "a checkpoint session left by a dead agent: the part runs on");
+        }
         let _ = std::fs::remove_file(&path);
     }
     crate::netlock::recover(None)?;
     crate::cgroup::recover_frozen()?;
     Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Kills agent job `job` on this node (every process, its cgroup) and
+/// releases the network lock `lock` a dump or held restore of it kept here.
+/// A job already gone is fine. Returns how many processes were killed.
+fn kill_job(job: &str, lock: Option<&str>) -> Result<usize> {
+    let killed = match crate::cgroup::JobCgroup::find(job) {
+        Ok(cg) => {
+            let n = cg.kill_all()?;
+            cg.remove();
+            n
+        }
+        Err(_) => 0,
+    };
+    crate::netlock::recover(Some(lock.unwrap_or(job)))?;
+    Ok(killed)
 }
 
 fn connection(stream: TcpStream, key: &Key, node: &str, sessions_dir: &Path) {
@@ -116,12 +184,14 @@ fn connection(stream: TcpStream, key: &Key, node: &str, sessions_dir: &Path) {
         }
     };
     info!(peer = ch.peer(), "coordinator connected");
-    let mut state = Conn {
-        sessions: HashMap::new(),
-        next: 1,
-        node: node.to_string(),
-        sessions_dir: sessions_dir.to_path_buf(),
+    let exe = match std::env::current_exe() {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("/proc/self/exe: {e}");
+            return;
+        }
     };
+    let mut handler = Handler::new(node, sessions_dir, &exe, ch.peer());
     loop {
         let req: msg::Request = match ch.recv() {
             Ok(Some(r)) => r,
@@ -131,39 +201,52 @@ fn connection(stream: TcpStream, key: &Key, node: &str, sessions_dir: &Path) {
                 break;
             }
         };
-        let (body, error) = match state.handle(&req) {
-            Ok(b) => (Some(b), String::new()),
-            Err(e) => (None, format!("{node}: {e}")),
-        };
-        if !error.is_empty() {
-            warn!("{error}");
-        }
-        if let Err(e) = ch.send(&msg::Response {
-            id: req.id,
-            error,
-            body,
-        }) {
+        if let Err(e) = ch.send(&handler.respond(&req)) {
             warn!("{e}");
             break;
         }
     }
-    // Whatever was not finished is aborted with the connection.
-    let open = state.sessions.len();
-    if open > 0 {
-        warn!(
-            peer = ch.peer(),
-            sessions = open,
-            "connection ended with checkpoints in progress: aborted, their jobs run on"
-        );
-    }
+    // Dropping the handler aborts whatever the connection left unfinished.
 }
 
-/// One connection's open sessions.
-struct Conn {
+/// What one coordinator connection (or the coordinator's in-process
+/// agent) asks of this node: its open dump sessions and the parts it
+/// restored held. Dropped, it aborts the sessions (their jobs run on) and
+/// kills the held parts (their restart failed): the end of a connection
+/// never leaves a job frozen or half restored.
+pub struct Handler {
     sessions: HashMap<u64, Session>,
+    held: HashMap<String, Held>,
     next: u64,
     node: String,
     sessions_dir: PathBuf,
+    /// The ckpt-agent binary that starts and restores parts.
+    agent_exe: PathBuf,
+    /// Who the requests come from, for the logs.
+    peer: String,
+}
+
+impl Drop for Handler {
+    fn drop(&mut self) {
+        let open = self.sessions.len();
+        if open > 0 {
+            warn!(
+                peer = self.peer,
+                sessions = open,
+                "connection ended with checkpoints in progress: aborted, their jobs run on"
+            );
+        }
+        self.sessions.clear();
+        for (job, held) in self.held.drain() {
+            warn!(
+                peer = self.peer,
+                job, "connection ended before the release of a part restored held: killed"
+            );
+            if let Err(e) = kill_job(&job, held.lock.as_deref()) {
+                warn!("{e}");
+            }
+        }
+    }
 }
 
 /// A session and its record on disk (removed with it).
@@ -179,7 +262,50 @@ impl Drop for Session {
     }
 }
 
-impl Conn {
+/// A part restored held, and its record on disk (removed with it).
+struct Held {
+    lock: Option<String>,
+    record: PathBuf,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.record);
+    }
+}
+
+impl Handler {
+    /// A handler for `peer`, recording its work in `sessions_dir` (where a
+    /// restarted agent finds it), starting parts with `agent_exe`.
+    pub fn new(node: &str, sessions_dir: &Path, agent_exe: &Path, peer: &str) -> Handler {
+        Handler {
+            sessions: HashMap::new(),
+            held: HashMap::new(),
+            next: 1,
+            node: node.to_string(),
+            sessions_dir: sessions_dir.to_path_buf(),
+            agent_exe: agent_exe.to_path_buf(),
+            peer: peer.to_string(),
+        }
+    }
+
+    /// Answers one request; failures are logged and answered with an
+    /// error naming this node.
+    pub fn respond(&mut self, req: &msg::Request) -> msg::Response {
+        let (body, error) = match self.handle(req) {
+            Ok(b) => (Some(b), String::new()),
+            Err(e) => (None, format!("{}: {e}", self.node)),
+        };
+        if !error.is_empty() {
+            warn!(peer = self.peer, "{error}");
+        }
+        msg::Response {
+            id: req.id,
+            error,
+            body,
+        }
+    }
+
     fn handle(&mut self, req: &msg::Request) -> Result<msg::response::Body> {
         use msg::request::Body as Q;
         use msg::response::Body as A;
@@ -232,6 +358,7 @@ impl Conn {
                     job: p.job.clone(),
                     pid,
                     images: dreq.images.clone(),
+                    stop_after_commit: p.stop_after_commit,
                 };
                 std::fs::write(&record, serde_json::to_vec(&rec).expect("serializes"))
                     .map_err(|e| Error::io(&record, e))?;
@@ -284,16 +411,94 @@ impl Conn {
                 Ok(A::Abort(msg::AbortReply {}))
             }
             Q::Restore(r) => {
-                if req.uid != 0 {
+                only_root(req.uid, "restores jobs")?;
+                if r.hold && r.job.is_empty() {
                     return Err(refuse(
-                        "only root restores jobs through the agent service for now".into(),
+                        "a part restored held needs its job id (the release names it)".into(),
                     ));
                 }
                 let t = Instant::now();
-                let pid = restore_detached(r)?;
+                // Recorded before it exists: an agent that dies mid-way
+                // leaves a record its successor kills the part by.
+                let record = self.sessions_dir.join(format!("held-{}.json", r.job));
+                if r.hold {
+                    write_record(
+                        &record,
+                        &HeldRecord {
+                            agent_pid: std::process::id(),
+                            job: r.job.clone(),
+                            lock: Some(r.job.clone()),
+                        },
+                    )?;
+                }
+                let restored = match restore_detached(&self.agent_exe, r) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&record);
+                        return Err(e);
+                    }
+                };
+                if r.hold {
+                    let lock = restored.held_lock;
+                    write_record(
+                        &record,
+                        &HeldRecord {
+                            agent_pid: std::process::id(),
+                            job: r.job.clone(),
+                            lock: lock.clone(),
+                        },
+                    )?;
+                    self.held.insert(r.job.clone(), Held { lock, record });
+                }
                 Ok(A::Restore(msg::RestorePartReply {
-                    pid,
+                    pid: restored.pid,
                     restore_ms: t.elapsed().as_secs_f64() * 1e3,
+                }))
+            }
+            Q::Release(r) => {
+                // Every part first, so that none waits on another's lock;
+                // then the traffic.
+                let mut failed = Vec::new();
+                let mut thawed = Vec::new();
+                for job in &r.jobs {
+                    let Some(held) = self.held.remove(job) else {
+                        failed.push(format!("{job}: not restored held on this connection"));
+                        continue;
+                    };
+                    match crate::cgroup::JobCgroup::find(job).and_then(|cg| cg.thaw()) {
+                        Ok(()) => thawed.push((job, held)),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                for (job, held) in thawed {
+                    if let Err(e) =
+                        crate::netlock::recover(Some(held.lock.as_deref().unwrap_or(job)))
+                    {
+                        failed.push(e.to_string());
+                    }
+                }
+                if failed.is_empty() {
+                    Ok(A::Release(msg::ReleaseReply {}))
+                } else {
+                    Err(refuse(format!("release: {}", failed.join("; "))))
+                }
+            }
+            Q::Run(r) => {
+                only_root(req.uid, "starts jobs")?;
+                let pid = run_detached(&self.agent_exe, r)?;
+                Ok(A::Run(msg::RunPartReply { pid }))
+            }
+            Q::Kill(k) => {
+                if let Ok(cg) = crate::cgroup::JobCgroup::find(&k.job) {
+                    if let Some(&pid) = cg.procs()?.first() {
+                        check_owner(req.uid, pid)?;
+                    }
+                }
+                let held = self.held.remove(&k.job);
+                let lock = held.as_ref().and_then(|h| h.lock.clone());
+                let killed = kill_job(&k.job, lock.as_deref())?;
+                Ok(A::Kill(msg::KillReply {
+                    killed: killed as u32,
                 }))
             }
             Q::Status(_) => Ok(A::Status(msg::StatusReply {
@@ -333,14 +538,108 @@ impl Conn {
     }
 }
 
+/// Writes a record of work in progress.
+fn write_record(path: &Path, rec: &impl Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec(rec).expect("a record serializes"))
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Starting and restoring jobs run them as root: refused to users until
+/// the agent can start a job under its owner's ids.
+fn only_root(uid: u32, what: &str) -> Result<()> {
+    if uid == 0 {
+        return Ok(());
+    }
+    Err(Error::Job {
+        job: String::new(),
+        reason: format!(
+            "user {uid} may not have the agent service do this: only root {what} through it for now"
+        ),
+    })
+}
+
+/// Starts a part in a process of its own (`ckpt-agent run --detach`), for
+/// the reasons `restore_detached` gives, with the part's environment and
+/// working directory.
+fn run_detached(exe: &Path, r: &msg::RunPartRequest) -> Result<i32> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["--json", "run", "--detach", "--job", &r.job]);
+    if !r.hostname.is_empty() {
+        cmd.args(["--hostname", &r.hostname]);
+    }
+    if r.net || !r.bridge.is_empty() {
+        cmd.arg("--net");
+    }
+    if !r.bridge.is_empty() {
+        cmd.args(["--veth", &r.bridge]);
+        for a in &r.addresses {
+            cmd.args(["--address", a]);
+        }
+        if !r.gateway.is_empty() {
+            cmd.args(["--gateway", &r.gateway]);
+        }
+        if !r.mac.is_empty() {
+            cmd.args(["--mac", &r.mac]);
+        }
+        if r.mtu != 0 {
+            cmd.args(["--mtu", &r.mtu.to_string()]);
+        }
+    }
+    if !r.output.is_empty() {
+        cmd.args(["--output", &r.output]);
+    }
+    cmd.arg("--").args(&r.argv);
+    cmd.env_clear().envs(&r.env);
+    if !r.env.contains_key("PATH") {
+        cmd.env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        );
+    }
+    let workdir = if r.workdir.is_empty() {
+        "/"
+    } else {
+        &r.workdir
+    };
+    cmd.current_dir(workdir);
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            Error::io(
+                if Path::new(workdir).is_dir() {
+                    exe
+                } else {
+                    Path::new(workdir)
+                },
+                e,
+            )
+        })?;
+    let err = || Error::Job {
+        job: r.job.clone(),
+        reason: format!(
+            "cannot start {:?}: {}",
+            r.argv.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+    };
+    if !out.status.success() {
+        return Err(err());
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.get("pid")?.as_i64())
+        .map(|p| p as i32)
+        .ok_or_else(err)
+}
+
 /// Restores a part in a process of its own (`ckpt-agent restore --detach`):
 /// the restored tree must not be a child of the long-lived service, which
 /// could not reap it without stealing the ptrace stops of its dumps; once
 /// the restoring process exits, the tree belongs to init (or the nearest
 /// subreaper), as after a restore from the command line.
-fn restore_detached(r: &msg::RestorePartRequest) -> Result<i32> {
-    let exe = std::env::current_exe().map_err(|e| Error::io("/proc/self/exe", e))?;
-    let mut cmd = std::process::Command::new(&exe);
+fn restore_detached(exe: &Path, r: &msg::RestorePartRequest) -> Result<Restored> {
+    let mut cmd = std::process::Command::new(exe);
     cmd.args(["--json", "restore", "--detach", "--images", &r.images]);
     if !r.job.is_empty() {
         cmd.args(["--job", &r.job]);
@@ -354,10 +653,13 @@ fn restore_detached(r: &msg::RestorePartRequest) -> Result<i32> {
     if r.ext_unix_sk {
         cmd.arg("--ext-unix-sk");
     }
+    if r.hold {
+        cmd.arg("--hold");
+    }
     let out = cmd
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| Error::io(&exe, e))?;
+        .map_err(|e| Error::io(exe, e))?;
     let err = || Error::Job {
         job: r.job.clone(),
         reason: format!(
@@ -369,11 +671,14 @@ fn restore_detached(r: &msg::RestorePartRequest) -> Result<i32> {
     if !out.status.success() {
         return Err(err());
     }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .and_then(|v| v.get("pid")?.as_i64())
-        .map(|p| p as i32)
-        .ok_or_else(err)
+    serde_json::from_slice::<Restored>(&out.stdout).map_err(|_| err())
+}
+
+/// What `ckpt-agent --json restore` reports, as far as the service needs it.
+#[derive(Deserialize)]
+struct Restored {
+    pid: i32,
+    held_lock: Option<String>,
 }
 
 /// A user acts only on their own processes; root on all.

@@ -1,28 +1,33 @@
-//! The coordinator driving the node agents (`ckpt-agent serve`) over the
-//! wire protocol (docs/PROTOCOL.md): a job's checkpoint in its phases and
-//! its restart from a checkpoint.
+//! The coordinator driving the node agents (`ckpt-agent serve`, or the
+//! in-process agent of a local-only cluster) through [`Link`]s: a job's
+//! launch, its checkpoint in phases, its restart from a checkpoint, a
+//! check of the nodes, and a migration.
 //!
-//! One connection per part: an agent keeps a part's dump session on the
-//! connection that prepared it (ptrace wants one thread per stopped task),
-//! and aborts it when that connection ends, so dropping the connections is
-//! itself the abort of last resort. Each connection is used by one thread
-//! at a time, borrowed whole into a scoped thread for the parallel phases.
+//! One link per part during a checkpoint: an agent keeps a part's dump
+//! session on the link that prepared it (ptrace wants one thread per
+//! stopped task) and aborts it when that link ends, so dropping the links
+//! is itself the abort of last resort. Likewise a part restored held
+//! (frozen, its network blocked) is killed by its agent if the link ends
+//! before the release: a failed restart leaves nothing half alive. Each
+//! link is used by one thread at a time, borrowed whole into a scoped
+//! thread for the parallel phases.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use ckpt_proto::image::CheckpointOptions;
 use ckpt_proto::rpc::msg::{self, request::Body as Q, response::Body as A};
-use ckpt_proto::rpc::{Channel, RpcError};
 use serde::Serialize;
 
-use crate::config::{AgentAddr, Cluster};
+use crate::config::Cluster;
 use crate::jobspec::JobSpec;
+use crate::link::Link;
 use crate::plan::{self, RestartPlan};
-use crate::store::{CheckpointId, DumpedPart, Pruned, Store, StoreError, Verify};
+use crate::store::{Checkpoint, CheckpointId, DumpedPart, Pruned, Store, StoreError, Verify};
 
-/// Why a checkpoint or restart did not happen (or not in full); every
-/// variant that concerns a node names it.
+/// Why an operation did not happen (or not in full); every variant that
+/// concerns a node names it.
 #[derive(Debug, thiserror::Error)]
 pub enum FlowError {
     #[error(transparent)]
@@ -31,14 +36,14 @@ pub enum FlowError {
     Plan(#[from] plan::PlanError),
     #[error("{0}")]
     Setup(String),
-    /// A node failed a step; nothing was committed or restored.
-    #[error("{step} failed on node {node}: {reason}{aborted}")]
+    /// A node failed a step; what was done before is undone.
+    #[error("{step} failed on node {node}: {reason}{undone}")]
     Node {
         step: &'static str,
         node: String,
         reason: String,
         /// What the coordinator undid because of it.
-        aborted: String,
+        undone: String,
     },
     /// A restart refused before anything was restored.
     #[error("restart of {checkpoint} refused before restoring anything: {reasons}")]
@@ -48,11 +53,32 @@ pub enum FlowError {
     AfterCommit { checkpoint: String, reasons: String },
 }
 
-/// One timed step of a checkpoint or restart.
+/// One timed step of an operation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
     pub step: String,
     pub ms: f64,
+}
+
+/// Where an operation reports its steps as they end (a terminal's
+/// progress lines; nothing in `--json` mode).
+pub type OnStep<'a> = &'a (dyn Fn(&Step) + Sync);
+
+/// A recorder of timed steps.
+struct Steps<'a> {
+    done: Vec<Step>,
+    on_step: OnStep<'a>,
+}
+
+impl Steps<'_> {
+    fn end(&mut self, step: impl Into<String>, since: Instant) {
+        let s = Step {
+            step: step.into(),
+            ms: ms(since),
+        };
+        (self.on_step)(&s);
+        self.done.push(s);
+    }
 }
 
 /// One part's share of a checkpoint.
@@ -65,6 +91,7 @@ pub struct PartDump {
     pub prepare_ms: f64,
     pub dump_ms: f64,
     pub frozen_ms: f64,
+    pub pages_bytes: u64,
 }
 
 /// A committed checkpoint, as `ckpt-coord checkpoint` reports it.
@@ -95,8 +122,50 @@ pub struct PartRestored {
 pub struct RestartReport {
     pub job: String,
     pub checkpoint: CheckpointId,
+    /// Each node of the checkpoint and the node that took its parts.
+    pub mapping: Vec<(String, String)>,
     pub parts: Vec<PartRestored>,
     pub steps: Vec<Step>,
+    pub total_ms: f64,
+}
+
+/// One started part.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartLaunched {
+    pub part: String,
+    pub node: String,
+    pub agent_job: String,
+    pub pid: i32,
+    pub output: Option<PathBuf>,
+}
+
+/// A launch, as `ckpt-coord launch` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaunchReport {
+    pub job: String,
+    pub spec: PathBuf,
+    pub parts: Vec<PartLaunched>,
+    pub steps: Vec<Step>,
+    pub total_ms: f64,
+}
+
+/// One node's answer to a check.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeCheck {
+    pub node: String,
+    /// The parts of the checkpoint it was checked for (none: its kernel).
+    pub parts: Vec<String>,
+    pub ok: bool,
+    /// What is missing, naming the feature; or why it could not be asked.
+    pub missing: Vec<String>,
+}
+
+/// A migration: the checkpoint that stopped the job and the restart that
+/// resumed it elsewhere.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub checkpoint: CheckpointReport,
+    pub restart: RestartReport,
     pub total_ms: f64,
 }
 
@@ -104,97 +173,68 @@ fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-/// The uid requests are made for: the agents let a user act only on their
-/// own jobs. Read from /proc so that no unsafe libc call is needed.
-fn my_uid() -> u32 {
-    std::os::unix::fs::MetadataExt::uid(
-        &std::fs::metadata("/proc/self").expect("/proc/self is readable"),
-    )
-}
-
-fn agent_addr(cluster: &Cluster, node: &str) -> Result<String, FlowError> {
-    let n = cluster
-        .require_node(node)
-        .map_err(|e| FlowError::Setup(e.to_string()))?;
-    match &n.agent {
-        AgentAddr::Tcp { .. } => Ok(n.agent.to_string()),
-        AgentAddr::InProcess => Err(FlowError::Setup(format!(
-            "node {node} has the in-process agent of a local-only cluster, which is not \
-             wired yet: configure the cluster with `ckpt-agent serve` agents (docs/OPERATIONS.md)"
-        ))),
-    }
-}
-
-fn connect(cluster: &Cluster, node: &str) -> Result<Channel, FlowError> {
-    let key = cluster.key.as_ref().ok_or_else(|| {
-        FlowError::Setup(format!(
-            "the cluster configuration {} has no key: agents take orders only from a \
-             coordinator that holds the cluster key",
-            cluster.describe_source()
-        ))
-    })?;
-    let addr = agent_addr(cluster, node)?;
-    Channel::connect(&addr, key.rpc(), cluster.timeouts.connect).map_err(|e| FlowError::Node {
+fn open(cluster: &Cluster, node: &str) -> Result<Link, FlowError> {
+    Link::open(cluster, node).map_err(|reason| FlowError::Node {
         step: "connect",
         node: node.to_string(),
-        reason: e.to_string(),
-        aborted: String::new(),
+        reason,
+        undone: String::new(),
     })
 }
 
-/// A request with a deadline: a hung agent is an error naming its node.
-fn call(ch: &mut Channel, timeout: Duration, body: Q) -> Result<Option<A>, RpcError> {
-    ch.set_timeout(Some(timeout))?;
-    ch.call(my_uid(), body)
-}
-
-/// One part's connection during a checkpoint.
-struct Dumping {
-    part: String,
-    node: String,
-    agent_job: String,
-    images: PathBuf,
-    ch: Channel,
-    session: Option<u64>,
-    report: PartDump,
-}
-
-/// Runs `f` on every connection at once, one scoped thread each, and
-/// returns the first failure (by part order) with its node.
-fn on_all<T: Send>(
-    conns: &mut [Dumping],
-    f: impl Fn(&mut Dumping) -> Result<T, String> + Sync,
-) -> Result<Vec<T>, (String, String)> {
-    let results: Vec<(String, Result<T, String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
+/// Runs `f` on every item at once, one scoped thread each, and returns
+/// the results in order.
+fn parallel<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut T) -> R + Sync) -> Vec<R> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
             .iter_mut()
-            .map(|c| {
+            .map(|it| {
                 let f = &f;
-                s.spawn(move || (c.node.clone(), f(c)))
+                s.spawn(move || f(it))
             })
             .collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("a coordinator thread panicked"))
             .collect()
-    });
-    let mut out = Vec::new();
-    for (node, r) in results {
-        out.push(r.map_err(|e| (node, e))?);
-    }
-    Ok(out)
+    })
 }
 
-/// Undoes every prepared session (best effort: an agent whose connection
-/// ends aborts on its own) and names what was undone.
+/// One part's link during a checkpoint.
+struct Dumping {
+    part: String,
+    agent_job: String,
+    link: Link,
+    session: Option<u64>,
+    report: PartDump,
+}
+
+/// Runs `f` on every part's link at once and returns the first failure
+/// (by part order) with its node.
+fn on_all(
+    conns: &mut [Dumping],
+    f: impl Fn(&mut Dumping) -> Result<(), String> + Sync,
+) -> Result<(), (String, String)> {
+    let results = parallel(conns, |c| (c.report.node.clone(), f(c)));
+    for (node, r) in results {
+        r.map_err(|e| (node, e))?;
+    }
+    Ok(())
+}
+
+/// Undoes every prepared session (best effort: an agent whose link ends
+/// aborts on its own) and names what was undone.
 fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
     let mut undone = Vec::new();
     for c in conns.iter_mut() {
         if let Some(session) = c.session.take() {
-            if let Err(e) = call(&mut c.ch, timeout, Q::Abort(msg::AbortRequest { session })) {
-                tracing::warn!(node = %c.node, part = %c.part, "abort: {e} (the connection's end aborts it)");
+            if let Err(e) = c
+                .link
+                .call(timeout, Q::Abort(msg::AbortRequest { session }))
+            {
+                tracing::warn!(node = %c.report.node, part = %c.part, "abort: {e} (the link's end aborts it)");
             }
-            undone.push(format!("{}@{}", c.part, c.node));
+            undone.push(format!("{}@{}", c.part, c.report.node));
         }
     }
     if undone.is_empty() {
@@ -207,25 +247,57 @@ fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
     }
 }
 
-/// Whether part parts of `spec` have a network namespace of their own, so
-/// that their established TCP connections are theirs to checkpoint.
+/// Whether parts of `spec` have a network namespace of their own, so that
+/// their established TCP connections are theirs to checkpoint.
 fn tcp_established(spec: &JobSpec) -> bool {
     spec.parts.iter().any(|p| p.net || p.network.is_some())
 }
 
+/// Fault injection for tests: a pause at a named point of a flow (the
+/// milliseconds in the environment variable), to kill an agent in.
+fn fault_hold(var: &str) {
+    if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        tracing::warn!("fault injection: pausing {ms} ms ({var})");
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+}
+
 /// Checkpoints every part of job `job` at once (BRIEF §6): every node
 /// freezes its part and locks its network (barrier), every node dumps in
-/// parallel, the manifest is committed, then every node stops its part
-/// (`stop`) or lets it run on. A failure before the commit aborts on
-/// every node and leaves no checkpoint.
+/// parallel, every agent confirms it still holds its part, the manifest is
+/// committed, then every node stops its part (`stop`) or lets it run on. A
+/// failure before the commit aborts on every node and leaves no
+/// checkpoint.
 pub fn checkpoint(
     cluster: &Cluster,
     store: &Store,
     job: &str,
     stop: bool,
+    on_step: OnStep<'_>,
+) -> Result<CheckpointReport, FlowError> {
+    let _lock = store.lock_job(
+        job,
+        if stop {
+            "checkpoint --stop"
+        } else {
+            "checkpoint"
+        },
+    )?;
+    checkpoint_locked(cluster, store, job, stop, on_step)
+}
+
+fn checkpoint_locked(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    stop: bool,
+    on_step: OnStep<'_>,
 ) -> Result<CheckpointReport, FlowError> {
     let t0 = Instant::now();
-    let mut steps = Vec::new();
+    let mut steps = Steps {
+        done: Vec::new(),
+        on_step,
+    };
     let spec = store.job_spec(job)?;
     let tcp = tcp_established(&spec);
     let pending = store.begin(job)?;
@@ -239,47 +311,42 @@ pub fn checkpoint(
                 p.name
             ))
         })?;
-        let ch = connect(cluster, &node)?;
+        let link = open(cluster, &node)?;
         conns.push(Dumping {
-            images: pending.part_dir(&p.name)?,
             agent_job: spec.agent_job_id(&p.name),
             part: p.name.clone(),
-            node: node.clone(),
-            ch,
+            link,
             session: None,
             report: PartDump {
                 part: p.name.clone(),
                 node,
-                images: PathBuf::new(),
+                images: pending.part_dir(&p.name)?,
                 prepare_ms: 0.0,
                 dump_ms: 0.0,
                 frozen_ms: 0.0,
+                pages_bytes: 0,
             },
         });
     }
-    steps.push(Step {
-        step: "connect".into(),
-        ms: ms(t),
-    });
+    steps.end("connect", t);
 
     // Phase 1, the barrier: every part frozen and locked before any dump.
     let t = Instant::now();
     let timeouts = cluster.timeouts;
     let prepared = on_all(&mut conns, |c| {
-        let r = call(
-            &mut c.ch,
+        let r = c.link.call(
             timeouts.freeze,
             Q::Prepare(msg::PrepareRequest {
                 job: c.agent_job.clone(),
                 pid: 0,
-                images: c.images.to_string_lossy().into_owned(),
+                images: c.report.images.to_string_lossy().into_owned(),
                 tcp_established: tcp,
                 ext_unix_sk: false,
+                stop_after_commit: stop,
             }),
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         match r {
-            Some(A::Prepare(p)) => {
+            A::Prepare(p) => {
                 c.session = Some(p.session);
                 c.report.prepare_ms = p.prepare_ms;
                 Ok(())
@@ -288,58 +355,75 @@ pub fn checkpoint(
         }
     });
     if let Err((node, reason)) = prepared {
-        let aborted = abort_all(&mut conns, timeouts.freeze);
+        let undone = abort_all(&mut conns, timeouts.freeze);
         return Err(FlowError::Node {
             step: "prepare",
             node,
             reason,
-            aborted,
+            undone,
         });
     }
-    steps.push(Step {
-        step: "prepare (all frozen and locked)".into(),
-        ms: ms(t),
-    });
+    steps.end("prepare (all frozen and locked)", t);
 
     // Phase 2: every part dumps, in parallel.
     let t = Instant::now();
     let dumped = on_all(&mut conns, |c| {
         let session = c.session.expect("prepared");
-        match call(
-            &mut c.ch,
-            timeouts.dump,
-            Q::Dump(msg::DumpPartRequest { session }),
-        )
-        .map_err(|e| e.to_string())?
+        match c
+            .link
+            .call(timeouts.dump, Q::Dump(msg::DumpPartRequest { session }))?
         {
-            Some(A::Dump(d)) => {
+            A::Dump(d) => {
                 c.report.dump_ms = d.dump_ms;
+                c.report.pages_bytes = d.pages_bytes;
                 Ok(())
             }
             other => Err(format!("answered dump with {other:?}")),
         }
     });
     if let Err((node, reason)) = dumped {
-        let aborted = abort_all(&mut conns, timeouts.freeze);
+        let undone = abort_all(&mut conns, timeouts.freeze);
         return Err(FlowError::Node {
             step: "dump",
             node,
             reason,
-            aborted,
+            undone,
         });
     }
-    steps.push(Step {
-        step: "dump".into(),
-        ms: ms(t),
+    steps.end("dump", t);
+
+    // The votes are in; an agent that died since would leave its part to
+    // its successor's recovery, which can only guess: ask once more, right
+    // before the commit, that every agent still holds its part.
+    fault_hold("CKPT_FAULT_HOLD_COMMIT_MS");
+    let t = Instant::now();
+    let confirmed = on_all(&mut conns, |c| {
+        let session = c.session.expect("prepared");
+        match c
+            .link
+            .call(timeouts.freeze, Q::Status(msg::StatusRequest {}))?
+        {
+            A::Status(s) if s.sessions.contains(&session) => Ok(()),
+            A::Status(_) => Err(format!("no longer holds session {session}")),
+            other => Err(format!("answered status with {other:?}")),
+        }
     });
+    if let Err((node, reason)) = confirmed {
+        let undone = abort_all(&mut conns, timeouts.freeze);
+        return Err(FlowError::Node {
+            step: "confirm before commit",
+            node,
+            reason,
+            undone,
+        });
+    }
 
     // The commit: from here on the checkpoint exists.
-    let t = Instant::now();
     let parts: Vec<DumpedPart> = conns
         .iter()
         .map(|c| DumpedPart {
             name: c.part.clone(),
-            node: c.node.clone(),
+            node: c.report.node.clone(),
         })
         .collect();
     let options = CheckpointOptions {
@@ -349,53 +433,37 @@ pub fn checkpoint(
     let cp = match pending.commit(&spec, &parts, options, cluster.key.as_ref()) {
         Ok(cp) => cp,
         Err(e) => {
-            let aborted = abort_all(&mut conns, timeouts.freeze);
-            return Err(FlowError::Setup(format!("{e}{aborted}")));
+            let undone = abort_all(&mut conns, timeouts.freeze);
+            return Err(FlowError::Setup(format!("{e}{undone}")));
         }
     };
-    steps.push(Step {
-        step: "commit".into(),
-        ms: ms(t),
-    });
+    steps.end("confirm and commit", t);
 
     // Phase 3: every part stops or runs on.
     let t = Instant::now();
-    let finished: Vec<(String, Result<(), String>)> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
-            .iter_mut()
-            .map(|c| {
-                s.spawn(move || {
-                    let session = c.session.take().expect("prepared");
-                    let r = match call(
-                        &mut c.ch,
-                        timeouts.freeze,
-                        Q::Finish(msg::FinishRequest { session, stop }),
-                    ) {
-                        Ok(Some(A::Finish(f))) => {
-                            c.report.frozen_ms = f.frozen_ms;
-                            Ok(())
-                        }
-                        Ok(other) => Err(format!("answered finish with {other:?}")),
-                        Err(e) => Err(e.to_string()),
-                    };
-                    (format!("{}@{}", c.part, c.node), r)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a coordinator thread panicked"))
-            .collect()
+    let finished = parallel(&mut conns, |c| {
+        let session = c.session.take().expect("prepared");
+        let r = match c.link.call(
+            timeouts.freeze,
+            Q::Finish(msg::FinishRequest { session, stop }),
+        ) {
+            Ok(A::Finish(f)) => {
+                c.report.frozen_ms = f.frozen_ms;
+                Ok(())
+            }
+            Ok(other) => Err(format!("answered finish with {other:?}")),
+            Err(e) => Err(e),
+        };
+        (format!("{}@{}", c.part, c.report.node), r)
     });
-    steps.push(Step {
-        step: if stop {
+    steps.end(
+        if stop {
             "finish (stop)"
         } else {
             "finish (run on)"
-        }
-        .into(),
-        ms: ms(t),
-    });
+        },
+        t,
+    );
     let pruned: Pruned = store.prune(job, cluster.keep)?;
     let failures: Vec<String> = finished
         .into_iter()
@@ -404,7 +472,10 @@ pub fn checkpoint(
     if !failures.is_empty() {
         return Err(FlowError::AfterCommit {
             checkpoint: cp.label(),
-            reasons: format!("finishing failed: {}", failures.join("; ")),
+            reasons: format!(
+                "finishing failed: {} (a restarted agent finishes its part as the checkpoint asked)",
+                failures.join("; ")
+            ),
         });
     }
     Ok(CheckpointReport {
@@ -413,35 +484,185 @@ pub fn checkpoint(
         dir: cp.dir.clone(),
         stopped: stop,
         tcp_established: tcp,
-        parts: conns
-            .into_iter()
-            .map(|c| PartDump {
-                images: c.images,
-                ..c.report
-            })
-            .collect(),
-        steps,
+        parts: conns.into_iter().map(|c| c.report).collect(),
+        steps: steps.done,
         total_ms: ms(t0),
         pruned: pruned.removed,
     })
 }
 
-/// Restarts job `job` from checkpoint `checkpoint` (default: the newest)
-/// on `nodes` (default: its own): verifies the checkpoint in full, checks
-/// every target node can restore its parts and refuses before restoring
-/// anything if one cannot, then restores every node's parts, nodes in
-/// parallel.
-pub fn restart(
+/// Starts job `spec` on the cluster: places its parts (`nodes`, or every
+/// node), records its spec in the store, and has every node's agent start
+/// its parts, nodes in parallel. If one part cannot start, the parts
+/// already started are killed and the spec removed: nothing is left.
+pub fn launch(
     cluster: &Cluster,
     store: &Store,
-    job: &str,
-    checkpoint: Option<&str>,
+    spec: &JobSpec,
     nodes: Option<&[String]>,
-    pack: bool,
-) -> Result<RestartReport, FlowError> {
+    on_step: OnStep<'_>,
+) -> Result<LaunchReport, FlowError> {
     let t0 = Instant::now();
-    let mut steps = Vec::new();
-    let cp = match checkpoint {
+    let mut steps = Steps {
+        done: Vec::new(),
+        on_step,
+    };
+    let job = spec.job.clone();
+    let _lock = store.lock_job(&job, "launch")?;
+    if store.spec_path(&job).exists() {
+        return Err(FlowError::Setup(format!(
+            "job {job} exists already ({} is recorded): launch it under another id (--job), \
+             or restart it from its checkpoints (`ckpt-coord restart {job}`)",
+            store.spec_path(&job).display()
+        )));
+    }
+    let mut placed = plan::place(spec, cluster, nodes)?;
+    // Output goes where every node sees it, so that a restored part
+    // writes on into the same file.
+    let out_dir = store.job_dir(&job).join("output");
+    for p in placed.spec.parts.iter_mut().filter(|p| p.output.is_none()) {
+        p.output = Some(out_dir.join(format!("{}.log", p.name)));
+    }
+    if placed
+        .spec
+        .parts
+        .iter()
+        .any(|p| p.output.as_deref().is_some_and(|o| o.starts_with(&out_dir)))
+    {
+        std::fs::create_dir_all(&out_dir)
+            .map_err(|e| FlowError::Setup(format!("{}: {e}", out_dir.display())))?;
+    }
+    let spec = placed.spec;
+
+    let t = Instant::now();
+    let mut links = Vec::new();
+    for o in &placed.orders {
+        links.push((o, open(cluster, &o.node)?));
+    }
+    steps.end("connect", t);
+    let spec_path = store.record_spec(&spec)?;
+
+    let t = Instant::now();
+    let timeout = cluster.timeouts.freeze;
+    let results = parallel(&mut links, |(o, link)| {
+        let mut started = Vec::new();
+        for name in &o.parts {
+            let p = spec.part(name).expect("placed parts are the spec's");
+            let agent_job = spec.agent_job_id(name);
+            let mut argv = vec![p.command.clone()];
+            argv.extend(p.args.iter().cloned());
+            let net = p.network.as_ref();
+            let req = msg::RunPartRequest {
+                job: agent_job.clone(),
+                argv,
+                env: p.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                workdir: p
+                    .workdir
+                    .as_ref()
+                    .map(|w| w.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                output: p
+                    .output
+                    .as_ref()
+                    .map(|w| w.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                hostname: p.hostname.clone(),
+                net: p.net,
+                bridge: net
+                    .map(|_| {
+                        cluster
+                            .node(&o.node)
+                            .map(|n| n.bridge.clone())
+                            .unwrap_or_default()
+                    })
+                    .unwrap_or_default(),
+                addresses: net.map(|n| vec![n.address.to_string()]).unwrap_or_default(),
+                gateway: net
+                    .and_then(|n| n.gateway)
+                    .map(|g| g.to_string())
+                    .unwrap_or_default(),
+                mac: net.map(|n| n.mac.to_string()).unwrap_or_default(),
+                mtu: net.and_then(|n| n.mtu).unwrap_or(0),
+            };
+            match link.call(timeout, Q::Run(req)) {
+                Ok(A::Run(r)) => started.push(PartLaunched {
+                    part: name.clone(),
+                    node: o.node.clone(),
+                    agent_job,
+                    pid: r.pid,
+                    output: p.output.clone(),
+                }),
+                Ok(other) => {
+                    return (
+                        started,
+                        Err(format!("part {name}: answered run with {other:?}")),
+                    )
+                }
+                Err(e) => return (started, Err(format!("part {name}: {e}"))),
+            }
+        }
+        (started, Ok(()))
+    });
+    let mut parts = Vec::new();
+    let mut failure = None;
+    for ((started, r), (o, _)) in results.into_iter().zip(&links) {
+        parts.extend(started);
+        if let (Err(e), None) = (r, &failure) {
+            failure = Some((o.node.clone(), e));
+        }
+    }
+    if let Some((node, reason)) = failure {
+        let undone = kill_parts(
+            &mut links.iter_mut().map(|(_, l)| l).collect::<Vec<_>>(),
+            &parts,
+            timeout,
+        );
+        let _ = std::fs::remove_file(&spec_path);
+        return Err(FlowError::Node {
+            step: "launch",
+            node,
+            reason,
+            undone: format!("{undone}; the job's spec was removed"),
+        });
+    }
+    steps.end("start every part", t);
+    Ok(LaunchReport {
+        job,
+        spec: spec_path,
+        parts,
+        steps: steps.done,
+        total_ms: ms(t0),
+    })
+}
+
+/// Kills `parts` through the links to their nodes (best effort) and says
+/// what was undone.
+fn kill_parts(links: &mut [&mut Link], parts: &[PartLaunched], timeout: Duration) -> String {
+    let mut undone = Vec::new();
+    for p in parts {
+        let Some(link) = links.iter_mut().find(|l| l.node() == p.node) else {
+            continue;
+        };
+        match link.call(
+            timeout,
+            Q::Kill(msg::KillRequest {
+                job: p.agent_job.clone(),
+            }),
+        ) {
+            Ok(_) => undone.push(format!("{}@{}", p.part, p.node)),
+            Err(e) => undone.push(format!("{}@{} NOT killed: {e}", p.part, p.node)),
+        }
+    }
+    if undone.is_empty() {
+        String::new()
+    } else {
+        format!("; killed the parts already started: {}", undone.join(", "))
+    }
+}
+
+/// The checkpoint to restart from: `id`, or the newest.
+fn pick(store: &Store, job: &str, id: Option<&str>) -> Result<Checkpoint, FlowError> {
+    Ok(match id {
         Some(id) => store.open(job, &id.parse()?)?,
         None => store.latest(job)?.ok_or_else(|| {
             FlowError::Setup(format!(
@@ -449,142 +670,406 @@ pub fn restart(
                 store.root().display()
             ))
         })?,
+    })
+}
+
+/// Asks every node of `plan` whether it can restore its parts (links in
+/// plan order); the reasons of those that cannot, naming node and feature.
+fn check_plan(plan: &RestartPlan, links: &mut [Link], timeout: Duration) -> Vec<NodeCheck> {
+    let mut pairs: Vec<(&plan::RestoreOrder, &mut Link)> =
+        plan.orders.iter().zip(links.iter_mut()).collect();
+    parallel(&mut pairs, |(o, link)| {
+        let mut missing = Vec::new();
+        for p in &o.parts {
+            let images = p.images.to_string_lossy().into_owned();
+            match link.call(timeout, Q::Check(msg::CheckRequest { images })) {
+                Ok(A::Check(c)) if c.ok => {}
+                Ok(A::Check(c)) => missing.extend(
+                    c.missing
+                        .into_iter()
+                        .map(|m| format!("part {}: {m}", p.part)),
+                ),
+                Ok(other) => missing.push(format!("answered check with {other:?}")),
+                Err(e) => missing.push(e),
+            }
+        }
+        NodeCheck {
+            node: o.node.clone(),
+            parts: o.parts.iter().map(|p| p.part.clone()).collect(),
+            ok: missing.is_empty(),
+            missing,
+        }
+    })
+}
+
+/// Restarts job `job` from checkpoint `checkpoint` (default: the newest)
+/// on `nodes` (default: its own): verifies the checkpoint in full, checks
+/// every target node can restore its parts and refuses before restoring
+/// anything if one cannot, restores every part held (frozen, its network
+/// blocked), nodes in parallel, and then releases them all at once. If a
+/// part cannot be restored, the parts already restored are killed: a
+/// failed restart leaves nothing half alive. The job's recorded spec then
+/// names the nodes its parts run on.
+pub fn restart(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    checkpoint: Option<&str>,
+    nodes: Option<&[String]>,
+    pack: bool,
+    on_step: OnStep<'_>,
+) -> Result<RestartReport, FlowError> {
+    let _lock = store.lock_job(job, "restart")?;
+    restart_locked(cluster, store, job, checkpoint, nodes, pack, on_step)
+}
+
+fn restart_locked(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    checkpoint: Option<&str>,
+    nodes: Option<&[String]>,
+    pack: bool,
+    on_step: OnStep<'_>,
+) -> Result<RestartReport, FlowError> {
+    let t0 = Instant::now();
+    let mut steps = Steps {
+        done: Vec::new(),
+        on_step,
     };
+    let cp = pick(store, job, checkpoint)?;
     let t = Instant::now();
     cp.verify(cluster.key.as_ref(), Verify::Full)?;
-    steps.push(Step {
-        step: "verify".into(),
-        ms: ms(t),
-    });
+    steps.end("verify", t);
     let plan: RestartPlan = plan::plan_restart(&cp, cluster, nodes, pack)?;
     let tcp = cp.options().tcp_established;
 
     let t = Instant::now();
-    let mut conns = Vec::new();
+    let mut links = Vec::new();
     for o in &plan.orders {
-        conns.push((o, connect(cluster, &o.node)?));
+        links.push(open(cluster, &o.node)?);
     }
-    steps.push(Step {
-        step: "connect".into(),
-        ms: ms(t),
-    });
+    steps.end("connect", t);
 
     // Every node checked before any restores: a refusal leaves nothing
     // half restarted.
     let t = Instant::now();
     let timeouts = cluster.timeouts;
-    let mut missing = Vec::new();
-    for (o, ch) in conns.iter_mut() {
-        for p in &o.parts {
-            let images = p.images.to_string_lossy().into_owned();
-            match call(
-                ch,
-                timeouts.connect.max(Duration::from_secs(30)),
-                Q::Check(msg::CheckRequest { images }),
-            ) {
-                Ok(Some(A::Check(c))) if c.ok => {}
-                Ok(Some(A::Check(c))) => missing.push(format!(
-                    "node {} cannot restore part {}: {}",
-                    o.node,
-                    p.part,
-                    c.missing.join("; ")
-                )),
-                Ok(other) => missing.push(format!("node {} answered check with {other:?}", o.node)),
-                Err(e) => missing.push(format!("node {}: {e}", o.node)),
-            }
-        }
-    }
-    if !missing.is_empty() {
+    let check_timeout = timeouts.connect.max(Duration::from_secs(30));
+    let refused: Vec<String> = check_plan(&plan, &mut links, check_timeout)
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| {
+            format!(
+                "node {} cannot restore it: {}",
+                c.node,
+                c.missing.join("; ")
+            )
+        })
+        .collect();
+    if !refused.is_empty() {
         return Err(FlowError::NotRestorable {
             checkpoint: cp.label(),
-            reasons: missing.join("; "),
+            reasons: refused.join("; "),
         });
     }
-    steps.push(Step {
-        step: "check".into(),
-        ms: ms(t),
-    });
+    steps.end("check every node", t);
 
     let t = Instant::now();
-    let results: Vec<Result<Vec<PartRestored>, (String, String)>> = std::thread::scope(|s| {
-        let handles: Vec<_> = conns
-            .iter_mut()
-            .map(|(o, ch)| {
-                let o = *o;
-                s.spawn(move || {
-                    let mut out = Vec::new();
-                    for p in &o.parts {
-                        let r = call(
-                            ch,
-                            timeouts.restore,
-                            Q::Restore(msg::RestorePartRequest {
-                                images: p.images.to_string_lossy().into_owned(),
-                                job: p.agent_job.clone(),
-                                tcp_established: tcp,
-                                ext_unix_sk: false,
-                                bridge: o.bridge.clone(),
-                            }),
-                        );
-                        match r {
-                            Ok(Some(A::Restore(r))) => out.push(PartRestored {
-                                part: p.part.clone(),
-                                node: o.node.clone(),
-                                pid: r.pid,
-                                restore_ms: r.restore_ms,
-                            }),
-                            Ok(other) => {
-                                return Err((
-                                    o.node.clone(),
-                                    format!("part {}: answered restore with {other:?}", p.part),
-                                ))
-                            }
-                            Err(e) => {
-                                return Err((o.node.clone(), format!("part {}: {e}", p.part)))
-                            }
-                        }
-                    }
-                    Ok(out)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a coordinator thread panicked"))
-            .collect()
+    let mut pairs: Vec<(&plan::RestoreOrder, &mut Link)> =
+        plan.orders.iter().zip(links.iter_mut()).collect();
+    let results = parallel(&mut pairs, |(o, link)| {
+        let mut out = Vec::new();
+        for p in &o.parts {
+            let r = link.call(
+                timeouts.restore,
+                Q::Restore(msg::RestorePartRequest {
+                    images: p.images.to_string_lossy().into_owned(),
+                    job: p.agent_job.clone(),
+                    tcp_established: tcp,
+                    ext_unix_sk: false,
+                    bridge: o.bridge.clone(),
+                    hold: true,
+                }),
+            );
+            match r {
+                Ok(A::Restore(r)) => out.push((
+                    p.agent_job.clone(),
+                    PartRestored {
+                        part: p.part.clone(),
+                        node: o.node.clone(),
+                        pid: r.pid,
+                        restore_ms: r.restore_ms,
+                    },
+                )),
+                Ok(other) => {
+                    return (
+                        out,
+                        Err(format!("part {}: answered restore with {other:?}", p.part)),
+                    )
+                }
+                Err(e) => return (out, Err(format!("part {}: {e}", p.part))),
+            }
+        }
+        (out, Ok(()))
     });
-    let mut parts = Vec::new();
+    let mut restored: Vec<(String, PartRestored)> = Vec::new();
     let mut failures = Vec::new();
-    for r in results {
-        match r {
-            Ok(p) => parts.extend(p),
-            Err((node, e)) => failures.push(format!("node {node}: {e}")),
+    for ((done, r), o) in results.into_iter().zip(&plan.orders) {
+        restored.extend(done);
+        if let Err(e) = r {
+            failures.push((o.node.clone(), e));
         }
     }
-    if !failures.is_empty() {
-        let done: Vec<String> = parts
+    if let Some((node, reason)) = failures.first().cloned() {
+        let undone = kill_restored(&mut links, &restored, timeouts.freeze);
+        let more: Vec<String> = failures[1..]
             .iter()
-            .map(|p| format!("{}@{} (pid {})", p.part, p.node, p.pid))
+            .map(|(n, e)| format!("node {n}: {e}"))
             .collect();
-        return Err(FlowError::Setup(format!(
-            "restore of {} failed: {}{}",
-            cp.label(),
-            failures.join("; "),
-            if done.is_empty() {
-                String::new()
+        return Err(FlowError::Node {
+            step: "restore",
+            node,
+            reason: if more.is_empty() {
+                reason
             } else {
-                format!("; restored nonetheless: {}", done.join(", "))
-            }
-        )));
+                format!("{reason}; also {}", more.join("; "))
+            },
+            undone,
+        });
     }
-    steps.push(Step {
-        step: "restore".into(),
-        ms: ms(t),
+    steps.end("restore (held)", t);
+
+    // Every part exists, frozen: let them all go.
+    let t = Instant::now();
+    let mut per_link: Vec<(&mut Link, Vec<String>)> = links
+        .iter_mut()
+        .map(|l| {
+            let jobs = restored
+                .iter()
+                .filter(|(_, p)| p.node == l.node())
+                .map(|(j, _)| j.clone())
+                .collect();
+            (l, jobs)
+        })
+        .collect();
+    let released = parallel(&mut per_link, |(link, jobs)| {
+        let node = link.node().to_string();
+        match link.call(
+            timeouts.freeze,
+            Q::Release(msg::ReleaseRequest { jobs: jobs.clone() }),
+        ) {
+            Ok(A::Release(_)) => Ok(()),
+            Ok(other) => Err((node, format!("answered release with {other:?}"))),
+            Err(e) => Err((node, e)),
+        }
     });
+    if let Some(Err((node, reason))) = released.into_iter().find(|r| r.is_err()) {
+        // Some parts may run, others not: a job in pieces is worse than
+        // none, and the checkpoint is still there.
+        let undone = kill_restored(&mut links, &restored, timeouts.freeze);
+        return Err(FlowError::Node {
+            step: "release",
+            node,
+            reason,
+            undone,
+        });
+    }
+    steps.end("release every part", t);
+
+    // Later checkpoints find the parts where they now run.
+    let mut spec = cp.spec()?;
+    let moved: HashMap<&str, &str> = restored
+        .iter()
+        .map(|(_, p)| (p.part.as_str(), p.node.as_str()))
+        .collect();
+    for p in spec.parts.iter_mut() {
+        if let Some(n) = moved.get(p.name.as_str()) {
+            p.node = Some(n.to_string());
+        }
+    }
+    store.record_spec(&spec)?;
     Ok(RestartReport {
         job: job.to_string(),
         checkpoint: cp.id.clone(),
-        parts,
-        steps,
+        mapping: plan.mapping.clone(),
+        parts: restored.into_iter().map(|(_, p)| p).collect(),
+        steps: steps.done,
         total_ms: ms(t0),
     })
+}
+
+/// Kills restored parts (best effort; their agents kill held parts when
+/// the links end anyway) and says what was undone.
+fn kill_restored(
+    links: &mut [Link],
+    restored: &[(String, PartRestored)],
+    timeout: Duration,
+) -> String {
+    let parts: Vec<PartLaunched> = restored
+        .iter()
+        .map(|(j, p)| PartLaunched {
+            part: p.part.clone(),
+            node: p.node.clone(),
+            agent_job: j.clone(),
+            pid: p.pid,
+            output: None,
+        })
+        .collect();
+    let mut refs: Vec<&mut Link> = links.iter_mut().collect();
+    let undone = kill_parts(&mut refs, &parts, timeout);
+    if undone.is_empty() {
+        "; nothing was restored".into()
+    } else {
+        format!("{undone}; nothing of the job runs, its checkpoint is intact")
+    }
+}
+
+/// Checks `nodes` (default: every node of the cluster) by their agents'
+/// kernel probes, or, with `checkpoint`, whether they can restore it (its
+/// nodes mapped onto `nodes` as a restart would).
+pub fn check(
+    cluster: &Cluster,
+    store: &Store,
+    nodes: Option<&[String]>,
+    checkpoint: Option<&str>,
+    pack: bool,
+) -> Result<Vec<NodeCheck>, FlowError> {
+    let timeout = cluster.timeouts.connect.max(Duration::from_secs(30));
+    if let Some(name) = checkpoint {
+        let cp = store.find(name)?;
+        cp.verify(cluster.key.as_ref(), Verify::Full)?;
+        let plan = plan::plan_restart(&cp, cluster, nodes, pack)?;
+        let mut links = Vec::new();
+        let mut unreachable = Vec::new();
+        let mut orders = Vec::new();
+        for o in &plan.orders {
+            match Link::open(cluster, &o.node) {
+                Ok(l) => {
+                    links.push(l);
+                    orders.push(o.clone());
+                }
+                Err(e) => unreachable.push(NodeCheck {
+                    node: o.node.clone(),
+                    parts: o.parts.iter().map(|p| p.part.clone()).collect(),
+                    ok: false,
+                    missing: vec![format!("cannot reach its agent: {e}")],
+                }),
+            }
+        }
+        let reachable = RestartPlan {
+            orders,
+            ..plan.clone()
+        };
+        let mut out = check_plan(&reachable, &mut links, timeout);
+        out.extend(unreachable);
+        return Ok(out);
+    }
+    let names: Vec<String> = match nodes {
+        Some(n) => n.to_vec(),
+        None => cluster.nodes.iter().map(|n| n.name.clone()).collect(),
+    };
+    for n in &names {
+        cluster
+            .require_node(n)
+            .map_err(|e| FlowError::Setup(e.to_string()))?;
+    }
+    let mut items: Vec<String> = names;
+    Ok(parallel(&mut items, |node| {
+        let answer = Link::open(cluster, node).and_then(|mut l| {
+            l.call(
+                timeout,
+                Q::Check(msg::CheckRequest {
+                    images: String::new(),
+                }),
+            )
+        });
+        let missing = match answer {
+            Ok(A::Check(c)) if c.ok => Vec::new(),
+            Ok(A::Check(c)) => c.missing,
+            Ok(other) => vec![format!("answered check with {other:?}")],
+            Err(e) => vec![e],
+        };
+        NodeCheck {
+            node: node.clone(),
+            parts: Vec::new(),
+            ok: missing.is_empty(),
+            missing,
+        }
+    }))
+}
+
+/// Moves job `job` to `to`: checks the target nodes' kernels first, then
+/// checkpoints it with `--stop` and restarts that checkpoint on `to`. If
+/// the restart there fails, the job is restarted from the same checkpoint
+/// on the nodes it came from, and the error says so.
+pub fn migrate(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    to: &[String],
+    pack: bool,
+    on_step: OnStep<'_>,
+) -> Result<MigrateReport, FlowError> {
+    let t0 = Instant::now();
+    let _lock = store.lock_job(job, "migrate")?;
+    let spec = store.job_spec(job)?;
+    let from: Vec<String> = {
+        let mut v: Vec<String> = Vec::new();
+        for p in &spec.parts {
+            if let Some(n) = &p.node {
+                if !v.contains(n) {
+                    v.push(n.clone());
+                }
+            }
+        }
+        v
+    };
+    if from.len() > to.len() && !pack {
+        return Err(FlowError::Setup(format!(
+            "job {job} runs on {} nodes ({}), but {} given to move to ({}): name {} nodes, or add --pack",
+            from.len(),
+            from.join(","),
+            to.len(),
+            to.join(","),
+            from.len()
+        )));
+    }
+    // A node that cannot run the job at all refuses before it is touched.
+    let refused: Vec<String> = check(cluster, store, Some(to), None, pack)?
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("node {}: {}", c.node, c.missing.join("; ")))
+        .collect();
+    if !refused.is_empty() {
+        return Err(FlowError::Setup(format!(
+            "migration of job {job} refused before it was touched: {}",
+            refused.join("; ")
+        )));
+    }
+    let cp = checkpoint_locked(cluster, store, job, true, on_step)?;
+    let id = cp.checkpoint.to_string();
+    match restart_locked(cluster, store, job, Some(&id), Some(to), pack, on_step) {
+        Ok(restart) => Ok(MigrateReport {
+            checkpoint: cp,
+            restart,
+            total_ms: ms(t0),
+        }),
+        Err(e) => {
+            let back = restart_locked(cluster, store, job, Some(&id), None, false, on_step);
+            Err(FlowError::Setup(match back {
+                Ok(_) => format!(
+                    "migration of job {job} to {} failed: {e}; the job was restarted from checkpoint {id} on {}, where it ran",
+                    to.join(","),
+                    from.join(",")
+                ),
+                Err(e2) => format!(
+                    "migration of job {job} to {} failed: {e}; restarting it back on {} failed too: {e2}; \
+                     the job is stopped, its checkpoint {id} is committed: restart it with `ckpt-coord restart {job} --nodes ...`",
+                    to.join(","),
+                    from.join(",")
+                ),
+            }))
+        }
+    }
 }

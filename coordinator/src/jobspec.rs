@@ -200,6 +200,11 @@ pub struct Part {
     pub env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workdir: Option<PathBuf>,
+    /// The file its stdout and stderr are appended to (on the node; set
+    /// at launch to STORE/JOB/output/PART.log when absent, so that it
+    /// follows the part to any node that sees the store).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<PathBuf>,
     /// Its own network namespace (always, when it has a network).
     pub net: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -237,6 +242,7 @@ struct RawPart {
     #[serde(default)]
     env: BTreeMap<String, Spanned<String>>,
     workdir: Option<Spanned<String>>,
+    output: Option<Spanned<String>>,
     net: Option<Spanned<bool>>,
     network: Option<Spanned<RawNetwork>>,
     hostname: Option<Spanned<String>>,
@@ -432,6 +438,18 @@ impl JobSpec {
                 Some(w) => Some(PathBuf::from(w.get_ref())),
                 None => None,
             };
+            let output = match &p.output {
+                Some(o) if !Path::new(o.get_ref()).is_absolute() => {
+                    return Err(at(
+                        o.span(),
+                        field("output"),
+                        format!("'{}' is not an absolute path", o.get_ref()),
+                        "give the full path of a file every node the part may run on sees",
+                    ))
+                }
+                Some(o) => Some(PathBuf::from(o.get_ref())),
+                None => None,
+            };
             let network = match &p.network {
                 None => None,
                 Some(n) => Some(network(n, &job, name, &field, &at)?),
@@ -497,6 +515,7 @@ impl JobSpec {
                 args: p.args.clone(),
                 env,
                 workdir,
+                output,
                 net,
                 network,
                 hostname,

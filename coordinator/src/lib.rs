@@ -1,10 +1,12 @@
 //! The coordinator's library: cluster configuration, job specs, the shared
 //! checkpoint store and restart planning. Everything here is logic and
-//! storage, and `flow`, which drives the agents over the wire protocol.
+//! storage, and `flow`, which drives the agents through `link`s: the wire
+//! protocol, or the agent library in this process for a local-only cluster.
 
 pub mod config;
 pub mod flow;
 pub mod jobspec;
+pub mod link;
 pub mod plan;
 pub mod store;
 pub mod time;

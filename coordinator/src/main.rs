@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use ckpt_coord::plan::{self, LaunchPlan, RestartPlan};
+use ckpt_coord::plan;
 use ckpt_coord::store::{Entry, Signature, Verify};
 use ckpt_coord::{flow, jobspec, Checkpoint, Cluster, JobSpec, Store};
 use clap::{Parser, Subcommand};
@@ -178,13 +178,19 @@ fn run(cli: &Cli) -> Result<()> {
             nodes,
         } => {
             let spec = JobSpec::load(jobspec, job.as_deref())?;
-            let plan = plan::place(&spec, &cluster, nodes.as_ref().map(|n| n.0.as_slice()))?;
-            print_launch_plan(cli, &plan);
-            not_wired(&format!("launch of job {}", plan.spec.job), "started")
+            let r = flow::launch(
+                &cluster,
+                &store,
+                &spec,
+                nodes.as_ref().map(|n| n.0.as_slice()),
+                &progress(cli),
+            )?;
+            print_launch(cli, &r);
+            Ok(())
         }
         Cmd::Adopt { jobspec, job } => adopt(cli, &cluster, &store, jobspec, job.as_deref()),
         Cmd::Checkpoint { job, stop, .. } => {
-            let r = flow::checkpoint(&cluster, &store, job, *stop)?;
+            let r = flow::checkpoint(&cluster, &store, job, *stop, &progress(cli))?;
             print_checkpoint(cli, &r);
             Ok(())
         }
@@ -201,6 +207,7 @@ fn run(cli: &Cli) -> Result<()> {
                 checkpoint.as_deref(),
                 nodes.as_ref().map(|n| n.0.as_slice()),
                 *pack,
+                &progress(cli),
             )?;
             print_restart(cli, &r);
             Ok(())
@@ -210,29 +217,97 @@ fn run(cli: &Cli) -> Result<()> {
             checkpoint,
             pack,
         } => {
-            if let Some(n) = nodes {
-                for name in &n.0 {
-                    cluster.require_node(name)?;
+            let checks = flow::check(
+                &cluster,
+                &store,
+                nodes.as_ref().map(|n| n.0.as_slice()),
+                checkpoint.as_deref(),
+                *pack,
+            )?;
+            let bad = checks.iter().filter(|c| !c.ok).count();
+            if cli.json {
+                println!("{}", json!({ "ok": bad == 0, "nodes": checks }));
+            } else {
+                for c in &checks {
+                    let what = if c.parts.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (parts {})", c.parts.join(","))
+                    };
+                    if c.ok {
+                        println!("node {}{what}: ok", c.node);
+                    } else {
+                        println!("node {}{what}: CANNOT: {}", c.node, c.missing.join("; "));
+                    }
                 }
             }
-            if let Some(name) = checkpoint {
-                let cp = store.find(name)?;
-                let plan = verified_plan(&cluster, &cp, nodes.as_ref(), *pack)?;
-                print_restart_plan(cli, &plan);
+            if bad > 0 {
+                bail!(
+                    "{bad} of {} node(s) cannot {}",
+                    checks.len(),
+                    if checkpoint.is_some() {
+                        "restore the checkpoint"
+                    } else {
+                        "run jobs"
+                    }
+                );
             }
-            not_wired("check of the nodes' kernels", "probed")
+            Ok(())
         }
         Cmd::Migrate { job, to, pack } => {
-            for name in &to.0 {
-                cluster.require_node(name)?;
+            let r = flow::migrate(&cluster, &store, job, &to.0, *pack, &progress(cli))?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).expect("a report serializes")
+                );
+            } else {
+                println!(
+                    "job {} moved to {} in {:.0} ms (checkpoint {})",
+                    r.restart.job,
+                    to.0.join(","),
+                    r.total_ms,
+                    r.checkpoint.checkpoint
+                );
             }
-            if let Some(cp) = store.latest(job).ok().flatten() {
-                // The move takes a new checkpoint; the last one tells
-                // already whether the nodes given are enough.
-                plan::plan_restart(&cp, &cluster, Some(&to.0), *pack)?;
-            }
-            not_wired(&format!("migration of job {job}"), "moved")
+            Ok(())
         }
+    }
+}
+
+/// Progress lines on a terminal as each step ends; nothing for scripts.
+fn progress(cli: &Cli) -> impl Fn(&flow::Step) + Sync {
+    let show = !cli.json && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    move |s: &flow::Step| {
+        if show {
+            eprintln!("  {:<34} {:>9.1} ms", s.step, s.ms);
+        }
+    }
+}
+
+fn print_launch(cli: &Cli, r: &flow::LaunchReport) {
+    if cli.json {
+        println!("{}", serde_json::to_string(r).expect("a report serializes"));
+        return;
+    }
+    println!(
+        "job {} launched in {:.0} ms (spec {})",
+        r.job,
+        r.total_ms,
+        r.spec.display()
+    );
+    for p in &r.parts {
+        println!(
+            "  part {} on {}: pid {} (agent job {}){}",
+            p.part,
+            p.node,
+            p.pid,
+            p.agent_job,
+            p.output
+                .as_ref()
+                .map(|o| format!(", output {}", o.display()))
+                .unwrap_or_default()
+        );
     }
 }
 
@@ -334,52 +409,6 @@ fn print_restart(cli: &Cli, r: &flow::RestartReport) {
             "  part {} on {}: pid {} ({:.1} ms)",
             p.part, p.node, p.pid, p.restore_ms
         );
-    }
-}
-
-/// Verifies a checkpoint in full (signature and every file) and places it.
-fn verified_plan(
-    cluster: &Cluster,
-    cp: &Checkpoint,
-    nodes: Option<&Nodes>,
-    pack: bool,
-) -> Result<RestartPlan> {
-    let sig = cp.verify(cluster.key.as_ref(), Verify::Full)?;
-    tracing::info!(checkpoint = %cp.label(), ?sig, "checkpoint verified");
-    Ok(plan::plan_restart(
-        cp,
-        cluster,
-        nodes.map(|n| n.0.as_slice()),
-        pack,
-    )?)
-}
-
-/// The honest end of every command that needs the agents: nothing was
-/// done, and the caller must know.
-fn not_wired(what: &str, done: &str) -> Result<()> {
-    bail!(
-        "{what}: the agent protocol is not wired into ckpt-coord yet, so nothing was {done} \
-         (the configuration and arguments were checked); meanwhile use ckpt-agent run/dump/restore on each node"
-    )
-}
-
-fn print_launch_plan(cli: &Cli, plan: &LaunchPlan) {
-    if cli.json {
-        return;
-    }
-    for o in &plan.orders {
-        tracing::info!(job = %plan.spec.job, node = %o.node, agent = %o.agent, parts = %o.parts.join(","), "would launch");
-    }
-}
-
-fn print_restart_plan(cli: &Cli, plan: &RestartPlan) {
-    if cli.json {
-        return;
-    }
-    for o in &plan.orders {
-        for p in &o.parts {
-            tracing::info!(job = %plan.job, checkpoint = %plan.checkpoint, part = %p.part, from = %p.from_node, to = %o.node, "would restore");
-        }
     }
 }
 

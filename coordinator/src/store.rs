@@ -29,9 +29,17 @@ use crate::is_safe_name;
 use crate::jobspec::{check_job_id, JobSpec};
 
 /// The manifest's file name in a checkpoint directory.
-pub const MANIFEST: &str = "manifest.img";
+pub const MANIFEST: &str = ckpt_proto::image::MANIFEST_FILE;
 /// A job's recorded spec, in its directory of the store.
 pub const JOB_SPEC: &str = "job.toml";
+/// A job's lock file, in its directory of the store (see
+/// [`Store::lock_job`]).
+pub const JOB_LOCK: &str = ".lock";
+
+/// A job's lock in the store, held while it lives.
+pub struct JobLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
 /// The agent's inventory in each part's image directory.
 pub const INVENTORY: &str = "inventory.img";
 /// Version of the manifest's content this build writes and reads.
@@ -68,6 +76,8 @@ pub enum StoreError {
     Refused { checkpoint: String, reason: String },
     #[error("checkpoint {checkpoint} cannot be committed: {reason}")]
     Commit { checkpoint: String, reason: String },
+    #[error("job '{job}' is busy: {holder} (wait for it to end, or check it with `ckpt-coord status {job}`)")]
+    Busy { job: String, holder: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -337,6 +347,63 @@ impl Store {
                 jobs: found.join(", "),
             }),
         }
+    }
+
+    /// Takes job `job`'s lock in the store for one operation (launch,
+    /// checkpoint, restart, migrate): two coordinators working on one job
+    /// at once would freeze it twice or restore it twice. Held until the
+    /// returned guard is dropped; the kernel drops it if this process dies.
+    pub fn lock_job(&self, job: &str, what: &str) -> Result<JobLock, StoreError> {
+        check_job_id(job).map_err(StoreError::BadJob)?;
+        let job_dir = self.job_dir(job);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&job_dir)
+            .map_err(io(&job_dir))?;
+        let path = job_dir.join(JOB_LOCK);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(&path))?;
+        let mut lock =
+            match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => l,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    let holder = fs::read_to_string(&path).unwrap_or_default();
+                    return Err(StoreError::Busy {
+                        job: job.to_string(),
+                        holder: if holder.trim().is_empty() {
+                            "another ckpt-coord works on it".into()
+                        } else {
+                            holder.trim().to_string()
+                        },
+                    });
+                }
+                Err((_, e)) => {
+                    return Err(StoreError::Io {
+                        path,
+                        source: std::io::Error::from(e),
+                    })
+                }
+            };
+        {
+            use std::io::{Seek, Write};
+            let f: &mut fs::File = &mut lock;
+            let _ = f.set_len(0);
+            let _ = f.rewind();
+            let _ = write!(
+                f,
+                "{what} by ckpt-coord pid {} since {}",
+                std::process::id(),
+                crate::time::rfc3339_utc(crate::time::now_unix_ms())
+            );
+        }
+        Ok(JobLock { _lock: lock })
     }
 
     /// Where the job spec of `job` is recorded (`STORE/JOB/job.toml`).

@@ -8,6 +8,10 @@ pub mod rpc;
 /// Messages stored in checkpoint images.
 pub mod image {
     include!(concat!(env!("OUT_DIR"), "/ckpt.image.rs"));
+
+    /// A checkpoint's manifest in the store (JOB/CHECKPOINT/manifest.img):
+    /// written last, its presence is the commit.
+    pub const MANIFEST_FILE: &str = "manifest.img";
 }
 
 pub use frame::{

@@ -1127,3 +1127,241 @@ impl StreamPeer {
         let _ = self.conn.shutdown(std::net::Shutdown::Both);
     }
 }
+
+// ------------------------------------------------------------ coordinated clusters
+
+/// Port the agents of a test cluster listen on (each in its node's
+/// network namespace).
+pub const AGENT_PORT: u16 = 7707;
+
+/// A node's `ckpt-agent serve`, killed when dropped.
+pub struct ServeAgent {
+    child: Child,
+}
+
+impl ServeAgent {
+    /// Kills the agent at once (SIGKILL), as a crash would.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for ServeAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A simulated cluster driven by ckpt-coord: a lab, an agent serving on
+/// each node, a cluster key and a configuration whose store is the lab's
+/// shared directory.
+pub struct CoordCluster {
+    pub lab: ckpt_lab::Lab,
+    pub dir: Workdir,
+    pub key: PathBuf,
+    pub config: PathBuf,
+    /// The agents, by node (1-based index - 1); None once stopped.
+    pub agents: Vec<Option<ServeAgent>>,
+}
+
+impl CoordCluster {
+    /// Brings up a lab of `nodes` nodes with an agent on each.
+    pub fn up(name: &str, nodes: usize) -> CoordCluster {
+        let lab = ckpt_lab::Lab::up(nodes).expect("bring up a lab");
+        let dir = Workdir::for_job(name);
+        let key = dir.join("cluster.key");
+        fs::write(&key, [0x5a; 32]).unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        let mut cfg = format!(
+            "key = \"{}\"\nstore = \"{}\"\n",
+            key.display(),
+            lab.shared_dir().join("store").display()
+        );
+        for n in lab.nodes() {
+            cfg += &format!(
+                "\n[[node]]\nname = \"{}\"\nagent = \"{}:{AGENT_PORT}\"\n",
+                n.name(),
+                n.address()
+            );
+        }
+        let config = dir.join("cluster.toml");
+        fs::write(&config, cfg).unwrap();
+        let mut c = CoordCluster {
+            lab,
+            dir,
+            key,
+            config,
+            agents: Vec::new(),
+        };
+        for i in 1..=nodes {
+            let a = c.start_agent(i, &[]);
+            c.agents.push(Some(a));
+        }
+        c
+    }
+
+    /// Starts the agent of node `i` (with `env` added: fault injection).
+    pub fn start_agent(&self, i: usize, env: &[(&str, &str)]) -> ServeAgent {
+        let node = self.lab.node(i);
+        let prefix = on(node);
+        let mut cmd = Command::new(&prefix[0]);
+        cmd.args(&prefix[1..])
+            .arg(agent_binary())
+            .args([
+                "serve",
+                "--listen",
+                &format!("{}:{AGENT_PORT}", node.address()),
+                "--node",
+                node.name(),
+                "--key",
+            ])
+            .arg(&self.key)
+            .arg("--state-dir")
+            .arg(self.state_dir(i))
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.join(&format!("serve-{}.err", node.name())))
+                    .unwrap(),
+            );
+        let mut child = cmd.spawn().unwrap();
+        // serve prints its address once it accepts connections.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(
+            line.contains(':'),
+            "serve on {} printed {line:?}",
+            node.name()
+        );
+        ServeAgent { child }
+    }
+
+    /// Replaces node `i`'s agent by a fresh one (with `env`), as systemd
+    /// restarts a crashed service.
+    pub fn restart_agent(&mut self, i: usize, env: &[(&str, &str)]) {
+        if let Some(a) = self.agents[i - 1].take() {
+            a.crash();
+        }
+        let a = self.start_agent(i, env);
+        self.agents[i - 1] = Some(a);
+    }
+
+    /// Where node `i`'s agent records its work in progress.
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(&format!("state-{}", self.lab.node(i).name()))
+    }
+
+    /// The checkpoint store.
+    pub fn store(&self) -> PathBuf {
+        self.lab.shared_dir().join("store")
+    }
+
+    /// Starts ckpt-coord with `args` in node `from`'s network namespace
+    /// (the lab's addresses are reachable only from its nodes), with `env`.
+    pub fn coord_spawn(&self, from: usize, args: &[&str], env: &[(&str, &str)]) -> Child {
+        let prefix = on(self.lab.node(from));
+        Command::new(&prefix[0])
+            .args(&prefix[1..])
+            .arg(coord_binary())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Runs ckpt-coord to its end (see [`CoordCluster::coord_spawn`]),
+    /// logging what it printed.
+    pub fn coord(&self, from: usize, args: &[&str]) -> std::process::Output {
+        let o = self
+            .coord_spawn(from, args, &[])
+            .wait_with_output()
+            .unwrap();
+        log_coord(args, &o);
+        o
+    }
+}
+
+/// Logs a ckpt-coord run for the test's output.
+pub fn log_coord(args: &[&str], o: &std::process::Output) {
+    eprintln!(
+        "ckpt-coord {}: {}\n{}{}",
+        args.join(" "),
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// ckpt-coord's `--json` output.
+pub fn json_of(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// The nftables tables in the network namespace of process `pid`.
+pub fn tables_in_netns_of(pid: i32) -> Vec<String> {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["nft", "list", "tables"])
+        .output()
+        .expect("nsenter nft");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether a job's cgroup (v2 or v1) says it is frozen.
+pub fn job_frozen(job: &str) -> bool {
+    let v2 = Path::new("/sys/fs/cgroup/unified/ckpt")
+        .join(job)
+        .join("cgroup.events");
+    if let Ok(ev) = fs::read_to_string(&v2) {
+        return ev.lines().any(|l| l.trim() == "frozen 1");
+    }
+    let v1 = Path::new("/sys/fs/cgroup/freezer/ckpt")
+        .join(job)
+        .join("freezer.state");
+    fs::read_to_string(v1).is_ok_and(|s| s.trim() != "THAWED")
+}
+
+/// The processes of a job's cgroup.
+pub fn job_procs(job: &str) -> Vec<i32> {
+    for root in ["/sys/fs/cgroup/unified/ckpt", "/sys/fs/cgroup/freezer/ckpt"] {
+        if let Ok(s) = fs::read_to_string(Path::new(root).join(job).join("cgroup.procs")) {
+            return s.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// Waits up to `within` for `cond`.
+pub fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}

@@ -6,63 +6,14 @@
 //! nodes 1 and 2 destroyed; the job restarted by the coordinator on nodes
 //! 3 and 4, where its stream goes on.
 
-use std::io::{BufRead, BufReader};
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use ckpt_lab::{Lab, Node};
 use ckpt_tests::{
-    agent_binary, coord_binary, no_checkpoint, on, parts_flow, JobCgroupGuard, TcpPart, Workdir,
+    json_of as json, no_checkpoint, parts_flow, CoordCluster, JobCgroupGuard, TcpPart, Workdir,
 };
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
-const AGENT_PORT: u16 = 7707;
-
-/// A node's `ckpt-agent serve`, killed when dropped.
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(node: &Node, key: &Path, dir: &Workdir) -> Agent {
-    let prefix = on(node);
-    let mut child = Command::new(&prefix[0])
-        .args(&prefix[1..])
-        .arg(agent_binary())
-        .args([
-            "serve",
-            "--listen",
-            &format!("{}:{AGENT_PORT}", node.address()),
-            "--node",
-            node.name(),
-            "--key",
-        ])
-        .arg(key)
-        .arg("--state-dir")
-        .arg(dir.join(&format!("state-{}", node.name())))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join(&format!("serve-{}.err", node.name()))).unwrap())
-        .spawn()
-        .unwrap();
-    // serve prints its address once it accepts connections.
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.contains(':'),
-        "serve on {} printed {line:?}",
-        node.name()
-    );
-    Agent(child)
-}
 
 /// A part of the job: its name in the spec, and the running part.
 struct Part {
@@ -70,65 +21,13 @@ struct Part {
     tcp: TcpPart,
 }
 
-/// Runs ckpt-coord in `node`'s network namespace: the lab's addresses are
-/// reachable only from its nodes (the root namespace prohibits them).
-fn coord(node: &Node, config: &Path, args: &[&str]) -> Output {
-    let prefix = on(node);
-    let o = Command::new(&prefix[0])
-        .args(&prefix[1..])
-        .arg(coord_binary())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    eprintln!(
-        "ckpt-coord {}: {}\n{}{}",
-        args.join(" "),
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn json(o: &Output) -> serde_json::Value {
-    serde_json::from_slice(&o.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
-}
-
 #[test]
 fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     if no_checkpoint() {
         return;
     }
-    let lab = Lab::up(4).expect("bring up a lab of 4 nodes");
-    let k = lab.number();
-    let dir = Workdir::for_job("coord");
-    let key = dir.join("cluster.key");
-    std::fs::write(&key, [0x5a; 32]).unwrap();
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let mut cfg = format!(
-        "key = \"{}\"\nstore = \"{}\"\n",
-        key.display(),
-        lab.shared_dir().join("store").display()
-    );
-    for n in lab.nodes() {
-        cfg += &format!(
-            "\n[[node]]\nname = \"{}\"\nagent = \"{}:{AGENT_PORT}\"\n",
-            n.name(),
-            n.address()
-        );
-    }
-    let config = dir.join("cluster.toml");
-    std::fs::write(&config, cfg).unwrap();
-    let mut agents: Vec<Option<Agent>> = lab
-        .nodes()
-        .iter()
-        .map(|n| Some(serve(n, &key, &dir)))
-        .collect();
-
+    let mut cl = CoordCluster::up("coord", 4);
+    let k = cl.lab.number();
     let job = format!("cw{k}-{}", std::process::id());
     let parts: Vec<Part> = ["a", "b"]
         .into_iter()
@@ -137,7 +36,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
             name,
             tcp: TcpPart {
                 dir: Workdir::for_job(&format!("coord-{name}")),
-                addr: lab.job_address(j as u8),
+                addr: cl.lab.job_address(j as u8),
                 mac: format!("02:00:c6:13:{k:02x}:{:02x}", 100 + j),
             },
         })
@@ -149,14 +48,14 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     let mut ca = a.tcp.start(
         Path::new(CASE_BIN),
         &agent_job(a),
-        lab.node(1),
+        cl.lab.node(1),
         "listen",
         a.tcp.addr,
     );
     let mut cb = b.tcp.start(
         Path::new(CASE_BIN),
         &agent_job(b),
-        lab.node(2),
+        cl.lab.node(2),
         "connect",
         a.tcp.addr,
     );
@@ -166,7 +65,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
 
     // The job as the coordinator knows it: parts started by hand, adopted.
     let mut spec = format!("job = \"{job}\"\n");
-    for (p, n) in [(a, lab.node(1)), (b, lab.node(2))] {
+    for (p, n) in [(a, cl.lab.node(1)), (b, cl.lab.node(2))] {
         spec += &format!(
             "\n[[part]]\nname = \"{}\"\nnode = \"{}\"\ncommand = \"{}\"\n\n[part.network]\naddress = \"{}/24\"\nmac = \"{}\"\n",
             p.name,
@@ -181,13 +80,13 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     // checkpoint is left in the store.
     let bad = format!(
         "{spec}\n[[part]]\nname = \"c\"\nnode = \"{}\"\ncommand = \"/bin/true\"\n",
-        lab.node(3).name()
+        cl.lab.node(3).name()
     );
-    let bad_file = dir.join("bad.toml");
+    let bad_file = cl.dir.join("bad.toml");
     std::fs::write(&bad_file, bad).unwrap();
-    let o = coord(lab.node(3), &config, &["adopt", bad_file.to_str().unwrap()]);
+    let o = cl.coord(3, &["adopt", bad_file.to_str().unwrap()]);
     assert!(o.status.success(), "adopt of the 3-part spec failed");
-    let o = coord(lab.node(3), &config, &["checkpoint", &job, "--stop"]);
+    let o = cl.coord(3, &["checkpoint", &job, "--stop"]);
     assert_eq!(
         o.status.code(),
         Some(1),
@@ -195,12 +94,12 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains(&format!("prepare failed on node {}", lab.node(3).name())),
+        err.contains(&format!("prepare failed on node {}", cl.lab.node(3).name())),
         "the error does not name node 3: {err}"
     );
     parts_flow(&[&a.tcp, &b.tcp], 20_000, Duration::from_secs(10))
         .unwrap_or_else(|e| panic!("after an aborted checkpoint: {e}"));
-    let o = coord(lab.node(3), &config, &["--json", "status", &job]);
+    let o = cl.coord(3, &["--json", "status", &job]);
     assert!(o.status.success());
     assert_eq!(
         json(&o)["checkpoints"].as_array().map(Vec::len),
@@ -208,21 +107,13 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         "an aborted checkpoint was left in the store"
     );
 
-    let spec_file = dir.join("job.toml");
+    let spec_file = cl.dir.join("job.toml");
     std::fs::write(&spec_file, spec).unwrap();
-    let o = coord(
-        lab.node(3),
-        &config,
-        &["adopt", spec_file.to_str().unwrap()],
-    );
+    let o = cl.coord(3, &["adopt", spec_file.to_str().unwrap()]);
     assert!(o.status.success(), "adopt failed");
 
     // A checkpoint that leaves the job running; the job streams on.
-    let o = coord(
-        lab.node(3),
-        &config,
-        &["--json", "checkpoint", &job, "--leave-running"],
-    );
+    let o = cl.coord(3, &["--json", "checkpoint", &job, "--leave-running"]);
     assert!(o.status.success(), "checkpoint --leave-running failed");
     let first = json(&o);
     let first_id = first["checkpoint"].as_str().unwrap().to_string();
@@ -230,7 +121,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         .unwrap_or_else(|e| panic!("after a checkpoint that leaves it running: {e}"));
 
     // Tampered with, it is refused before any node is asked to restore.
-    let inv = lab.shared_dir().join("store").join(&job).join(&first_id);
+    let inv = cl.store().join(&job).join(&first_id);
     let victim = std::fs::read_dir(&inv)
         .unwrap()
         .flatten()
@@ -241,10 +132,9 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     let mut bytes = std::fs::read(&victim).unwrap();
     bytes.push(0);
     std::fs::write(&victim, bytes).unwrap();
-    let names = format!("{},{}", lab.node(3).name(), lab.node(4).name());
-    let o = coord(
-        lab.node(3),
-        &config,
+    let names = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
+    let o = cl.coord(
+        3,
         &[
             "restart",
             &job,
@@ -270,18 +160,14 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         .unwrap_or_else(|e| panic!("after the refused restart: {e}"));
 
     // A checkpoint that stops the job: both parts gone.
-    let o = coord(
-        lab.node(3),
-        &config,
-        &["--json", "checkpoint", &job, "--stop"],
-    );
+    let o = cl.coord(3, &["--json", "checkpoint", &job, "--stop"]);
     assert!(o.status.success(), "checkpoint --stop failed");
     let second = json(&o);
     assert_eq!(second["stopped"], true);
     ca.expect_gone().unwrap();
     cb.expect_gone().unwrap();
     let before = (a.tcp.received(), b.tcp.received());
-    let o = coord(lab.node(3), &config, &["--json", "status", &job]);
+    let o = cl.coord(3, &["--json", "status", &job]);
     assert!(o.status.success());
     let status = json(&o);
     let cps = status["checkpoints"].as_array().unwrap();
@@ -293,16 +179,12 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     );
 
     // Nodes 1 and 2 go away, agents first.
-    agents[0].take();
-    agents[1].take();
-    lab.node(1).destroy().unwrap();
-    lab.node(2).destroy().unwrap();
+    cl.agents[0].take();
+    cl.agents[1].take();
+    cl.lab.node(1).destroy().unwrap();
+    cl.lab.node(2).destroy().unwrap();
 
-    let o = coord(
-        lab.node(3),
-        &config,
-        &["--json", "restart", &job, "--nodes", &names],
-    );
+    let o = cl.coord(3, &["--json", "restart", &job, "--nodes", &names]);
     let restarted = if o.status.success() {
         Some(json(&o))
     } else {
@@ -322,7 +204,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         }
     }
     let r = restarted.expect("restart on nodes 3 and 4 failed");
-    for (p, n) in [(a, lab.node(3)), (b, lab.node(4))] {
+    for (p, n) in [(a, cl.lab.node(3)), (b, cl.lab.node(4))] {
         assert!(
             r["parts"]
                 .as_array()
@@ -345,6 +227,7 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     cb.terminate("part b").unwrap();
     ca.check_exit("part a, restarted on node 3").unwrap();
     cb.check_exit("part b, restarted on node 4").unwrap();
+    let CoordCluster { lab, agents, .. } = cl;
     drop(agents);
     lab.down().unwrap();
 }

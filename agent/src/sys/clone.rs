@@ -241,6 +241,9 @@ pub struct JobSpawn {
     /// Absolute path of the program and its argv.
     pub program: CString,
     pub argv: Vec<CString>,
+    /// Descriptors to become the job's stdin and its stdout and stderr
+    /// (else it keeps the caller's).
+    pub stdio: Option<(i32, i32)>,
 }
 
 /// Why the first process of a job could not start: the failed step (an
@@ -268,7 +271,8 @@ pub const STEP_CGROUP: usize = 1;
 pub const STEP_HOSTNAME: usize = 2;
 pub const STEP_EXEC: usize = 3;
 pub const STEP_LOOPBACK: usize = 4;
-pub const STEP_MOUNTS: usize = 5;
+pub const STEP_STDIO: usize = 5;
+pub const STEP_MOUNTS: usize = 6;
 /// Not a step: the child's report that it is set up and waits for the go.
 const HELD: u32 = u32::MAX - 1;
 
@@ -430,6 +434,11 @@ fn child_setup(
             libc::_exit(127);
         }
         libc::close(go_rd);
+        if let Some((input, output)) = spec.stdio {
+            if libc::dup2(input, 0) < 0 || libc::dup2(output, 1) < 0 || libc::dup2(output, 2) < 0 {
+                fail(STEP_STDIO);
+            }
+        }
         // A job starts with stdin, stdout and stderr only: descriptors the
         // caller leaked would tie it to processes outside the job.
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;

@@ -1,0 +1,217 @@
+//! The coordinator's line to one node's agent: the wire protocol to its
+//! `ckpt-agent serve` (from the node's network namespace when the
+//! configuration names one), or, on a cluster of this machine alone, the
+//! agent's request handler in a thread of this process.
+//!
+//! Either way, one link is one agent connection: the dump sessions and
+//! held restores it opens live as long as it does, and a link dropped
+//! before their end aborts them (a checkpoint) or kills them (a restart).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ckpt_proto::rpc::msg::{self, request::Body as Q, response::Body as A};
+use ckpt_proto::rpc::Channel;
+
+use crate::config::{AgentAddr, Cluster};
+
+/// Where the in-process agent records its work in progress (a restarted
+/// coordinator's agent, like a restarted `ckpt-agent serve`, recovers it).
+pub const LOCAL_STATE_DIR: &str = "/var/lib/ckpt/coord-local";
+
+/// A connection to one node's agent.
+pub struct Link {
+    node: String,
+    inner: Inner,
+}
+
+enum Inner {
+    Remote(Channel),
+    Local(Local),
+}
+
+/// The agent's handler in a thread of its own: ptrace wants every request
+/// about a stopped task from the thread that seized it.
+struct Local {
+    tx: Option<mpsc::Sender<msg::Request>>,
+    rx: mpsc::Receiver<msg::Response>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    next_id: u64,
+    /// A request timed out: its answer may still come, and the thread may
+    /// be stuck in it; it is left to finish on its own.
+    stuck: bool,
+}
+
+impl Drop for Local {
+    fn drop(&mut self) {
+        // Closing the request channel ends the thread, whose handler then
+        // aborts what this link left unfinished.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if !self.stuck {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// The uid requests are made for: the agents let a user act only on their
+/// own jobs. Read from /proc so that no unsafe libc call is needed.
+pub fn my_uid() -> u32 {
+    std::os::unix::fs::MetadataExt::uid(
+        &std::fs::metadata("/proc/self").expect("/proc/self is readable"),
+    )
+}
+
+/// The ckpt-agent binary the in-process agent starts and restores parts
+/// with: beside this program (an installation or a build directory), else
+/// on PATH.
+fn agent_exe() -> Result<PathBuf, String> {
+    let sibling = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("ckpt-agent")))
+        .filter(|p| p.is_file());
+    if let Some(p) = sibling {
+        return Ok(p);
+    }
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join("ckpt-agent"))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            "ckpt-agent is neither beside ckpt-coord nor on PATH: the in-process agent of a \
+             local-only cluster runs it to start and restore jobs; install it"
+                .to_string()
+        })
+}
+
+impl Link {
+    /// Connects to the agent of `node`.
+    pub fn open(cluster: &Cluster, node: &str) -> Result<Link, String> {
+        let n = cluster.require_node(node).map_err(|e| e.to_string())?;
+        let inner = match &n.agent {
+            AgentAddr::InProcess => Inner::Local(Local::start(node)?),
+            AgentAddr::Tcp { .. } => {
+                let key = cluster.key.as_ref().ok_or_else(|| {
+                    format!(
+                        "the cluster configuration {} has no key: agents take orders only from \
+                         a coordinator that holds the cluster key",
+                        cluster.describe_source()
+                    )
+                })?;
+                let addr = n.agent.to_string();
+                let timeout = cluster.timeouts.connect;
+                let connect =
+                    move || Channel::connect(&addr, key.rpc(), timeout).map_err(|e| e.to_string());
+                let ch = match &n.netns {
+                    None => connect()?,
+                    Some(ns) => in_netns(ns, connect)?,
+                };
+                Inner::Remote(ch)
+            }
+        };
+        Ok(Link {
+            node: node.to_string(),
+            inner,
+        })
+    }
+
+    /// The node this link reaches.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Sends `body` and waits up to `timeout` for the agent's answer; an
+    /// error says what went wrong (the agent's errors name its node).
+    pub fn call(&mut self, timeout: Duration, body: Q) -> Result<A, String> {
+        let answer = match &mut self.inner {
+            Inner::Remote(ch) => {
+                ch.set_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+                ch.call(my_uid(), body).map_err(|e| e.to_string())?
+            }
+            Inner::Local(l) => l.call(timeout, body)?,
+        };
+        answer.ok_or_else(|| "answered with an empty response".to_string())
+    }
+}
+
+impl Local {
+    fn start(node: &str) -> Result<Local, String> {
+        let exe = agent_exe()?;
+        let dir = Path::new(LOCAL_STATE_DIR);
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        ckpt_agent::serve::recover(dir).map_err(|e| e.to_string())?;
+        let (tx, requests) = mpsc::channel::<msg::Request>();
+        let (answers, rx) = mpsc::channel::<msg::Response>();
+        let node = node.to_string();
+        let thread = std::thread::Builder::new()
+            .name("in-process agent".into())
+            .spawn(move || {
+                let mut h =
+                    ckpt_agent::serve::Handler::new(&node, dir, &exe, "the in-process coordinator");
+                while let Ok(req) = requests.recv() {
+                    if answers.send(h.respond(&req)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| format!("starting the in-process agent: {e}"))?;
+        Ok(Local {
+            tx: Some(tx),
+            rx,
+            thread: Some(thread),
+            next_id: 1,
+            stuck: false,
+        })
+    }
+
+    fn call(&mut self, timeout: Duration, body: Q) -> Result<Option<A>, String> {
+        if self.stuck {
+            return Err("the in-process agent is still busy with a request that timed out".into());
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = msg::Request {
+            id,
+            uid: my_uid(),
+            body: Some(body),
+        };
+        self.tx
+            .as_ref()
+            .and_then(|tx| tx.send(req).ok())
+            .ok_or("the in-process agent is gone")?;
+        let r = match self.rx.recv_timeout(timeout) {
+            Ok(r) => r,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.stuck = true;
+                return Err(format!("no answer within {timeout:?}"));
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err("the in-process agent stopped".into())
+            }
+        };
+        if !r.error.is_empty() {
+            return Err(r.error);
+        }
+        Ok(r.body)
+    }
+}
+
+/// Runs `f` in a thread that joined the network namespace `ns` (a
+/// simulated node's): sockets it makes live there for good.
+fn in_netns<T: Send>(ns: &Path, f: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let file = std::fs::File::open(ns)
+                .map_err(|e| format!("network namespace {}: {e}", ns.display()))?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("joining network namespace {}: {e}", ns.display()))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err("a connecting thread panicked".into()))
+    })
+}
