@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
-# The demo: on a simulated cluster of two nodes (ckpt-lab: network and UTS
-# namespaces on a fabric bridge, a shared directory), run a sample job (a
-# multi-threaded heat solver) as a ckpt job on node 1 with its own address,
-# checkpoint it mid-run with node 1's agent, destroy node 1, restore the job
-# with node 2's agent from the shared directory (same PIDs inside, same
-# address and MAC, now on node 2), and check that its final result equals
-# an uninterrupted run's. Leaves nothing behind.
+# The demo: a simulated cluster of 4 nodes (ckpt-lab: a network and UTS
+# namespace per node on a fabric bridge, a shared directory as the
+# cluster's file system), a ckpt agent serving on each node, and ckpt-coord
+# driving them. It launches the sample job jobs/stencil-tcp (a heat solver
+# whose two ranks, on nodes 1 and 2, swap halo rows over TCP on addresses of
+# their own), checkpoints it mid-run and stops it, destroys nodes 1 and 2,
+# restarts the job on nodes 3 and 4 (same PIDs inside, same addresses, the
+# TCP connection between the ranks carried over), and checks that its final
+# result equals an uninterrupted run's. Prints each step with its time, and
+# leaves nothing behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BIN=$PWD/target/release
 AGENT=$BIN/ckpt-agent
+COORD=$BIN/ckpt-coord
 LABCTL=$BIN/ckpt-lab
-JOB=$BIN/stencil
 # Not under /tmp: a job gets a private /tmp of its own.
 WORK=$(mktemp -d /var/tmp/ckpt-demo.XXXXXX)
 JOBID=demo-$$
-JOBPID=
+JOBARGS=(--size 512 --iters 18000 --every 1800)
 LAB=
+AGENT_PIDS=()
 cleanup() {
-    [ -n "$JOBPID" ] && kill -9 "$JOBPID" 2>/dev/null || true
+    for p in "${AGENT_PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     [ -n "$LAB" ] && "$LABCTL" down "$LAB" >/dev/null 2>&1 || true
     for cg in /sys/fs/cgroup/unified/ckpt /sys/fs/cgroup/ckpt /sys/fs/cgroup/freezer/ckpt; do
-        for _ in 1 2 3 4 5; do
-            [ -d "$cg/$JOBID" ] || break
-            rmdir "$cg/$JOBID" 2>/dev/null || sleep 0.2
+        for part in r0 r1; do
+            for _ in 1 2 3 4 5; do
+                [ -d "$cg/$JOBID.$part" ] || break
+                rmdir "$cg/$JOBID.$part" 2>/dev/null || sleep 0.2
+            done
         done
         # The node's last job takes the agent's parent cgroup with it.
         rmdir "$cg" 2>/dev/null || true
@@ -36,70 +42,112 @@ trap cleanup EXIT
 t0=$(date +%s.%N)
 step() { printf '[%6.2fs] %s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$*"; }
 command -v bc >/dev/null || { apt-get install -y -qq bc >/dev/null; }
+indent() { sed 's/^/          /'; }
 
 step "probing this machine's kernel (ckpt-agent check)"
 $AGENT check >"$WORK/check.txt" || { cat "$WORK/check.txt"; exit 1; }
-grep -E '^(ptrace_seize|clone3_set_tid|pagemap_scan|tcp_repair|veth) ' "$WORK/check.txt" | sed 's/^/          /'
+grep -E '^(ptrace_seize|clone3_set_tid|pagemap_scan|tcp_repair|veth) ' "$WORK/check.txt" | indent
 
-step "reference: running the job uninterrupted"
-$JOB >"$WORK/reference.out" </dev/null
+step "reference: both ranks of stencil-tcp uninterrupted, on loopback"
+"$BIN/stencil-tcp" --rank 1 --connect 127.0.0.1:7099 "${JOBARGS[@]}" >/dev/null &
+"$BIN/stencil-tcp" --rank 0 --listen 127.0.0.1:7099 "${JOBARGS[@]}" >"$WORK/reference.out"
+wait
 want=$(grep '^checksum' "$WORK/reference.out")
 step "reference result: $want"
 
-step "bringing up a simulated cluster of 2 nodes (ckpt-lab up)"
-eval "$("$LABCTL" up --nodes 2 2>/dev/null)"
-read -r NODE1 NODE2 <<<"$NODES"
-ADDR=198.18.$LAB.100
-step "lab $LAB: nodes $NODE1 and $NODE2 on $SUBNET, shared directory $SHARED"
-on() { local n=$1; shift; "$LABCTL" exec "$LAB" "$n" -- "$@"; }
-inner() { awk '/^NSpid:/ {print $NF}' "/proc/$1/status"; }
-jobaddr() { nsenter --net="/proc/$1/ns/net" ip -o -4 addr show dev eth0 | awk '{print $4}'; }
-where() { # which lab node's bridge holds the job's veth
-    for n in $NODES; do
-        if nsenter --net="/run/netns/$n" ip -o link show master br0 2>/dev/null | grep -q ckj-; then
-            echo "$n"
-        fi
+step "bringing up a simulated cluster of 4 nodes (ckpt-lab up)"
+eval "$("$LABCTL" up --nodes 4 2>/dev/null)"
+read -r -a NODE <<<"$NODES"
+read -r -a ADDR <<<"$ADDRESSES"
+step "lab $LAB: nodes ${NODE[*]} on $SUBNET; the cluster's shared file system: $SHARED"
+
+step "starting an agent on every node (ckpt-agent serve), with a fresh cluster key"
+head -c 32 /dev/urandom >"$WORK/cluster.key"
+chmod 600 "$WORK/cluster.key"
+{
+    echo "key = \"$WORK/cluster.key\""
+    echo "store = \"$SHARED/store\""
+    for i in 0 1 2 3; do
+        printf '\n[[node]]\nname = "%s"\nagent = "%s:7707"\nnetns = "/run/netns/%s"\n' \
+            "${NODE[$i]}" "${ADDR[$i]}" "${NODE[$i]}"
     done
+} >"$WORK/cluster.toml"
+for i in 0 1 2 3; do
+    "$LABCTL" exec "$LAB" $((i + 1)) -- "$AGENT" serve --listen "${ADDR[$i]}:7707" \
+        --node "${NODE[$i]}" --key "$WORK/cluster.key" --state-dir "$WORK/state-${NODE[$i]}" \
+        >"$WORK/serve-$i.out" 2>"$WORK/serve-$i.err" </dev/null &
+    AGENT_PIDS+=($!)
+    disown $!
+done
+for i in 0 1 2 3; do
+    for _ in $(seq 100); do [ -s "$WORK/serve-$i.out" ] && break; sleep 0.05; done
+done
+coord() { "$COORD" --config "$WORK/cluster.toml" "$@"; }
+
+step "can every node run jobs? (ckpt-coord check)"
+coord check | indent
+
+# The program runs from the shared directory: every node sees it.
+mkdir -p "$SHARED/bin"
+cp "$BIN/stencil-tcp" "$SHARED/bin/"
+JOBADDR0=198.18.$LAB.100
+JOBADDR1=198.18.$LAB.101
+args() { # rank, --listen/--connect
+    printf '["--rank", "%s", "%s", "%s:7000"' "$1" "$2" "$JOBADDR0"
+    printf ', "%s"' "${JOBARGS[@]}"
+    printf ']'
 }
+cat >"$WORK/stencil-tcp.toml" <<EOF
+# jobs/stencil-tcp: two ranks on two nodes, TCP between their own addresses.
+job = "$JOBID"
 
-step "starting the job on $NODE1 as ckpt job $JOBID (own cgroup and namespaces, address $ADDR)"
-# The program runs from the work dir: the job cannot see the node's /tmp,
-# where a checkout may live. Its descriptors are 0-2 only (run closes the
-# rest).
-cp "$JOB" "$WORK/stencil"
-(cd "$WORK" && on 1 "$AGENT" run --job "$JOBID" --hostname demo-job --net \
-    --veth br0 --address "$ADDR/24" --detach --pidfile "$WORK/job.pid" \
-    -- "$WORK/stencil" >"$WORK/job.out" 2>&1 </dev/null)
-JOBPID=$(cat "$WORK/job.pid")
-sleep 1.5
-step "job root: pid $JOBPID, pid $(inner "$JOBPID") inside; eth0 $(jobaddr "$JOBPID") on $(where); at: $(tail -n1 "$WORK/job.out")"
+[[part]]
+name = "r0"
+node = "${NODE[0]}"
+command = "$SHARED/bin/stencil-tcp"
+args = $(args 0 --listen)
+[part.network]
+address = "$JOBADDR0/24"
 
-step "checkpointing job $JOBID with $NODE1's agent into the shared directory (freeze, dump, kill)"
-on 1 "$AGENT" dump --tree "$JOBPID" --images "$SHARED/$JOBID"
-JOBPID=
-step "images: $(du -sh "$SHARED/$JOBID" | cut -f1) in $(ls "$SHARED/$JOBID" | wc -l) files"
+[[part]]
+name = "r1"
+node = "${NODE[1]}"
+command = "$SHARED/bin/stencil-tcp"
+args = $(args 1 --connect)
+[part.network]
+address = "$JOBADDR1/24"
+EOF
+step "launching job $JOBID (ckpt-coord launch): rank 0 on ${NODE[0]} at $JOBADDR0, rank 1 on ${NODE[1]} at $JOBADDR1"
+coord launch "$WORK/stencil-tcp.toml" | indent
+OUT=$SHARED/store/$JOBID/output/r0.log
 
-step "destroying $NODE1 (its namespaces, its address, everything on it)"
-"$LABCTL" destroy-node "$LAB" 1 >/dev/null
-
-step "can $NODE2 restore it? (ckpt-agent check --images)"
-on 2 "$AGENT" check --images "$SHARED/$JOBID" | sed 's/^/          /'
-
-step "restoring the job with $NODE2's agent (ckpt-agent restore --detach)"
-JOBPID=$(on 2 "$AGENT" restore --images "$SHARED/$JOBID" --detach)
-step "restored: pid $JOBPID, pid $(inner "$JOBPID") inside, threads: $(ls /proc/$JOBPID/task | wc -l); eth0 $(jobaddr "$JOBPID") now on $(where)"
-
-for _ in $(seq 600); do
-    grep -q '^checksum' "$WORK/job.out" && break
+for _ in $(seq 300); do
+    [ "$(grep -c '^iter' "$OUT" 2>/dev/null || true)" -ge 3 ] && break
     sleep 0.1
 done
-JOBPID=
-got=$(grep '^checksum' "$WORK/job.out" || echo "no result")
-step "restored job finished: $got"
+step "mid-run: $(tail -n1 "$OUT")"
+
+step "checkpointing job $JOBID on all its nodes at once, then stopping it (ckpt-coord checkpoint --stop)"
+coord checkpoint "$JOBID" --stop | indent
+
+step "destroying ${NODE[0]} and ${NODE[1]} (their agents, namespaces, addresses, everything on them)"
+kill -9 "${AGENT_PIDS[0]}" "${AGENT_PIDS[1]}" 2>/dev/null || true
+"$LABCTL" destroy-node "$LAB" 1 >/dev/null
+"$LABCTL" destroy-node "$LAB" 2 >/dev/null
+
+step "restarting job $JOBID on ${NODE[2]} and ${NODE[3]} (ckpt-coord restart: verify, check every node, restore held, release together)"
+coord restart "$JOBID" --nodes "${NODE[2]},${NODE[3]}" | indent
+
+for _ in $(seq 900); do
+    grep -q '^checksum' "$OUT" 2>/dev/null && break
+    sleep 0.1
+done
+got=$(grep '^checksum' "$OUT" || echo "no result")
+step "restarted job finished: $got"
 if [ "$got" = "$want" ]; then
-    step "PASS: the job moved from $NODE1 to $NODE2 mid-run and computed the same result as the uninterrupted run"
+    step "PASS: the job moved from ${NODE[0]},${NODE[1]} to ${NODE[2]},${NODE[3]} mid-run, its TCP connection with it, and computed the uninterrupted run's result"
 else
     step "FAIL: expected '$want', got '$got'"
-    cat "$WORK/job.out"
+    cat "$OUT"
     exit 1
 fi

@@ -286,7 +286,7 @@ impl DumpSession {
                 ext_unix_sk: req.ext_unix_sk,
                 shell_job: req.shell_job,
             }),
-            needs_features: ns::needed_features(&nsd.image),
+            needs_features: needed_features(&nsd.image, self.lock.as_ref()),
             signature: Vec::new(),
         };
         self.writer.commit(inv)?;
@@ -390,6 +390,19 @@ fn fault_hold(var: &str) {
     if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// The kernel features a restore of this dump needs: its namespaces', and
+/// those that rebuild and lock its TCP endpoints.
+fn needed_features(ns_img: &ckpt_proto::image::NsImage, lock: Option<&NetLock>) -> Vec<String> {
+    let mut v = ns::needed_features(ns_img);
+    if let Some(l) = lock {
+        v.push("nftables".into());
+        if l.has_connections() {
+            v.push("tcp_repair".into());
+        }
+    }
+    v
 }
 
 /// The name a checkpoint's network lock goes by: the job's, or the root

@@ -262,6 +262,11 @@ impl NetLock {
         Ok(())
     }
 
+    /// Whether it blocks established connections (not only listeners).
+    pub fn has_connections(&self) -> bool {
+        self.rec.conns.iter().any(|c| c.remote.is_some())
+    }
+
     /// The table's name.
     pub fn table(&self) -> &str {
         &self.rec.table

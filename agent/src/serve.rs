@@ -49,6 +49,9 @@ struct SessionRecord {
     stop_after_commit: bool,
 }
 
+/// The file name prefix of held-part records (others are sessions').
+const HELD_PREFIX: &str = "held-";
+
 /// A part restored held, waiting for its release, as recorded on disk.
 #[derive(Debug, Serialize, Deserialize)]
 struct HeldRecord {
@@ -110,7 +113,11 @@ pub fn recover(sessions_dir: &Path) -> Result<()> {
         let Ok(text) = std::fs::read_to_string(&path) else {
             continue;
         };
-        if let Ok(held) = serde_json::from_str::<HeldRecord>(&text) {
+        let is_held = e.file_name().to_string_lossy().starts_with(HELD_PREFIX);
+        if let Some(held) = is_held
+            .then(|| serde_json::from_str::<HeldRecord>(&text).ok())
+            .flatten()
+        {
             if held.agent_pid != me && alive(held.agent_pid) {
                 continue;
             }
@@ -420,7 +427,9 @@ impl Handler {
                 let t = Instant::now();
                 // Recorded before it exists: an agent that dies mid-way
                 // leaves a record its successor kills the part by.
-                let record = self.sessions_dir.join(format!("held-{}.json", r.job));
+                let record = self
+                    .sessions_dir
+                    .join(format!("{HELD_PREFIX}{}.json", r.job));
                 if r.hold {
                     write_record(
                         &record,

@@ -222,29 +222,39 @@ fn on_all(
     Ok(())
 }
 
-/// Undoes every prepared session (best effort: an agent whose link ends
-/// aborts on its own) and names what was undone.
+/// Undoes every prepared session and names what was undone. An agent
+/// that cannot be asked (it died) leaves its part to its successor, which
+/// thaws and unlocks it when it starts.
 fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
     let mut undone = Vec::new();
+    let mut unreachable = Vec::new();
     for c in conns.iter_mut() {
         if let Some(session) = c.session.take() {
-            if let Err(e) = c
+            let who = format!("{}@{}", c.part, c.report.node);
+            match c
                 .link
                 .call(timeout, Q::Abort(msg::AbortRequest { session }))
             {
-                tracing::warn!(node = %c.report.node, part = %c.part, "abort: {e} (the link's end aborts it)");
+                Ok(_) => undone.push(who),
+                Err(e) => {
+                    tracing::warn!(node = %c.report.node, part = %c.part, "abort: {e}");
+                    unreachable.push(who);
+                }
             }
-            undone.push(format!("{}@{}", c.part, c.report.node));
         }
     }
-    if undone.is_empty() {
-        String::new()
-    } else {
-        format!(
-            "; aborted, running on as before: {} (nothing was committed)",
-            undone.join(", ")
-        )
+    let mut out = String::new();
+    if !undone.is_empty() {
+        out += &format!("; aborted, running on as before: {}", undone.join(", "));
     }
+    if !unreachable.is_empty() {
+        out += &format!(
+            "; agent unreachable, its part is thawed and unlocked by the agent when it \
+             restarts (or by `ckpt-agent cleanup` on its node): {}",
+            unreachable.join(", ")
+        );
+    }
+    out + "; nothing was committed"
 }
 
 /// Whether parts of `spec` have a network namespace of their own, so that

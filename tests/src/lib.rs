@@ -1208,10 +1208,17 @@ impl CoordCluster {
 
     /// Starts the agent of node `i` (with `env` added: fault injection).
     pub fn start_agent(&self, i: usize, env: &[(&str, &str)]) -> ServeAgent {
+        self.start_agent_under(i, env, &[])
+    }
+
+    /// Starts the agent of node `i` under the command `wrap` (such as
+    /// `setpriv` taking capabilities away), with `env` added.
+    pub fn start_agent_under(&self, i: usize, env: &[(&str, &str)], wrap: &[&str]) -> ServeAgent {
         let node = self.lab.node(i);
         let prefix = on(node);
         let mut cmd = Command::new(&prefix[0]);
         cmd.args(&prefix[1..])
+            .args(wrap)
             .arg(agent_binary())
             .args([
                 "serve",
@@ -1253,10 +1260,15 @@ impl CoordCluster {
     /// Replaces node `i`'s agent by a fresh one (with `env`), as systemd
     /// restarts a crashed service.
     pub fn restart_agent(&mut self, i: usize, env: &[(&str, &str)]) {
+        self.restart_agent_under(i, env, &[]);
+    }
+
+    /// [`CoordCluster::restart_agent`] under the command `wrap`.
+    pub fn restart_agent_under(&mut self, i: usize, env: &[(&str, &str)], wrap: &[&str]) {
         if let Some(a) = self.agents[i - 1].take() {
             a.crash();
         }
-        let a = self.start_agent(i, env);
+        let a = self.start_agent_under(i, env, wrap);
         self.agents[i - 1] = Some(a);
     }
 
@@ -1364,4 +1376,55 @@ pub fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     cond()
+}
+
+// ------------------------------------------------------------ sample jobs
+
+/// A sample job's binary (jobs/), built beside the agent.
+pub fn job_binary(name: &str) -> PathBuf {
+    let p = agent_binary().with_file_name(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace's binaries first (make build)",
+        p.display()
+    );
+    p
+}
+
+/// The checksum line of an uninterrupted `stencil-tcp` run of `args`
+/// (both ranks on loopback): what a checkpointed run must print too.
+pub fn stencil_tcp_reference(args: &[&str]) -> String {
+    let bin = job_binary("stencil-tcp");
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let mut r1 = Command::new(&bin)
+        .args(["--rank", "1", "--connect", &addr])
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let r0 = Command::new(&bin)
+        .args(["--rank", "0", "--listen", &addr])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(r1.wait().unwrap().success(), "reference rank 1 failed");
+    assert!(r0.status.success(), "reference rank 0 failed");
+    checksum_line(&String::from_utf8_lossy(&r0.stdout))
+        .expect("the reference run printed no checksum")
+}
+
+/// The `checksum ...` line of a stencil job's output.
+pub fn checksum_line(output: &str) -> Option<String> {
+    output
+        .lines()
+        .find(|l| l.starts_with("checksum "))
+        .map(str::to_string)
+}
+
+/// How many progress lines (`iter ...`) a stencil job's output has.
+pub fn progress_lines(output: &Path) -> usize {
+    fs::read_to_string(output)
+        .map(|s| s.lines().filter(|l| l.starts_with("iter ")).count())
+        .unwrap_or(0)
 }

@@ -3,8 +3,9 @@
 //! the coordinator; a checkpoint that fails on one node and is aborted on
 //! the others; a checkpoint that leaves it running, tampered with, is
 //! refused by restart before anything starts; a checkpoint that stops it;
-//! nodes 1 and 2 destroyed; the job restarted by the coordinator on nodes
-//! 3 and 4, where its stream goes on.
+//! nodes 1 and 2 destroyed; a restart onto nodes 3 and 4 refused while
+//! node 4's agent lacks CAP_NET_ADMIN (no TCP repair there); the job
+//! restarted by the coordinator on nodes 3 and 4, where its stream goes on.
 
 use std::path::Path;
 use std::time::Duration;
@@ -183,6 +184,32 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     cl.agents[1].take();
     cl.lab.node(1).destroy().unwrap();
     cl.lab.node(2).destroy().unwrap();
+
+    // Node 4's agent runs without CAP_NET_ADMIN (as if confined by its
+    // service manager): it cannot rebuild TCP connections, and the restart
+    // is refused before anything is restored, naming the node and feature.
+    cl.restart_agent_under(4, &[], &["setpriv", "--bounding-set", "-net_admin"]);
+    let o = cl.coord(3, &["restart", &job, "--nodes", &names]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a restart onto a node without TCP repair went ahead"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    let n4 = cl.lab.node(4).name();
+    assert!(
+        err.contains(&format!("node {n4} cannot restore it")) && err.contains("tcp_repair"),
+        "the refusal does not name node 4 and tcp_repair: {err}"
+    );
+    for p in [a, b] {
+        let procs = ckpt_tests::job_procs(&agent_job(p));
+        assert!(
+            procs.is_empty(),
+            "part {} was restored anyway: {procs:?}",
+            p.name
+        );
+    }
+    cl.restart_agent(4, &[]);
 
     let o = cl.coord(3, &["--json", "restart", &job, "--nodes", &names]);
     let restarted = if o.status.success() {

@@ -1,0 +1,149 @@
+//! The demo's flow as a test (issue 5): a simulated cluster of 4 nodes,
+//! each with its agent; `ckpt-coord launch` starts `stencil-tcp`, its two
+//! ranks on nodes 1 and 2 swapping halo rows over TCP on their own
+//! addresses; `ckpt-coord checkpoint --stop` mid-run; nodes 1 and 2
+//! destroyed; `ckpt-coord restart` on nodes 3 and 4; the final checksum
+//! equals an uninterrupted run's.
+
+use std::fs;
+use std::time::Duration;
+
+use ckpt_tests::{
+    checksum_line, job_binary, json_of, no_checkpoint, progress_lines, stencil_tcp_reference,
+    wait_for, CoordCluster, JobCgroupGuard,
+};
+
+/// Sized to run a few seconds here: long enough to be caught mid-run.
+const ARGS: [&str; 6] = ["--size", "512", "--iters", "12000", "--every", "600"];
+
+#[test]
+fn job_moves_to_other_nodes_with_its_tcp_connection_and_same_result() {
+    if no_checkpoint() {
+        return;
+    }
+    let want = stencil_tcp_reference(&ARGS);
+    let mut cl = CoordCluster::up("demo", 4);
+    let k = cl.lab.number();
+    // Every node sees the shared directory; a job cannot see the node's
+    // /tmp (it gets its own), where a checkout may live.
+    let bin_dir = cl.lab.shared_dir().join("bin");
+    fs::create_dir_all(&bin_dir).unwrap();
+    let bin = bin_dir.join("stencil-tcp");
+    fs::copy(job_binary("stencil-tcp"), &bin).unwrap();
+
+    let job = format!("demo{k}-{}", std::process::id());
+    let _cgroups = [
+        JobCgroupGuard(format!("{job}.r0")),
+        JobCgroupGuard(format!("{job}.r1")),
+    ];
+    let (a0, a1) = (cl.lab.job_address(0), cl.lab.job_address(1));
+    let args = |rank: &str, flag: &str| {
+        let mut v = vec![
+            "--rank".to_string(),
+            rank.to_string(),
+            flag.to_string(),
+            format!("{a0}:7000"),
+        ];
+        v.extend(ARGS.iter().map(|s| s.to_string()));
+        format!("{v:?}")
+    };
+    let spec = format!(
+        "job = \"{job}\"\n\
+         [[part]]\nname = \"r0\"\nnode = \"{n1}\"\ncommand = \"{bin}\"\nargs = {args0}\n\
+         [part.network]\naddress = \"{a0}/24\"\n\
+         [[part]]\nname = \"r1\"\nnode = \"{n2}\"\ncommand = \"{bin}\"\nargs = {args1}\n\
+         [part.network]\naddress = \"{a1}/24\"\n",
+        n1 = cl.lab.node(1).name(),
+        n2 = cl.lab.node(2).name(),
+        bin = bin.display(),
+        args0 = args("0", "--listen"),
+        args1 = args("1", "--connect"),
+    );
+    let spec_file = cl.dir.join("stencil-tcp.toml");
+    fs::write(&spec_file, spec).unwrap();
+
+    let o = cl.coord(3, &["--json", "launch", spec_file.to_str().unwrap()]);
+    assert!(o.status.success(), "launch failed");
+    let launched = json_of(&o);
+    let out0 = cl.store().join(&job).join("output/r0.log");
+    let out1 = cl.store().join(&job).join("output/r1.log");
+    assert_eq!(
+        launched["parts"][0]["output"].as_str(),
+        out0.to_str(),
+        "{launched}"
+    );
+
+    // Mid-run: a few progress lines out, most of the work still to do.
+    assert!(
+        wait_for(Duration::from_secs(30), || progress_lines(&out0) >= 3),
+        "the job made no progress: {}",
+        fs::read_to_string(&out0).unwrap_or_default()
+    );
+    let o = cl.coord(3, &["--json", "checkpoint", &job, "--stop"]);
+    assert!(o.status.success(), "checkpoint --stop failed");
+    let at = progress_lines(&out0);
+    assert!(
+        checksum_line(&fs::read_to_string(&out0).unwrap()).is_none(),
+        "the job had finished before its checkpoint: make it longer"
+    );
+    for p in launched["parts"].as_array().unwrap() {
+        let pid = p["pid"].as_i64().unwrap();
+        assert!(
+            wait_for(Duration::from_secs(5), || !std::path::Path::new(&format!(
+                "/proc/{pid}"
+            ))
+            .exists()),
+            "part {} (pid {pid}) still runs after checkpoint --stop",
+            p["part"]
+        );
+    }
+
+    // Nodes 1 and 2 go away, agents first.
+    cl.agents[0].take();
+    cl.agents[1].take();
+    cl.lab.node(1).destroy().unwrap();
+    cl.lab.node(2).destroy().unwrap();
+
+    let nodes = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
+    let o = cl.coord(3, &["--json", "restart", &job, "--nodes", &nodes]);
+    assert!(o.status.success(), "restart on nodes 3 and 4 failed");
+    let restarted = json_of(&o);
+    for (part, node) in [("r0", 3), ("r1", 4)] {
+        assert!(
+            restarted["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
+            "part {part} not restored on node {node}: {restarted}"
+        );
+    }
+
+    assert!(
+        wait_for(Duration::from_secs(60), || fs::read_to_string(&out0)
+            .ok()
+            .and_then(|s| checksum_line(&s))
+            .is_some()),
+        "the restarted job did not finish: {}",
+        fs::read_to_string(&out0).unwrap_or_default()
+    );
+    let text0 = fs::read_to_string(&out0).unwrap();
+    assert_eq!(
+        checksum_line(&text0).as_deref(),
+        Some(want.as_str()),
+        "the moved job computed another result:\n{text0}"
+    );
+    assert!(
+        progress_lines(&out0) > at,
+        "no progress after the restart:\n{text0}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(10), || fs::read_to_string(&out1)
+            .is_ok_and(|s| s.contains("rank 1 done"))),
+        "rank 1 did not finish: {}",
+        fs::read_to_string(&out1).unwrap_or_default()
+    );
+    let CoordCluster { lab, agents, .. } = cl;
+    drop(agents);
+    lab.down().unwrap();
+}
