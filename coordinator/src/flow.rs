@@ -285,14 +285,12 @@ pub fn checkpoint(
     stop: bool,
     on_step: OnStep<'_>,
 ) -> Result<CheckpointReport, FlowError> {
-    let _lock = store.lock_job(
-        job,
-        if stop {
-            "checkpoint --stop"
-        } else {
-            "checkpoint"
-        },
-    )?;
+    let what = if stop {
+        "checkpoint --stop"
+    } else {
+        "checkpoint"
+    };
+    let _lock = store.lock_job(job, what, false)?;
     checkpoint_locked(cluster, store, job, stop, on_step)
 }
 
@@ -518,7 +516,6 @@ pub fn launch(
         on_step,
     };
     let job = spec.job.clone();
-    let _lock = store.lock_job(&job, "launch")?;
     if store.spec_path(&job).exists() {
         return Err(FlowError::Setup(format!(
             "job {job} exists already ({} is recorded): launch it under another id (--job), \
@@ -527,6 +524,12 @@ pub fn launch(
         )));
     }
     let mut placed = plan::place(spec, cluster, nodes)?;
+    let _lock = store.lock_job(&job, "launch", true)?;
+    // A launch that fails leaves no trace of the job in the store.
+    let mut undo = LaunchUndo {
+        job_dir: store.job_dir(&job),
+        armed: true,
+    };
     // Output goes where every node sees it, so that a restored part
     // writes on into the same file.
     let out_dir = store.job_dir(&job).join("output");
@@ -627,7 +630,6 @@ pub fn launch(
             &parts,
             timeout,
         );
-        let _ = std::fs::remove_file(&spec_path);
         return Err(FlowError::Node {
             step: "launch",
             node,
@@ -636,6 +638,7 @@ pub fn launch(
         });
     }
     steps.end("start every part", t);
+    undo.armed = false;
     Ok(LaunchReport {
         job,
         spec: spec_path,
@@ -643,6 +646,26 @@ pub fn launch(
         steps: steps.done,
         total_ms: ms(t0),
     })
+}
+
+/// Removes what a failed launch made in the store: the job's directory
+/// with its spec, lock and empty output directory (output a part wrote
+/// before the launch failed stays, and with it the directory).
+struct LaunchUndo {
+    job_dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for LaunchUndo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let _ = std::fs::remove_file(self.job_dir.join(crate::store::JOB_SPEC));
+        let _ = std::fs::remove_dir(self.job_dir.join("output"));
+        let _ = std::fs::remove_file(self.job_dir.join(crate::store::JOB_LOCK));
+        let _ = std::fs::remove_dir(&self.job_dir);
+    }
 }
 
 /// Kills `parts` through the links to their nodes (best effort) and says
@@ -729,7 +752,7 @@ pub fn restart(
     pack: bool,
     on_step: OnStep<'_>,
 ) -> Result<RestartReport, FlowError> {
-    let _lock = store.lock_job(job, "restart")?;
+    let _lock = store.lock_job(job, "restart", false)?;
     restart_locked(cluster, store, job, checkpoint, nodes, pack, on_step)
 }
 
@@ -1022,7 +1045,7 @@ pub fn migrate(
     on_step: OnStep<'_>,
 ) -> Result<MigrateReport, FlowError> {
     let t0 = Instant::now();
-    let _lock = store.lock_job(job, "migrate")?;
+    let _lock = store.lock_job(job, "migrate", false)?;
     let spec = store.job_spec(job)?;
     let from: Vec<String> = {
         let mut v: Vec<String> = Vec::new();
@@ -1037,11 +1060,13 @@ pub fn migrate(
     };
     if from.len() > to.len() && !pack {
         return Err(FlowError::Setup(format!(
-            "job {job} runs on {} nodes ({}), but {} given to move to ({}): name {} nodes, or add --pack",
+            "job {job} has parts on {} nodes ({}), but {} node{} given ({}); name {} nodes, \
+             or add --pack to put several nodes' parts on one",
             from.len(),
-            from.join(","),
+            from.join(", "),
             to.len(),
-            to.join(","),
+            if to.len() == 1 { " is" } else { "s are" },
+            to.join(", "),
             from.len()
         )));
     }

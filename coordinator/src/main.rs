@@ -242,14 +242,20 @@ fn run(cli: &Cli) -> Result<()> {
                 }
             }
             if bad > 0 {
+                let names: Vec<&str> = checks
+                    .iter()
+                    .filter(|c| !c.ok)
+                    .map(|c| c.node.as_str())
+                    .collect();
                 bail!(
-                    "{bad} of {} node(s) cannot {}",
+                    "{bad} of {} node(s) cannot {} (node {})",
                     checks.len(),
                     if checkpoint.is_some() {
                         "restore the checkpoint"
                     } else {
                         "run jobs"
-                    }
+                    },
+                    names.join(", node ")
                 );
             }
             Ok(())

@@ -353,14 +353,23 @@ impl Store {
     /// checkpoint, restart, migrate): two coordinators working on one job
     /// at once would freeze it twice or restore it twice. Held until the
     /// returned guard is dropped; the kernel drops it if this process dies.
-    pub fn lock_job(&self, job: &str, what: &str) -> Result<JobLock, StoreError> {
+    /// Only `launch` makes the job's directory (`create`); the others need
+    /// a job that exists.
+    pub fn lock_job(&self, job: &str, what: &str, create: bool) -> Result<JobLock, StoreError> {
         check_job_id(job).map_err(StoreError::BadJob)?;
         let job_dir = self.job_dir(job);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&job_dir)
-            .map_err(io(&job_dir))?;
+        if create {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&job_dir)
+                .map_err(io(&job_dir))?;
+        } else if !job_dir.is_dir() {
+            return Err(StoreError::NoJob {
+                job: job.to_string(),
+                store: self.root.clone(),
+            });
+        }
         let path = job_dir.join(JOB_LOCK);
         let file = fs::OpenOptions::new()
             .read(true)

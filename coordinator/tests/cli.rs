@@ -315,26 +315,43 @@ fn the_environment_names_the_config_and_the_option_wins() {
 }
 
 #[test]
-fn commands_that_need_agents_fail_plainly() {
+fn commands_name_the_node_whose_agent_they_cannot_reach() {
     let lab = Lab::new();
     lab.checkpoint();
     let spec = lab.spec();
     let spec = spec.to_str().unwrap();
-    for args in [
-        vec!["launch", spec],
-        vec!["launch", spec, "--nodes", "n1,n2", "--job", "j2"],
-        vec!["check"],
-        vec!["check", "--nodes", "n3"],
-        vec!["migrate", "j1", "--to", "n2,n3"],
+    let o = lab.run(&["adopt", spec, "--job", "j4"]);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    // No agent serves the configured addresses.
+    for (args, want) in [
+        (
+            vec!["launch", spec, "--job", "j2"],
+            "connect failed on node n1",
+        ),
+        (
+            vec!["launch", spec, "--nodes", "n1,n2", "--job", "j3"],
+            "connect failed on node n1",
+        ),
+        (vec!["check"], "node n1"),
+        (vec!["check", "--nodes", "n3"], "node n3"),
+        (
+            vec!["migrate", "j4", "--to", "n2,n3"],
+            "migration of job j4 refused before it was touched: node n2",
+        ),
     ] {
         let o = lab.run(&args);
         assert_eq!(code(&o), 1, "{args:?}: {}", err(&o));
+        assert!(err(&o).contains(want), "{args:?}: {}", err(&o));
+        if args[0] != "check" {
+            assert!(out(&o).is_empty(), "{args:?} printed {}", out(&o));
+        }
+    }
+    // A launch that failed leaves no trace of its job.
+    for job in ["j2", "j3"] {
         assert!(
-            err(&o).contains("the agent protocol is not wired"),
-            "{args:?}: {}",
-            err(&o)
+            !lab.store().join(job).exists(),
+            "a failed launch left {job} in the store"
         );
-        assert!(out(&o).is_empty(), "{args:?} printed {}", out(&o));
     }
     // What can be checked without agents is checked first.
     let cases: &[(&[&str], &str)] = &[
@@ -366,7 +383,7 @@ fn commands_that_need_agents_fail_plainly() {
             &["check", "--checkpoint", "20000101T000000-7"],
             "no checkpoint '20000101T000000-7'",
         ),
-        (&["migrate", "j1", "--to", "n3"], "but 1 node is given"),
+        (&["migrate", "j4", "--to", "n3"], "but 1 node is given (n3)"),
         (
             &["launch", "/nonexistent/spec.toml"],
             "/nonexistent/spec.toml",
@@ -428,10 +445,12 @@ fn adopt_records_the_spec_that_checkpoint_needs() {
     let o = lab.run(&["checkpoint", "j1"]);
     assert_eq!(code(&o), 1, "{}", err(&o));
     assert!(err(&o).contains("connect failed on node n"), "{}", err(&o));
+    // (Besides the job's lock file, which stays.)
     let left: Vec<_> = fs::read_dir(lab.store().join("j1"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name())
+        .filter(|n| n != ".lock")
         .collect();
     assert_eq!(left, ["job.toml"], "left in the store: {left:?}");
     // A part without a node cannot be adopted: nobody knows where it runs.

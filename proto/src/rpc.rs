@@ -338,9 +338,17 @@ impl Channel {
         }
         let n = u32::from_le_bytes(len) as usize;
         if n > MAX_FRAME {
+            // Most often not a ckpt peer at all: show what it sent.
+            let text: String = len
+                .iter()
+                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+                .collect();
             return Err(RpcError::Frame {
                 peer,
-                reason: format!("{n} bytes, more than the {MAX_FRAME} allowed"),
+                reason: format!(
+                    "{n} bytes, more than the {MAX_FRAME} allowed (it began with {text:?}: \
+                     is this a ckpt agent, at the address and port of the configuration?)"
+                ),
             });
         }
         let mut body = vec![0u8; n];
