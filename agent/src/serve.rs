@@ -76,9 +76,7 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
         job: "serve".into(),
         reason: e.to_string(),
     })?;
-    let sessions_dir = cfg.state_dir.join("sessions");
-    std::fs::create_dir_all(&sessions_dir).map_err(|e| Error::io(&sessions_dir, e))?;
-    recover(&sessions_dir)?;
+    recover(&cfg.state_dir)?;
     let listener = TcpListener::bind(&cfg.listen).map_err(|e| Error::io(&cfg.listen, e))?;
     let addr = listener
         .local_addr()
@@ -94,17 +92,36 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
                 continue;
             }
         };
-        let (key, node, dir) = (key.clone(), cfg.node.clone(), sessions_dir.clone());
+        let (key, node, dir) = (key.clone(), cfg.node.clone(), cfg.state_dir.clone());
         std::thread::spawn(move || connection(stream, &key, &node, &dir));
     }
     Ok(())
 }
 
-/// Undoes what a predecessor left: its network locks and freezes, the
-/// parts it restored held, and finishes the parts of checkpoints committed
-/// after it prepared them.
-pub fn recover(sessions_dir: &Path) -> Result<()> {
+/// Where in a state directory sessions and held parts are recorded.
+fn sessions_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("sessions")
+}
+
+/// Where in a state directory streamed checkpoint parts are kept.
+fn incoming_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("incoming")
+}
+
+/// Undoes what a predecessor recording its work in `state_dir` left: its
+/// network locks and freezes, the parts it restored held, the images
+/// streamed to it; and finishes the parts of checkpoints committed after
+/// it prepared them. Makes the state directory if needed.
+pub fn recover(state_dir: &Path) -> Result<()> {
     let me = std::process::id();
+    let sessions_dir = &sessions_dir(state_dir);
+    std::fs::create_dir_all(sessions_dir).map_err(|e| Error::io(sessions_dir, e))?;
+    // Streamed images serve one restore, on one connection: a new agent
+    // has no connection yet.
+    let incoming = incoming_dir(state_dir);
+    if incoming.exists() {
+        std::fs::remove_dir_all(&incoming).map_err(|e| Error::io(&incoming, e))?;
+    }
     for e in std::fs::read_dir(sessions_dir)
         .map_err(|e| Error::io(sessions_dir, e))?
         .flatten()
@@ -182,7 +199,7 @@ fn kill_job(job: &str, lock: Option<&str>) -> Result<usize> {
     Ok(killed)
 }
 
-fn connection(stream: TcpStream, key: &Key, node: &str, sessions_dir: &Path) {
+fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
     let mut ch = match Channel::accept(stream, key, node, Duration::from_secs(10)) {
         Ok(c) => c,
         Err(e) => {
@@ -198,7 +215,7 @@ fn connection(stream: TcpStream, key: &Key, node: &str, sessions_dir: &Path) {
             return;
         }
     };
-    let mut handler = Handler::new(node, sessions_dir, &exe, ch.peer());
+    let mut handler = Handler::new(node, state_dir, &exe, ch.peer());
     loop {
         let req: msg::Request = match ch.recv() {
             Ok(Some(r)) => r,
@@ -227,6 +244,9 @@ pub struct Handler {
     next: u64,
     node: String,
     sessions_dir: PathBuf,
+    incoming_dir: PathBuf,
+    /// Part directories streamed on this connection (removed with it).
+    staged: Vec<PathBuf>,
     /// The ckpt-agent binary that starts and restores parts.
     agent_exe: PathBuf,
     /// Who the requests come from, for the logs.
@@ -244,6 +264,9 @@ impl Drop for Handler {
             );
         }
         self.sessions.clear();
+        for dir in self.staged.drain(..) {
+            remove_staged(&dir);
+        }
         for (job, held) in self.held.drain() {
             warn!(
                 peer = self.peer,
@@ -282,15 +305,18 @@ impl Drop for Held {
 }
 
 impl Handler {
-    /// A handler for `peer`, recording its work in `sessions_dir` (where a
-    /// restarted agent finds it), starting parts with `agent_exe`.
-    pub fn new(node: &str, sessions_dir: &Path, agent_exe: &Path, peer: &str) -> Handler {
+    /// A handler for `peer`, recording its work in `state_dir` (where a
+    /// restarted agent finds it, see [`recover`]), starting parts with
+    /// `agent_exe`.
+    pub fn new(node: &str, state_dir: &Path, agent_exe: &Path, peer: &str) -> Handler {
         Handler {
             sessions: HashMap::new(),
             held: HashMap::new(),
             next: 1,
             node: node.to_string(),
-            sessions_dir: sessions_dir.to_path_buf(),
+            sessions_dir: sessions_dir(state_dir),
+            incoming_dir: incoming_dir(state_dir),
+            staged: Vec::new(),
             agent_exe: agent_exe.to_path_buf(),
             peer: peer.to_string(),
         }
@@ -333,6 +359,16 @@ impl Handler {
                         .filter(|r| !r.ok && r.required)
                         .map(|r| format!("{}: {}", r.name, r.detail))
                         .collect()
+                } else if !Path::new(&c.images).is_dir() {
+                    return Ok(A::Check(msg::CheckReply {
+                        ok: false,
+                        missing: vec![format!(
+                            "the images {} are not visible on this node",
+                            c.images
+                        )],
+                        report_json: String::new(),
+                        images_missing: true,
+                    }));
                 } else {
                     crate::check::restorable(Path::new(&c.images))
                 };
@@ -340,6 +376,7 @@ impl Handler {
                     ok: missing.is_empty(),
                     missing,
                     report_json: String::new(),
+                    images_missing: false,
                 }))
             }
             Q::Prepare(p) => {
@@ -440,7 +477,12 @@ impl Handler {
                         },
                     )?;
                 }
-                let restored = match restore_detached(&self.agent_exe, r) {
+                let restored = restore_detached(&self.agent_exe, r);
+                // Streamed images served their one restore.
+                if let Some(i) = self.staged.iter().position(|d| d == Path::new(&r.images)) {
+                    remove_staged(&self.staged.remove(i));
+                }
+                let restored = match restored {
                     Ok(v) => v,
                     Err(e) => {
                         let _ = std::fs::remove_file(&record);
@@ -492,6 +534,13 @@ impl Handler {
                     Err(refuse(format!("release: {}", failed.join("; "))))
                 }
             }
+            Q::PutFile(f) => {
+                only_root(req.uid, "receives checkpoint images")?;
+                let dir = self.put_file(f)?;
+                Ok(A::PutFile(msg::PutFileReply {
+                    dir: dir.to_string_lossy().into_owned(),
+                }))
+            }
             Q::Run(r) => {
                 only_root(req.uid, "starts jobs")?;
                 let pid = run_detached(&self.agent_exe, r)?;
@@ -515,6 +564,79 @@ impl Handler {
                 sessions: self.sessions.keys().copied().collect(),
             })),
         }
+    }
+
+    /// Writes one chunk of a streamed checkpoint file into the part's
+    /// directory under the state directory; returns that directory.
+    fn put_file(&mut self, f: &msg::PutFileRequest) -> Result<PathBuf> {
+        let bad = |reason: String| Error::Job {
+            job: f.checkpoint.clone(),
+            reason,
+        };
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n != "."
+                && n != ".."
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        let (job, id) = f
+            .checkpoint
+            .split_once('/')
+            .filter(|(j, i)| name_ok(j) && name_ok(i))
+            .ok_or_else(|| bad(format!("'{}' is not a checkpoint (JOB/ID)", f.checkpoint)))?;
+        // Images may sit in subdirectories of the part's directory.
+        if !name_ok(&f.part) || !f.name.split('/').all(name_ok) {
+            return Err(bad(format!(
+                "part '{}', file '{}': not a part or file name",
+                f.part, f.name
+            )));
+        }
+        let dir = self
+            .incoming_dir
+            .join(job)
+            .join(id)
+            .join(format!("part-{}", f.part));
+        if !self.staged.contains(&dir) {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            self.staged.push(dir.clone());
+        }
+        let path = dir.join(&f.name);
+        if let Some(parent) = path.parent().filter(|p| *p != dir) {
+            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(f.offset == 0)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();
+        if len != f.offset {
+            return Err(bad(format!(
+                "{}: a chunk at offset {} while the file has {len} bytes: chunks come in order",
+                path.display(),
+                f.offset
+            )));
+        }
+        use std::io::{Seek, Write};
+        file.seek(std::io::SeekFrom::End(0))
+            .and_then(|_| file.write_all(&f.data))
+            .map_err(|e| Error::io(&path, e))?;
+        if f.last {
+            file.sync_all().map_err(|e| Error::io(&path, e))?;
+            let got = sha256_of(&path)?;
+            if !f.sha256.is_empty() && got[..] != f.sha256[..] {
+                let _ = std::fs::remove_file(&path);
+                return Err(bad(format!(
+                    "{}: SHA-256 {} differs from the manifest's {}: damaged in transit",
+                    path.display(),
+                    hex::encode(got),
+                    hex::encode(&f.sha256)
+                )));
+            }
+        }
+        Ok(dir)
     }
 
     fn session(&mut self, id: u64) -> Result<&mut Session> {
@@ -545,6 +667,35 @@ impl Handler {
                 reason: "no process runs in it on this node".into(),
             })
     }
+}
+
+/// Removes a streamed part's directory (incoming/JOB/ID/part-P) and its
+/// checkpoint's and job's directories once empty.
+fn remove_staged(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    for d in dir.ancestors().skip(1).take(2) {
+        if std::fs::remove_dir(d).is_err() {
+            break;
+        }
+    }
+}
+
+/// The SHA-256 of the file at `path`.
+fn sha256_of(path: &Path) -> Result<[u8; 32]> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => h.update(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    Ok(h.finalize().into())
 }
 
 /// Writes a record of work in progress.

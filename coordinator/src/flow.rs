@@ -115,6 +115,8 @@ pub struct PartRestored {
     pub node: String,
     pub pid: i32,
     pub restore_ms: f64,
+    /// Bytes of images streamed to its node, which could not see the store.
+    pub streamed_bytes: u64,
 }
 
 /// A restart, as `ckpt-coord restart` reports it.
@@ -158,6 +160,8 @@ pub struct NodeCheck {
     pub ok: bool,
     /// What is missing, naming the feature; or why it could not be asked.
     pub missing: Vec<String>,
+    /// What else the operator should know (images a restart would stream).
+    pub notes: Vec<String>,
 }
 
 /// A migration: the checkpoint that stopped the job and the restart that
@@ -706,32 +710,193 @@ fn pick(store: &Store, job: &str, id: Option<&str>) -> Result<Checkpoint, FlowEr
     })
 }
 
+/// A part's images as its target node sees them.
+#[derive(Debug, Clone)]
+struct PartImages {
+    /// The store's directory, or where they were streamed to.
+    dir: PathBuf,
+    streamed_bytes: u64,
+}
+
+/// Largest chunk of a streamed image file (frames carry at most 16 MiB).
+const CHUNK: usize = 4 << 20;
+
+/// Streams the files of part `part` of `cp`, as its manifest lists them,
+/// to the agent at `link`; returns where the agent keeps them and the
+/// bytes sent. The agent checks every file against its SHA-256.
+fn stream_part(
+    link: &mut Link,
+    cp: &Checkpoint,
+    part: &str,
+    timeout: Duration,
+) -> Result<(PathBuf, u64), String> {
+    use std::io::Read;
+    let mp = cp
+        .manifest
+        .parts
+        .iter()
+        .find(|p| p.name == part)
+        .ok_or_else(|| format!("part {part} is not in the manifest"))?;
+    let src = cp.part_dir(part);
+    let mut dir = PathBuf::new();
+    let mut sent = 0u64;
+    for f in &mp.files {
+        let path = src.join(&f.name);
+        let mut file =
+            std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; CHUNK];
+            let mut n = 0;
+            while n < CHUNK {
+                match file.read(&mut data[n..]) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("{}: {e}", path.display())),
+                }
+            }
+            data.truncate(n);
+            let last = offset + n as u64 >= f.size;
+            let r = link.call(
+                timeout,
+                Q::PutFile(msg::PutFileRequest {
+                    checkpoint: cp.label(),
+                    part: part.to_string(),
+                    name: f.name.clone(),
+                    offset,
+                    data,
+                    last,
+                    sha256: if last { f.sha256.clone() } else { Vec::new() },
+                }),
+            )?;
+            match r {
+                A::PutFile(p) => dir = PathBuf::from(p.dir),
+                other => return Err(format!("answered put-file with {other:?}")),
+            }
+            offset += n as u64;
+            sent += n as u64;
+            if last {
+                break;
+            }
+            if n == 0 {
+                return Err(format!(
+                    "{}: shorter ({offset} bytes) than the manifest says ({})",
+                    path.display(),
+                    f.size
+                ));
+            }
+        }
+    }
+    Ok((dir, sent))
+}
+
+/// Asks the node at `link` whether it can restore part `p` of `cp`. A node
+/// that cannot see the store gets the part's images streamed first when
+/// `stream` (a restart), and is asked again about its copy; without
+/// `stream` (a check) that is noted instead.
+fn check_part(
+    link: &mut Link,
+    cp: &Checkpoint,
+    p: &plan::PartRestore,
+    timeout: Duration,
+    stream: bool,
+) -> (Result<PartImages, Vec<String>>, Option<String>) {
+    let ask = |link: &mut Link, dir: &std::path::Path| {
+        link.call(
+            timeout,
+            Q::Check(msg::CheckRequest {
+                images: dir.to_string_lossy().into_owned(),
+            }),
+        )
+    };
+    let mut images = PartImages {
+        dir: p.images.clone(),
+        streamed_bytes: 0,
+    };
+    let mut note = None;
+    let mut answer = ask(link, &images.dir);
+    if let Ok(A::Check(c)) = &answer {
+        if c.images_missing && !stream {
+            note = Some(format!(
+                "part {}: this node does not see the checkpoint store; a restart streams the \
+                 images to it, and checks them there",
+                p.part
+            ));
+            return (Ok(images), note);
+        }
+        if c.images_missing {
+            match stream_part(link, cp, &p.part, timeout) {
+                Ok((dir, bytes)) => {
+                    note = Some(format!(
+                        "part {}: {bytes} bytes of images streamed (this node does not see the store)",
+                        p.part
+                    ));
+                    images = PartImages {
+                        dir,
+                        streamed_bytes: bytes,
+                    };
+                    answer = ask(link, &images.dir);
+                }
+                Err(e) => {
+                    return (
+                        Err(vec![format!(
+                        "part {}: it does not see the store, and streaming the images failed: {e}",
+                        p.part
+                    )]),
+                        None,
+                    )
+                }
+            }
+        }
+    }
+    let r = match answer {
+        Ok(A::Check(c)) if c.ok => Ok(images),
+        Ok(A::Check(c)) => Err(c
+            .missing
+            .into_iter()
+            .map(|m| format!("part {}: {m}", p.part))
+            .collect()),
+        Ok(other) => Err(vec![format!("answered check with {other:?}")]),
+        Err(e) => Err(vec![e]),
+    };
+    (r, note)
+}
+
 /// Asks every node of `plan` whether it can restore its parts (links in
-/// plan order); the reasons of those that cannot, naming node and feature.
-fn check_plan(plan: &RestartPlan, links: &mut [Link], timeout: Duration) -> Vec<NodeCheck> {
+/// plan order, nodes in parallel; see [`check_part`]); each node's verdict
+/// with the images of its parts as it sees them.
+fn check_plan(
+    cp: &Checkpoint,
+    plan: &RestartPlan,
+    links: &mut [Link],
+    timeout: Duration,
+    stream: bool,
+) -> Vec<(NodeCheck, Vec<PartImages>)> {
     let mut pairs: Vec<(&plan::RestoreOrder, &mut Link)> =
         plan.orders.iter().zip(links.iter_mut()).collect();
     parallel(&mut pairs, |(o, link)| {
         let mut missing = Vec::new();
+        let mut notes = Vec::new();
+        let mut images = Vec::new();
         for p in &o.parts {
-            let images = p.images.to_string_lossy().into_owned();
-            match link.call(timeout, Q::Check(msg::CheckRequest { images })) {
-                Ok(A::Check(c)) if c.ok => {}
-                Ok(A::Check(c)) => missing.extend(
-                    c.missing
-                        .into_iter()
-                        .map(|m| format!("part {}: {m}", p.part)),
-                ),
-                Ok(other) => missing.push(format!("answered check with {other:?}")),
-                Err(e) => missing.push(e),
+            let (r, note) = check_part(link, cp, p, timeout, stream);
+            notes.extend(note);
+            match r {
+                Ok(i) => images.push(i),
+                Err(m) => missing.extend(m),
             }
         }
-        NodeCheck {
-            node: o.node.clone(),
-            parts: o.parts.iter().map(|p| p.part.clone()).collect(),
-            ok: missing.is_empty(),
-            missing,
-        }
+        (
+            NodeCheck {
+                node: o.node.clone(),
+                parts: o.parts.iter().map(|p| p.part.clone()).collect(),
+                ok: missing.is_empty(),
+                missing,
+                notes,
+            },
+            images,
+        )
     })
 }
 
@@ -789,10 +954,19 @@ fn restart_locked(
     let t = Instant::now();
     let timeouts = cluster.timeouts;
     let check_timeout = timeouts.connect.max(Duration::from_secs(30));
-    let refused: Vec<String> = check_plan(&plan, &mut links, check_timeout)
-        .into_iter()
-        .filter(|c| !c.ok)
-        .map(|c| {
+    // Streaming images to a node that cannot see the store takes as long
+    // as copying them: the restore's deadline.
+    let checked = check_plan(
+        &cp,
+        &plan,
+        &mut links,
+        timeouts.restore.max(check_timeout),
+        true,
+    );
+    let refused: Vec<String> = checked
+        .iter()
+        .filter(|(c, _)| !c.ok)
+        .map(|(c, _)| {
             format!(
                 "node {} cannot restore it: {}",
                 c.node,
@@ -806,18 +980,34 @@ fn restart_locked(
             reasons: refused.join("; "),
         });
     }
-    steps.end("check every node", t);
+    let streamed = checked
+        .iter()
+        .any(|(_, i)| i.iter().any(|i| i.streamed_bytes > 0));
+    let images: Vec<Vec<PartImages>> = checked.into_iter().map(|(_, i)| i).collect();
+    steps.end(
+        if streamed {
+            "check every node (images streamed)"
+        } else {
+            "check every node"
+        },
+        t,
+    );
 
     let t = Instant::now();
-    let mut pairs: Vec<(&plan::RestoreOrder, &mut Link)> =
-        plan.orders.iter().zip(links.iter_mut()).collect();
-    let results = parallel(&mut pairs, |(o, link)| {
+    let mut pairs: Vec<(&plan::RestoreOrder, &mut Link, &Vec<PartImages>)> = plan
+        .orders
+        .iter()
+        .zip(links.iter_mut())
+        .zip(&images)
+        .map(|((o, l), i)| (o, l, i))
+        .collect();
+    let results = parallel(&mut pairs, |(o, link, images)| {
         let mut out = Vec::new();
-        for p in &o.parts {
+        for (p, img) in o.parts.iter().zip(images.iter()) {
             let r = link.call(
                 timeouts.restore,
                 Q::Restore(msg::RestorePartRequest {
-                    images: p.images.to_string_lossy().into_owned(),
+                    images: img.dir.to_string_lossy().into_owned(),
                     job: p.agent_job.clone(),
                     tcp_established: tcp,
                     ext_unix_sk: false,
@@ -833,6 +1023,7 @@ fn restart_locked(
                         node: o.node.clone(),
                         pid: r.pid,
                         restore_ms: r.restore_ms,
+                        streamed_bytes: img.streamed_bytes,
                     },
                 )),
                 Ok(other) => {
@@ -987,6 +1178,7 @@ pub fn check(
                     parts: o.parts.iter().map(|p| p.part.clone()).collect(),
                     ok: false,
                     missing: vec![format!("cannot reach its agent: {e}")],
+                    notes: Vec::new(),
                 }),
             }
         }
@@ -994,7 +1186,10 @@ pub fn check(
             orders,
             ..plan.clone()
         };
-        let mut out = check_plan(&reachable, &mut links, timeout);
+        let mut out: Vec<NodeCheck> = check_plan(&cp, &reachable, &mut links, timeout, false)
+            .into_iter()
+            .map(|(c, _)| c)
+            .collect();
         out.extend(unreachable);
         return Ok(out);
     }
@@ -1028,6 +1223,7 @@ pub fn check(
             parts: Vec::new(),
             ok: missing.is_empty(),
             missing,
+            notes: Vec::new(),
         }
     }))
 }

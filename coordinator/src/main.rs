@@ -239,6 +239,9 @@ fn run(cli: &Cli) -> Result<()> {
                     } else {
                         println!("node {}{what}: CANNOT: {}", c.node, c.missing.join("; "));
                     }
+                    for n in &c.notes {
+                        println!("  note: {n}");
+                    }
                 }
             }
             if bad > 0 {
@@ -412,8 +415,16 @@ fn print_restart(cli: &Cli, r: &flow::RestartReport) {
     }
     for p in &r.parts {
         println!(
-            "  part {} on {}: pid {} ({:.1} ms)",
-            p.part, p.node, p.pid, p.restore_ms
+            "  part {} on {}: pid {} ({:.1} ms){}",
+            p.part,
+            p.node,
+            p.pid,
+            p.restore_ms,
+            if p.streamed_bytes > 0 {
+                format!(", {} of images streamed to it", human(p.streamed_bytes))
+            } else {
+                String::new()
+            }
         );
     }
 }

@@ -5,7 +5,9 @@
 //! refused by restart before anything starts; a checkpoint that stops it;
 //! nodes 1 and 2 destroyed; a restart onto nodes 3 and 4 refused while
 //! node 4's agent lacks CAP_NET_ADMIN (no TCP repair there); the job
-//! restarted by the coordinator on nodes 3 and 4, where its stream goes on.
+//! restarted by the coordinator on nodes 3 and 4 (node 4's agent not
+//! seeing the store: part b's images streamed to it), where its stream
+//! goes on.
 
 use std::path::Path;
 use std::time::Duration;
@@ -209,7 +211,26 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
             p.name
         );
     }
-    cl.restart_agent(4, &[]);
+    // Node 4's agent, restarted, cannot see the checkpoint store (a node
+    // without the cluster's file system): the coordinator streams part
+    // b's images to it.
+    let hide = format!(
+        "mount -t tmpfs none {} && exec \"$0\" \"$@\"",
+        cl.lab.shared_dir().display()
+    );
+    cl.restart_agent_under(
+        4,
+        &[],
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            &hide,
+        ],
+    );
 
     let o = cl.coord(3, &["--json", "restart", &job, "--nodes", &names]);
     let restarted = if o.status.success() {
@@ -231,6 +252,22 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
         }
     }
     let r = restarted.expect("restart on nodes 3 and 4 failed");
+    let streamed = |part: &str| {
+        r["parts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["part"] == part)
+            .and_then(|x| x["streamed_bytes"].as_u64())
+    };
+    assert_eq!(streamed("a"), Some(0), "node 3 sees the store: {r}");
+    assert!(
+        streamed("b").is_some_and(|n| n > 100_000),
+        "part b's images were not streamed to node 4: {r}"
+    );
+    let incoming = cl.state_dir(4).join("incoming");
+    let left: Vec<_> = walkdir_files(&incoming);
+    assert!(left.is_empty(), "streamed images left on node 4: {left:?}");
     for (p, n) in [(a, cl.lab.node(3)), (b, cl.lab.node(4))] {
         assert!(
             r["parts"]
@@ -257,4 +294,21 @@ fn coordinator_checkpoints_and_restarts_a_job_elsewhere() {
     let CoordCluster { lab, agents, .. } = cl;
     drop(agents);
     lab.down().unwrap();
+}
+
+/// Every file under `dir` (none when it does not exist).
+fn walkdir_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                walkdir_files(&p)
+            } else {
+                vec![p]
+            }
+        })
+        .collect()
 }
