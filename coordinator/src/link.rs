@@ -57,11 +57,20 @@ impl Drop for Local {
 }
 
 /// The uid requests are made for: the agents let a user act only on their
-/// own jobs. Read from /proc so that no unsafe libc call is needed.
+/// own jobs. The real uid, so that a coordinator run with more privilege
+/// than its user (to read the cluster key) still acts for that user.
 pub fn my_uid() -> u32 {
-    std::os::unix::fs::MetadataExt::uid(
-        &std::fs::metadata("/proc/self").expect("/proc/self is readable"),
-    )
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("/proc/self/status names this process's uid")
 }
 
 /// The ckpt-agent binary the in-process agent starts and restores parts
