@@ -23,6 +23,7 @@ pub mod pages;
 pub mod proc;
 pub mod progress;
 pub mod restore;
+pub mod rsh;
 pub mod seize;
 pub mod serve;
 pub mod show;

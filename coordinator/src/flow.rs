@@ -534,6 +534,14 @@ pub fn launch(
         job_dir: store.job_dir(&job),
         armed: true,
     };
+    // A secret of the job's processes, for the ones that serve the others
+    // (ckpt-rsh, which starts MPI daemons in the job's parts).
+    let token = job_token().map_err(|e| FlowError::Setup(format!("/dev/urandom: {e}")))?;
+    for p in placed.spec.parts.iter_mut() {
+        p.env
+            .entry("CKPT_JOB_TOKEN".to_string())
+            .or_insert_with(|| token.clone());
+    }
     // Output goes where every node sees it, so that a restored part
     // writes on into the same file.
     let out_dir = store.job_dir(&job).join("output");
@@ -650,6 +658,14 @@ pub fn launch(
         steps: steps.done,
         total_ms: ms(t0),
     })
+}
+
+/// A fresh random job token.
+fn job_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(hex::encode(b))
 }
 
 /// Removes what a failed launch made in the store: the job's directory
