@@ -3,7 +3,9 @@
 set -euo pipefail
 
 need=()
-for pkg in gcc make iproute2 nftables util-linux procps; do
+# openmpi-bin and libopenmpi-dev for the MPI sample job (jobs/heat); libclang-dev
+# because the mpi crate generates its bindings with bindgen at build time.
+for pkg in gcc make iproute2 nftables util-linux procps openmpi-bin libopenmpi-dev libclang-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
