@@ -504,7 +504,10 @@ fn dump_tree(
         .iter_mut()
         .map(|d| std::mem::take(&mut d.fds))
         .collect();
-    files::link_tree(&mut tables, req.ext_unix_sk)?;
+    let tree: std::collections::HashSet<i32> = tables.iter().map(|t| t.pid).collect();
+    files::link_tree(&mut tables, req.ext_unix_sk, &|ino| {
+        crate::proc::pipe_held_outside(ino, &tree)
+    })?;
     crate::tty::link(&mut tables, req.shell_job)?;
     let mut bytes = 0;
     // Images name every process as the job sees it (the PIDs restore

@@ -6,7 +6,7 @@
 use std::cmp::Ordering;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ckpt_proto::image::{EpollTarget, Fd, FdTable, FileKind, InotifyWatch, OpenFile};
 
@@ -431,9 +431,15 @@ fn check_epolls(pid: i32, files: &[OpenFile], fds: &[i32]) -> Result<()> {
 /// parents first, every process still stopped): open file descriptions
 /// held by several processes get a shared id and the first holder as
 /// owner, pipes the first process holding either end; and refuses what
-/// cannot be rebuilt (a pipe end whose other end is outside the tree, an
-/// epoll shared between processes).
-pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
+/// cannot be rebuilt (a pipe end whose other end is held outside the tree,
+/// as `held_outside` tells by the pipe's inode; an epoll shared between
+/// processes). A pipe whose other end nobody holds any more (its writers
+/// closed it) is rebuilt with that end closed.
+pub fn link_tree(
+    tables: &mut [FdTable],
+    ext_unix_sk: bool,
+    held_outside: &dyn Fn(u64) -> bool,
+) -> Result<()> {
     use std::collections::HashMap;
     // A connected unix socket whose named peer is in the tree is one end of
     // a pair (an accepted connection); only a peer elsewhere is external.
@@ -607,8 +613,8 @@ pub fn link_tree(tables: &mut [FdTable], ext_unix_sk: bool) -> Result<()> {
             }
         }
     }
-    for (_, (pid, r, w, path)) in pipes {
-        if !(r && w) {
+    for (ino, (pid, r, w, path)) in pipes {
+        if !(r && w) && held_outside(ino) {
             return Err(Error::Refused {
                 pid,
                 reason: format!(
@@ -774,31 +780,38 @@ fn copy_at(src: &std::fs::File, dst: &mut std::fs::File, len: u64) -> std::io::R
 }
 
 /// Recreates a file unlinked while open: at its old path when that is free,
-/// else beside it; the caller unlinks it once the task has opened it.
-fn recreate_ghost(of: &OpenFile, images_dir: &Path) -> Result<String> {
+/// else beside it, as task `pid` sees the file system (its mount namespace
+/// may be a job's own, with a private /tmp and /dev/shm). Returns the path
+/// for the task to open, and the same file as the agent reaches it, which
+/// the caller unlinks once the task has opened it.
+fn recreate_ghost(pid: i32, of: &OpenFile, images_dir: &Path) -> Result<(String, PathBuf)> {
     let content = images_dir.join(&of.ghost);
     let orig = Path::new(&of.path);
     let parent = orig.parent().unwrap_or(Path::new("/"));
+    let root = PathBuf::from(format!("/proc/{pid}/root"));
     let candidates = [
         orig.to_path_buf(),
         parent.join(format!(".ckpt-ghost-{}-{}", of.ino, std::process::id())),
     ];
     for path in candidates {
+        let ours = root.join(path.strip_prefix("/").unwrap_or(&path));
         let f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(of.mode & 0o7777)
-            .open(&path);
+            .open(&ours);
         let Ok(mut f) = f else { continue };
         let mut src = std::fs::File::open(&content).map_err(|e| Error::io(&content, e))?;
         std::io::copy(&mut src, &mut f).map_err(|e| Error::io(&path, e))?;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(of.mode & 0o7777));
-        let _ = std::os::unix::fs::chown(&path, Some(of.uid), Some(of.gid));
-        return Ok(path.to_string_lossy().into_owned());
+        let _ = std::fs::set_permissions(&ours, std::fs::Permissions::from_mode(of.mode & 0o7777));
+        let _ = std::os::unix::fs::chown(&ours, Some(of.uid), Some(of.gid));
+        return Ok((path.to_string_lossy().into_owned(), ours));
     }
     Err(Error::io(
         parent,
-        std::io::Error::other("cannot recreate an unlinked open file here"),
+        std::io::Error::other(format!(
+            "cannot recreate an unlinked open file here (as pid {pid} sees it)"
+        )),
     ))
 }
 
@@ -1534,11 +1547,17 @@ impl Opener<'_> {
             }
             FileKind::FileFifo => {
                 if !self.shared.fifos.contains_key(&of.pipe_id) {
+                    // As the task sees it: a job's /tmp is its own.
+                    let ours = format!(
+                        "/proc/{}/root/{}",
+                        self.remote.tid.as_raw(),
+                        of.path.trim_start_matches('/')
+                    );
                     let f = std::fs::OpenOptions::new()
                         .read(true)
                         .write(true)
                         .custom_flags(libc::O_NONBLOCK)
-                        .open(&of.path)
+                        .open(&ours)
                         .map_err(|e| Error::io(&of.path, e))?;
                     if of.pipe_size != 0 && of.pipe_size != 65536 {
                         nix::fcntl::fcntl(
@@ -1663,8 +1682,8 @@ impl Opener<'_> {
             _ => {
                 let mut ghost_path = None;
                 let path = if of.unlinked {
-                    let p = recreate_ghost(of, self.images_dir)?;
-                    ghost_path = Some(p.clone());
+                    let (p, ours) = recreate_ghost(self.remote.tid.as_raw(), of, self.images_dir)?;
+                    ghost_path = Some(ours);
                     p
                 } else {
                     of.path.clone()
@@ -1727,10 +1746,15 @@ pub fn restore(
         sender: None,
         ext_unix_sk,
     };
-    let (epolls, others): (Vec<&OpenFile>, Vec<&OpenFile>) = table
+    let (epolls, mut others): (Vec<&OpenFile>, Vec<&OpenFile>) = table
         .files
         .iter()
         .partition(|f| f.kind == FileKind::FileEpoll as i32);
+    // Listening and bound sockets before connections: a connection the
+    // process accepted shares its listener's port, and once rebuilt (and
+    // out of repair mode, its own SO_REUSEADDR back) a later bind of the
+    // listener would collide with it.
+    others.sort_by_key(|f| f.inet.as_ref().is_some_and(|i| i.tcp.is_some()));
     for of in others.into_iter().chain(epolls) {
         let tmp = if of.owner_pid != 0 && of.owner_pid != table.pid {
             opener.receive(of, scratch)?

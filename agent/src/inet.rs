@@ -563,15 +563,10 @@ pub fn restore(
     if let Some(c) = &s.tcp {
         restore_connection(sock, s, c).map_err(what("rebuilding the connection in repair mode"))?;
     } else {
-        if opts.reuseaddr || s.state == state::LISTEN {
-            t::set_int(
-                sock,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                i32::from(opts.reuseaddr),
-            )
-            .map_err(what("SO_REUSEADDR"))?;
-        }
+        // The connections it accepted may be restored already, bound to its
+        // port in repair mode: bind beside them, then take the socket's own
+        // setting back.
+        t::set_int(sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(what("SO_REUSEADDR"))?;
         t::set_int(
             sock,
             libc::SOL_SOCKET,
@@ -587,6 +582,13 @@ pub fn restore(
                 socket::Backlog::new(s.backlog as i32).unwrap_or(socket::Backlog::MAXCONN);
             socket::listen(&sock, backlog).map_err(what("listen"))?;
         }
+        t::set_int(
+            sock,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            i32::from(opts.reuseaddr),
+        )
+        .map_err(what("SO_REUSEADDR"))?;
         if !s.queue.is_empty() {
             let to = local.ok_or_else(|| Error::Refused {
                 pid,

@@ -396,6 +396,36 @@ pub fn parse_limits(text: &str) -> Vec<(i32, u64, u64)> {
     out
 }
 
+/// Whether a process outside `tree` (host PIDs) holds pipe `ino` open: a
+/// pipe end of the tree whose other end nobody else holds is a pipe whose
+/// other end was closed, which a restore can rebuild.
+pub fn pipe_held_outside(ino: u64, tree: &std::collections::HashSet<i32>) -> bool {
+    let want = format!("pipe:[{ino}]");
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        // Cannot tell: assume the worst.
+        return true;
+    };
+    let me = std::process::id() as i32;
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid == me || tree.contains(&pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+        {
+            return true;
+        }
+    }
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
