@@ -237,6 +237,44 @@ fn dump_refuses_tcp_without_flag() {
     case.terminate_and_check("after a refused dump").unwrap();
 }
 
+/// A pipe whose write end a process outside the dumped tree holds (here
+/// the test itself) cannot be rebuilt: refused, naming the pipe and its
+/// missing end, and the process keeps running. The same case with no one
+/// left holding the write end is restored (zdtm's pipe_writer_closed).
+#[test]
+fn dump_refuses_pipe_held_outside() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = Workdir::new("pipe-held-outside");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "pipe_writer_closed", &dir).unwrap();
+    case.wait_ready().unwrap();
+    // The case's only pipe descriptor: the read end of a pipe nobody writes.
+    let fds = format!("/proc/{}/fd", case.pid);
+    let (fd, pipe) = fs::read_dir(&fds)
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let link = fs::read_link(e.path()).ok()?.to_string_lossy().into_owned();
+            link.starts_with("pipe:[").then(|| (e.file_name(), link))
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no pipe in {fds}"));
+    // Opened through /proc, a pipe gives a new open file description on
+    // it: this test now holds a write end.
+    let writer = fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(Path::new(&fds).join(&fd))
+        .unwrap_or_else(|e| panic!("open a write end of {pipe}: {e}"));
+    if !no_checkpoint() {
+        let run = dump(case.pid, &dir.join("images"), &[], &dir);
+        assert_refused(&run, &[&case.pid.to_string(), &pipe, "write end"]);
+        assert!(pid_exists(case.pid), "the process must keep running");
+    }
+    // Gone again before the case checks its end of file.
+    drop(writer);
+    case.terminate_and_check("after a refused dump").unwrap();
+}
+
 /// An agent SIGKILLed in the middle of a dump (during the page copy) leaves
 /// the process running as before, and no checkpoint that looks complete.
 #[test]

@@ -66,6 +66,7 @@ cases!(
     read_blocking,
     epoll_wait,
     pipe_eventfd_epoll,
+    pipe_writer_closed,
     process_tree,
     shared_anon_tree,
     timerfd_signalfd,
@@ -76,6 +77,7 @@ cases!(
     inet_socket,
     // network
     tcp_loopback,
+    tcp_listener_accepted_low_fd,
     udp_sockets,
     #[ignore = "refused at dump by design: bad_input::dump_refuses_tcp_close_wait runs it"]
     tcp_close_wait,
@@ -164,6 +166,16 @@ mod leave_running {
     fn tcp_loopback() {
         zdtm("tcp_loopback", Mode::LeaveRunning)
     }
+
+    #[test]
+    fn tcp_listener_accepted_low_fd() {
+        zdtm("tcp_listener_accepted_low_fd", Mode::LeaveRunning)
+    }
+
+    #[test]
+    fn pipe_writer_closed() {
+        zdtm("pipe_writer_closed", Mode::LeaveRunning)
+    }
 }
 
 /// Run as jobs (`ckpt-agent run`): own cgroup and PID, IPC, UTS and mount
@@ -188,7 +200,9 @@ mod job {
         sysv_ipc,
         job_net,
         job_net_tcp,
-        job_net_unix_pairs
+        job_net_unix_pairs,
+        job_unlinked_shm,
+        job_fifo_tmp,
     );
     pub const ONLY: &[&str] = &[
         "job_namespaces",
@@ -196,6 +210,8 @@ mod job {
         "job_net",
         "job_net_tcp",
         "job_net_unix_pairs",
+        "job_unlinked_shm",
+        "job_fifo_tmp",
     ];
 
     // Ordinary cases, as jobs too.
@@ -204,6 +220,7 @@ mod job {
         threads,
         shared_anon_tree,
         pipe_eventfd_epoll,
+        pipe_writer_closed,
         unix_pairs,
         unix_listener,
         unix_accepted,

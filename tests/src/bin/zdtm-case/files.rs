@@ -94,7 +94,7 @@ fn fd_state(fd: i32) -> FdState {
     }
 }
 
-fn open_fds() -> Vec<i32> {
+pub(crate) fn open_fds() -> Vec<i32> {
     let mut v: Vec<i32> = std::fs::read_dir("/proc/self/fd")
         .map(|d| {
             d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
@@ -238,7 +238,7 @@ pub fn unlinked_file(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
-fn kcmp_file(fd1: i32, fd2: i32) -> Option<i64> {
+pub(crate) fn kcmp_file(fd1: i32, fd2: i32) -> Option<i64> {
     // SAFETY: no pointers; KCMP_FILE = 0.
     let pid = unsafe { libc::getpid() };
     let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, 0, fd1, fd2) };

@@ -675,3 +675,194 @@ fn nix_unshare_time() -> CaseResult {
     )
     .map(|_| ())
 }
+
+/// The names in a directory, sorted.
+fn dir_names(dir: &str) -> Result<Vec<String>, String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("list {dir}: {e}"))?
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// (dev, ino) of what `fd` is open on.
+fn fd_dev_ino(fd: i32) -> Result<(u64, u64), String> {
+    // SAFETY: fstat into a zeroed local.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    cvt(unsafe { libc::fstat(fd, &mut st) }, &format!("fstat {fd}"))?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// A file in the job's own /dev/shm (a private tmpfs), written, held open
+/// and unlinked, as Open MPI does with its /dev/shm/open_mpi.NNNN backing
+/// file. The restore must recreate it where the job sees it, not in the
+/// node's /dev/shm. After restore: the descriptor reads the same content at
+/// the same offset, is still unlinked (st_nlink 0, "(deleted)") and on the
+/// job's /dev/shm, and /dev/shm lists what it listed before (the name is
+/// free again: the file recreated to reopen it is gone).
+pub fn job_unlinked_shm(ctx: &Ctx) -> CaseResult {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    must_be_job()?;
+    const PATH: &str = "/dev/shm/zdtm-shm.0000";
+    let data = pattern_bytes(300_000, 240);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(PATH)
+        .map_err(|e| format!("create {PATH}: {e}"))?;
+    f.write_all(&data)
+        .map_err(|e| format!("write {PATH}: {e}"))?;
+    f.seek(SeekFrom::Start(12345))
+        .map_err(|e| format!("seek: {e}"))?;
+    std::fs::remove_file(PATH).map_err(|e| format!("unlink {PATH}: {e}"))?;
+    let fd = f.as_raw_fd();
+    let link = || readlink(&format!("/proc/self/fd/{fd}"));
+    let meta = |f: &std::fs::File| {
+        f.metadata()
+            .map(|m| (m.nlink(), m.len(), m.mode()))
+            .map_err(|e| format!("fstat: {e}"))
+    };
+    let before = meta(&f)?;
+    let want_link = format!("{PATH} (deleted)");
+    if before.0 != 0 || link() != want_link {
+        return Err(format!(
+            "unexpected state before checkpoint: {before:?}, {}",
+            link()
+        ));
+    }
+    let names = dir_names("/dev/shm")?;
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.eq("(st_nlink, size, mode)", Ok(before), meta(&f));
+    c.eq("descriptor's link", want_link, link());
+    c.eq(
+        "offset",
+        Ok(12345),
+        f.stream_position().map_err(|e| e.to_string()),
+    );
+    c.ok(
+        "content",
+        crate::files::pread_fd(fd, data.len() + 1, 0)? == data,
+    );
+    c.eq(
+        "on the job's /dev/shm (st_dev)",
+        std::fs::metadata("/dev/shm").map(|m| m.dev()).ok(),
+        fd_dev_ino(fd).ok().map(|d| d.0),
+    );
+    c.ok(
+        &format!("{PATH} does not exist"),
+        std::fs::symlink_metadata(PATH).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound),
+    );
+    c.eq("/dev/shm entries", Ok(names), dir_names("/dev/shm"));
+    c.finish()
+}
+
+/// A FIFO made in the job's own /tmp (a private tmpfs), open at both ends,
+/// holding bytes written and not read yet. The restore must open it where
+/// the job sees it, not in the node's /tmp. After restore: exactly those
+/// bytes come out, the FIFO is still at its path, both descriptors are
+/// that FIFO (same dev and inode as the path) and it carries new data.
+pub fn job_fifo_tmp(ctx: &Ctx) -> CaseResult {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    must_be_job()?;
+    const PATH: &str = "/tmp/zdtm-fifo-tmp";
+    let cpath = cstr(PATH);
+    // SAFETY: a NUL-terminated path.
+    cvt(unsafe { libc::mkfifo(cpath.as_ptr(), 0o640) }, "mkfifo")?;
+    // SAFETY: opens with a NUL-terminated path: the read end first and
+    // non-blocking (so that a lost queue fails the read, not hangs it),
+    // then the write end, which has a reader.
+    let (rd, wr) = unsafe {
+        let rd = cvt(
+            libc::open(cpath.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK),
+            "open fifo for reading",
+        )?;
+        let wr = cvt(
+            libc::open(cpath.as_ptr(), libc::O_WRONLY),
+            "open fifo for writing",
+        )?;
+        (rd, wr)
+    };
+    let data = pattern_bytes(5000, 241);
+    // SAFETY: writes from a live buffer.
+    if unsafe { libc::write(wr, data.as_ptr().cast(), data.len()) } != data.len() as isize {
+        return Err(os_err("write fifo"));
+    }
+    let fifo_at_path = || {
+        std::fs::symlink_metadata(PATH)
+            .map(|m| {
+                (
+                    m.file_type().is_fifo(),
+                    m.mode() & 0o7777,
+                    (m.dev(), m.ino()),
+                )
+            })
+            .map_err(|e| format!("stat {PATH}: {e}"))
+    };
+    let before = fifo_at_path()?;
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    let after = fifo_at_path();
+    c.eq(
+        "FIFO at its path (is FIFO, mode)",
+        Ok((true, before.1)),
+        after.clone().map(|a| (a.0, a.1)),
+    );
+    let path_id = after.ok().map(|a| a.2);
+    c.eq(
+        "read end is the FIFO at the path",
+        path_id,
+        fd_dev_ino(rd).ok(),
+    );
+    c.eq(
+        "write end is the FIFO at the path",
+        path_id,
+        fd_dev_ino(wr).ok(),
+    );
+    // SAFETY: integer fcntls.
+    let flags =
+        |fd: i32| unsafe { libc::fcntl(fd, libc::F_GETFL) } & (libc::O_ACCMODE | libc::O_NONBLOCK);
+    c.eq(
+        "access modes and O_NONBLOCK (read end, write end)",
+        (libc::O_RDONLY | libc::O_NONBLOCK, libc::O_WRONLY),
+        (flags(rd), flags(wr)),
+    );
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: reads into a live buffer.
+        let n = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    };
+    c.eq(
+        "bytes kept in the FIFO",
+        Ok(data),
+        read().map_err(|e| e.to_string()),
+    );
+    // And nothing after them (non-blocking: EAGAIN).
+    c.eq(
+        "nothing after them",
+        Err(Some(libc::EAGAIN)),
+        read().map_err(|e| e.raw_os_error()),
+    );
+    // SAFETY: writes a static buffer.
+    let n = unsafe { libc::write(wr, b"more".as_ptr().cast(), 4) };
+    c.eq("write after restore", 4, n);
+    c.eq(
+        "read after restore",
+        Ok(b"more".to_vec()),
+        read().map_err(|e| e.to_string()),
+    );
+    c.finish()
+}

@@ -238,6 +238,74 @@ pub fn pipe_eventfd_epoll(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
+/// A pipe whose writers are all gone: a child wrote to it and exited, and
+/// the parent closed its own copy of the write end, keeping only the read
+/// end (non-blocking). After restore the bytes come out exactly once and
+/// then end of file: read returns 0, not EAGAIN, so no write end came back
+/// with the pipe, and no descriptor was added.
+pub fn pipe_writer_closed(ctx: &Ctx) -> CaseResult {
+    let (rd, wr) = pipe_pair()?;
+    let data = pattern_bytes(3000, 230);
+    // SAFETY: the child only makes raw syscalls on a live buffer, then
+    // _exits.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: as above.
+        unsafe {
+            libc::close(rd);
+            let n = libc::write(wr, data.as_ptr().cast(), data.len());
+            libc::_exit(i32::from(n != data.len() as isize));
+        }
+    }
+    cvt(child, "fork")?;
+    // SAFETY: our copy of the write end; then the writer's exit status, and
+    // the read end's status flags (no pointers but the status).
+    unsafe {
+        libc::close(wr);
+        let mut st = 0;
+        cvt(libc::waitpid(child, &mut st, 0), "waitpid")?;
+        if !libc::WIFEXITED(st) || libc::WEXITSTATUS(st) != 0 {
+            return Err(format!("the writer child failed (status {st:#x})"));
+        }
+        // Non-blocking: a write end left open by the restore would make the
+        // final read fail with EAGAIN instead of hanging the case.
+        cvt(
+            libc::fcntl(rd, libc::F_SETFL, libc::O_NONBLOCK),
+            "F_SETFL O_NONBLOCK",
+        )?;
+    }
+    let fds_before = crate::files::open_fds();
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    c.eq("open descriptors", fds_before, crate::files::open_fds());
+    // SAFETY: integer fcntl.
+    let fl = unsafe { libc::fcntl(rd, libc::F_GETFL) };
+    c.eq(
+        "read end's access mode and O_NONBLOCK",
+        libc::O_RDONLY | libc::O_NONBLOCK,
+        fl & (libc::O_ACCMODE | libc::O_NONBLOCK),
+    );
+    let mut buf = vec![0u8; 65536];
+    // SAFETY: reads into a live buffer.
+    let n = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        c.fail(os_err("read the pipe"));
+    } else {
+        c.eq("pipe bytes", data.len(), n as usize);
+        c.ok("pipe content", buf[..n as usize] == data[..]);
+    }
+    // SAFETY: as above.
+    let eof = unsafe { libc::read(rd, buf.as_mut_ptr().cast(), buf.len()) };
+    let got = if eof < 0 {
+        os_err("read")
+    } else {
+        format!("{eof} bytes")
+    };
+    c.eq("then end of file", "0 bytes".to_string(), got);
+    c.finish()
+}
+
 pub(crate) fn pipe_pair() -> Result<(i32, i32), String> {
     let mut p = [0i32; 2];
     // SAFETY: out-array of two fds.

@@ -81,6 +81,7 @@ const CASES: &[(&str, CaseFn)] = &[
     // need engine support that comes in later issues
     ("read_blocking", later::read_blocking),
     ("pipe_eventfd_epoll", later::pipe_eventfd_epoll),
+    ("pipe_writer_closed", later::pipe_writer_closed),
     ("process_tree", later::process_tree),
     ("shared_anon_tree", later::shared_anon_tree),
     ("timerfd_signalfd", later::timerfd_signalfd),
@@ -94,6 +95,10 @@ const CASES: &[(&str, CaseFn)] = &[
     ("job_net_tcp_part", net::job_net_tcp_part),
     ("tcp_half_closed", net::tcp_half_closed),
     ("tcp_listen_pending", net::tcp_listen_pending),
+    (
+        "tcp_listener_accepted_low_fd",
+        net::tcp_listener_accepted_low_fd,
+    ),
     // the same in a job with its own network namespace (lock taken there)
     ("job_net_tcp", net::tcp_loopback),
     // descriptors shared between processes of a job with its own network
@@ -125,6 +130,8 @@ const CASES: &[(&str, CaseFn)] = &[
     ("job_net_veth", netif::job_net_veth),
     ("memfd_shared_map", jobs::memfd_shared_map),
     ("time_ns", jobs::time_ns),
+    ("job_unlinked_shm", jobs::job_unlinked_shm),
+    ("job_fifo_tmp", jobs::job_fifo_tmp),
 ];
 
 static TERM: AtomicBool = AtomicBool::new(false);

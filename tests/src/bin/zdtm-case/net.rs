@@ -485,3 +485,198 @@ pub fn tcp_listen_pending(ctx: &Ctx) -> CaseResult {
     );
     k.finish()
 }
+
+/// A TCP listener made by hand: std's TcpListener sets SO_REUSEADDR, and
+/// this one must not have it.
+fn listen_no_reuseaddr(ip: std::net::Ipv4Addr) -> Result<TcpListener, String> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a plain socket; its fd is owned by the TcpListener below.
+    let fd = cvt(
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) },
+        "socket",
+    )?;
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let l = unsafe { TcpListener::from_raw_fd(fd) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: sin is a sockaddr_in of the given length.
+    cvt(
+        unsafe { libc::bind(fd, (&sin as *const libc::sockaddr_in).cast(), len) },
+        "bind",
+    )?;
+    // SAFETY: no pointers.
+    cvt(unsafe { libc::listen(fd, 16) }, "listen")?;
+    Ok(l)
+}
+
+/// Accepts one connection on `l` within 10 s (the listener is left
+/// non-blocking), so that a listener that lost its port fails the check
+/// instead of hanging it.
+fn accept_timeout(l: &TcpListener) -> Result<TcpStream, String> {
+    l.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).map_err(|e| e.to_string())?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+}
+
+/// Closes a connection from its client's side `c`, then its server's side
+/// `s` once that has seen the end of stream (and nothing else).
+fn close_client_first(c: TcpStream, mut s: TcpStream) -> CaseResult {
+    drop(c);
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    match s.read_to_end(&mut rest) {
+        Ok(0) => Ok(()),
+        Ok(n) => Err(format!("{n} bytes before the client's end of stream")),
+        Err(e) => Err(format!("waiting for the client's end of stream: {e}")),
+    }
+}
+
+/// A listener on 0.0.0.0 without SO_REUSEADDR, and a connection it
+/// accepted from a client in the same process, the accepted end before the
+/// listener by descriptor number (the listener moved high, as a program's
+/// libraries often leave it) and in the kernel's order of open files, with
+/// bytes queued both ways. A restore that goes by either order rebuilds the
+/// connection first, and it then holds the port the listener must bind
+/// (the restore failed so: "Address already in use"). After restore: the
+/// listener is on the same port with SO_REUSEADDR still 0 (the restore may
+/// set it to bind, and must take it back), and accepts a new connection
+/// that carries data both ways; the accepted connection delivers what was
+/// queued, then new data both ways, then the client's end of stream.
+pub fn tcp_listener_accepted_low_fd(ctx: &Ctx) -> CaseResult {
+    use std::os::fd::FromRawFd;
+    let low = listen_no_reuseaddr(std::net::Ipv4Addr::UNSPECIFIED)?;
+    // SAFETY: a new descriptor for the listener, owned below; the low one
+    // is closed when `low` is dropped.
+    let high = cvt(
+        unsafe { libc::fcntl(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) },
+        "F_DUPFD",
+    )?;
+    drop(low);
+    // SAFETY: `high` is ours alone.
+    let l = unsafe { TcpListener::from_raw_fd(high) };
+    let port = l.local_addr().map_err(|e| e.to_string())?.port();
+    // The accepted end must come before the listener both by descriptor
+    // number and in the kernel's order of open files (KCMP_FILE, by which a
+    // dump may group descriptors): a restore going by either order then
+    // rebuilds the connection first. Which of two files comes first is the
+    // kernel's choice, so connect until an accepted end does, keeping the
+    // others open meanwhile (a closed one's file would come back in the
+    // same place), then close them.
+    let first = |s: &TcpStream| crate::files::kcmp_file(s.as_raw_fd(), l.as_raw_fd()) == Some(1);
+    let mut others = Vec::new();
+    let (mut client, mut accepted) = loop {
+        let c = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+        let s = accept_timeout(&l)?;
+        if first(&s) {
+            break (c, s);
+        }
+        if others.len() == 64 {
+            return Err("no accepted end came before the listener in KCMP_FILE order".into());
+        }
+        others.push((c, s));
+    };
+    for (c, s) in others {
+        close_client_first(c, s)?;
+    }
+    let reuse = |fd: i32| int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
+    if accepted.as_raw_fd() >= l.as_raw_fd() || !first(&accepted) || reuse(l.as_raw_fd()) != 0 {
+        return Err(format!(
+            "setup: accepted fd {} must come before listener fd {}, whose SO_REUSEADDR ({}) must be 0",
+            accepted.as_raw_fd(),
+            l.as_raw_fd(),
+            reuse(l.as_raw_fd())
+        ));
+    }
+    client
+        .write_all(b"queued to the server")
+        .map_err(|e| e.to_string())?;
+    accepted
+        .write_all(b"queued to the client")
+        .map_err(|e| e.to_string())?;
+    let addrs = |s: &TcpStream| (s.local_addr().ok(), s.peer_addr().ok());
+    let before = (
+        l.local_addr().ok(),
+        addrs(&accepted),
+        addrs(&client),
+        [client.as_raw_fd(), accepted.as_raw_fd(), l.as_raw_fd()],
+    );
+    // Let the kernel settle what it sends and acknowledges.
+    std::thread::sleep(Duration::from_millis(100));
+    ctx.ready_and_wait()?;
+
+    let mut k = Check::new();
+    k.eq(
+        "addresses (listener, accepted, client) and descriptors",
+        before,
+        (
+            l.local_addr().ok(),
+            addrs(&accepted),
+            addrs(&client),
+            [client.as_raw_fd(), accepted.as_raw_fd(), l.as_raw_fd()],
+        ),
+    );
+    k.eq("listener's SO_REUSEADDR", 0, reuse(l.as_raw_fd()));
+    k.eq(
+        "queued client -> server",
+        Ok(b"queued to the server".to_vec()),
+        read_exact_timeout(&mut accepted, 20),
+    );
+    k.eq(
+        "queued server -> client",
+        Ok(b"queued to the client".to_vec()),
+        read_exact_timeout(&mut client, 20),
+    );
+    client.write_all(b"ping").map_err(|e| e.to_string())?;
+    k.eq(
+        "new data client -> server",
+        Ok(b"ping".to_vec()),
+        read_exact_timeout(&mut accepted, 4),
+    );
+    accepted.write_all(b"pong!").map_err(|e| e.to_string())?;
+    k.eq(
+        "new data server -> client",
+        Ok(b"pong!".to_vec()),
+        read_exact_timeout(&mut client, 5),
+    );
+    let mut c2 = TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("connect to the listener's port {port}: {e}"))?;
+    let mut s2 = accept_timeout(&l)?;
+    c2.write_all(b"new").map_err(|e| e.to_string())?;
+    s2.write_all(b"conn").map_err(|e| e.to_string())?;
+    k.eq(
+        "new connection client -> server",
+        Ok(b"new".to_vec()),
+        read_exact_timeout(&mut s2, 3),
+    );
+    k.eq(
+        "new connection server -> client",
+        Ok(b"conn".to_vec()),
+        read_exact_timeout(&mut c2, 4),
+    );
+    // Closed from the clients' side, so that the TIME_WAIT sockets stay on
+    // the clients' ports, not on the listener's: without SO_REUSEADDR
+    // there, one would keep a copy restored from the same images (with
+    // --leave-running) from binding it.
+    k.res(close_client_first(client, accepted));
+    k.res(close_client_first(c2, s2));
+    k.finish()
+}

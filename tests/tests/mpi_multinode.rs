@@ -1,0 +1,253 @@
+//! An Open MPI job checkpointed across nodes (issue 6): `jobs/heat` with 4
+//! ranks on 2 simulated nodes, launched by `ckpt-coord launch` as two
+//! parts: mpirun on the first node, and on the second a `ckpt-rsh --serve`
+//! through which mpirun starts its daemon there (`--mca plm_rsh_agent
+//! ckpt-rsh`), so that every daemon and rank lives in the job's namespaces
+//! and cgroups, and all MPI traffic runs over the job's own addresses.
+//!
+//! 1. A checkpoint with `--leave-running` mid-run: the job goes on and
+//!    ends with the uninterrupted run's checksum; then that checkpoint,
+//!    restarted on two other nodes, ends with it too.
+//! 2. A second job, checkpointed mid-run with `--stop`; both its nodes
+//!    destroyed; restarted on two other nodes; the same checksum.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ckpt_tests::{
+    checksum_line, job_binary, json_of, no_checkpoint, progress_lines, wait_for, CoordCluster,
+    JobCgroupGuard,
+};
+
+/// Sized for about 20 s over the lab's network here.
+const ARGS: [&str; 6] = ["--size", "256", "--iters", "5000", "--every", "250"];
+
+/// The uninterrupted run's checksum (two ranks on this machine).
+fn reference() -> String {
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
+        .arg(job_binary("heat"))
+        .args(ARGS)
+        .output()
+        .expect("mpirun (Open MPI: make deps installs it)");
+    assert!(o.status.success(), "reference run failed: {o:?}");
+    checksum_line(&String::from_utf8_lossy(&o.stdout)).expect("no checksum from the reference run")
+}
+
+/// A job spec: mpirun in part `a` on `n_a`, the rsh server in part `b` on
+/// `n_b`; their hostnames `ha` and `hb` as mpirun's host list names them,
+/// their addresses the lab's job addresses `first` and `first + 1`.
+fn spec(cl: &CoordCluster, job: &str, (n_a, n_b): (usize, usize), first: u8, bin: &Path) -> String {
+    let (a0, a1) = (cl.lab.job_address(first), cl.lab.job_address(first + 1));
+    let rsh = bin.join("ckpt-rsh");
+    let mut mpirun = vec![
+        "-np",
+        "4",
+        "--host",
+        "ha:2,hb:2",
+        "--oversubscribe",
+        "--mca",
+        "btl",
+        "tcp,self",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    mpirun.extend([
+        "--mca".into(),
+        "plm_rsh_agent".into(),
+        rsh.display().to_string(),
+        bin.join("heat").display().to_string(),
+    ]);
+    mpirun.extend(ARGS.iter().map(|s| s.to_string()));
+    format!(
+        "job = \"{job}\"\n\
+         [env]\n\
+         CKPT_RSH_HOSTS = \"ha={a0},hb={a1}\"\n\
+         OMPI_ALLOW_RUN_AS_ROOT = \"1\"\n\
+         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = \"1\"\n\
+         PATH = \"/usr/bin:/bin\"\n\
+         [[part]]\nname = \"a\"\nnode = \"{na}\"\nhostname = \"ha\"\n\
+         command = \"/usr/bin/mpirun\"\nargs = {mpirun:?}\n\
+         [part.network]\naddress = \"{a0}/24\"\n\
+         [[part]]\nname = \"b\"\nnode = \"{nb}\"\nhostname = \"hb\"\n\
+         command = \"{rsh}\"\nargs = [\"--serve\", \"--sessions\", \"1\"]\n\
+         [part.network]\naddress = \"{a1}/24\"\n",
+        na = cl.lab.node(n_a).name(),
+        nb = cl.lab.node(n_b).name(),
+        rsh = rsh.display(),
+    )
+}
+
+/// Launches `job` on `nodes` with addresses from `first` on; returns its
+/// output file.
+fn launch(cl: &CoordCluster, job: &str, nodes: (usize, usize), first: u8, bin: &Path) -> PathBuf {
+    let file = cl.dir.join(&format!("{job}.toml"));
+    fs::write(&file, spec(cl, job, nodes, first, bin)).unwrap();
+    let o = cl.coord(3, &["--json", "launch", file.to_str().unwrap()]);
+    assert!(o.status.success(), "launch of {job} failed");
+    cl.store().join(job).join("output/a.log")
+}
+
+/// Waits for the `n`-th checksum line of `out`; returns it.
+fn finished(out: &Path, n: usize, within: Duration) -> String {
+    let checksums = || -> Vec<String> {
+        fs::read_to_string(out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("checksum "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert!(
+        wait_for(within, || checksums().len() >= n),
+        "{} did not finish (run {n}):\n{}",
+        out.display(),
+        fs::read_to_string(out).unwrap_or_default()
+    );
+    checksums()[n - 1].clone()
+}
+
+/// What the job's parts printed and which of its processes run, for a
+/// failure's message.
+fn job_state(out: &Path, job: &str) -> String {
+    let mut s = String::new();
+    for part in ["a", "b"] {
+        let log = out.with_file_name(format!("{part}.log"));
+        s += &format!(
+            "--- part {part} output:\n{}\n",
+            fs::read_to_string(&log).unwrap_or_default()
+        );
+        for pid in ckpt_tests::job_procs(&format!("{job}.{part}")) {
+            let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            s += &format!(
+                "  pid {pid} state {}: {}\n",
+                stat.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("?"),
+                String::from_utf8_lossy(&cmd).replace('\0', " ")
+            );
+        }
+    }
+    s
+}
+
+/// Waits until the job's output shows `lines` progress lines.
+fn mid_run(out: &Path, job: &str, lines: usize) {
+    assert!(
+        wait_for(Duration::from_secs(60), || progress_lines(out) >= lines),
+        "the MPI job makes no progress:\n{}",
+        job_state(out, job)
+    );
+    assert!(
+        checksum_line(&fs::read_to_string(out).unwrap()).is_none(),
+        "the job finished before its checkpoint: make it longer"
+    );
+}
+
+#[test]
+fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
+    if no_checkpoint() {
+        return;
+    }
+    let t0 = Instant::now();
+    let want = reference();
+    let mut cl = CoordCluster::up("mpi", 6);
+    let k = cl.lab.number();
+    let bin = cl.lab.shared_dir().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    for b in ["heat", "ckpt-rsh"] {
+        fs::copy(job_binary(b), bin.join(b)).unwrap();
+    }
+    let pid = std::process::id();
+    let (j1, j2) = (format!("mpi{k}-{pid}-1"), format!("mpi{k}-{pid}-2"));
+    let _cgroups: Vec<JobCgroupGuard> = [&j1, &j2]
+        .iter()
+        .flat_map(|j| ["a", "b"].map(|p| JobCgroupGuard(format!("{j}.{p}"))))
+        .collect();
+
+    // 1. --leave-running: the job goes on and ends right; so does a
+    // restart of that checkpoint elsewhere.
+    let out1 = launch(&cl, &j1, (1, 2), 0, &bin);
+    mid_run(&out1, &j1, 4);
+    let o = cl.coord(3, &["--json", "checkpoint", &j1, "--leave-running"]);
+    assert!(o.status.success(), "checkpoint --leave-running failed");
+    let cp1 = json_of(&o)["checkpoint"].as_str().unwrap().to_string();
+    assert_eq!(
+        finished(&out1, 1, Duration::from_secs(180)),
+        want,
+        "the job left running after its checkpoint computed another result"
+    );
+    eprintln!(
+        "[{:.0?}] job 1 finished after a leave-running checkpoint",
+        t0.elapsed()
+    );
+    let nodes = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
+    let o = cl.coord(
+        3,
+        &[
+            "--json",
+            "restart",
+            &j1,
+            "--checkpoint",
+            &cp1,
+            "--nodes",
+            &nodes,
+        ],
+    );
+    assert!(
+        o.status.success(),
+        "restart of the leave-running checkpoint failed"
+    );
+    assert_eq!(
+        finished(&out1, 2, Duration::from_secs(180)),
+        want,
+        "the job restarted from its leave-running checkpoint computed another result"
+    );
+    eprintln!(
+        "[{:.0?}] job 1 restarted from its checkpoint finished",
+        t0.elapsed()
+    );
+
+    // 2. --stop, its nodes destroyed, restarted on two others. A job of
+    // its own addresses: the first may still be ending on nodes 3 and 4.
+    let out2 = launch(&cl, &j2, (1, 2), 2, &bin);
+    mid_run(&out2, &j2, 4);
+    let o = cl.coord(3, &["--json", "checkpoint", &j2, "--stop"]);
+    assert!(o.status.success(), "checkpoint --stop failed");
+    let at = progress_lines(&out2);
+    cl.agents[0].take();
+    cl.agents[1].take();
+    cl.lab.node(1).destroy().unwrap();
+    cl.lab.node(2).destroy().unwrap();
+    let nodes = format!("{},{}", cl.lab.node(5).name(), cl.lab.node(6).name());
+    let o = cl.coord(3, &["--json", "restart", &j2, "--nodes", &nodes]);
+    assert!(o.status.success(), "restart on nodes 5 and 6 failed");
+    let r = json_of(&o);
+    for (part, node) in [("a", 5), ("b", 6)] {
+        assert!(
+            r["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
+            "part {part} not on node {node}: {r}"
+        );
+    }
+    assert_eq!(
+        finished(&out2, 1, Duration::from_secs(180)),
+        want,
+        "the MPI job moved to other nodes computed another result"
+    );
+    assert!(progress_lines(&out2) > at, "no progress after the restart");
+    eprintln!("[{:.0?}] job 2 moved and finished", t0.elapsed());
+    let CoordCluster { lab, agents, .. } = cl;
+    drop(agents);
+    lab.down().unwrap();
+}
