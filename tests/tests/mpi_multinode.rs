@@ -3,7 +3,9 @@
 //! parts: mpirun on the first node, and on the second a `ckpt-rsh --serve`
 //! through which mpirun starts its daemon there (`--mca plm_rsh_agent
 //! ckpt-rsh`), so that every daemon and rank lives in the job's namespaces
-//! and cgroups, and all MPI traffic runs over the job's own addresses.
+//! and cgroups, and all MPI traffic runs over the job's own addresses (TCP
+//! between the nodes, shared memory in the part's private /dev/shm between
+//! the ranks of a node).
 //!
 //! 1. A checkpoint with `--leave-running` mid-run: the job goes on and
 //!    ends with the uninterrupted run's checksum; then that checkpoint,
