@@ -5,7 +5,10 @@ set -euo pipefail
 need=()
 # openmpi-bin and libopenmpi-dev for the MPI sample job (jobs/heat); libclang-dev
 # because the mpi crate generates its bindings with bindgen at build time.
-for pkg in gcc make iproute2 nftables util-linux procps openmpi-bin libopenmpi-dev libclang-dev; do
+# slurmctld, slurmd, slurm-client and munge for the Slurm preemption tests
+# (tests/src/slurm.rs runs them in a lab; nothing starts by itself).
+for pkg in gcc make iproute2 nftables util-linux procps openmpi-bin libopenmpi-dev libclang-dev \
+    slurmctld slurmd slurm-client munge; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

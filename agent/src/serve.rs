@@ -52,6 +52,71 @@ struct SessionRecord {
 /// The file name prefix of held-part records (others are sessions').
 const HELD_PREFIX: &str = "held-";
 
+/// A job this agent started or restored, as recorded on disk.
+#[derive(Debug, Serialize, Deserialize)]
+struct StartedRecord {
+    job: String,
+    /// Its root process (host PID).
+    pid: i32,
+}
+
+/// Creating and removing job cgroups, one at a time: a cgroup that a
+/// restore just made is empty until its first process is forked into it,
+/// and must not pass for the cgroup of a job that ended.
+static CGROUP_OPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Records that this agent started or restored job `job` with root `pid`.
+fn note_started(jobs_dir: &Path, job: &str, pid: i32) {
+    if let Err(e) = std::fs::create_dir_all(jobs_dir) {
+        warn!("{}: {e}", jobs_dir.display());
+        return;
+    }
+    let path = jobs_dir.join(format!("{job}.json"));
+    if let Err(e) = write_record(
+        &path,
+        &StartedRecord {
+            job: job.to_string(),
+            pid,
+        },
+    ) {
+        warn!("{e}");
+    }
+}
+
+/// Removes the cgroups of the jobs this agent started or restored that
+/// have ended (root gone, no process left), with their records: a node
+/// keeps nothing of a finished job. Returns the jobs removed.
+pub fn sweep_ended(state_dir: &Path) -> Vec<String> {
+    let _ops = CGROUP_OPS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(jobs_dir(state_dir)) else {
+        return removed;
+    };
+    for e in rd.flatten() {
+        let path = e.path();
+        let Some(rec) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<StartedRecord>(&t).ok())
+        else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        if Path::new(&format!("/proc/{}", rec.pid)).exists() {
+            continue;
+        }
+        if let Ok(cg) = crate::cgroup::JobCgroup::find(&rec.job) {
+            if !cg.procs().map(|p| p.is_empty()).unwrap_or(false) {
+                continue;
+            }
+            cg.remove();
+        }
+        let _ = std::fs::remove_file(&path);
+        info!(job = rec.job, "job ended: its cgroup removed");
+        removed.push(rec.job);
+    }
+    removed
+}
+
 /// A part restored held, waiting for its release, as recorded on disk.
 #[derive(Debug, Serialize, Deserialize)]
 struct HeldRecord {
@@ -83,6 +148,11 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
         .map_err(|e| Error::io(&cfg.listen, e))?
         .to_string();
     info!(node = cfg.node, addr, "serving");
+    let swept = cfg.state_dir.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(2));
+        sweep_ended(&swept);
+    });
     ready(&addr);
     for conn in listener.incoming() {
         let stream = match conn {
@@ -101,6 +171,12 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
 /// Where in a state directory sessions and held parts are recorded.
 fn sessions_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("sessions")
+}
+
+/// Where in a state directory the jobs this agent started or restored are
+/// recorded (until they end).
+fn jobs_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("jobs")
 }
 
 /// Where in a state directory streamed checkpoint parts are kept.
@@ -244,6 +320,7 @@ pub struct Handler {
     next: u64,
     node: String,
     sessions_dir: PathBuf,
+    jobs_dir: PathBuf,
     incoming_dir: PathBuf,
     /// Part directories streamed on this connection (removed with it).
     staged: Vec<PathBuf>,
@@ -315,6 +392,7 @@ impl Handler {
             next: 1,
             node: node.to_string(),
             sessions_dir: sessions_dir(state_dir),
+            jobs_dir: jobs_dir(state_dir),
             incoming_dir: incoming_dir(state_dir),
             staged: Vec::new(),
             agent_exe: agent_exe.to_path_buf(),
@@ -477,7 +555,12 @@ impl Handler {
                         },
                     )?;
                 }
+                let ops = CGROUP_OPS.lock().unwrap_or_else(|e| e.into_inner());
                 let restored = restore_detached(&self.agent_exe, r);
+                if let (Ok(v), false) = (&restored, r.job.is_empty()) {
+                    note_started(&self.jobs_dir, &r.job, v.pid);
+                }
+                drop(ops);
                 // Streamed images served their one restore.
                 if let Some(i) = self.staged.iter().position(|d| d == Path::new(&r.images)) {
                     remove_staged(&self.staged.remove(i));
@@ -543,7 +626,9 @@ impl Handler {
             }
             Q::Run(r) => {
                 only_root(req.uid, "starts jobs")?;
+                let _ops = CGROUP_OPS.lock().unwrap_or_else(|e| e.into_inner());
                 let pid = run_detached(&self.agent_exe, r)?;
+                note_started(&self.jobs_dir, &r.job, pid);
                 Ok(A::Run(msg::RunPartReply { pid }))
             }
             Q::Kill(k) => {
@@ -559,9 +644,19 @@ impl Handler {
                     killed: killed as u32,
                 }))
             }
-            Q::Status(_) => Ok(A::Status(msg::StatusReply {
+            Q::Status(st) => Ok(A::Status(msg::StatusReply {
                 node: self.node.clone(),
                 sessions: self.sessions.keys().copied().collect(),
+                running: st
+                    .jobs
+                    .iter()
+                    .filter(|j| {
+                        crate::cgroup::JobCgroup::find(j)
+                            .and_then(|cg| cg.procs())
+                            .is_ok_and(|p| !p.is_empty())
+                    })
+                    .cloned()
+                    .collect(),
             })),
         }
     }

@@ -411,10 +411,10 @@ fn checkpoint_locked(
     let t = Instant::now();
     let confirmed = on_all(&mut conns, |c| {
         let session = c.session.expect("prepared");
-        match c
-            .link
-            .call(timeouts.freeze, Q::Status(msg::StatusRequest {}))?
-        {
+        match c.link.call(
+            timeouts.freeze,
+            Q::Status(msg::StatusRequest { jobs: Vec::new() }),
+        )? {
             A::Status(s) if s.sessions.contains(&session) => Ok(()),
             A::Status(_) => Err(format!("no longer holds session {session}")),
             other => Err(format!("answered status with {other:?}")),
@@ -1318,5 +1318,97 @@ pub fn migrate(
                 ),
             }))
         }
+    }
+}
+
+/// Where each part of a job runs, as its node's agent sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PartState {
+    pub part: String,
+    pub node: String,
+    /// Some process of the part runs there; None: its agent could not say.
+    pub running: Option<bool>,
+    /// Why the agent could not say.
+    pub error: Option<String>,
+}
+
+/// Asks the agents of the nodes job `job`'s recorded spec names whether
+/// its parts run there.
+pub fn parts_running(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+) -> Result<Vec<PartState>, FlowError> {
+    let spec = store.job_spec(job)?;
+    let mut by_node: Vec<(String, Vec<String>)> = Vec::new();
+    for p in &spec.parts {
+        let node = p.node.clone().unwrap_or_default();
+        match by_node.iter_mut().find(|(n, _)| *n == node) {
+            Some((_, parts)) => parts.push(p.name.clone()),
+            None => by_node.push((node, vec![p.name.clone()])),
+        }
+    }
+    let timeout = cluster.timeouts.connect.max(Duration::from_secs(10));
+    let answers = parallel(&mut by_node, |(node, parts)| {
+        let jobs: Vec<String> = parts.iter().map(|p| spec.agent_job_id(p)).collect();
+        let r = Link::open(cluster, node).and_then(|mut l| {
+            l.call(
+                timeout,
+                Q::Status(msg::StatusRequest { jobs: jobs.clone() }),
+            )
+        });
+        parts
+            .iter()
+            .zip(&jobs)
+            .map(|(p, j)| {
+                let (running, error) = match &r {
+                    Ok(A::Status(s)) => (Some(s.running.contains(j)), None),
+                    Ok(other) => (None, Some(format!("answered status with {other:?}"))),
+                    Err(e) => (None, Some(e.clone())),
+                };
+                PartState {
+                    part: p.clone(),
+                    node: node.clone(),
+                    running,
+                    error,
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    Ok(answers.into_iter().flatten().collect())
+}
+
+/// Waits until no part of job `job` runs any more (every agent says so),
+/// polling every `every`; gives up after `timeout`. An agent that cannot
+/// be asked counts as "still running": the job is not known to be over.
+pub fn wait(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    every: Duration,
+    timeout: Option<Duration>,
+) -> Result<Vec<PartState>, FlowError> {
+    let t0 = Instant::now();
+    loop {
+        let states = parts_running(cluster, store, job)?;
+        if states.iter().all(|s| s.running == Some(false)) {
+            return Ok(states);
+        }
+        if timeout.is_some_and(|t| t0.elapsed() >= t) {
+            let left: Vec<String> = states
+                .iter()
+                .filter(|s| s.running != Some(false))
+                .map(|s| match &s.error {
+                    Some(e) => format!("{}@{} (unknown: {e})", s.part, s.node),
+                    None => format!("{}@{}", s.part, s.node),
+                })
+                .collect();
+            return Err(FlowError::Setup(format!(
+                "job {job} still runs after {:?}: {}",
+                t0.elapsed(),
+                left.join(", ")
+            )));
+        }
+        std::thread::sleep(every);
     }
 }

@@ -153,6 +153,8 @@ impl Local {
         let dir = Path::new(LOCAL_STATE_DIR);
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         ckpt_agent::serve::recover(dir).map_err(|e| e.to_string())?;
+        // Jobs it started in earlier runs that have ended since.
+        ckpt_agent::serve::sweep_ended(dir);
         let (tx, requests) = mpsc::channel::<msg::Request>();
         let (answers, rx) = mpsc::channel::<msg::Response>();
         let node = node.to_string();

@@ -118,6 +118,19 @@ enum Cmd {
     },
     /// Jobs in the checkpoint store and their checkpoints.
     List,
+    /// Wait until no part of a job runs any more (for batch scripts: the
+    /// job's processes are the agents', not the caller's children).
+    Wait {
+        /// The job id.
+        #[arg(value_parser = job_id)]
+        job: String,
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, value_name = "SECS")]
+        timeout: Option<u64>,
+        /// Seconds between two looks.
+        #[arg(long, value_name = "SECS", default_value_t = 2)]
+        every: u64,
+    },
     /// Move a job to other nodes (checkpoint, then restart there).
     Migrate {
         /// The job id.
@@ -167,6 +180,25 @@ fn run(cli: &Cli) -> Result<()> {
     let store = Store::new(&cluster.store);
     match &cli.cmd {
         Cmd::List => list(cli, &store),
+        Cmd::Wait {
+            job,
+            timeout,
+            every,
+        } => {
+            let states = flow::wait(
+                &cluster,
+                &store,
+                job,
+                std::time::Duration::from_secs((*every).max(1)),
+                timeout.map(std::time::Duration::from_secs),
+            )?;
+            if cli.json {
+                println!("{}", json!({ "job": job, "parts": states }));
+            } else {
+                println!("job {job} has ended: no part of it runs");
+            }
+            Ok(())
+        }
         Cmd::Status { job: None, full } => status_all(cli, &cluster, &store, *full),
         Cmd::Status {
             job: Some(job),

@@ -446,6 +446,7 @@ mod tests {
                 body: Some(msg::response::Body::Status(msg::StatusReply {
                     node: "node-a".into(),
                     sessions: vec![3],
+                    running: Vec::new(),
                 })),
             })
             .unwrap();
@@ -453,7 +454,7 @@ mod tests {
             assert!(a.recv::<msg::Request>().unwrap().is_none());
         });
         let r = c
-            .call(0, msg::request::Body::Status(msg::StatusRequest {}))
+            .call(0, msg::request::Body::Status(msg::StatusRequest::default()))
             .unwrap();
         assert!(matches!(r, Some(msg::response::Body::Status(s)) if s.sessions == vec![3]));
         drop(c);

@@ -143,6 +143,25 @@ fn job_moves_to_other_nodes_with_its_tcp_connection_and_same_result() {
         "rank 1 did not finish: {}",
         fs::read_to_string(&out1).unwrap_or_default()
     );
+    // The job has ended: the coordinator can tell, and the agents remove
+    // what they made for it.
+    let o = cl.coord(3, &["wait", &job, "--timeout", "30"]);
+    assert!(o.status.success(), "wait for the ended job failed");
+    for part in ["r0", "r1"] {
+        let gone = || {
+            ["/sys/fs/cgroup/unified/ckpt", "/sys/fs/cgroup/freezer/ckpt"]
+                .iter()
+                .all(|root| {
+                    !std::path::Path::new(root)
+                        .join(format!("{job}.{part}"))
+                        .exists()
+                })
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), gone),
+            "the cgroup of part {part} outlived the job"
+        );
+    }
     let CoordCluster { lab, agents, .. } = cl;
     drop(agents);
     lab.down().unwrap();

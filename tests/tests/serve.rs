@@ -186,7 +186,10 @@ fn a_coordinator_with_another_key_is_refused() {
     assert!(e.to_string().contains("same key file"), "{e}");
     // The service goes on for the right key.
     let mut ch = connect(&agent);
-    match ch.call(0, Q::Status(msg::StatusRequest {})).unwrap() {
+    match ch
+        .call(0, Q::Status(msg::StatusRequest::default()))
+        .unwrap()
+    {
         Some(A::Status(s)) => assert_eq!(s.node, "test-node"),
         other => panic!("status answered {other:?}"),
     }
