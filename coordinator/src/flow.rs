@@ -506,12 +506,15 @@ fn checkpoint_locked(
 /// Starts job `spec` on the cluster: places its parts (`nodes`, or every
 /// node), records its spec in the store, and has every node's agent start
 /// its parts, nodes in parallel. If one part cannot start, the parts
-/// already started are killed and the spec removed: nothing is left.
+/// already started are killed and the spec removed: nothing is left. A job
+/// id already recorded is refused, unless `replace` and none of its parts
+/// runs any more (a batch job that starts over).
 pub fn launch(
     cluster: &Cluster,
     store: &Store,
     spec: &JobSpec,
     nodes: Option<&[String]>,
+    replace: bool,
     on_step: OnStep<'_>,
 ) -> Result<LaunchReport, FlowError> {
     let t0 = Instant::now();
@@ -521,11 +524,28 @@ pub fn launch(
     };
     let job = spec.job.clone();
     if store.spec_path(&job).exists() {
-        return Err(FlowError::Setup(format!(
-            "job {job} exists already ({} is recorded): launch it under another id (--job), \
-             or restart it from its checkpoints (`ckpt-coord restart {job}`)",
-            store.spec_path(&job).display()
-        )));
+        if !replace {
+            return Err(FlowError::Setup(format!(
+                "job {job} exists already ({} is recorded): launch it under another id (--job), \
+                 restart it from its checkpoints (`ckpt-coord restart {job}`), or start it over \
+                 with --replace",
+                store.spec_path(&job).display()
+            )));
+        }
+        let running: Vec<String> = parts_running(cluster, store, &job)?
+            .into_iter()
+            .filter(|p| p.running != Some(false))
+            .map(|p| format!("{}@{}", p.part, p.node))
+            .collect();
+        if !running.is_empty() {
+            return Err(FlowError::Setup(format!(
+                "job {job} cannot start over: its parts {} may still run (`ckpt-coord kill {job}` \
+                 stops them)",
+                running.join(", ")
+            )));
+        }
+        std::fs::remove_file(store.spec_path(&job))
+            .map_err(|e| FlowError::Setup(format!("{}: {e}", store.spec_path(&job).display())))?;
     }
     let mut placed = plan::place(spec, cluster, nodes)?;
     let _lock = store.lock_job(&job, "launch", true)?;
@@ -1411,4 +1431,55 @@ pub fn wait(
         }
         std::thread::sleep(every);
     }
+}
+
+/// Kills every part of job `job` on its node (the Kill request: every
+/// process of the part, its cgroup, a network lock kept for it); parts
+/// already gone are fine. Its checkpoints stay. Errors name the parts
+/// that could not be killed.
+pub fn kill(cluster: &Cluster, store: &Store, job: &str) -> Result<Vec<PartState>, FlowError> {
+    let spec = store.job_spec(job)?;
+    let timeout = cluster.timeouts.freeze;
+    let mut parts: Vec<(String, String, String)> = spec
+        .parts
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.node.clone().unwrap_or_default(),
+                spec.agent_job_id(&p.name),
+            )
+        })
+        .collect();
+    let results = parallel(&mut parts, |(part, node, agent_job)| {
+        let r = Link::open(cluster, node).and_then(|mut l| {
+            l.call(
+                timeout,
+                Q::Kill(msg::KillRequest {
+                    job: agent_job.clone(),
+                }),
+            )
+        });
+        PartState {
+            part: part.clone(),
+            node: node.clone(),
+            running: r.as_ref().ok().map(|_| false),
+            error: r.err(),
+        }
+    });
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|p| {
+            p.error
+                .as_ref()
+                .map(|e| format!("{}@{}: {e}", p.part, p.node))
+        })
+        .collect();
+    if !failed.is_empty() {
+        return Err(FlowError::Setup(format!(
+            "job {job}: could not kill {}",
+            failed.join("; ")
+        )));
+    }
+    Ok(results)
 }

@@ -54,6 +54,16 @@ enum Cmd {
         /// Nodes to place the parts on (default: every node of the cluster).
         #[arg(long, value_parser = nodes, value_name = "A,B")]
         nodes: Option<Nodes>,
+        /// Start over a job whose id is recorded already, if none of its
+        /// parts runs any more.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Kill every part of a job on its node (its checkpoints stay).
+    Kill {
+        /// The job id.
+        #[arg(value_parser = job_id)]
+        job: String,
     },
     /// Record the spec of a job whose parts were started by hand (`ckpt-agent
     /// run --job JOB.PART` on their nodes), so that checkpoint and restart
@@ -180,6 +190,17 @@ fn run(cli: &Cli) -> Result<()> {
     let store = Store::new(&cluster.store);
     match &cli.cmd {
         Cmd::List => list(cli, &store),
+        Cmd::Kill { job } => {
+            let parts = flow::kill(&cluster, &store, job)?;
+            if cli.json {
+                println!("{}", json!({ "job": job, "parts": parts }));
+            } else {
+                for p in &parts {
+                    println!("part {} on {}: killed", p.part, p.node);
+                }
+            }
+            Ok(())
+        }
         Cmd::Wait {
             job,
             timeout,
@@ -208,6 +229,7 @@ fn run(cli: &Cli) -> Result<()> {
             jobspec,
             job,
             nodes,
+            replace,
         } => {
             let spec = JobSpec::load(jobspec, job.as_deref())?;
             let r = flow::launch(
@@ -215,6 +237,7 @@ fn run(cli: &Cli) -> Result<()> {
                 &store,
                 &spec,
                 nodes.as_ref().map(|n| n.0.as_slice()),
+                *replace,
                 &progress(cli),
             )?;
             print_launch(cli, &r);

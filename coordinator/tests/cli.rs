@@ -334,6 +334,11 @@ fn commands_name_the_node_whose_agent_they_cannot_reach() {
         ),
         (vec!["check"], "node n1"),
         (vec!["check", "--nodes", "n3"], "node n3"),
+        (vec!["kill", "j4"], "job j4: could not kill a@n1"),
+        (
+            vec!["wait", "j4", "--timeout", "1"],
+            "job j4 still runs after",
+        ),
         (
             vec!["migrate", "j4", "--to", "n2,n3"],
             "migration of job j4 refused before it was touched: node n2",
@@ -342,7 +347,7 @@ fn commands_name_the_node_whose_agent_they_cannot_reach() {
         let o = lab.run(&args);
         assert_eq!(code(&o), 1, "{args:?}: {}", err(&o));
         assert!(err(&o).contains(want), "{args:?}: {}", err(&o));
-        if args[0] != "check" {
+        if !["check", "kill", "wait"].contains(&args[0]) {
             assert!(out(&o).is_empty(), "{args:?} printed {}", out(&o));
         }
     }

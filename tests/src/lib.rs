@@ -7,6 +7,8 @@
 //! ([`CaseProcess`], [`agent`], [`Workdir`]) are public for the bad-input
 //! tests.
 
+pub mod slurm;
+
 use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
