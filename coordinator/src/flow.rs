@@ -261,6 +261,23 @@ fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
     out + "; nothing was committed"
 }
 
+/// The error of a checkpoint whose `step` failed on a node, once every
+/// prepared part is aborted.
+fn aborted(
+    conns: &mut [Dumping],
+    step: &'static str,
+    (node, reason): (String, String),
+    timeout: Duration,
+) -> FlowError {
+    let undone = abort_all(conns, timeout);
+    FlowError::Node {
+        step,
+        node,
+        reason,
+        undone,
+    }
+}
+
 /// Whether parts of `spec` have a network namespace of their own, so that
 /// their established TCP connections are theirs to checkpoint.
 fn tcp_established(spec: &JobSpec) -> bool {
@@ -366,14 +383,8 @@ fn checkpoint_locked(
             other => Err(format!("answered prepare with {other:?}")),
         }
     });
-    if let Err((node, reason)) = prepared {
-        let undone = abort_all(&mut conns, timeouts.freeze);
-        return Err(FlowError::Node {
-            step: "prepare",
-            node,
-            reason,
-            undone,
-        });
+    if let Err(failure) = prepared {
+        return Err(aborted(&mut conns, "prepare", failure, timeouts.freeze));
     }
     steps.end("prepare (all frozen and locked)", t);
 
@@ -393,14 +404,8 @@ fn checkpoint_locked(
             other => Err(format!("answered dump with {other:?}")),
         }
     });
-    if let Err((node, reason)) = dumped {
-        let undone = abort_all(&mut conns, timeouts.freeze);
-        return Err(FlowError::Node {
-            step: "dump",
-            node,
-            reason,
-            undone,
-        });
+    if let Err(failure) = dumped {
+        return Err(aborted(&mut conns, "dump", failure, timeouts.freeze));
     }
     steps.end("dump", t);
 
@@ -420,14 +425,13 @@ fn checkpoint_locked(
             other => Err(format!("answered status with {other:?}")),
         }
     });
-    if let Err((node, reason)) = confirmed {
-        let undone = abort_all(&mut conns, timeouts.freeze);
-        return Err(FlowError::Node {
-            step: "confirm before commit",
-            node,
-            reason,
-            undone,
-        });
+    if let Err(failure) = confirmed {
+        return Err(aborted(
+            &mut conns,
+            "confirm before commit",
+            failure,
+            timeouts.freeze,
+        ));
     }
 
     // The commit: from here on the checkpoint exists.

@@ -1430,3 +1430,50 @@ pub fn progress_lines(output: &Path) -> usize {
         .map(|s| s.lines().filter(|l| l.starts_with("iter ")).count())
         .unwrap_or(0)
 }
+
+impl CoordCluster {
+    /// Copies sample job binaries (and ckpt-rsh) into the lab's shared
+    /// directory, which every node sees (a job cannot see the node's /tmp,
+    /// where a checkout may live); returns that directory.
+    pub fn shared_bin(&self, names: &[&str]) -> PathBuf {
+        let dir = self.lab.shared_dir().join("bin");
+        fs::create_dir_all(&dir).unwrap();
+        for n in names {
+            fs::copy(job_binary(n), dir.join(n)).unwrap();
+        }
+        dir
+    }
+
+    /// Writes the spec of a `stencil-tcp` job (`args` for both ranks):
+    /// rank 0 as part r0 on node `n0`, rank 1 as part r1 on `n1`, on the
+    /// lab's job addresses 0 and 1; returns the spec file.
+    pub fn stencil_tcp_spec(&self, job: &str, (n0, n1): (usize, usize), args: &[&str]) -> PathBuf {
+        let bin = self.shared_bin(&["stencil-tcp"]).join("stencil-tcp");
+        let (a0, a1) = (self.lab.job_address(0), self.lab.job_address(1));
+        let argv = |rank: &str, flag: &str| {
+            let mut v = vec![
+                "--rank".to_string(),
+                rank.to_string(),
+                flag.to_string(),
+                format!("{a0}:7000"),
+            ];
+            v.extend(args.iter().map(|s| s.to_string()));
+            format!("{v:?}")
+        };
+        let spec = format!(
+            "job = \"{job}\"\n\
+             [[part]]\nname = \"r0\"\nnode = \"{n0}\"\ncommand = \"{bin}\"\nargs = {args0}\n\
+             [part.network]\naddress = \"{a0}/24\"\n\
+             [[part]]\nname = \"r1\"\nnode = \"{n1}\"\ncommand = \"{bin}\"\nargs = {args1}\n\
+             [part.network]\naddress = \"{a1}/24\"\n",
+            n0 = self.lab.node(n0).name(),
+            n1 = self.lab.node(n1).name(),
+            bin = bin.display(),
+            args0 = argv("0", "--listen"),
+            args1 = argv("1", "--connect"),
+        );
+        let file = self.dir.join(&format!("{job}.toml"));
+        fs::write(&file, spec).unwrap();
+        file
+    }
+}

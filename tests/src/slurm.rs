@@ -454,6 +454,9 @@ impl Slurm {
         let args = [
             "munged".to_string(),
             "-F".into(),
+            // Work dirs (Workdir::for_job) are world-writable: munged would
+            // refuse a key, seed or socket below one without --force.
+            "--force".into(),
             format!("--origin={}", self.ctl_addr),
             format!("--socket={}", self.munge_socket().display()),
             format!("--key-file={}", self.munge_key().display()),

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ckpt_tests::{
-    checksum_line, job_binary, job_frozen, json_of, log_coord, no_checkpoint, progress_lines,
+    checksum_line, job_frozen, json_of, log_coord, no_checkpoint, progress_lines,
     stencil_tcp_reference, tables_in_netns_of, wait_for, CoordCluster, JobCgroupGuard,
 };
 
@@ -56,38 +56,10 @@ fn agent_killed_during_freeze_dump_or_before_commit_leaves_the_job_running() {
     let want = stencil_tcp_reference(&ARGS);
     let mut cl = CoordCluster::up("coord-abort", 2);
     let k = cl.lab.number();
-    let bin_dir = cl.lab.shared_dir().join("bin");
-    fs::create_dir_all(&bin_dir).unwrap();
-    let bin = bin_dir.join("stencil-tcp");
-    fs::copy(job_binary("stencil-tcp"), &bin).unwrap();
     let job = format!("abort{k}-{}", std::process::id());
     let (j0, j1) = (format!("{job}.r0"), format!("{job}.r1"));
     let _cgroups = [JobCgroupGuard(j0.clone()), JobCgroupGuard(j1.clone())];
-    let (a0, a1) = (cl.lab.job_address(0), cl.lab.job_address(1));
-    let args = |rank: &str, flag: &str| {
-        let mut v = vec![
-            "--rank".to_string(),
-            rank.to_string(),
-            flag.to_string(),
-            format!("{a0}:7000"),
-        ];
-        v.extend(ARGS.iter().map(|s| s.to_string()));
-        format!("{v:?}")
-    };
-    let spec = format!(
-        "job = \"{job}\"\n\
-         [[part]]\nname = \"r0\"\nnode = \"{n1}\"\ncommand = \"{bin}\"\nargs = {args0}\n\
-         [part.network]\naddress = \"{a0}/24\"\n\
-         [[part]]\nname = \"r1\"\nnode = \"{n2}\"\ncommand = \"{bin}\"\nargs = {args1}\n\
-         [part.network]\naddress = \"{a1}/24\"\n",
-        n1 = cl.lab.node(1).name(),
-        n2 = cl.lab.node(2).name(),
-        bin = bin.display(),
-        args0 = args("0", "--listen"),
-        args1 = args("1", "--connect"),
-    );
-    let spec_file = cl.dir.join("job.toml");
-    fs::write(&spec_file, spec).unwrap();
+    let spec_file = cl.stencil_tcp_spec(&job, (1, 2), &ARGS);
     let o = cl.coord(2, &["--json", "launch", spec_file.to_str().unwrap()]);
     assert!(o.status.success(), "launch failed");
     let launched = json_of(&o);

@@ -9,8 +9,8 @@ use std::fs;
 use std::time::Duration;
 
 use ckpt_tests::{
-    checksum_line, job_binary, json_of, no_checkpoint, progress_lines, stencil_tcp_reference,
-    wait_for, CoordCluster, JobCgroupGuard,
+    checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, wait_for,
+    CoordCluster, JobCgroupGuard,
 };
 
 /// Sized to run a few seconds here: long enough to be caught mid-run.
@@ -24,43 +24,12 @@ fn job_moves_to_other_nodes_with_its_tcp_connection_and_same_result() {
     let want = stencil_tcp_reference(&ARGS);
     let mut cl = CoordCluster::up("demo", 4);
     let k = cl.lab.number();
-    // Every node sees the shared directory; a job cannot see the node's
-    // /tmp (it gets its own), where a checkout may live.
-    let bin_dir = cl.lab.shared_dir().join("bin");
-    fs::create_dir_all(&bin_dir).unwrap();
-    let bin = bin_dir.join("stencil-tcp");
-    fs::copy(job_binary("stencil-tcp"), &bin).unwrap();
-
     let job = format!("demo{k}-{}", std::process::id());
     let _cgroups = [
         JobCgroupGuard(format!("{job}.r0")),
         JobCgroupGuard(format!("{job}.r1")),
     ];
-    let (a0, a1) = (cl.lab.job_address(0), cl.lab.job_address(1));
-    let args = |rank: &str, flag: &str| {
-        let mut v = vec![
-            "--rank".to_string(),
-            rank.to_string(),
-            flag.to_string(),
-            format!("{a0}:7000"),
-        ];
-        v.extend(ARGS.iter().map(|s| s.to_string()));
-        format!("{v:?}")
-    };
-    let spec = format!(
-        "job = \"{job}\"\n\
-         [[part]]\nname = \"r0\"\nnode = \"{n1}\"\ncommand = \"{bin}\"\nargs = {args0}\n\
-         [part.network]\naddress = \"{a0}/24\"\n\
-         [[part]]\nname = \"r1\"\nnode = \"{n2}\"\ncommand = \"{bin}\"\nargs = {args1}\n\
-         [part.network]\naddress = \"{a1}/24\"\n",
-        n1 = cl.lab.node(1).name(),
-        n2 = cl.lab.node(2).name(),
-        bin = bin.display(),
-        args0 = args("0", "--listen"),
-        args1 = args("1", "--connect"),
-    );
-    let spec_file = cl.dir.join("stencil-tcp.toml");
-    fs::write(&spec_file, spec).unwrap();
+    let spec_file = cl.stencil_tcp_spec(&job, (1, 2), &ARGS);
 
     let o = cl.coord(3, &["--json", "launch", spec_file.to_str().unwrap()]);
     assert!(o.status.success(), "launch failed");

@@ -162,11 +162,7 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
     let want = reference();
     let mut cl = CoordCluster::up("mpi", 6);
     let k = cl.lab.number();
-    let bin = cl.lab.shared_dir().join("bin");
-    fs::create_dir_all(&bin).unwrap();
-    for b in ["heat", "ckpt-rsh"] {
-        fs::copy(job_binary(b), bin.join(b)).unwrap();
-    }
+    let bin = cl.shared_bin(&["heat", "ckpt-rsh"]);
     let pid = std::process::id();
     let (j1, j2) = (format!("mpi{k}-{pid}-1"), format!("mpi{k}-{pid}-2"));
     let _cgroups: Vec<JobCgroupGuard> = [&j1, &j2]
