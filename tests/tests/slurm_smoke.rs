@@ -23,6 +23,7 @@ const LOW_SCRIPT: &str = r#"#!/bin/bash
 #SBATCH -N 2 -p low
 out="$SMOKE_OUT"
 echo "start host=$(hostname) nodes=$SLURM_JOB_NODELIST restart=${SLURM_RESTART_COUNT:-0}" >> "$out"
+echo "stdout of run restart=${SLURM_RESTART_COUNT:-0}"
 trap 'echo "got USR1" >> "$out"; kill $sleeper; scontrol requeue "$SLURM_JOB_ID"; exit 0' USR1
 # A trap runs between commands only: wait, unlike a foreground sleep, returns on a signal.
 sleep 300 &
@@ -147,8 +148,9 @@ fn low_job_preempted_requeued_and_rerun() {
     phase("low job running again", &mut t);
     let text = read(&low_out);
     eprintln!(
-        "low job's file:\n{text}high job's file:\n{}",
-        read(&high_out)
+        "low job's file:\n{text}high job's file:\n{}low job's stdout:\n{}",
+        read(&high_out),
+        read(&slurm.dir().join(format!("jobs/slurm-{low}.out")))
     );
     let starts: Vec<&str> = text.lines().filter(|l| l.starts_with("start ")).collect();
     assert_eq!(starts.len(), 2, "two runs expected: {text:?}");
