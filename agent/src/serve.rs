@@ -60,10 +60,11 @@ struct StartedRecord {
     pid: i32,
 }
 
-/// Creating and removing job cgroups, one at a time: a cgroup that a
-/// restore just made is empty until its first process is forked into it,
-/// and must not pass for the cgroup of a job that ended.
-static CGROUP_OPS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// Making job cgroups (starts and restores, shared: they run side by side)
+/// against removing those of ended jobs (exclusive): a cgroup a restore
+/// just made is empty until its first process is forked into it, and must
+/// not pass for the cgroup of a job that ended.
+static CGROUP_OPS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Records that this agent started or restored job `job` with root `pid`.
 fn note_started(jobs_dir: &Path, job: &str, pid: i32) {
@@ -87,7 +88,7 @@ fn note_started(jobs_dir: &Path, job: &str, pid: i32) {
 /// have ended (root gone, no process left), with their records: a node
 /// keeps nothing of a finished job. Returns the jobs removed.
 pub fn sweep_ended(state_dir: &Path) -> Vec<String> {
-    let _ops = CGROUP_OPS.lock().unwrap_or_else(|e| e.into_inner());
+    let _ops = CGROUP_OPS.write().unwrap_or_else(|e| e.into_inner());
     let mut removed = Vec::new();
     let Ok(rd) = std::fs::read_dir(jobs_dir(state_dir)) else {
         return removed;
@@ -555,7 +556,7 @@ impl Handler {
                         },
                     )?;
                 }
-                let ops = CGROUP_OPS.lock().unwrap_or_else(|e| e.into_inner());
+                let ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
                 let restored = restore_detached(&self.agent_exe, r);
                 if let (Ok(v), false) = (&restored, r.job.is_empty()) {
                     note_started(&self.jobs_dir, &r.job, v.pid);
@@ -626,7 +627,7 @@ impl Handler {
             }
             Q::Run(r) => {
                 only_root(req.uid, "starts jobs")?;
-                let _ops = CGROUP_OPS.lock().unwrap_or_else(|e| e.into_inner());
+                let _ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
                 let pid = run_detached(&self.agent_exe, r)?;
                 note_started(&self.jobs_dir, &r.job, pid);
                 Ok(A::Run(msg::RunPartReply { pid }))
