@@ -1,0 +1,103 @@
+//! `ckpt-coord check` and `ckpt-coord migrate` on a 4-node lab: every
+//! node's agent probes its kernel; a stencil-tcp job launched on nodes 1
+//! and 2 is moved mid-run to nodes 3 and 4 in one command (its TCP
+//! connection with it), a checkpoint of it is checked against nodes 1 and
+//! 2, and it ends with an uninterrupted run's checksum.
+
+use std::fs;
+use std::time::Duration;
+
+use ckpt_tests::{
+    checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, wait_for,
+    CoordCluster, JobCgroupGuard,
+};
+
+const ARGS: [&str; 6] = ["--size", "512", "--iters", "12000", "--every", "600"];
+
+#[test]
+fn check_and_migrate_move_a_running_job_to_other_nodes() {
+    if no_checkpoint() {
+        return;
+    }
+    let want = stencil_tcp_reference(&ARGS);
+    let cl = CoordCluster::up("migrate", 4);
+    let k = cl.lab.number();
+    let job = format!("mig{k}-{}", std::process::id());
+    let _cgroups = ["r0", "r1"].map(|p| JobCgroupGuard(format!("{job}.{p}")));
+
+    let o = cl.coord(3, &["--json", "check"]);
+    assert!(o.status.success(), "check of the lab's nodes failed");
+    let checks = json_of(&o);
+    assert_eq!(checks["ok"], true, "{checks}");
+    assert_eq!(
+        checks["nodes"].as_array().map(Vec::len),
+        Some(4),
+        "{checks}"
+    );
+
+    let spec = cl.stencil_tcp_spec(&job, (1, 2), &ARGS);
+    assert!(cl
+        .coord(3, &["launch", spec.to_str().unwrap()])
+        .status
+        .success());
+    let out = cl.store().join(&job).join("output/r0.log");
+    assert!(
+        wait_for(Duration::from_secs(30), || progress_lines(&out) >= 3),
+        "the job makes no progress"
+    );
+    let to = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
+    let o = cl.coord(3, &["--json", "migrate", &job, "--to", &to]);
+    assert!(o.status.success(), "migrate failed");
+    let m = json_of(&o);
+    for (part, node) in [("r0", 3), ("r1", 4)] {
+        assert!(
+            m["restart"]["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
+            "part {part} not moved to node {node}: {m}"
+        );
+    }
+    assert!(
+        checksum_line(&fs::read_to_string(&out).unwrap()).is_none(),
+        "the job had finished before the move: make it longer"
+    );
+    // The checkpoint the move took, checked against the nodes it left.
+    let cp = m["checkpoint"]["checkpoint"].as_str().unwrap().to_string();
+    let from = format!("{},{}", cl.lab.node(1).name(), cl.lab.node(2).name());
+    let o = cl.coord(
+        3,
+        &[
+            "--json",
+            "check",
+            "--checkpoint",
+            &format!("{job}/{cp}"),
+            "--nodes",
+            &from,
+        ],
+    );
+    assert!(o.status.success(), "check of the checkpoint failed");
+    assert!(
+        wait_for(Duration::from_secs(60), || fs::read_to_string(&out)
+            .ok()
+            .and_then(|s| checksum_line(&s))
+            .is_some()),
+        "the moved job did not finish: {}",
+        fs::read_to_string(&out).unwrap_or_default()
+    );
+    assert_eq!(
+        checksum_line(&fs::read_to_string(&out).unwrap()).as_deref(),
+        Some(want.as_str()),
+        "the moved job computed another result"
+    );
+    // Later operations find it where it went.
+    let spec_now = fs::read_to_string(cl.store().join(&job).join("job.toml")).unwrap();
+    assert!(
+        spec_now.contains(&format!("node = \"{}\"", cl.lab.node(3).name())),
+        "the job's spec does not name its new nodes:\n{spec_now}"
+    );
+    let CoordCluster { lab, agents, .. } = cl;
+    drop(agents);
+    lab.down().unwrap();
+}
