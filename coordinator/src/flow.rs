@@ -552,6 +552,7 @@ pub fn launch(
             .map_err(|e| FlowError::Setup(format!("{}: {e}", store.spec_path(&job).display())))?;
     }
     let mut placed = plan::place(spec, cluster, nodes)?;
+    refuse_taken_addresses(cluster, store, spec)?;
     let _lock = store.lock_job(&job, "launch", true)?;
     // A launch that fails leaves no trace of the job in the store.
     let mut undo = LaunchUndo {
@@ -682,6 +683,63 @@ pub fn launch(
         steps: steps.done,
         total_ms: ms(t0),
     })
+}
+
+/// Refuses a launch whose parts' addresses belong to another job of the
+/// store that still runs (or may: its agent cannot say): both would answer
+/// for the address, and connections would go to either.
+fn refuse_taken_addresses(
+    cluster: &Cluster,
+    store: &Store,
+    spec: &JobSpec,
+) -> Result<(), FlowError> {
+    let mine: Vec<std::net::IpAddr> = spec
+        .parts
+        .iter()
+        .filter_map(|p| p.network.as_ref().map(|n| n.address.addr))
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    for other in store.jobs()? {
+        if other == spec.job {
+            continue;
+        }
+        let Ok(their) = store.job_spec(&other) else {
+            continue;
+        };
+        let shared: Vec<(String, std::net::IpAddr)> = their
+            .parts
+            .iter()
+            .filter_map(|p| {
+                let a = p.network.as_ref()?.address.addr;
+                mine.contains(&a).then(|| (p.name.clone(), a))
+            })
+            .collect();
+        if shared.is_empty() {
+            continue;
+        }
+        let states = parts_running(cluster, store, &other)?;
+        for (part, addr) in shared {
+            if let Some(s) = states
+                .iter()
+                .find(|s| s.part == part && s.running != Some(false))
+            {
+                return Err(FlowError::Setup(format!(
+                    "address {addr} belongs to part {part} of job {other} on node {}, which {}: \
+                     give job {} other addresses, or end job {other} first (`ckpt-coord kill {other}`)",
+                    s.node,
+                    if s.running == Some(true) {
+                        "still runs"
+                    } else {
+                        "may still run (its agent cannot say)"
+                    },
+                    spec.job
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A fresh random job token.

@@ -1439,7 +1439,13 @@ impl CoordCluster {
         let dir = self.lab.shared_dir().join("bin");
         fs::create_dir_all(&dir).unwrap();
         for n in names {
-            fs::copy(job_binary(n), dir.join(n)).unwrap();
+            // A copy already there may be running: writing over it would
+            // fail (ETXTBSY), and replacing it would leave its processes
+            // mapping a deleted file.
+            let (src, dst) = (job_binary(n), dir.join(n));
+            if fs::read(&dst).ok() != Some(fs::read(&src).unwrap()) {
+                fs::copy(&src, &dst).unwrap();
+            }
         }
         dir
     }

@@ -45,6 +45,27 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         wait_for(Duration::from_secs(30), || progress_lines(&out) >= 3),
         "the job makes no progress"
     );
+    // Another job on the same addresses is refused while this one runs.
+    let twin = format!("{job}-twin");
+    let twin_spec = cl.stencil_tcp_spec(&twin, (3, 4), &ARGS);
+    let o = cl.coord(3, &["launch", twin_spec.to_str().unwrap()]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a job on taken addresses launched"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "address {} belongs to part r0 of job {job}",
+            cl.lab.job_address(0)
+        )),
+        "{err}"
+    );
+    assert!(
+        !cl.store().join(&twin).exists(),
+        "the refused launch left its job in the store"
+    );
     let to = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
     let o = cl.coord(3, &["--json", "migrate", &job, "--to", &to]);
     assert!(o.status.success(), "migrate failed");
