@@ -569,21 +569,31 @@ impl Handler {
                 let restored = match restored {
                     Ok(v) => v,
                     Err(e) => {
-                        let _ = std::fs::remove_file(&record);
+                        if r.hold {
+                            let _ = std::fs::remove_file(&record);
+                        }
                         return Err(e);
                     }
                 };
                 if r.hold {
+                    // Held from here on: the connection's end kills it,
+                    // whatever happens to its record.
                     let lock = restored.held_lock;
+                    self.held.insert(
+                        r.job.clone(),
+                        Held {
+                            lock: lock.clone(),
+                            record: record.clone(),
+                        },
+                    );
                     write_record(
                         &record,
                         &HeldRecord {
                             agent_pid: std::process::id(),
                             job: r.job.clone(),
-                            lock: lock.clone(),
+                            lock,
                         },
                     )?;
-                    self.held.insert(r.job.clone(), Held { lock, record });
                 }
                 Ok(A::Restore(msg::RestorePartReply {
                     pid: restored.pid,
@@ -602,7 +612,12 @@ impl Handler {
                     };
                     match crate::cgroup::JobCgroup::find(job).and_then(|cg| cg.thaw()) {
                         Ok(()) => thawed.push((job, held)),
-                        Err(e) => failed.push(e.to_string()),
+                        Err(e) => {
+                            failed.push(e.to_string());
+                            // Still held: killed with the connection,
+                            // unless the coordinator kills it first.
+                            self.held.insert(job.clone(), held);
+                        }
                     }
                 }
                 for (job, held) in thawed {

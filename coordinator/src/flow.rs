@@ -1210,7 +1210,12 @@ fn restart_locked(
             p.node = Some(n.to_string());
         }
     }
-    store.record_spec(&spec)?;
+    store.record_spec(&spec).map_err(|e| {
+        FlowError::Setup(format!(
+            "job {job} was restarted and runs, but its recorded spec could not be updated with \
+             its new nodes (a checkpoint would look for it where it was): {e}"
+        ))
+    })?;
     Ok(RestartReport {
         job: job.to_string(),
         checkpoint: cp.id.clone(),
