@@ -1483,3 +1483,77 @@ impl CoordCluster {
         file
     }
 }
+
+/// The checksum of an uninterrupted `jobs/heat` run of `args` (two ranks
+/// on this machine): what a checkpointed run must print too.
+pub fn heat_reference(args: &[&str]) -> String {
+    let o = Command::new("mpirun")
+        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
+        .arg(job_binary("heat"))
+        .args(args)
+        .output()
+        .expect("mpirun (Open MPI: make deps installs it)");
+    assert!(o.status.success(), "reference run failed: {o:?}");
+    checksum_line(&String::from_utf8_lossy(&o.stdout)).expect("no checksum from the reference run")
+}
+
+impl CoordCluster {
+    /// The spec of a `jobs/heat` MPI job of 4 ranks (`args`), two per part:
+    /// mpirun in part `a` (hostname `ha`), the `ckpt-rsh --serve` that
+    /// starts its daemon in part `b` (`hb`), on the lab's job addresses
+    /// `first` and `first + 1`; shared memory between a part's ranks, TCP
+    /// between the parts. `job` and `nodes` (lab node numbers) when given,
+    /// else left to `launch --job/--nodes`.
+    pub fn heat_spec(
+        &self,
+        job: Option<&str>,
+        nodes: Option<(usize, usize)>,
+        first: u8,
+        args: &[&str],
+    ) -> String {
+        let bin = self.shared_bin(&["heat", "ckpt-rsh"]);
+        let (a0, a1) = (self.lab.job_address(first), self.lab.job_address(first + 1));
+        let rsh = bin.join("ckpt-rsh");
+        let mut mpirun: Vec<String> = [
+            "-np",
+            "4",
+            "--host",
+            "ha:2,hb:2",
+            "--oversubscribe",
+            // Shared memory between the ranks of a part (segments in its
+            // private /dev/shm), TCP between the parts.
+            "--mca",
+            "btl",
+            "vader,tcp,self",
+            "--mca",
+            "plm_rsh_agent",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        mpirun.push(rsh.display().to_string());
+        mpirun.push(bin.join("heat").display().to_string());
+        mpirun.extend(args.iter().map(|s| s.to_string()));
+        let node = |n: Option<usize>| {
+            n.map(|i| format!("node = \"{}\"\n", self.lab.node(i).name()))
+                .unwrap_or_default()
+        };
+        format!(
+            "{job}[env]\n\
+             CKPT_RSH_HOSTS = \"ha={a0},hb={a1}\"\n\
+             OMPI_ALLOW_RUN_AS_ROOT = \"1\"\n\
+             OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = \"1\"\n\
+             PATH = \"/usr/bin:/bin\"\n\
+             [[part]]\nname = \"a\"\n{na}hostname = \"ha\"\n\
+             command = \"/usr/bin/mpirun\"\nargs = {mpirun:?}\n\
+             [part.network]\naddress = \"{a0}/24\"\n\
+             [[part]]\nname = \"b\"\n{nb}hostname = \"hb\"\n\
+             command = \"{rsh}\"\nargs = [\"--serve\", \"--sessions\", \"1\"]\n\
+             [part.network]\naddress = \"{a1}/24\"\n",
+            job = job.map(|j| format!("job = \"{j}\"\n")).unwrap_or_default(),
+            na = node(nodes.map(|n| n.0)),
+            nb = node(nodes.map(|n| n.1)),
+            rsh = rsh.display(),
+        )
+    }
+}

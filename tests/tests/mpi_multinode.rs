@@ -15,79 +15,20 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ckpt_tests::{
-    checksum_line, job_binary, json_of, no_checkpoint, progress_lines, wait_for, CoordCluster,
-    JobCgroupGuard,
+    checksum_line, json_of, no_checkpoint, progress_lines, wait_for, CoordCluster, JobCgroupGuard,
 };
 
 /// Sized for about 20 s over the lab's network here.
 const ARGS: [&str; 6] = ["--size", "256", "--iters", "5000", "--every", "250"];
 
-/// The uninterrupted run's checksum (two ranks on this machine).
-fn reference() -> String {
-    let o = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
-        .arg(job_binary("heat"))
-        .args(ARGS)
-        .output()
-        .expect("mpirun (Open MPI: make deps installs it)");
-    assert!(o.status.success(), "reference run failed: {o:?}");
-    checksum_line(&String::from_utf8_lossy(&o.stdout)).expect("no checksum from the reference run")
-}
-
-/// A job spec: mpirun in part `a` on `n_a`, the rsh server in part `b` on
-/// `n_b`; their hostnames `ha` and `hb` as mpirun's host list names them,
-/// their addresses the lab's job addresses `first` and `first + 1`.
-fn spec(cl: &CoordCluster, job: &str, (n_a, n_b): (usize, usize), first: u8, bin: &Path) -> String {
-    let (a0, a1) = (cl.lab.job_address(first), cl.lab.job_address(first + 1));
-    let rsh = bin.join("ckpt-rsh");
-    let mut mpirun = vec![
-        "-np",
-        "4",
-        "--host",
-        "ha:2,hb:2",
-        "--oversubscribe",
-        "--mca",
-        "btl",
-        "tcp,self",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
-    mpirun.extend([
-        "--mca".into(),
-        "plm_rsh_agent".into(),
-        rsh.display().to_string(),
-        bin.join("heat").display().to_string(),
-    ]);
-    mpirun.extend(ARGS.iter().map(|s| s.to_string()));
-    format!(
-        "job = \"{job}\"\n\
-         [env]\n\
-         CKPT_RSH_HOSTS = \"ha={a0},hb={a1}\"\n\
-         OMPI_ALLOW_RUN_AS_ROOT = \"1\"\n\
-         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = \"1\"\n\
-         PATH = \"/usr/bin:/bin\"\n\
-         [[part]]\nname = \"a\"\nnode = \"{na}\"\nhostname = \"ha\"\n\
-         command = \"/usr/bin/mpirun\"\nargs = {mpirun:?}\n\
-         [part.network]\naddress = \"{a0}/24\"\n\
-         [[part]]\nname = \"b\"\nnode = \"{nb}\"\nhostname = \"hb\"\n\
-         command = \"{rsh}\"\nargs = [\"--serve\", \"--sessions\", \"1\"]\n\
-         [part.network]\naddress = \"{a1}/24\"\n",
-        na = cl.lab.node(n_a).name(),
-        nb = cl.lab.node(n_b).name(),
-        rsh = rsh.display(),
-    )
-}
-
 /// Launches `job` on `nodes` with addresses from `first` on; returns its
 /// output file.
-fn launch(cl: &CoordCluster, job: &str, nodes: (usize, usize), first: u8, bin: &Path) -> PathBuf {
+fn launch(cl: &CoordCluster, job: &str, nodes: (usize, usize), first: u8) -> PathBuf {
     let file = cl.dir.join(&format!("{job}.toml"));
-    fs::write(&file, spec(cl, job, nodes, first, bin)).unwrap();
+    fs::write(&file, cl.heat_spec(Some(job), Some(nodes), first, &ARGS)).unwrap();
     let o = cl.coord(3, &["--json", "launch", file.to_str().unwrap()]);
     assert!(o.status.success(), "launch of {job} failed");
     cl.store().join(job).join("output/a.log")
@@ -159,10 +100,9 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
         return;
     }
     let t0 = Instant::now();
-    let want = reference();
+    let want = ckpt_tests::heat_reference(&ARGS);
     let mut cl = CoordCluster::up("mpi", 6);
     let k = cl.lab.number();
-    let bin = cl.shared_bin(&["heat", "ckpt-rsh"]);
     let pid = std::process::id();
     let (j1, j2) = (format!("mpi{k}-{pid}-1"), format!("mpi{k}-{pid}-2"));
     let _cgroups: Vec<JobCgroupGuard> = [&j1, &j2]
@@ -172,7 +112,7 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
 
     // 1. --leave-running: the job goes on and ends right; so does a
     // restart of that checkpoint elsewhere.
-    let out1 = launch(&cl, &j1, (1, 2), 0, &bin);
+    let out1 = launch(&cl, &j1, (1, 2), 0);
     mid_run(&out1, &j1, 4);
     let o = cl.coord(3, &["--json", "checkpoint", &j1, "--leave-running"]);
     assert!(o.status.success(), "checkpoint --leave-running failed");
@@ -215,11 +155,32 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
 
     // 2. --stop, its nodes destroyed, restarted on two others. A job of
     // its own addresses: the first may still be ending on nodes 3 and 4.
-    let out2 = launch(&cl, &j2, (1, 2), 2, &bin);
+    let out2 = launch(&cl, &j2, (1, 2), 2);
     mid_run(&out2, &j2, 4);
     let o = cl.coord(3, &["--json", "checkpoint", &j2, "--stop"]);
     assert!(o.status.success(), "checkpoint --stop failed");
     let at = progress_lines(&out2);
+    // The ranks of a part talked through shared memory: its segments are
+    // in the part's /dev/shm, archived with it.
+    let dir = PathBuf::from(json_of(&o)["dir"].as_str().unwrap());
+    let archived: String = fs::read_dir(dir.join("part-a"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tar"))
+        .map(|p| {
+            let o = std::process::Command::new("tar")
+                .arg("tf")
+                .arg(&p)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        })
+        .collect();
+    assert!(
+        archived.contains("vader_segment"),
+        "no shared-memory segment in part a's archives:\n{archived}"
+    );
     cl.agents[0].take();
     cl.agents[1].take();
     cl.lab.node(1).destroy().unwrap();

@@ -9,70 +9,14 @@
 //! run's checksum, every iteration computed once: nothing was redone.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ckpt_tests::slurm::Slurm;
-use ckpt_tests::{
-    checksum_line, job_binary, no_checkpoint, progress_lines, wait_for, CoordCluster,
-};
+use ckpt_tests::{checksum_line, no_checkpoint, progress_lines, wait_for, CoordCluster};
 
 /// Long enough to be preempted mid-run over the lab's network.
 const ARGS: [&str; 6] = ["--size", "256", "--iters", "8000", "--every", "250"];
-
-/// The uninterrupted run's checksum (two ranks on this machine).
-fn reference() -> String {
-    let o = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--allow-run-as-root"])
-        .arg(job_binary("heat"))
-        .args(ARGS)
-        .output()
-        .expect("mpirun (Open MPI: make deps installs it)");
-    assert!(o.status.success(), "reference run failed: {o:?}");
-    checksum_line(&String::from_utf8_lossy(&o.stdout)).expect("no checksum from the reference run")
-}
-
-/// The heat job as a spec without nodes: Slurm decides where it runs.
-fn spec(cl: &CoordCluster, bin: &Path) -> PathBuf {
-    let (a0, a1) = (cl.lab.job_address(0), cl.lab.job_address(1));
-    let rsh = bin.join("ckpt-rsh");
-    let mut mpirun: Vec<String> = [
-        "-np",
-        "4",
-        "--host",
-        "ha:2,hb:2",
-        "--oversubscribe",
-        "--mca",
-        "btl",
-        "vader,tcp,self",
-        "--mca",
-        "plm_rsh_agent",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    mpirun.push(rsh.display().to_string());
-    mpirun.push(bin.join("heat").display().to_string());
-    mpirun.extend(ARGS.iter().map(|s| s.to_string()));
-    let text = format!(
-        "[env]\n\
-         CKPT_RSH_HOSTS = \"ha={a0},hb={a1}\"\n\
-         OMPI_ALLOW_RUN_AS_ROOT = \"1\"\n\
-         OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = \"1\"\n\
-         PATH = \"/usr/bin:/bin\"\n\
-         [[part]]\nname = \"a\"\nhostname = \"ha\"\n\
-         command = \"/usr/bin/mpirun\"\nargs = {mpirun:?}\n\
-         [part.network]\naddress = \"{a0}/24\"\n\
-         [[part]]\nname = \"b\"\nhostname = \"hb\"\n\
-         command = \"{rsh}\"\nargs = [\"--serve\", \"--sessions\", \"1\"]\n\
-         [part.network]\naddress = \"{a1}/24\"\n",
-        rsh = rsh.display(),
-    );
-    let file = cl.dir.join("heat.toml");
-    fs::write(&file, text).unwrap();
-    file
-}
 
 /// The iteration numbers of the job's progress lines, in order.
 fn iterations(out: &Path) -> Vec<u64> {
@@ -91,10 +35,11 @@ fn preempted_heat_job_is_checkpointed_requeued_and_resumed_elsewhere() {
     }
     let t0 = Instant::now();
     let stamp = |what: &str| eprintln!("[{:>5.1}s] {what}", t0.elapsed().as_secs_f64());
-    let want = reference();
+    let want = ckpt_tests::heat_reference(&ARGS);
     let cl = CoordCluster::up("slurm", 4);
-    let bin = cl.shared_bin(&["heat", "ckpt-rsh"]);
-    let spec = spec(&cl, &bin);
+    // Without job id nor nodes: Slurm decides those.
+    let spec = cl.dir.join("heat.toml");
+    fs::write(&spec, cl.heat_spec(None, None, 0, &ARGS)).unwrap();
     let slurm = Slurm::up(&cl.lab, &cl.dir.join("slurm"));
     stamp("slurm up");
 
