@@ -102,7 +102,10 @@ pub fn sweep_ended(state_dir: &Path) -> Vec<String> {
             let _ = std::fs::remove_file(&path);
             continue;
         };
-        if Path::new(&format!("/proc/{}", rec.pid)).exists() {
+        // A zombie root has ended (its reaper may be slow, or a subreaper
+        // that never reaps).
+        let running = crate::proc::stat(rec.pid, None).is_ok_and(|st| st.state() != 'Z');
+        if running {
             continue;
         }
         if let Ok(cg) = crate::cgroup::JobCgroup::find(&rec.job) {

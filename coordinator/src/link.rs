@@ -17,7 +17,8 @@ use ckpt_proto::rpc::Channel;
 use crate::config::{AgentAddr, Cluster};
 
 /// Where the in-process agent records its work in progress (a restarted
-/// coordinator's agent, like a restarted `ckpt-agent serve`, recovers it).
+/// coordinator's agent, like a restarted `ckpt-agent serve`, recovers it),
+/// unless `CKPT_STATE_DIR` names another directory.
 pub const LOCAL_STATE_DIR: &str = "/var/lib/ckpt/coord-local";
 
 /// A connection to one node's agent.
@@ -150,19 +151,25 @@ impl Link {
 impl Local {
     fn start(node: &str) -> Result<Local, String> {
         let exe = agent_exe()?;
-        let dir = Path::new(LOCAL_STATE_DIR);
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        ckpt_agent::serve::recover(dir).map_err(|e| e.to_string())?;
+        let dir = std::env::var_os("CKPT_STATE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(LOCAL_STATE_DIR));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        ckpt_agent::serve::recover(&dir).map_err(|e| e.to_string())?;
         // Jobs it started in earlier runs that have ended since.
-        ckpt_agent::serve::sweep_ended(dir);
+        ckpt_agent::serve::sweep_ended(&dir);
         let (tx, requests) = mpsc::channel::<msg::Request>();
         let (answers, rx) = mpsc::channel::<msg::Response>();
         let node = node.to_string();
         let thread = std::thread::Builder::new()
             .name("in-process agent".into())
             .spawn(move || {
-                let mut h =
-                    ckpt_agent::serve::Handler::new(&node, dir, &exe, "the in-process coordinator");
+                let mut h = ckpt_agent::serve::Handler::new(
+                    &node,
+                    &dir,
+                    &exe,
+                    "the in-process coordinator",
+                );
                 while let Ok(req) = requests.recv() {
                     if answers.send(h.respond(&req)).is_err() {
                         break;

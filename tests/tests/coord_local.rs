@@ -43,8 +43,12 @@ fn local_only_cluster_launches_checkpoints_and_restarts_with_an_in_process_agent
         ),
     )
     .unwrap();
+    // The in-process agent's records go to the test's directory, not the
+    // machine's /var/lib/ckpt.
+    let state = dir.join("state");
     let coord = |args: &[&str]| {
         let o = Command::new(coord_binary())
+            .env("CKPT_STATE_DIR", &state)
             .arg("--config")
             .arg(&config)
             .args(args)
@@ -92,4 +96,11 @@ fn local_only_cluster_launches_checkpoints_and_restarts_with_an_in_process_agent
         "the restarted job computed another result"
     );
     assert!(coord(&["wait", &job, "--timeout", "30"]).status.success());
+    // The next coordinator's agent removes what the ended job left.
+    assert!(coord(&["status"]).status.success());
+    assert!(coord(&["--json", "check"]).status.success());
+    let left: Vec<_> = fs::read_dir(state.join("jobs"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "records of the ended job left: {left:?}");
 }
