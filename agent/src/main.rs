@@ -207,21 +207,6 @@ impl ckpt_agent::progress::Progress for Bar {
     }
 }
 
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn fail(e: impl std::fmt::Display) -> ExitCode {
     eprintln!("ckpt-agent: error: {e}");
     ExitCode::from(1)
@@ -229,7 +214,7 @@ fn fail(e: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose);
+    ckpt_agent::logging::init(cli.verbose);
     match cli.cmd {
         Cmd::Check { features, images } => match images {
             Some(dir) => check_images(&dir, cli.json),

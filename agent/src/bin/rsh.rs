@@ -11,12 +11,7 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: ckpt-rsh HOST COMMAND... | ckpt-rsh --serve [--sessions N] [--port P]";
 
 fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("CKPT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    ckpt_agent::logging::init(0);
     let args: Vec<String> = std::env::args().skip(1).collect();
     let fail = |msg: String, code: u8| {
         eprintln!("ckpt-rsh: {msg}");
