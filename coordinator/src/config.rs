@@ -404,18 +404,12 @@ impl Cluster {
                     "write e.g. agent = \"198.18.1.2:7707\"",
                 )
             })?;
-            let netns = match &n.netns {
-                Some(s) if !Path::new(s.get_ref()).is_absolute() => {
-                    return Err(at(
-                        s.span(),
-                        field("netns"),
-                        format!("'{}' is not an absolute path", s.get_ref()),
-                        "name the namespace file, e.g. /run/netns/ckl1-n1",
-                    ))
-                }
-                Some(s) => Some(PathBuf::from(s.get_ref())),
-                None => None,
-            };
+            let netns = crate::absolute_path(
+                n.netns.as_ref(),
+                field("netns"),
+                "name the namespace file, e.g. /run/netns/ckl1-n1",
+                at,
+            )?;
             if let Some(o) = nodes.iter().find(|o| o.agent == agent && o.netns == netns) {
                 return Err(at(
                     n.agent.span(),

@@ -426,30 +426,18 @@ impl JobSpec {
                 ));
             }
             check_env(&p.env, &field("env"), &at)?;
-            let workdir = match &p.workdir {
-                Some(w) if !Path::new(w.get_ref()).is_absolute() => {
-                    return Err(at(
-                        w.span(),
-                        field("workdir"),
-                        format!("'{}' is not an absolute path", w.get_ref()),
-                        "a part starts on a node of its own: give the full path",
-                    ))
-                }
-                Some(w) => Some(PathBuf::from(w.get_ref())),
-                None => None,
-            };
-            let output = match &p.output {
-                Some(o) if !Path::new(o.get_ref()).is_absolute() => {
-                    return Err(at(
-                        o.span(),
-                        field("output"),
-                        format!("'{}' is not an absolute path", o.get_ref()),
-                        "give the full path of a file every node the part may run on sees",
-                    ))
-                }
-                Some(o) => Some(PathBuf::from(o.get_ref())),
-                None => None,
-            };
+            let workdir = crate::absolute_path(
+                p.workdir.as_ref(),
+                field("workdir"),
+                "a part starts on a node of its own: give the full path",
+                at,
+            )?;
+            let output = crate::absolute_path(
+                p.output.as_ref(),
+                field("output"),
+                "give the full path of a file every node the part may run on sees",
+                at,
+            )?;
             let network = match &p.network {
                 None => None,
                 Some(n) => Some(network(n, &job, name, &field, &at)?),

@@ -113,6 +113,27 @@ pub fn parse_node_list(s: &str) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
+/// An optional field of a configuration or job spec that must be an
+/// absolute path (it is used on nodes with other working directories);
+/// `at` makes the file's error for the field at a span, with `hint`.
+pub(crate) fn absolute_path<E>(
+    value: Option<&toml::Spanned<String>>,
+    field: String,
+    hint: &str,
+    at: impl Fn(std::ops::Range<usize>, String, String, &str) -> E,
+) -> Result<Option<PathBuf>, E> {
+    match value {
+        Some(v) if !Path::new(v.get_ref()).is_absolute() => Err(at(
+            v.span(),
+            field,
+            format!("'{}' is not an absolute path", v.get_ref()),
+            hint,
+        )),
+        Some(v) => Ok(Some(PathBuf::from(v.get_ref()))),
+        None => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
