@@ -365,6 +365,8 @@ struct Session {
     /// Taken out by finish.
     dump: Option<DumpSession>,
     record: PathBuf,
+    /// The agent job it dumps.
+    job: String,
 }
 
 impl Drop for Session {
@@ -500,6 +502,7 @@ impl Handler {
                     Session {
                         dump: Some(dump),
                         record,
+                        job: p.job.clone(),
                     },
                 );
                 Ok(A::Prepare(msg::PrepareReply {
@@ -525,8 +528,27 @@ impl Handler {
                 let dump = s.dump.take().expect("open session");
                 // Past this point the part is committed: not the work of a
                 // dead agent to undo.
+                let job = std::mem::take(&mut s.job);
                 drop(s);
                 let r = dump.finish(f.stop)?;
+                if f.stop && !job.is_empty() {
+                    // The killed part's network namespace is freed later,
+                    // by the kernel; until then its veth would still answer
+                    // for the part's address and MAC on this node's bridge
+                    // while the part runs again elsewhere (a migration):
+                    // its node end goes now.
+                    for i in 0.. {
+                        let name = crate::net::node_end_name(&job, i);
+                        let gone = std::process::Command::new("ip")
+                            .args(["link", "del", &name])
+                            .stderr(std::process::Stdio::null())
+                            .status()
+                            .is_ok_and(|s| s.success());
+                        if !gone {
+                            break;
+                        }
+                    }
+                }
                 Ok(A::Finish(msg::FinishReply {
                     frozen_ms: r.frozen_ms,
                 }))
