@@ -550,6 +550,52 @@ fn close_client_first(c: TcpStream, mut s: TcpStream) -> CaseResult {
     }
 }
 
+/// A listener on 0.0.0.0 without SO_REUSEADDR at a high descriptor (as a
+/// program's libraries often leave it), with a client and the end it
+/// accepted, that accepted end before the listener both by descriptor
+/// number and in the kernel's order of open files (KCMP_FILE, by which a
+/// dump may group descriptors). Which of two files comes first is the
+/// kernel's choice (obfuscated pointers), so connect until an accepted end
+/// does, keeping the others open meanwhile (a closed one's file would come
+/// back in the same place). A listener whose place is near one end of that
+/// order may have no accepted end before it for a long while (about one
+/// listener in 65 does not get one in 64 tries), so after 32 tries start
+/// over with a new listener.
+fn listener_after_its_connection() -> Result<(TcpListener, TcpStream, TcpStream), String> {
+    use std::os::fd::FromRawFd;
+    for _ in 0..16 {
+        let low = listen_no_reuseaddr(std::net::Ipv4Addr::UNSPECIFIED)?;
+        // SAFETY: a new descriptor for the listener, owned below; the low
+        // one is closed when `low` is dropped.
+        let high = cvt(
+            unsafe { libc::fcntl(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 1000) },
+            "F_DUPFD",
+        )?;
+        drop(low);
+        // SAFETY: `high` is ours alone.
+        let l = unsafe { TcpListener::from_raw_fd(high) };
+        let port = l.local_addr().map_err(|e| e.to_string())?.port();
+        let mut others = Vec::new();
+        let mut found = None;
+        while found.is_none() && others.len() < 32 {
+            let c = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+            let s = accept_timeout(&l)?;
+            if crate::files::kcmp_file(s.as_raw_fd(), l.as_raw_fd()) == Some(1) {
+                found = Some((c, s));
+            } else {
+                others.push((c, s));
+            }
+        }
+        for (c, s) in others {
+            close_client_first(c, s)?;
+        }
+        if let Some((c, s)) = found {
+            return Ok((l, c, s));
+        }
+    }
+    Err("no accepted end came before its listener in KCMP_FILE order (16 listeners, 32 connections each)".into())
+}
+
 /// A listener on 0.0.0.0 without SO_REUSEADDR, and a connection it
 /// accepted from a client in the same process, the accepted end before the
 /// listener by descriptor number (the listener moved high, as a program's
@@ -562,41 +608,9 @@ fn close_client_first(c: TcpStream, mut s: TcpStream) -> CaseResult {
 /// that carries data both ways; the accepted connection delivers what was
 /// queued, then new data both ways, then the client's end of stream.
 pub fn tcp_listener_accepted_low_fd(ctx: &Ctx) -> CaseResult {
-    use std::os::fd::FromRawFd;
-    let low = listen_no_reuseaddr(std::net::Ipv4Addr::UNSPECIFIED)?;
-    // SAFETY: a new descriptor for the listener, owned below; the low one
-    // is closed when `low` is dropped.
-    let high = cvt(
-        unsafe { libc::fcntl(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) },
-        "F_DUPFD",
-    )?;
-    drop(low);
-    // SAFETY: `high` is ours alone.
-    let l = unsafe { TcpListener::from_raw_fd(high) };
+    let (l, mut client, mut accepted) = listener_after_its_connection()?;
     let port = l.local_addr().map_err(|e| e.to_string())?.port();
-    // The accepted end must come before the listener both by descriptor
-    // number and in the kernel's order of open files (KCMP_FILE, by which a
-    // dump may group descriptors): a restore going by either order then
-    // rebuilds the connection first. Which of two files comes first is the
-    // kernel's choice, so connect until an accepted end does, keeping the
-    // others open meanwhile (a closed one's file would come back in the
-    // same place), then close them.
     let first = |s: &TcpStream| crate::files::kcmp_file(s.as_raw_fd(), l.as_raw_fd()) == Some(1);
-    let mut others = Vec::new();
-    let (mut client, mut accepted) = loop {
-        let c = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-        let s = accept_timeout(&l)?;
-        if first(&s) {
-            break (c, s);
-        }
-        if others.len() == 64 {
-            return Err("no accepted end came before the listener in KCMP_FILE order".into());
-        }
-        others.push((c, s));
-    };
-    for (c, s) in others {
-        close_client_first(c, s)?;
-    }
     let reuse = |fd: i32| int_opt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR);
     if accepted.as_raw_fd() >= l.as_raw_fd() || !first(&accepted) || reuse(l.as_raw_fd()) != 0 {
         return Err(format!(
