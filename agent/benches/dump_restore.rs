@@ -540,6 +540,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         ext_unix_sk: false,
         shell_job: false,
         tcp_established: false,
+        key: None,
     });
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;

@@ -232,6 +232,7 @@ fn main() {
                 ext_unix_sk: false,
                 shell_job: false,
                 tcp_established: false,
+                key: None,
             })
             .expect("dump");
             reap(&t.pids);

@@ -44,6 +44,9 @@ pub struct DumpRequest {
     /// Dump established TCP connections (in repair mode) instead of
     /// refusing them.
     pub tcp_established: bool,
+    /// Sign the inventory with this cluster key (the service's dumps): an
+    /// agent restores a user's part only from images an agent wrote.
+    pub key: Option<ckpt_proto::rpc::Key>,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -287,11 +290,17 @@ impl DumpSession {
                 shell_job: req.shell_job,
             }),
             needs_features: needed_features(&nsd.image, self.lock.as_ref()),
+            owner_uid: crate::proc::owner(req.pid)?,
             signature: Vec::new(),
         };
-        self.writer.commit(inv)?;
+        self.writer.commit(inv, req.key.as_ref())?;
         self.dumped = Some((nsd, pages_bytes, pages_ms));
         Ok(())
+    }
+
+    /// Host PIDs of the processes this session holds.
+    pub fn pids(&self) -> Vec<i32> {
+        self.tree.iter().map(Member::pid).collect()
     }
 
     /// Bytes of pages the dump wrote (None before `dump`).

@@ -84,9 +84,13 @@ impl ImageWriter {
         self.record(&pm.pages_file, pm.pages_file_size, crc);
     }
 
-    /// Writes the inventory last, which makes the checkpoint exist.
-    pub fn commit(&self, mut inv: Inventory) -> Result<()> {
+    /// Writes the inventory last, which makes the checkpoint exist; signed
+    /// with `key` when given.
+    pub fn commit(&self, mut inv: Inventory, key: Option<&ckpt_proto::rpc::Key>) -> Result<()> {
         inv.files = self.entries.lock().expect("image list lock").clone();
+        if let Some(k) = key {
+            inv.signature = k.mac(&[&ckpt_proto::image::inventory_signing_bytes(&inv)]);
+        }
         write_image_file(&self.dir.join(INVENTORY), ImageKind::Inventory, &inv)?;
         let d = std::fs::File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         d.sync_all().map_err(|e| Error::io(&self.dir, e))?;

@@ -36,6 +36,9 @@ pub struct RunRequest {
     /// Append the job's stdout and stderr to this file, its stdin being
     /// /dev/null (else it keeps the caller's).
     pub output: Option<PathBuf>,
+    /// Run the command as this user (its output file opened as that user);
+    /// else as root.
+    pub user: Option<crate::user::Ids>,
     pub cmd: Vec<String>,
 }
 
@@ -168,11 +171,18 @@ pub fn run(req: &RunRequest) -> Result<Job> {
         .as_deref()
         .map(|out| -> Result<(std::fs::File, std::fs::File)> {
             let input = std::fs::File::open("/dev/null").map_err(|e| Error::io("/dev/null", e))?;
-            let output = std::fs::OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(out)
-                .map_err(|e| Error::io(out, e))?;
+            let open = || {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .create(true)
+                    .open(out)
+                    .map_err(|e| Error::io(out, e))
+            };
+            let output = match &req.user {
+                Some(ids) => crate::sys::creds::as_user(ids, open)
+                    .map_err(|e| job_err(format!("acting as user {}: {e}", ids.uid)))??,
+                None => open()?,
+            };
             Ok((input, output))
         })
         .transpose()?;
@@ -219,6 +229,7 @@ pub fn run(req: &RunRequest) -> Result<Job> {
             use std::os::fd::AsRawFd;
             (i.as_raw_fd(), o.as_raw_fd())
         }),
+        user: req.user.as_ref().map(|u| (u.uid, u.gid, u.groups.clone())),
     };
     let cgfd = match cg.freezer {
         Freezer::V2 => Some(cg.open()?),
@@ -261,6 +272,10 @@ pub fn run(req: &RunRequest) -> Result<Job> {
                 clone::STEP_LOOPBACK => "bringing loopback up".to_string(),
                 clone::STEP_EXEC => format!("exec {}", program.display()),
                 clone::STEP_STDIO => "redirecting its stdin, stdout and stderr".to_string(),
+                clone::STEP_USER => format!(
+                    "taking the ids of user {}",
+                    req.user.as_ref().map_or(0, |u| u.uid)
+                ),
                 n if n >= clone::STEP_MOUNTS && n - clone::STEP_MOUNTS < mounts.len() => {
                     let m = mounts[n - clone::STEP_MOUNTS];
                     format!("mount {} on {}", m.2, m.1)

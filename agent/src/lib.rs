@@ -32,5 +32,6 @@ pub mod sys;
 pub mod task;
 pub mod tty;
 pub mod unix;
+pub mod user;
 
 pub use error::{Error, Result};

@@ -130,6 +130,10 @@ enum Cmd {
         /// /dev/null.
         #[arg(long, value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Run the command as this user (a uid): root sets the job up, then
+        /// the command starts with the user's ids, groups and no privilege.
+        #[arg(long, value_name = "UID")]
+        user: Option<u32>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
@@ -166,6 +170,11 @@ enum Cmd {
         /// Where work in progress is recorded, for a restarted agent.
         #[arg(long, default_value = "/var/lib/ckpt/agent")]
         state_dir: PathBuf,
+        /// Serve users other than root on this unix socket: a coordinator
+        /// run by a user who cannot read the cluster key reaches the
+        /// cluster through it, acting as that user (SO_PEERCRED).
+        #[arg(long, value_name = "PATH")]
+        user_socket: Option<PathBuf>,
     },
     /// Decode any image file.
     Show {
@@ -236,6 +245,7 @@ fn main() -> ExitCode {
                 ext_unix_sk,
                 shell_job,
                 tcp_established,
+                key: None,
             };
             match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
                 Ok(r) => {
@@ -307,26 +317,34 @@ fn main() -> ExitCode {
             detach,
             pidfile,
             output,
+            user,
             cmd,
-        } => run(
-            job::RunRequest {
-                job,
-                net,
-                hostname,
-                veth: veth.map(|bridge| ckpt_agent::net::VethRequest {
-                    bridge,
-                    addresses,
-                    gateway,
-                    mac,
-                    mtu,
-                }),
-                output,
-                cmd,
-            },
-            detach,
-            pidfile,
-            cli.json,
-        ),
+        } => {
+            let user = match user.map(ckpt_agent::user::ids_of).transpose() {
+                Ok(u) => u,
+                Err(e) => return fail(e),
+            };
+            run(
+                job::RunRequest {
+                    job,
+                    net,
+                    hostname,
+                    veth: veth.map(|bridge| ckpt_agent::net::VethRequest {
+                        bridge,
+                        addresses,
+                        gateway,
+                        mac,
+                        mtu,
+                    }),
+                    output,
+                    user,
+                    cmd,
+                },
+                detach,
+                pidfile,
+                cli.json,
+            )
+        }
         Cmd::Cleanup { job } => {
             let net = match ckpt_agent::netlock::recover(job.as_deref()) {
                 Ok(n) => n,
@@ -379,6 +397,7 @@ fn main() -> ExitCode {
             key,
             node,
             state_dir,
+            user_socket,
         } => {
             let node = node.unwrap_or_else(|| {
                 nix::unistd::gethostname()
@@ -390,6 +409,7 @@ fn main() -> ExitCode {
                 key,
                 node,
                 state_dir,
+                user_socket,
             };
             let json = cli.json;
             let r = ckpt_agent::serve::serve(&cfg, |addr| {

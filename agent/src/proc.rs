@@ -194,6 +194,17 @@ pub fn status(pid: i32) -> Result<HashMap<String, String>> {
     Ok(parse_status(&read(pid, "status")?))
 }
 
+/// The real uid of process `pid`: the user it belongs to.
+pub fn owner(pid: i32) -> Result<u32> {
+    status(pid)?
+        .get("Uid")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| Error::Refused {
+            pid,
+            reason: "its /proc status names no uid".into(),
+        })
+}
+
 /// Reads the thread ids of a process, sorted.
 pub fn tids(pid: i32) -> Result<Vec<i32>> {
     let path = format!("/proc/{pid}/task");

@@ -16,7 +16,10 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ckpt_proto::rpc::{msg, Channel, Key};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use ckpt_proto::rpc::{self, msg, Channel, Key};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -35,6 +38,9 @@ pub struct ServeConfig {
     pub node: String,
     /// Where the agent keeps the state of its work in progress.
     pub state_dir: PathBuf,
+    /// A unix socket serving users who cannot read the cluster key (see
+    /// [`user_connection`]); none: only key holders are served.
+    pub user_socket: Option<PathBuf>,
 }
 
 /// A session in progress, as recorded on disk.
@@ -114,8 +120,9 @@ pub fn sweep_ended(state_dir: &Path) -> Vec<String> {
             }
             cg.remove();
         }
+        remove_node_ends(&rec.job);
         let _ = std::fs::remove_file(&path);
-        info!(job = rec.job, "job ended: its cgroup removed");
+        info!(job = rec.job, "job ended: its cgroup and veths removed");
         removed.push(rec.job);
     }
     removed
@@ -157,6 +164,22 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
         std::thread::sleep(Duration::from_secs(2));
         sweep_ended(&swept);
     });
+    if let Some(path) = &cfg.user_socket {
+        let users = bind_user_socket(path)?;
+        info!(socket = %path.display(), "serving users");
+        let (key, node, dir) = (key.clone(), cfg.node.clone(), cfg.state_dir.clone());
+        std::thread::spawn(move || {
+            for conn in users.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        let (key, node, dir) = (key.clone(), node.clone(), dir.clone());
+                        std::thread::spawn(move || user_connection(stream, &key, &node, &dir));
+                    }
+                    Err(e) => warn!("accept on the user socket: {e}"),
+                }
+            }
+        });
+    }
     ready(&addr);
     for conn in listener.incoming() {
         let stream = match conn {
@@ -170,6 +193,130 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
         std::thread::spawn(move || connection(stream, &key, &node, &dir));
     }
     Ok(())
+}
+
+/// Listens on the user socket at `path`, which every user may connect to
+/// (who they are, the kernel tells: SO_PEERCRED). A socket left by an
+/// agent that died is replaced; any other file there is refused.
+fn bind_user_socket(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if !md.file_type().is_socket() {
+            return Err(Error::Job {
+                job: "serve".into(),
+                reason: format!(
+                    "{} exists and is not a socket: remove it or choose another --user-socket",
+                    path.display()
+                ),
+            });
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(Error::Job {
+                job: "serve".into(),
+                reason: format!(
+                    "{} is served by another agent: stop it first",
+                    path.display()
+                ),
+            });
+        }
+        std::fs::remove_file(path).map_err(|e| Error::io(path, e))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    let l = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(|e| Error::io(path, e))?;
+    Ok(l)
+}
+
+/// Serves one connection on the user socket (proto rpc.proto, UserHello):
+/// the user is who the kernel says connected; every request is stamped
+/// with their uid, so that agents let them act on their own jobs alone.
+/// The requests go to the agent the hello names, over a connection made
+/// with the cluster key (the user never holds it), or to this agent.
+fn user_connection(mut stream: UnixStream, key: &Key, node: &str, state_dir: &Path) {
+    let cred =
+        match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!("user socket: SO_PEERCRED: {e}");
+                return;
+            }
+        };
+    let uid = cred.uid();
+    let peer = format!("user {uid} (pid {})", cred.pid());
+    let hello: msg::UserHello = match rpc::read_frame(&mut stream, &peer) {
+        Ok(Some(h)) => h,
+        Ok(None) => return,
+        Err(e) => {
+            warn!("{e}");
+            return;
+        }
+    };
+    let mut reply = msg::UserHelloReply {
+        error: String::new(),
+        node: node.to_string(),
+        uid,
+    };
+    let mut target = if hello.version != rpc::PROTOCOL_VERSION {
+        Err(format!(
+            "{peer} speaks protocol version {}, this agent {}: run the same ckpt version",
+            hello.version,
+            rpc::PROTOCOL_VERSION
+        ))
+    } else if hello.agent.is_empty() {
+        Ok(None)
+    } else {
+        Channel::connect(&hello.agent, key, Duration::from_secs(10))
+            .map(Some)
+            .map_err(|e| e.to_string())
+    };
+    match &mut target {
+        Ok(Some(ch)) => reply.node = ch.peer_node.clone(),
+        Ok(None) => {}
+        Err(e) => {
+            warn!("{peer}: {e}");
+            reply.error = e.clone();
+        }
+    }
+    if rpc::write_frame(&mut stream, &peer, &reply).is_err() {
+        return;
+    }
+    let Ok(mut target) = target else { return };
+    info!(peer, to = reply.node, "user connected");
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut here = Handler::new(node, state_dir, &exe, &peer, Some(key.clone()));
+    loop {
+        let mut req: msg::Request = match rpc::read_frame(&mut stream, &peer) {
+            Ok(Some(r)) => r,
+            Ok(None) => break,
+            Err(e) => {
+                warn!("{e}");
+                break;
+            }
+        };
+        req.uid = uid;
+        let resp = match &mut target {
+            Some(ch) => {
+                let sent = ch.send(&req).and_then(|()| ch.recv::<msg::Response>());
+                match sent {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        warn!("{e}");
+                        break;
+                    }
+                }
+            }
+            None => here.respond(&req),
+        };
+        if rpc::write_frame(&mut stream, &peer, &resp).is_err() {
+            break;
+        }
+    }
+    // Dropping the channel (or the handler) aborts what the user left
+    // unfinished, as for a coordinator holding the key.
 }
 
 /// Where in a state directory sessions and held parts are recorded.
@@ -263,6 +410,26 @@ fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Deletes the node's ends of the veths of job `job`. A job's network
+/// namespace is freed by the kernel some time after its last process is
+/// gone; until then its veths would still answer for the job's addresses
+/// and MACs on this node's bridge, while the job (moved, or restarted from
+/// a checkpoint) has them elsewhere: its TCP peers would get resets from
+/// the dead copy.
+fn remove_node_ends(job: &str) {
+    for i in 0.. {
+        let name = crate::net::node_end_name(job, i);
+        let gone = std::process::Command::new("ip")
+            .args(["link", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !gone {
+            break;
+        }
+    }
+}
+
 /// Kills agent job `job` on this node (every process, its cgroup) and
 /// releases the network lock `lock` a dump or held restore of it kept here.
 /// A job already gone is fine. Returns how many processes were killed.
@@ -275,6 +442,7 @@ fn kill_job(job: &str, lock: Option<&str>) -> Result<usize> {
         }
         Err(_) => 0,
     };
+    remove_node_ends(job);
     crate::netlock::recover(Some(lock.unwrap_or(job)))?;
     Ok(killed)
 }
@@ -295,7 +463,7 @@ fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
             return;
         }
     };
-    let mut handler = Handler::new(node, state_dir, &exe, ch.peer());
+    let mut handler = Handler::new(node, state_dir, &exe, ch.peer(), Some(key.clone()));
     loop {
         let req: msg::Request = match ch.recv() {
             Ok(Some(r)) => r,
@@ -332,6 +500,9 @@ pub struct Handler {
     agent_exe: PathBuf,
     /// Who the requests come from, for the logs.
     peer: String,
+    /// The cluster key (none for the coordinator's in-process agent): signs
+    /// inventories and users' manifests, checks the images users restore.
+    key: Option<Key>,
 }
 
 impl Drop for Handler {
@@ -390,8 +561,14 @@ impl Drop for Held {
 impl Handler {
     /// A handler for `peer`, recording its work in `state_dir` (where a
     /// restarted agent finds it, see [`recover`]), starting parts with
-    /// `agent_exe`.
-    pub fn new(node: &str, state_dir: &Path, agent_exe: &Path, peer: &str) -> Handler {
+    /// `agent_exe`, signing with `key`.
+    pub fn new(
+        node: &str,
+        state_dir: &Path,
+        agent_exe: &Path,
+        peer: &str,
+        key: Option<Key>,
+    ) -> Handler {
         Handler {
             sessions: HashMap::new(),
             held: HashMap::new(),
@@ -403,6 +580,7 @@ impl Handler {
             staged: Vec::new(),
             agent_exe: agent_exe.to_path_buf(),
             peer: peer.to_string(),
+            key,
         }
     }
 
@@ -475,6 +653,7 @@ impl Handler {
                     ext_unix_sk: p.ext_unix_sk,
                     shell_job: false,
                     tcp_established: p.tcp_established,
+                    key: self.key.clone(),
                 };
                 let id = self.next;
                 self.next += 1;
@@ -490,7 +669,19 @@ impl Handler {
                 };
                 std::fs::write(&record, serde_json::to_vec(&rec).expect("serializes"))
                     .map_err(|e| Error::io(&record, e))?;
-                let dump = match DumpSession::prepare(&dreq) {
+                let dump = match DumpSession::prepare(&dreq).and_then(|d| {
+                    // A user's checkpoint holds nothing but the user's: a
+                    // process that gained privileges (a set-user-ID
+                    // program) is refused, and dropping the session
+                    // thaws the job.
+                    if req.uid != 0 {
+                        let ids = crate::user::ids_of(req.uid)?;
+                        for pid in d.pids() {
+                            crate::user::check_process(pid, &ids)?;
+                        }
+                    }
+                    Ok(d)
+                }) {
                     Ok(d) => d,
                     Err(e) => {
                         let _ = std::fs::remove_file(&record);
@@ -532,22 +723,7 @@ impl Handler {
                 drop(s);
                 let r = dump.finish(f.stop)?;
                 if f.stop && !job.is_empty() {
-                    // The killed part's network namespace is freed later,
-                    // by the kernel; until then its veth would still answer
-                    // for the part's address and MAC on this node's bridge
-                    // while the part runs again elsewhere (a migration):
-                    // its node end goes now.
-                    for i in 0.. {
-                        let name = crate::net::node_end_name(&job, i);
-                        let gone = std::process::Command::new("ip")
-                            .args(["link", "del", &name])
-                            .stderr(std::process::Stdio::null())
-                            .status()
-                            .is_ok_and(|s| s.success());
-                        if !gone {
-                            break;
-                        }
-                    }
+                    remove_node_ends(&job);
                 }
                 Ok(A::Finish(msg::FinishReply {
                     frozen_ms: r.frozen_ms,
@@ -559,7 +735,17 @@ impl Handler {
                 Ok(A::Abort(msg::AbortReply {}))
             }
             Q::Restore(r) => {
-                only_root(req.uid, "restores jobs")?;
+                // A user's images are read through this directory, open
+                // from the check to the end of the restore: it cannot be
+                // swapped for another after its check.
+                let pinned = match req.uid {
+                    0 => None,
+                    uid => Some(self.check_user_restore(uid, r)?),
+                };
+                let images = match &pinned {
+                    Some(d) => format!("/proc/{}/fd/{}", std::process::id(), d.as_raw_fd()),
+                    None => r.images.clone(),
+                };
                 if r.hold && r.job.is_empty() {
                     return Err(refuse(
                         "a part restored held needs its job id (the release names it)".into(),
@@ -582,7 +768,7 @@ impl Handler {
                     )?;
                 }
                 let ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
-                let restored = restore_detached(&self.agent_exe, r);
+                let restored = restore_detached(&self.agent_exe, r, &images);
                 if let (Ok(v), false) = (&restored, r.job.is_empty()) {
                     note_started(&self.jobs_dir, &r.job, v.pid);
                 }
@@ -659,22 +845,29 @@ impl Handler {
                 }
             }
             Q::PutFile(f) => {
-                only_root(req.uid, "receives checkpoint images")?;
+                if req.uid != 0 {
+                    // What a user streams, the user chose: an agent restores
+                    // a user's part only from images agents wrote.
+                    return Err(refuse(format!(
+                        "user {}'s restart needs target nodes that see the checkpoint store: \
+                         only root may stream images to an agent",
+                        req.uid
+                    )));
+                }
                 let dir = self.put_file(f)?;
                 Ok(A::PutFile(msg::PutFileReply {
                     dir: dir.to_string_lossy().into_owned(),
                 }))
             }
             Q::Run(r) => {
-                only_root(req.uid, "starts jobs")?;
                 let _ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
-                let pid = run_detached(&self.agent_exe, r)?;
+                let pid = run_detached(&self.agent_exe, r, req.uid)?;
                 note_started(&self.jobs_dir, &r.job, pid);
                 Ok(A::Run(msg::RunPartReply { pid }))
             }
             Q::Kill(k) => {
                 if let Ok(cg) = crate::cgroup::JobCgroup::find(&k.job) {
-                    if let Some(&pid) = cg.procs()?.first() {
+                    for pid in cg.procs()? {
                         check_owner(req.uid, pid)?;
                     }
                 }
@@ -685,6 +878,9 @@ impl Handler {
                     killed: killed as u32,
                 }))
             }
+            Q::SignManifest(m) => Ok(A::SignManifest(msg::SignManifestReply {
+                signature: self.sign_manifest(req.uid, &m.manifest)?,
+            })),
             Q::Status(st) => Ok(A::Status(msg::StatusReply {
                 node: self.node.clone(),
                 sessions: self.sessions.keys().copied().collect(),
@@ -775,6 +971,61 @@ impl Handler {
         Ok(dir)
     }
 
+    /// Signs the encoded manifest `bytes` for user `uid`: only a manifest
+    /// of that user's (any for root), not signed yet.
+    fn sign_manifest(&self, uid: u32, bytes: &[u8]) -> Result<Vec<u8>> {
+        use prost::Message;
+        let refuse = |reason: String| Error::Job {
+            job: String::new(),
+            reason,
+        };
+        let key = self
+            .key
+            .as_ref()
+            .ok_or_else(|| refuse("this agent holds no cluster key to sign with".into()))?;
+        let m = ckpt_proto::image::Manifest::decode(bytes)
+            .map_err(|e| refuse(format!("the manifest to sign does not decode: {e}")))?;
+        let what = format!("manifest of {}/{}", m.job_id, m.checkpoint_id);
+        if !m.signature.is_empty() {
+            return Err(refuse(format!("the {what} is signed already")));
+        }
+        if uid != 0 && m.owner_uid != uid {
+            return Err(refuse(format!(
+                "user {uid} may not have the {what} signed: it names user {} as its owner",
+                m.owner_uid
+            )));
+        }
+        info!(peer = self.peer, uid, "signed the {what}");
+        Ok(key.mac(&[&ckpt_proto::image::manifest_signing_bytes(&m)]))
+    }
+
+    /// Checks that user `uid` may restore the part `r` names (see
+    /// `user::check_restore`); returns its image directory, open.
+    fn check_user_restore(&self, uid: u32, r: &msg::RestorePartRequest) -> Result<std::fs::File> {
+        let refuse = |reason: String| Error::Job {
+            job: r.job.clone(),
+            reason,
+        };
+        let key = self.key.as_ref().ok_or_else(|| {
+            refuse(format!(
+                "user {uid} restores only through an agent service that holds the cluster key"
+            ))
+        })?;
+        if r.ext_unix_sk {
+            // The restorer would connect them as root, and their servers
+            // would see root at the other end.
+            return Err(refuse(format!(
+                "user {uid} may not restore unix sockets connected outside the job \
+                 (--ext-unix-sk): only root"
+            )));
+        }
+        let ids = crate::user::ids_of(uid)?;
+        let dir = std::fs::File::open(&r.images).map_err(|e| Error::io(&r.images, e))?;
+        let pinned = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        crate::user::check_restore(&pinned, Path::new(&r.images), &ids, key)?;
+        Ok(dir)
+    }
+
     fn session(&mut self, id: u64) -> Result<&mut Session> {
         self.sessions.get_mut(&id).ok_or_else(|| Error::Job {
             job: String::new(),
@@ -840,26 +1091,15 @@ fn write_record(path: &Path, rec: &impl Serialize) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-/// Starting and restoring jobs run them as root: refused to users until
-/// the agent can start a job under its owner's ids.
-fn only_root(uid: u32, what: &str) -> Result<()> {
-    if uid == 0 {
-        return Ok(());
-    }
-    Err(Error::Job {
-        job: String::new(),
-        reason: format!(
-            "user {uid} may not have the agent service do this: only root {what} through it for now"
-        ),
-    })
-}
-
 /// Starts a part in a process of its own (`ckpt-agent run --detach`), for
 /// the reasons `restore_detached` gives, with the part's environment and
 /// working directory.
-fn run_detached(exe: &Path, r: &msg::RunPartRequest) -> Result<i32> {
+fn run_detached(exe: &Path, r: &msg::RunPartRequest, uid: u32) -> Result<i32> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--json", "run", "--detach", "--job", &r.job]);
+    if uid != 0 {
+        cmd.args(["--user", &uid.to_string()]);
+    }
     if !r.hostname.is_empty() {
         cmd.args(["--hostname", &r.hostname]);
     }
@@ -934,9 +1174,9 @@ fn run_detached(exe: &Path, r: &msg::RunPartRequest) -> Result<i32> {
 /// could not reap it without stealing the ptrace stops of its dumps; once
 /// the restoring process exits, the tree belongs to init (or the nearest
 /// subreaper), as after a restore from the command line.
-fn restore_detached(exe: &Path, r: &msg::RestorePartRequest) -> Result<Restored> {
+fn restore_detached(exe: &Path, r: &msg::RestorePartRequest, images: &str) -> Result<Restored> {
     let mut cmd = std::process::Command::new(exe);
-    cmd.args(["--json", "restore", "--detach", "--images", &r.images]);
+    cmd.args(["--json", "restore", "--detach", "--images", images]);
     if !r.job.is_empty() {
         cmd.args(["--job", &r.job]);
     }
@@ -989,7 +1229,7 @@ fn check_owner(uid: u32, pid: i32) -> Result<()> {
     if owner != Some(uid) {
         return Err(Error::Refused {
             pid,
-            reason: format!("user {uid} may not checkpoint it: it belongs to user {owner:?}"),
+            reason: format!("user {uid} may not act on it: it belongs to user {owner:?}"),
         });
     }
     Ok(())

@@ -26,6 +26,7 @@ fn request(pid: u32, images: &Path) -> DumpRequest {
         ext_unix_sk: false,
         shell_job: false,
         tcp_established: false,
+        key: None,
     }
 }
 

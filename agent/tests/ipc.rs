@@ -365,7 +365,7 @@ fn dump_and_restore_an_ipc_namespace() {
         writer
             .write(&image_name(ImageKind::Ipc, src_pid), ImageKind::Ipc, &img)
             .unwrap();
-        writer.commit(Inventory::default()).unwrap();
+        writer.commit(Inventory::default(), None).unwrap();
         let after = snapshot(&src_mq);
         drop(att);
         (img, before, after)

@@ -26,6 +26,9 @@ pub const DEFAULT_STORE: &str = "/var/lib/ckpt/store";
 pub const DEFAULT_KEEP: usize = 3;
 /// Bridge a node's job veths join unless its configuration names another.
 pub const DEFAULT_BRIDGE: &str = "br0";
+/// Where a node's agent serves users who cannot read the cluster key
+/// (`ckpt-agent serve --user-socket`, as the shipped unit starts it).
+pub const DEFAULT_USER_SOCKET: &str = "/run/ckpt/agent.sock";
 /// Fewest bytes a cluster key file may hold (the HMAC-SHA256 output size).
 pub const MIN_KEY_BYTES: u64 = 32;
 
@@ -252,8 +255,13 @@ pub struct Cluster {
     /// The file it came from; None for the built-in local-only cluster.
     pub source: Option<PathBuf>,
     pub nodes: Vec<Node>,
-    /// None: checkpoints are not signed (allowed for a local-only cluster).
+    /// None: checkpoints are not signed (allowed for a local-only cluster),
+    /// or this user cannot read the key (see `user_socket`).
     pub key: Option<ClusterKey>,
+    /// Set when the cluster has a key this user cannot read: the agent of
+    /// this machine serves them on this socket, relaying their requests
+    /// and signing their manifests with the key.
+    pub user_socket: Option<PathBuf>,
     /// The checkpoint store, a directory every node sees.
     pub store: PathBuf,
     /// Committed checkpoints kept per job.
@@ -267,6 +275,7 @@ pub struct Cluster {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     key: Option<Spanned<String>>,
+    user_socket: Option<Spanned<String>>,
     store: Option<Spanned<String>>,
     keep: Option<Spanned<u64>>,
     timeouts: Option<RawTimeouts>,
@@ -338,6 +347,7 @@ impl Cluster {
             source: None,
             nodes: vec![local_node()],
             key: None,
+            user_socket: None,
             store: store.unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
             keep: DEFAULT_KEEP,
             timeouts: Timeouts::default(),
@@ -454,10 +464,28 @@ impl Cluster {
         }
         let local_only = nodes.is_empty();
 
+        // A user who may not read the key goes through the agent of this
+        // machine, which holds it.
+        let key_path = raw.key.as_ref().map(|k| resolve(k.get_ref()));
+        let user_socket = key_path
+            .as_deref()
+            .filter(|p| {
+                !nix::unistd::geteuid().is_root()
+                    && std::fs::File::open(p)
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::PermissionDenied)
+            })
+            .map(|_| {
+                raw.user_socket
+                    .as_ref()
+                    .map(|u| resolve(u.get_ref()))
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_USER_SOCKET))
+            });
         let key = match &raw.key {
-            Some(k) => Some(ClusterKey::load(&resolve(k.get_ref())).map_err(|e| {
-                at(k.span(), "key".into(), e, "")
-            })?),
+            Some(_) if user_socket.is_some() => None,
+            Some(k) => Some(
+                ClusterKey::load(key_path.as_deref().expect("a key path"))
+                    .map_err(|e| at(k.span(), "key".into(), e, ""))?,
+            ),
             None if !local_only => {
                 return Err(ConfigError::from(FileProblem {
                     file: file.to_owned(),
@@ -531,6 +559,7 @@ impl Cluster {
             source: Some(file.to_owned()),
             nodes,
             key,
+            user_socket,
             store,
             keep,
             timeouts,

@@ -446,7 +446,12 @@ fn checkpoint_locked(
         leave_running: !stop,
         tcp_established: tcp,
     };
-    let cp = match pending.commit(&spec, &parts, options, cluster.key.as_ref()) {
+    let cp = match pending.commit(
+        &spec,
+        &parts,
+        options,
+        crate::link::signer(cluster).as_deref(),
+    ) {
         Ok(cp) => cp,
         Err(e) => {
             let undone = abort_all(&mut conns, timeouts.freeze);
@@ -1035,7 +1040,7 @@ fn restart_locked(
     };
     let cp = pick(store, job, checkpoint)?;
     let t = Instant::now();
-    cp.verify(cluster.key.as_ref(), Verify::Full)?;
+    cp.verify(crate::link::signer(cluster).as_deref(), Verify::Full)?;
     steps.end("verify", t);
     let plan: RestartPlan = plan::plan_restart(&cp, cluster, nodes, pack)?;
     let tcp = cp.options().tcp_established;
@@ -1265,7 +1270,7 @@ pub fn check(
     let timeout = cluster.timeouts.connect.max(Duration::from_secs(30));
     if let Some(name) = checkpoint {
         let cp = store.find(name)?;
-        cp.verify(cluster.key.as_ref(), Verify::Full)?;
+        cp.verify(crate::link::signer(cluster).as_deref(), Verify::Full)?;
         let plan = plan::plan_restart(&cp, cluster, nodes, pack)?;
         let mut links = Vec::new();
         let mut unreachable = Vec::new();

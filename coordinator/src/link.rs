@@ -3,6 +3,11 @@
 //! configuration names one), or, on a cluster of this machine alone, the
 //! agent's request handler in a thread of this process.
 //!
+//! A user who cannot read the cluster key reaches the agents through the
+//! agent of their machine, on its user socket: it relays their requests
+//! with the key, stamped with their uid (see `ckpt-agent serve
+//! --user-socket`), and signs their manifests.
+//!
 //! Either way, one link is one agent connection: the dump sessions and
 //! held restores it opens live as long as it does, and a link dropped
 //! before their end aborts them (a checkpoint) or kills them (a restart).
@@ -12,9 +17,13 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use ckpt_proto::rpc::msg::{self, request::Body as Q, response::Body as A};
-use ckpt_proto::rpc::Channel;
+use std::os::unix::net::UnixStream;
+
+use ckpt_proto::image::Manifest;
+use ckpt_proto::rpc::{self, Channel};
 
 use crate::config::{AgentAddr, Cluster};
+use crate::store::ManifestSigner;
 
 /// Where the in-process agent records its work in progress (a restarted
 /// coordinator's agent, like a restarted `ckpt-agent serve`, recovers it),
@@ -30,6 +39,15 @@ pub struct Link {
 enum Inner {
     Remote(Channel),
     Local(Local),
+    Relay(Relay),
+}
+
+/// A connection to an agent through the user socket of this machine's.
+struct Relay {
+    stream: UnixStream,
+    /// The socket and the agent reached, for messages.
+    peer: String,
+    next_id: u64,
 }
 
 /// The agent's handler in a thread of its own: ptrace wants every request
@@ -104,6 +122,14 @@ impl Link {
         let n = cluster.require_node(node).map_err(|e| e.to_string())?;
         let inner = match &n.agent {
             AgentAddr::InProcess => Inner::Local(Local::start(node)?),
+            AgentAddr::Tcp { .. } if cluster.key.is_none() && cluster.user_socket.is_some() => {
+                let socket = cluster.user_socket.as_deref().expect("checked");
+                Inner::Relay(Relay::open(
+                    socket,
+                    &n.agent.to_string(),
+                    cluster.timeouts.connect,
+                )?)
+            }
             AgentAddr::Tcp { .. } => {
                 let key = cluster.key.as_ref().ok_or_else(|| {
                     format!(
@@ -143,8 +169,141 @@ impl Link {
                 ch.call(my_uid(), body).map_err(|e| e.to_string())?
             }
             Inner::Local(l) => l.call(timeout, body)?,
+            Inner::Relay(r) => r.call(timeout, body)?,
         };
         answer.ok_or_else(|| "answered with an empty response".to_string())
+    }
+}
+
+impl Relay {
+    /// Connects to the user socket `socket` and has its agent reach the
+    /// agent at `agent` (itself when empty).
+    fn open(socket: &Path, agent: &str, timeout: Duration) -> Result<Relay, String> {
+        let shown = socket.display();
+        let mut stream = UnixStream::connect(socket).map_err(|e| {
+            format!(
+                "{shown}: {e}: this user cannot read the cluster key, and no agent serves users \
+                 on this machine there (ckpt-agent serve --user-socket {shown}; or set \
+                 user_socket in the cluster configuration)"
+            )
+        })?;
+        let peer = format!("the agent at {shown}");
+        stream
+            .set_read_timeout(Some(timeout.max(Duration::from_secs(15))))
+            .map_err(|e| format!("{peer}: {e}"))?;
+        rpc::write_frame(
+            &mut stream,
+            &peer,
+            &msg::UserHello {
+                version: rpc::PROTOCOL_VERSION,
+                agent: agent.to_string(),
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let reply: msg::UserHelloReply = rpc::read_frame(&mut stream, &peer)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{peer} closed the connection (is it a ckpt agent?)"))?;
+        if !reply.error.is_empty() {
+            return Err(format!("{peer}: {}", reply.error));
+        }
+        tracing::debug!(socket = %shown, node = reply.node, uid = reply.uid, "relayed");
+        Ok(Relay {
+            stream,
+            peer: format!("{} (via {shown})", reply.node),
+            next_id: 1,
+        })
+    }
+
+    fn call(&mut self, timeout: Duration, body: Q) -> Result<Option<A>, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| format!("{}: {e}", self.peer))?;
+        let req = msg::Request {
+            id,
+            // The relaying agent stamps the uid the kernel gives it.
+            uid: my_uid(),
+            body: Some(body),
+        };
+        rpc::write_frame(&mut self.stream, &self.peer, &req).map_err(|e| e.to_string())?;
+        let r: msg::Response = rpc::read_frame(&mut self.stream, &self.peer)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{} closed the connection before answering", self.peer))?;
+        if r.id != id {
+            return Err(format!(
+                "{} answered request {} while {id} was asked",
+                self.peer, r.id
+            ));
+        }
+        if !r.error.is_empty() {
+            return Err(r.error);
+        }
+        Ok(r.body)
+    }
+}
+
+/// Signs manifests for a user who cannot read the cluster key: the agent
+/// of their machine does, for manifests of theirs alone.
+pub struct AgentSigner {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl AgentSigner {
+    fn signature(&self, m: &Manifest) -> Result<Vec<u8>, String> {
+        use prost::Message;
+        let mut unsigned = m.clone();
+        unsigned.signature.clear();
+        let mut relay = Relay::open(&self.socket, "", self.timeout)?;
+        match relay.call(
+            self.timeout,
+            Q::SignManifest(msg::SignManifestRequest {
+                manifest: unsigned.encode_to_vec(),
+            }),
+        )? {
+            Some(A::SignManifest(r)) => Ok(r.signature),
+            other => Err(format!("{} answered {other:?}", relay.peer)),
+        }
+    }
+}
+
+impl ManifestSigner for AgentSigner {
+    fn sign(&self, m: &Manifest) -> Result<Vec<u8>, String> {
+        self.signature(m)
+    }
+
+    fn verify(&self, m: &Manifest) -> Result<bool, String> {
+        // The agent signs a manifest only for its owner: checking is
+        // signing again and comparing (in constant time, for form's sake:
+        // the user learns nothing they could not compute).
+        let again = self.signature(m)?;
+        Ok(again.len() == m.signature.len()
+            && again
+                .iter()
+                .zip(&m.signature)
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "the cluster key (held by the agent at {})",
+            self.socket.display()
+        )
+    }
+}
+
+/// What signs and checks this cluster's manifests for this user: the key,
+/// or the agent of this machine; none on a cluster without a key.
+pub fn signer(cluster: &Cluster) -> Option<Box<dyn ManifestSigner + '_>> {
+    match (&cluster.key, &cluster.user_socket) {
+        (Some(k), _) => Some(Box::new(k.clone())),
+        (None, Some(socket)) => Some(Box::new(AgentSigner {
+            socket: socket.clone(),
+            timeout: cluster.timeouts.connect.max(Duration::from_secs(15)),
+        })),
+        (None, None) => None,
     }
 }
 
@@ -169,6 +328,7 @@ impl Local {
                     &dir,
                     &exe,
                     "the in-process coordinator",
+                    None,
                 );
                 while let Ok(req) = requests.recv() {
                     if answers.send(h.respond(&req)).is_err() {

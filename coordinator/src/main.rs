@@ -512,6 +512,7 @@ fn checkpoint_json(cp: &Checkpoint) -> serde_json::Value {
         "leave_running": cp.options().leave_running,
         "tcp_established": cp.options().tcp_established,
         "signed": !m.signature.is_empty(),
+        "owner_uid": m.owner_uid,
         "parts": parts_json(cp),
     })
 }
@@ -620,7 +621,7 @@ fn verify_state(cluster: &Cluster, cp: &Checkpoint, full: bool) -> (bool, String
     } else {
         "files present, sizes"
     };
-    match cp.verify(cluster.key.as_ref(), level) {
+    match cp.verify(ckpt_coord::link::signer(cluster).as_deref(), level) {
         Ok(Signature::Valid) => (true, format!("verified (signature valid; {what})")),
         Ok(Signature::Unsigned) => (true, format!("verified (unsigned, no cluster key; {what})")),
         Ok(Signature::NotChecked) => (

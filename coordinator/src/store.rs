@@ -20,7 +20,6 @@ use std::str::FromStr;
 
 use ckpt_proto::image::{CheckpointOptions, Manifest, ManifestPart, PartFile};
 use ckpt_proto::{read_image_file, write_image_file, FrameError, ImageKind};
-use prost::Message;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
@@ -44,10 +43,6 @@ pub struct JobLock {
 pub const INVENTORY: &str = "inventory.img";
 /// Version of the manifest's content this build writes and reads.
 pub const MANIFEST_FORMAT: u32 = 1;
-/// Prefix of the signed bytes: a manifest signature can never be mistaken
-/// for the signature of another kind of message under the same key.
-const SIGNING_CONTEXT: &[u8] = b"ckpt-manifest-v1\0";
-
 /// Why the store could not do what was asked, or refused a checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -160,6 +155,38 @@ pub enum Signature {
     Unsigned,
     /// Signed, but no cluster key is configured to check it with.
     NotChecked,
+}
+
+/// What signs manifests and checks their signatures: the cluster key, or,
+/// for a user who cannot read it, the agent of their machine.
+pub trait ManifestSigner {
+    /// The signature of manifest `m` (whose signature field is empty).
+    fn sign(&self, m: &Manifest) -> Result<Vec<u8>, String>;
+    /// Whether `m.signature` is the signature of `m`.
+    fn verify(&self, m: &Manifest) -> Result<bool, String>;
+    /// What signs, for messages: "the cluster key /etc/ckpt/cluster.key".
+    fn describe(&self) -> String;
+}
+
+impl ManifestSigner for ClusterKey {
+    fn sign(&self, m: &Manifest) -> Result<Vec<u8>, String> {
+        Ok(ClusterKey::sign(
+            self,
+            &ckpt_proto::image::manifest_signing_bytes(m),
+        ))
+    }
+
+    fn verify(&self, m: &Manifest) -> Result<bool, String> {
+        Ok(ClusterKey::verify(
+            self,
+            &ckpt_proto::image::manifest_signing_bytes(m),
+            &m.signature,
+        ))
+    }
+
+    fn describe(&self) -> String {
+        format!("the cluster key {}", self.path().display())
+    }
 }
 
 /// A part as the coordinator knows it once its agent committed its dump.
@@ -594,13 +621,14 @@ impl PendingCheckpoint {
 
     /// Commits the checkpoint once every part's agent committed its dump:
     /// records every part's files with their SHA-256, signs the manifest
-    /// with `key` (when set) and writes it last, durably.
+    /// with `key` (when set) and writes it last, durably. The manifest
+    /// names the calling user as its owner.
     pub fn commit(
         mut self,
         spec: &JobSpec,
         parts: &[DumpedPart],
         options: CheckpointOptions,
-        key: Option<&ClusterKey>,
+        key: Option<&dyn ManifestSigner>,
     ) -> Result<Checkpoint, StoreError> {
         if spec.job != self.job {
             return Err(self.commit_error(format!("the job spec is for job '{}'", spec.job)));
@@ -650,10 +678,13 @@ impl PendingCheckpoint {
             parts: mparts,
             job_spec: spec.to_toml(),
             options: Some(options),
+            owner_uid: nix::unistd::getuid().as_raw(),
             signature: Vec::new(),
         };
         if let Some(k) = key {
-            manifest.signature = k.sign(&signing_bytes(&manifest));
+            manifest.signature = k
+                .sign(&manifest)
+                .map_err(|e| self.commit_error(format!("signing the manifest: {e}")))?;
         }
         write_image_file(&self.dir.join(MANIFEST), ImageKind::Manifest, &manifest)?;
         // The rename is durable only once the directory is synced.
@@ -727,7 +758,11 @@ impl Checkpoint {
 
     /// Checks the manifest's signature (with `key`; required when a key is
     /// set) and every part's files against the manifest.
-    pub fn verify(&self, key: Option<&ClusterKey>, level: Verify) -> Result<Signature, StoreError> {
+    pub fn verify(
+        &self,
+        key: Option<&dyn ManifestSigner>,
+        level: Verify,
+    ) -> Result<Signature, StoreError> {
         let m = &self.manifest;
         if m.format_version != MANIFEST_FORMAT {
             return Err(self.refuse(format!(
@@ -739,15 +774,18 @@ impl Checkpoint {
             Some(k) if m.signature.is_empty() => {
                 return Err(self.refuse(format!(
                     "{MANIFEST} is not signed, and a cluster key ({}) is configured",
-                    k.path().display()
+                    k.describe()
                 )))
             }
             Some(k) => {
-                if !k.verify(&signing_bytes(m), &m.signature) {
+                let valid = k
+                    .verify(m)
+                    .map_err(|e| self.refuse(format!("checking its signature: {e}")))?;
+                if !valid {
                     return Err(self.refuse(format!(
-                        "the signature of {MANIFEST} does not match the cluster key {}: \
+                        "the signature of {MANIFEST} does not match {}: \
                          the manifest was changed after the commit, or signed with another key",
-                        k.path().display()
+                        k.describe()
                     )));
                 }
                 Signature::Valid
@@ -863,17 +901,6 @@ impl Checkpoint {
 /// `part-NAME`: the image directory of a part in a checkpoint.
 pub fn part_dir_name(part: &str) -> String {
     format!("part-{part}")
-}
-
-/// What the signature covers: a fixed context, then the manifest encoded
-/// without its signature (prost encodes fields in field-number order and
-/// the manifest has no maps, so the encoding is canonical).
-fn signing_bytes(m: &Manifest) -> Vec<u8> {
-    let mut unsigned = m.clone();
-    unsigned.signature.clear();
-    let mut out = SIGNING_CONTEXT.to_vec();
-    out.extend_from_slice(&unsigned.encode_to_vec());
-    out
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -1016,14 +1043,14 @@ command = "sleep"
         }
     }
 
-    fn checkpoint(store: &Store, key: Option<&ClusterKey>) -> Checkpoint {
+    fn checkpoint(store: &Store, key: Option<&dyn ManifestSigner>) -> Checkpoint {
         let p = store.begin("j1").unwrap();
         fake_dump(&p.part_dir("a").unwrap(), "a");
         fake_dump(&p.part_dir("b").unwrap(), "b");
         p.commit(&spec(), &dumped(), opts(), key).unwrap()
     }
 
-    fn refused(c: &Checkpoint, key: Option<&ClusterKey>, level: Verify) -> String {
+    fn refused(c: &Checkpoint, key: Option<&dyn ManifestSigner>, level: Verify) -> String {
         c.verify(key, level)
             .expect_err("must be refused")
             .to_string()
@@ -1185,8 +1212,8 @@ command = "sleep"
         let t = tempfile::tempdir().unwrap();
         let store = Store::new(t.path());
         let c = checkpoint(&store, Some(&key()));
-        let k = Some(key());
-        let k = k.as_ref();
+        let k = key();
+        let k = Some(&k as &dyn ManifestSigner);
         let a = c.part_dir("a");
 
         // Changed content, same size: only the full check sees it.

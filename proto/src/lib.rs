@@ -12,6 +12,30 @@ pub mod image {
     /// A checkpoint's manifest in the store (JOB/CHECKPOINT/manifest.img):
     /// written last, its presence is the commit.
     pub const MANIFEST_FILE: &str = "manifest.img";
+
+    /// What a manifest's signature covers: a fixed context (a signature of
+    /// one kind of message never passes for another's under the same key),
+    /// then the manifest encoded without its signature (prost encodes
+    /// fields in field-number order and the manifest has no maps, so the
+    /// encoding is canonical).
+    pub fn manifest_signing_bytes(m: &Manifest) -> Vec<u8> {
+        let mut unsigned = m.clone();
+        unsigned.signature.clear();
+        signing_bytes(b"ckpt-manifest-v1\0", &unsigned)
+    }
+
+    /// What an inventory's signature covers, as for a manifest.
+    pub fn inventory_signing_bytes(inv: &Inventory) -> Vec<u8> {
+        let mut unsigned = inv.clone();
+        unsigned.signature.clear();
+        signing_bytes(b"ckpt-inventory-v1\0", &unsigned)
+    }
+
+    fn signing_bytes(context: &[u8], m: &impl prost::Message) -> Vec<u8> {
+        let mut out = context.to_vec();
+        out.extend_from_slice(&m.encode_to_vec());
+        out
+    }
 }
 
 pub use frame::{

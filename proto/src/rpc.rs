@@ -304,66 +304,13 @@ impl Channel {
 
     /// Sends one message.
     pub fn send<M: Message>(&mut self, m: &M) -> Result<(), RpcError> {
-        let body = m.encode_to_vec();
-        let mut frame = Vec::with_capacity(4 + body.len());
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&body);
-        self.stream
-            .write_all(&frame)
-            .map_err(|source| RpcError::Io {
-                peer: self.peer.clone(),
-                source,
-            })
+        write_frame(&mut self.stream, &self.peer, m)
     }
 
     /// Receives one message; None when the peer closed the connection
     /// between messages.
     pub fn recv<M: Message + Default>(&mut self) -> Result<Option<M>, RpcError> {
-        let peer = self.peer.clone();
-        let mut len = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match self.stream.read(&mut len[got..]) {
-                Ok(0) if got == 0 => return Ok(None),
-                Ok(0) => {
-                    return Err(RpcError::Frame {
-                        peer,
-                        reason: "connection closed inside a frame header".into(),
-                    })
-                }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(RpcError::Io { peer, source }),
-            }
-        }
-        let n = u32::from_le_bytes(len) as usize;
-        if n > MAX_FRAME {
-            // Most often not a ckpt peer at all: show what it sent.
-            let text: String = len
-                .iter()
-                .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
-                .collect();
-            return Err(RpcError::Frame {
-                peer,
-                reason: format!(
-                    "{n} bytes, more than the {MAX_FRAME} allowed (it began with {text:?}: \
-                     is this a ckpt agent, at the address and port of the configuration?)"
-                ),
-            });
-        }
-        let mut body = vec![0u8; n];
-        self.stream
-            .read_exact(&mut body)
-            .map_err(|source| RpcError::Io {
-                peer: peer.clone(),
-                source,
-            })?;
-        M::decode(body.as_slice())
-            .map(Some)
-            .map_err(|e| RpcError::Frame {
-                peer,
-                reason: e.to_string(),
-            })
+        read_frame(&mut self.stream, &self.peer)
     }
 
     /// Bounds how long a call waits for its answer (`None`: forever), so
@@ -409,6 +356,69 @@ impl Channel {
         }
         Ok(r.body)
     }
+}
+
+/// Writes `m` as one frame to `w` (a connection to `peer`).
+pub fn write_frame<M: Message>(w: &mut impl Write, peer: &str, m: &M) -> Result<(), RpcError> {
+    let body = m.encode_to_vec();
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).map_err(|source| RpcError::Io {
+        peer: peer.to_string(),
+        source,
+    })
+}
+
+/// Reads one frame from `r` (a connection to `peer`); None when the peer
+/// closed the connection between frames.
+pub fn read_frame<M: Message + Default>(
+    r: &mut impl Read,
+    peer: &str,
+) -> Result<Option<M>, RpcError> {
+    let peer = peer.to_string();
+    let mut len = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut len[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(RpcError::Frame {
+                    peer,
+                    reason: "connection closed inside a frame header".into(),
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(RpcError::Io { peer, source }),
+        }
+    }
+    let n = u32::from_le_bytes(len) as usize;
+    if n > MAX_FRAME {
+        // Most often not a ckpt peer at all: show what it sent.
+        let text: String = len
+            .iter()
+            .map(|&b| if b.is_ascii_graphic() { b as char } else { '.' })
+            .collect();
+        return Err(RpcError::Frame {
+            peer,
+            reason: format!(
+                "{n} bytes, more than the {MAX_FRAME} allowed (it began with {text:?}: \
+                 is this a ckpt agent, at the address and port of the configuration?)"
+            ),
+        });
+    }
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body).map_err(|source| RpcError::Io {
+        peer: peer.clone(),
+        source,
+    })?;
+    M::decode(body.as_slice())
+        .map(Some)
+        .map_err(|e| RpcError::Frame {
+            peer,
+            reason: e.to_string(),
+        })
 }
 
 #[cfg(test)]

@@ -1180,10 +1180,14 @@ impl CoordCluster {
         let key = dir.join("cluster.key");
         fs::write(&key, [0x5a; 32]).unwrap();
         fs::set_permissions(&key, fs::Permissions::from_mode(0o600)).unwrap();
+        // Users reach the cluster through the last node's agent: tests
+        // destroy the first nodes.
         let mut cfg = format!(
-            "key = \"{}\"\nstore = \"{}\"\n",
+            "key = \"{}\"\nstore = \"{}\"\nuser_socket = \"{}\"\n",
             key.display(),
-            lab.shared_dir().join("store").display()
+            lab.shared_dir().join("store").display(),
+            dir.join(&format!("user-{}.sock", lab.node(nodes).name()))
+                .display()
         );
         for n in lab.nodes() {
             cfg += &format!(
@@ -1233,6 +1237,8 @@ impl CoordCluster {
             .arg(&self.key)
             .arg("--state-dir")
             .arg(self.state_dir(i))
+            .arg("--user-socket")
+            .arg(self.user_socket(i))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -1279,6 +1285,35 @@ impl CoordCluster {
         self.dir.join(&format!("state-{}", self.lab.node(i).name()))
     }
 
+    /// Where the agent of node `i` serves users (the configuration names
+    /// the last node's).
+    pub fn user_socket(&self, i: usize) -> PathBuf {
+        self.dir
+            .join(&format!("user-{}.sock", self.lab.node(i).name()))
+    }
+
+    /// Runs ckpt-coord with `args` as user `user` (uid, gid) in node
+    /// `from`'s network namespace, logging what it printed.
+    pub fn coord_as(&self, user: (u32, u32), from: usize, args: &[&str]) -> std::process::Output {
+        let prefix = on(self.lab.node(from));
+        let o = Command::new(&prefix[0])
+            .args(&prefix[1..])
+            .args(["setpriv", "--init-groups"])
+            .arg(format!("--reuid={}", user.0))
+            .arg(format!("--regid={}", user.1))
+            .arg("--")
+            .arg(coord_binary())
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        eprintln!("(as uid {})", user.0);
+        log_coord(args, &o);
+        o
+    }
+
     /// The checkpoint store.
     pub fn store(&self) -> PathBuf {
         self.lab.shared_dir().join("store")
@@ -1312,6 +1347,34 @@ impl CoordCluster {
         log_coord(args, &o);
         o
     }
+}
+
+/// The uid and gid of `ckpt-test-user`, a user without privileges made
+/// for the tests that act as one (created on first use).
+pub fn test_user() -> (u32, u32) {
+    const NAME: &str = "ckpt-test-user";
+    let id = |flag: &str| -> Option<u32> {
+        let o = Command::new("id").args([flag, NAME]).output().ok()?;
+        String::from_utf8_lossy(&o.stdout).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        let made = Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status()
+            .unwrap();
+        // Another test may have made it meanwhile.
+        assert!(
+            made.success() || id("-u").is_some(),
+            "useradd {NAME} failed"
+        );
+    }
+    (id("-u").unwrap(), id("-g").unwrap())
 }
 
 /// Logs a ckpt-coord run for the test's output.

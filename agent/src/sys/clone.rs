@@ -244,6 +244,9 @@ pub struct JobSpawn {
     /// Descriptors to become the job's stdin and its stdout and stderr
     /// (else it keeps the caller's).
     pub stdio: Option<(i32, i32)>,
+    /// The user the command runs as (uid, gid, groups), once root's work
+    /// (namespaces, mounts, network) is done; else root.
+    pub user: Option<(u32, u32, Vec<libc::gid_t>)>,
 }
 
 /// Why the first process of a job could not start: the failed step (an
@@ -272,7 +275,8 @@ pub const STEP_HOSTNAME: usize = 2;
 pub const STEP_EXEC: usize = 3;
 pub const STEP_LOOPBACK: usize = 4;
 pub const STEP_STDIO: usize = 5;
-pub const STEP_MOUNTS: usize = 6;
+pub const STEP_USER: usize = 6;
+pub const STEP_MOUNTS: usize = 7;
 /// Not a step: the child's report that it is set up and waits for the go.
 const HELD: u32 = u32::MAX - 1;
 
@@ -443,6 +447,11 @@ fn child_setup(
         // caller leaked would tie it to processes outside the job.
         const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
         libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, CLOSE_RANGE_CLOEXEC);
+        if let Some((uid, gid, groups)) = &spec.user {
+            if super::creds::drop_to(*uid, *gid, groups).is_err() {
+                fail(STEP_USER);
+            }
+        }
         libc::execv(spec.program.as_ptr(), argv.as_ptr());
         fail(STEP_EXEC)
     }

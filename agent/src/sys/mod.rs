@@ -2,6 +2,7 @@
 //! nix does not wrap. Each `unsafe` block carries a `// SAFETY:` note.
 
 pub mod clone;
+pub mod creds;
 pub mod gadget;
 pub mod ipc;
 pub mod misc;
