@@ -34,8 +34,8 @@ fn launch(cl: &CoordCluster, job: &str, nodes: (usize, usize), first: u8) -> Pat
     cl.store().join(job).join("output/a.log")
 }
 
-/// Waits for the `n`-th checksum line of `out`; returns it.
-fn finished(out: &Path, n: usize, within: Duration) -> String {
+/// Waits for the `n`-th checksum line of `out` (job `job`'s); returns it.
+fn finished(out: &Path, job: &str, n: usize, within: Duration) -> String {
     let checksums = || -> Vec<String> {
         fs::read_to_string(out)
             .unwrap_or_default()
@@ -48,7 +48,7 @@ fn finished(out: &Path, n: usize, within: Duration) -> String {
         wait_for(within, || checksums().len() >= n),
         "{} did not finish (run {n}):\n{}",
         out.display(),
-        fs::read_to_string(out).unwrap_or_default()
+        job_state(out, job)
     );
     checksums()[n - 1].clone()
 }
@@ -63,11 +63,23 @@ fn job_state(out: &Path, job: &str) -> String {
             "--- part {part} output:\n{}\n",
             fs::read_to_string(&log).unwrap_or_default()
         );
-        for pid in ckpt_tests::job_procs(&format!("{job}.{part}")) {
+        let procs = ckpt_tests::job_procs(&format!("{job}.{part}"));
+        if let Some(root) = procs.first() {
+            // The TCP connections of the part, for a job that stalls.
+            let ss = std::process::Command::new("nsenter")
+                .arg(format!("--net=/proc/{root}/ns/net"))
+                .args(["ss", "-tnoi"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            s += &format!("  TCP of part {part}:\n{ss}\n");
+        }
+        for pid in procs {
             let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
             s += &format!(
-                "  pid {pid} state {}: {}\n",
+                "  pid {pid} wchan {wchan} state {}: {}\n",
                 stat.rsplit(')')
                     .next()
                     .unwrap_or("")
@@ -118,7 +130,7 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
     assert!(o.status.success(), "checkpoint --leave-running failed");
     let cp1 = json_of(&o)["checkpoint"].as_str().unwrap().to_string();
     assert_eq!(
-        finished(&out1, 1, Duration::from_secs(180)),
+        finished(&out1, &j1, 1, Duration::from_secs(180)),
         want,
         "the job left running after its checkpoint computed another result"
     );
@@ -144,7 +156,7 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
         "restart of the leave-running checkpoint failed"
     );
     assert_eq!(
-        finished(&out1, 2, Duration::from_secs(180)),
+        finished(&out1, &j1, 2, Duration::from_secs(180)),
         want,
         "the job restarted from its leave-running checkpoint computed another result"
     );
@@ -200,7 +212,7 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
         );
     }
     assert_eq!(
-        finished(&out2, 1, Duration::from_secs(180)),
+        finished(&out2, &j2, 1, Duration::from_secs(180)),
         want,
         "the MPI job moved to other nodes computed another result"
     );
