@@ -259,22 +259,38 @@ fn user_connection(mut stream: UnixStream, key: &Key, node: &str, state_dir: &Pa
         node: node.to_string(),
         uid,
     };
-    let mut target = if hello.version != rpc::PROTOCOL_VERSION {
+    // Where the user's requests go: the agent the hello names, over a
+    // connection with the key, or this agent's own request handler.
+    enum Target {
+        Agent(Channel),
+        Here(Box<Handler>),
+    }
+    let target = if hello.version != rpc::PROTOCOL_VERSION {
         Err(format!(
             "{peer} speaks protocol version {}, this agent {}: run the same ckpt version",
             hello.version,
             rpc::PROTOCOL_VERSION
         ))
     } else if hello.agent.is_empty() {
-        Ok(None)
+        std::env::current_exe()
+            .map(|exe| {
+                Target::Here(Box::new(Handler::new(
+                    node,
+                    state_dir,
+                    &exe,
+                    &peer,
+                    Some(key.clone()),
+                )))
+            })
+            .map_err(|e| format!("/proc/self/exe: {e}"))
     } else {
         Channel::connect(&hello.agent, key, Duration::from_secs(10))
-            .map(Some)
+            .map(Target::Agent)
             .map_err(|e| e.to_string())
     };
-    match &mut target {
-        Ok(Some(ch)) => reply.node = ch.peer_node.clone(),
-        Ok(None) => {}
+    match &target {
+        Ok(Target::Agent(ch)) => reply.node = ch.peer_node.clone(),
+        Ok(Target::Here(_)) => {}
         Err(e) => {
             warn!("{peer}: {e}");
             reply.error = e.clone();
@@ -285,8 +301,6 @@ fn user_connection(mut stream: UnixStream, key: &Key, node: &str, state_dir: &Pa
     }
     let Ok(mut target) = target else { return };
     info!(peer, to = reply.node, "user connected");
-    let exe = std::env::current_exe().unwrap_or_default();
-    let mut here = Handler::new(node, state_dir, &exe, &peer, Some(key.clone()));
     loop {
         let mut req: msg::Request = match rpc::read_frame(&mut stream, &peer) {
             Ok(Some(r)) => r,
@@ -298,18 +312,15 @@ fn user_connection(mut stream: UnixStream, key: &Key, node: &str, state_dir: &Pa
         };
         req.uid = uid;
         let resp = match &mut target {
-            Some(ch) => {
-                let sent = ch.send(&req).and_then(|()| ch.recv::<msg::Response>());
-                match sent {
-                    Ok(Some(r)) => r,
-                    Ok(None) => break,
-                    Err(e) => {
-                        warn!("{e}");
-                        break;
-                    }
+            Target::Agent(ch) => match ch.send(&req).and_then(|()| ch.recv::<msg::Response>()) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    warn!("{e}");
+                    break;
                 }
-            }
-            None => here.respond(&req),
+            },
+            Target::Here(h) => h.respond(&req),
         };
         if rpc::write_frame(&mut stream, &peer, &resp).is_err() {
             break;

@@ -12,6 +12,14 @@
 //! roles and nonces swapped. Each side signs the other's fresh nonce, so a
 //! recorded exchange cannot be replayed, and the role tags keep one side's
 //! proof from serving as the other's.
+//!
+//! Every frame after the handshake carries an HMAC-SHA256, under a session
+//! key derived from the cluster key and both nonces, over its direction,
+//! its sequence number and its body. A proof alone does not bind the rest
+//! of the connection: someone who could make a key holder run a handshake
+//! with them (an agent relaying a user's requests, see the user socket)
+//! could forward its proofs to a real agent and then speak freely on that
+//! connection. Without the session key, every frame they send is refused.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -27,8 +35,11 @@ pub mod msg {
     include!(concat!(env!("OUT_DIR"), "/ckpt.rpc.rs"));
 }
 
-/// Version of the wire protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the wire protocol this build speaks (2: frames after the
+/// handshake are authenticated).
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Bytes of the MAC at the end of an authenticated frame.
+const FRAME_MAC_LEN: usize = 32;
 /// Frames larger than this are refused (a broken or hostile peer).
 pub const MAX_FRAME: usize = 16 << 20;
 /// Smallest cluster key accepted.
@@ -148,11 +159,40 @@ impl Role {
 /// An authenticated connection.
 pub struct Channel {
     stream: TcpStream,
+    /// Set once the handshake is done: authenticates every later frame.
+    session: Option<Session>,
     /// The peer as logs name it: its node name and address.
     peer: String,
     /// The peer's node name, from its Hello.
     pub peer_node: String,
     next_id: u64,
+}
+
+/// The per-connection key and sequence numbers of an authenticated channel.
+struct Session {
+    key: Key,
+    /// Whether this end is the coordinator's (the direction of its frames).
+    coordinator: bool,
+    sent: u64,
+    received: u64,
+}
+
+impl Session {
+    /// The session of the connection whose handshake had the agent's nonce
+    /// `na` and the coordinator's `nc`, under cluster key `key`.
+    fn new(key: &Key, na: &[u8], nc: &[u8], coordinator: bool) -> Session {
+        Session {
+            key: Key(key.mac(&[b"ckpt-rpc-v2 session", na, nc])),
+            coordinator,
+            sent: 0,
+            received: 0,
+        }
+    }
+
+    fn mac(&self, from_coordinator: bool, seq: u64, body: &[u8]) -> Vec<u8> {
+        let dir: &[u8] = if from_coordinator { b"c>a" } else { b"a>c" };
+        self.key.mac(&[dir, &seq.to_le_bytes(), body])
+    }
 }
 
 fn nonce() -> std::io::Result<Vec<u8>> {
@@ -184,6 +224,7 @@ impl Channel {
             peer: addr.to_string(),
             peer_node: String::new(),
             next_id: 1,
+            session: None,
         };
         let mine = nonce().map_err(io)?;
         ch.send(&msg::Hello {
@@ -214,6 +255,7 @@ impl Channel {
                 reason: "the agent does not hold our cluster key".into(),
             });
         }
+        ch.session = Some(Session::new(key, &theirs.nonce, &mine, true));
         // Requests may take long (a dump); the coordinator sets its own
         // deadlines per call.
         ch.stream.set_read_timeout(None).map_err(|e| RpcError::Io {
@@ -245,6 +287,7 @@ impl Channel {
             peer: peer.clone(),
             peer_node: String::new(),
             next_id: 1,
+            session: None,
         };
         let theirs: msg::Hello = ch.recv_handshake()?;
         let mine = nonce().map_err(io)?;
@@ -267,6 +310,7 @@ impl Channel {
         ch.send(&msg::Proof {
             mac: key.mac(&[Role::Agent.tag(), &theirs.nonce, &mine]),
         })?;
+        ch.session = Some(Session::new(key, &mine, &theirs.nonce, false));
         ch.stream.set_read_timeout(None).map_err(io)?;
         Ok(ch)
     }
@@ -302,15 +346,48 @@ impl Channel {
         &self.peer
     }
 
-    /// Sends one message.
+    /// Sends one message (with its MAC once the handshake is done).
     pub fn send<M: Message>(&mut self, m: &M) -> Result<(), RpcError> {
-        write_frame(&mut self.stream, &self.peer, m)
+        let mut body = m.encode_to_vec();
+        if let Some(s) = &mut self.session {
+            let mac = s.mac(s.coordinator, s.sent, &body);
+            s.sent += 1;
+            body.extend_from_slice(&mac);
+        }
+        write_raw(&mut self.stream, &self.peer, &body)
     }
 
     /// Receives one message; None when the peer closed the connection
-    /// between messages.
+    /// between messages. Once the handshake is done, a frame whose MAC is
+    /// wrong (not from the peer that made the handshake, or replayed or
+    /// reordered) ends the connection with an error.
     pub fn recv<M: Message + Default>(&mut self) -> Result<Option<M>, RpcError> {
-        read_frame(&mut self.stream, &self.peer)
+        let Some(mut body) = read_raw(&mut self.stream, &self.peer)? else {
+            return Ok(None);
+        };
+        if let Some(s) = &mut self.session {
+            let bad = || RpcError::Auth {
+                peer: self.peer.clone(),
+                reason: "a frame failed its authentication (not from the peer that made \
+                         the handshake, or replayed): connection dropped"
+                    .into(),
+            };
+            if body.len() < FRAME_MAC_LEN {
+                return Err(bad());
+            }
+            let mac = body.split_off(body.len() - FRAME_MAC_LEN);
+            let dir: &[u8] = if s.coordinator { b"a>c" } else { b"c>a" };
+            if !s.key.verify(&[dir, &s.received.to_le_bytes(), &body], &mac) {
+                return Err(bad());
+            }
+            s.received += 1;
+        }
+        M::decode(body.as_slice())
+            .map(Some)
+            .map_err(|e| RpcError::Frame {
+                peer: self.peer.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// Bounds how long a call waits for its answer (`None`: forever), so
@@ -360,10 +437,14 @@ impl Channel {
 
 /// Writes `m` as one frame to `w` (a connection to `peer`).
 pub fn write_frame<M: Message>(w: &mut impl Write, peer: &str, m: &M) -> Result<(), RpcError> {
-    let body = m.encode_to_vec();
+    write_raw(w, peer, &m.encode_to_vec())
+}
+
+/// Writes `body` as one frame.
+fn write_raw(w: &mut impl Write, peer: &str, body: &[u8]) -> Result<(), RpcError> {
     let mut frame = Vec::with_capacity(4 + body.len());
     frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
+    frame.extend_from_slice(body);
     w.write_all(&frame).map_err(|source| RpcError::Io {
         peer: peer.to_string(),
         source,
@@ -376,6 +457,19 @@ pub fn read_frame<M: Message + Default>(
     r: &mut impl Read,
     peer: &str,
 ) -> Result<Option<M>, RpcError> {
+    let Some(body) = read_raw(r, peer)? else {
+        return Ok(None);
+    };
+    M::decode(body.as_slice())
+        .map(Some)
+        .map_err(|e| RpcError::Frame {
+            peer: peer.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Reads the bytes of one frame.
+fn read_raw(r: &mut impl Read, peer: &str) -> Result<Option<Vec<u8>>, RpcError> {
     let peer = peer.to_string();
     let mut len = [0u8; 4];
     let mut got = 0;
@@ -409,16 +503,9 @@ pub fn read_frame<M: Message + Default>(
         });
     }
     let mut body = vec![0u8; n];
-    r.read_exact(&mut body).map_err(|source| RpcError::Io {
-        peer: peer.clone(),
-        source,
-    })?;
-    M::decode(body.as_slice())
-        .map(Some)
-        .map_err(|e| RpcError::Frame {
-            peer,
-            reason: e.to_string(),
-        })
+    r.read_exact(&mut body)
+        .map_err(|source| RpcError::Io { peer, source })?;
+    Ok(Some(body))
 }
 
 #[cfg(test)]
@@ -485,6 +572,47 @@ mod tests {
         );
     }
 
+    /// Someone who makes a key holder run its handshake with them, and
+    /// forwards it to a real agent (what a user could do through an
+    /// agent's user socket), gets a connection on which every frame they
+    /// write themselves is refused.
+    #[test]
+    fn a_forwarded_handshake_gives_nothing_to_speak_with() {
+        let (agent_addr, agent_side) = agent(key(7));
+        let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+        let fake_addr = fake.local_addr().unwrap().to_string();
+        // The key holder, deceived into connecting to the fake agent.
+        let victim = std::thread::spawn(move || {
+            Channel::connect(&fake_addr, &key(7), Duration::from_secs(5)).map(|_| ())
+        });
+        let (mut v, _) = fake.accept().unwrap();
+        let mut a = TcpStream::connect(&agent_addr).unwrap();
+        let hello_v: msg::Hello = read_frame(&mut v, "victim").unwrap().unwrap();
+        write_frame(&mut a, "agent", &hello_v).unwrap();
+        let hello_a: msg::Hello = read_frame(&mut a, "agent").unwrap().unwrap();
+        write_frame(&mut v, "victim", &hello_a).unwrap();
+        let proof_v: msg::Proof = read_frame(&mut v, "victim").unwrap().unwrap();
+        write_frame(&mut a, "agent", &proof_v).unwrap();
+        let proof_a: msg::Proof = read_frame(&mut a, "agent").unwrap().unwrap();
+        write_frame(&mut v, "victim", &proof_a).unwrap();
+        victim.join().unwrap().unwrap();
+        // The handshake passed on the agent's side too...
+        let mut ch = agent_side.join().unwrap().unwrap();
+        // ...but a request of the forwarder's own is refused.
+        write_frame(
+            &mut a,
+            "agent",
+            &msg::Request {
+                id: 1,
+                uid: 0,
+                body: Some(msg::request::Body::Status(msg::StatusRequest::default())),
+            },
+        )
+        .unwrap();
+        let e = ch.recv::<msg::Request>().expect_err("refused");
+        assert!(e.to_string().contains("failed its authentication"), "{e}");
+    }
+
     #[test]
     fn another_protocol_version_is_named() {
         let (addr, h) = agent(key(7));
@@ -499,7 +627,7 @@ mod tests {
         raw.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
         raw.write_all(&body).unwrap();
         let e = h.join().unwrap().err().expect("refused");
-        assert!(e.to_string().contains("version 99, this side 1"), "{e}");
+        assert!(e.to_string().contains("version 99, this side 2"), "{e}");
     }
 
     #[test]
