@@ -34,6 +34,8 @@ pub const LOCAL_STATE_DIR: &str = "/var/lib/ckpt/coord-local";
 pub struct Link {
     node: String,
     inner: Inner,
+    /// The user requests are made for.
+    uid: u32,
 }
 
 enum Inner {
@@ -152,7 +154,19 @@ impl Link {
         Ok(Link {
             node: node.to_string(),
             inner,
+            uid: my_uid(),
         })
+    }
+
+    /// The user this link's requests are made for.
+    pub fn uid(&self) -> u32 {
+        self.uid
+    }
+
+    /// Makes this link's requests for user `uid` (root may act as any
+    /// user; through a relay, the relaying agent stamps the real one).
+    pub fn act_for(&mut self, uid: u32) {
+        self.uid = uid;
     }
 
     /// The node this link reaches.
@@ -166,9 +180,9 @@ impl Link {
         let answer = match &mut self.inner {
             Inner::Remote(ch) => {
                 ch.set_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-                ch.call(my_uid(), body).map_err(|e| e.to_string())?
+                ch.call(self.uid, body).map_err(|e| e.to_string())?
             }
-            Inner::Local(l) => l.call(timeout, body)?,
+            Inner::Local(l) => l.call(timeout, self.uid, body)?,
             Inner::Relay(r) => r.call(timeout, body)?,
         };
         answer.ok_or_else(|| "answered with an empty response".to_string())
@@ -346,7 +360,7 @@ impl Local {
         })
     }
 
-    fn call(&mut self, timeout: Duration, body: Q) -> Result<Option<A>, String> {
+    fn call(&mut self, timeout: Duration, uid: u32, body: Q) -> Result<Option<A>, String> {
         if self.stuck {
             return Err("the in-process agent is still busy with a request that timed out".into());
         }
@@ -354,7 +368,7 @@ impl Local {
         self.next_id += 1;
         let req = msg::Request {
             id,
-            uid: my_uid(),
+            uid,
             body: Some(body),
         };
         self.tx
