@@ -1349,6 +1349,21 @@ impl CoordCluster {
     }
 }
 
+/// Waits up to `within` for the output file `out` to hold a checksum line
+/// and returns the output then; panics showing it, saying that `what` did
+/// not finish, when none comes.
+pub fn wait_finished(out: &Path, within: Duration, what: &str) -> String {
+    assert!(
+        wait_for(within, || fs::read_to_string(out)
+            .ok()
+            .and_then(|s| checksum_line(&s))
+            .is_some()),
+        "{what} did not finish: {}",
+        fs::read_to_string(out).unwrap_or_default()
+    );
+    fs::read_to_string(out).unwrap()
+}
+
 /// The uid and gid of `ckpt-test-user`, a user without privileges made
 /// for the tests that act as one (created on first use).
 pub fn test_user() -> (u32, u32) {

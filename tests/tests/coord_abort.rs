@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use ckpt_tests::{
     checksum_line, job_frozen, json_of, log_coord, no_checkpoint, progress_lines,
-    stencil_tcp_reference, tables_in_netns_of, wait_for, CoordCluster, JobCgroupGuard,
+    stencil_tcp_reference, tables_in_netns_of, wait_finished, wait_for, CoordCluster,
+    JobCgroupGuard,
 };
 
 /// Long enough to outlive three rounds (frozen time does not count).
@@ -183,15 +184,7 @@ fn agent_killed_during_freeze_dump_or_before_commit_leaves_the_job_running() {
         );
     }
 
-    assert!(
-        wait_for(Duration::from_secs(90), || fs::read_to_string(&out0)
-            .ok()
-            .and_then(|s| checksum_line(&s))
-            .is_some()),
-        "the job did not finish: {}",
-        fs::read_to_string(&out0).unwrap_or_default()
-    );
-    let text = fs::read_to_string(&out0).unwrap();
+    let text = wait_finished(&out0, Duration::from_secs(90), "the job");
     assert_eq!(
         checksum_line(&text).as_deref(),
         Some(want.as_str()),

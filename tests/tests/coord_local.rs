@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use ckpt_tests::{
-    checksum_line, coord_binary, job_binary, log_coord, no_checkpoint, progress_lines, wait_for,
-    JobCgroupGuard, Workdir,
+    checksum_line, coord_binary, job_binary, log_coord, no_checkpoint, progress_lines,
+    wait_finished, wait_for, JobCgroupGuard, Workdir,
 };
 
 const ARGS: [&str; 6] = ["--size", "256", "--iters", "20000", "--every", "1000"];
@@ -82,16 +82,9 @@ fn local_only_cluster_launches_checkpoints_and_restarts_with_an_in_process_agent
         "the job had finished before its checkpoint: make it longer"
     );
     assert!(coord(&["restart", &job]).status.success());
-    assert!(
-        wait_for(Duration::from_secs(120), || fs::read_to_string(&out)
-            .ok()
-            .and_then(|s| checksum_line(&s))
-            .is_some()),
-        "the restarted job did not finish: {}",
-        fs::read_to_string(&out).unwrap_or_default()
-    );
+    let text = wait_finished(&out, Duration::from_secs(120), "the restarted job");
     assert_eq!(
-        checksum_line(&fs::read_to_string(&out).unwrap()),
+        checksum_line(&text),
         Some(want),
         "the restarted job computed another result"
     );

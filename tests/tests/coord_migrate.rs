@@ -8,8 +8,8 @@ use std::fs;
 use std::time::Duration;
 
 use ckpt_tests::{
-    checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, wait_for,
-    CoordCluster, JobCgroupGuard,
+    checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, wait_finished,
+    wait_for, CoordCluster, JobCgroupGuard,
 };
 
 const ARGS: [&str; 6] = ["--size", "512", "--iters", "12000", "--every", "600"];
@@ -99,16 +99,9 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         ],
     );
     assert!(o.status.success(), "check of the checkpoint failed");
-    assert!(
-        wait_for(Duration::from_secs(60), || fs::read_to_string(&out)
-            .ok()
-            .and_then(|s| checksum_line(&s))
-            .is_some()),
-        "the moved job did not finish: {}",
-        fs::read_to_string(&out).unwrap_or_default()
-    );
+    let text = wait_finished(&out, Duration::from_secs(60), "the moved job");
     assert_eq!(
-        checksum_line(&fs::read_to_string(&out).unwrap()).as_deref(),
+        checksum_line(&text).as_deref(),
         Some(want.as_str()),
         "the moved job computed another result"
     );

@@ -9,8 +9,8 @@ use std::fs;
 use std::time::Duration;
 
 use ckpt_tests::{
-    checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, wait_for,
-    CoordCluster, JobCgroupGuard,
+    checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, wait_finished,
+    wait_for, CoordCluster, JobCgroupGuard,
 };
 
 /// Sized to run a few seconds here: long enough to be caught mid-run.
@@ -88,15 +88,7 @@ fn job_moves_to_other_nodes_with_its_tcp_connection_and_same_result() {
         );
     }
 
-    assert!(
-        wait_for(Duration::from_secs(60), || fs::read_to_string(&out0)
-            .ok()
-            .and_then(|s| checksum_line(&s))
-            .is_some()),
-        "the restarted job did not finish: {}",
-        fs::read_to_string(&out0).unwrap_or_default()
-    );
-    let text0 = fs::read_to_string(&out0).unwrap();
+    let text0 = wait_finished(&out0, Duration::from_secs(60), "the restarted job");
     assert_eq!(
         checksum_line(&text0).as_deref(),
         Some(want.as_str()),

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use ckpt_tests::{
     checksum_line, json_of, no_checkpoint, progress_lines, stencil_tcp_reference, test_user,
-    wait_for, CoordCluster, JobCgroupGuard,
+    wait_finished, wait_for, CoordCluster, JobCgroupGuard,
 };
 
 /// Sized to run a few seconds here: long enough to be caught mid-run.
@@ -114,15 +114,7 @@ fn a_user_launches_checkpoints_and_restarts_their_job_on_other_nodes() {
             "restored pid {pid} runs as another user"
         );
     }
-    assert!(
-        wait_for(Duration::from_secs(60), || fs::read_to_string(&out0)
-            .ok()
-            .and_then(|s| checksum_line(&s))
-            .is_some()),
-        "the restarted job did not finish: {}",
-        fs::read_to_string(&out0).unwrap_or_default()
-    );
-    let text = fs::read_to_string(&out0).unwrap();
+    let text = wait_finished(&out0, Duration::from_secs(60), "the restarted job");
     assert_eq!(
         checksum_line(&text).as_deref(),
         Some(want.as_str()),
