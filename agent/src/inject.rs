@@ -6,6 +6,13 @@
 //! into the task: a dumped task executes a `syscall` found in its own vdso,
 //! a task being restored one in the agent's text (it is a fork of the agent)
 //! and then one in its scratch page.
+//!
+//! Where the `syscall` is followed by an `int3` (the agent's gadget, and its
+//! copy in a restored task's scratch page), the task runs with PTRACE_CONT
+//! to the trap instead: one stop per call instead of two (entry and exit).
+//! Each stop is a round trip through the scheduler; a restore makes
+//! hundreds of calls, and on this VM the stops were most of a small
+//! process's restore time.
 
 use std::io::IoSlice;
 use std::io::IoSliceMut;
@@ -149,17 +156,22 @@ pub struct Remote {
     /// (PTRACE_GETEVENTMSG): in a PID namespace, the call itself returns
     /// the child's PID inside.
     child: std::cell::Cell<Option<i32>>,
+    /// The gadget is `syscall; int3`: run to the trap (one stop).
+    traps: bool,
 }
 
 impl Remote {
     /// Prepares injection into `tid`, which must be in a ptrace stop.
     pub fn new(tid: Pid, gadget: u64) -> Result<Self> {
         let template = get_regs(tid)?;
+        let traps = read_mem(tid.as_raw(), gadget, 3)
+            .is_ok_and(|code| code == crate::sys::gadget::SYSCALL_INSN);
         Ok(Remote {
             tid,
             gadget,
             template,
             child: std::cell::Cell::new(None),
+            traps,
         })
     }
 
@@ -187,11 +199,41 @@ impl Remote {
         r.r8 = a[4];
         r.r9 = a[5];
         set_regs(self.tid, r)?;
-        // Run to the syscall-entry stop, then to the syscall-exit stop.
+        // Run to the trap after the call, or to the syscall-entry stop and
+        // then the syscall-exit stop: a call that may unmap or replace the
+        // gadget's page (a restore unmaps the agent's text it started from)
+        // must stop before the task returns to it.
+        let traps = self.traps
+            && !matches!(
+                nr,
+                libc::SYS_mmap
+                    | libc::SYS_munmap
+                    | libc::SYS_mremap
+                    | libc::SYS_shmat
+                    | libc::SYS_execve
+                    | libc::SYS_rt_sigreturn
+            );
         let mut entered = false;
         loop {
-            ptrace::syscall(self.tid, None).ctx(self.pid(), || "PTRACE_SYSCALL".into())?;
+            if traps {
+                ptrace::cont(self.tid, None).ctx(self.pid(), || "PTRACE_CONT".into())?;
+            } else {
+                ptrace::syscall(self.tid, None).ctx(self.pid(), || "PTRACE_SYSCALL".into())?;
+            }
             match wait_stopped(self.tid)? {
+                WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGTRAP) if traps => {
+                    let out = get_regs(self.tid)?;
+                    if out.rip != self.gadget + 3 {
+                        return Err(Error::Refused {
+                            pid: self.pid(),
+                            reason: format!(
+                                "SIGTRAP at {:#x}, not after injected syscall {nr}",
+                                out.rip
+                            ),
+                        });
+                    }
+                    return Ok(out.rax as i64);
+                }
                 WaitStatus::PtraceSyscall(_) if !entered => entered = true,
                 WaitStatus::PtraceSyscall(_) => break,
                 WaitStatus::PtraceEvent(_, _, ev) => {
