@@ -25,12 +25,16 @@ use nix::unistd::Pid;
 use tracing::{trace, warn};
 
 use crate::error::{Context, Error, Result};
+use crate::sys::gadget::BATCH_ENTRY;
 
 /// The x86-64 register file as ptrace sees it.
 pub type Regs = libc::user_regs_struct;
 
 /// nix does not name this option (1 << 21, needs CAP_SYS_ADMIN).
 const PTRACE_O_SUSPEND_SECCOMP: ptrace::Options = ptrace::Options::from_bits_retain(1 << 21);
+
+/// Most calls run in one batch (a table of 8 KiB in the scratch area).
+pub const BATCH_MAX: usize = 128;
 
 /// Options every seized task gets: syscall stops marked with 0x80, new
 /// threads and children auto-attached, killed if the agent dies (restore),
@@ -158,6 +162,8 @@ pub struct Remote {
     child: std::cell::Cell<Option<i32>>,
     /// The gadget is `syscall; int3`: run to the trap (one stop).
     traps: bool,
+    /// Address of a copy of `sys::gadget::BATCH_LOOP` in the task, if any.
+    batch: Option<u64>,
 }
 
 impl Remote {
@@ -172,7 +178,15 @@ impl Remote {
             template,
             child: std::cell::Cell::new(None),
             traps,
+            batch: None,
         })
+    }
+
+    /// Lets [`Remote::syscalls`] run batches through the copy of
+    /// `sys::gadget::BATCH_LOOP` at `addr` in the task.
+    pub fn with_batch_loop(mut self, addr: u64) -> Self {
+        self.batch = Some(addr);
+        self
     }
 
     /// The task the last forking injected call created (host PID).
@@ -186,6 +200,7 @@ impl Remote {
 
     /// Runs one system call in the task and returns its raw result.
     pub fn syscall_raw(&self, nr: i64, args: &[u64]) -> Result<i64> {
+        trace!(tid = self.pid(), call = syscall_name(nr), "injected");
         let mut r = self.template;
         r.rax = nr as u64;
         r.orig_rax = u64::MAX;
@@ -276,6 +291,81 @@ impl Remote {
             });
         }
         Ok(r as u64)
+    }
+
+    /// Runs `calls` (number and arguments) one after the other, with one
+    /// stop for up to [`BATCH_MAX`] of them when the task has the batch loop
+    /// (else one call at a time); stops at the first that fails, returned
+    /// as an error naming it. The table goes into `scratch`. Returns each
+    /// call's result. Not for calls that fork, or unmap the scratch area.
+    pub fn syscalls(&self, scratch: &mut Scratch, calls: &[(i64, Vec<u64>)]) -> Result<Vec<u64>> {
+        let Some(code) = self.batch.filter(|_| calls.len() > 1) else {
+            return calls.iter().map(|(nr, a)| self.syscall(*nr, a)).collect();
+        };
+        let table = scratch.alloc((calls.len().min(BATCH_MAX) * BATCH_ENTRY) as u64)?;
+        let mut results = Vec::with_capacity(calls.len());
+        for chunk in calls.chunks(BATCH_MAX) {
+            results.extend(self.batch(code, table, chunk)?);
+        }
+        Ok(results)
+    }
+
+    /// Runs one batch of `calls` through the loop at `code`, its table at
+    /// `table`.
+    fn batch(&self, code: u64, table: u64, calls: &[(i64, Vec<u64>)]) -> Result<Vec<u64>> {
+        use crate::sys::gadget::BATCH_TRAP;
+        let mut bytes = Vec::with_capacity(calls.len() * BATCH_ENTRY);
+        for (nr, args) in calls {
+            let mut a = [0u64; 6];
+            a[..args.len()].copy_from_slice(args);
+            bytes.extend_from_slice(&(*nr as u64).to_le_bytes());
+            for v in a {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+            bytes.extend_from_slice(&0u64.to_le_bytes());
+        }
+        write_mem(self.pid(), table, &bytes)?;
+        trace!(tid = self.pid(), calls = calls.len(), "injected batch");
+        let mut r = self.template;
+        r.rip = code;
+        r.orig_rax = u64::MAX;
+        r.rbx = table;
+        r.r12 = calls.len() as u64;
+        set_regs(self.tid, r)?;
+        ptrace::cont(self.tid, None).ctx(self.pid(), || "PTRACE_CONT".into())?;
+        let left = match wait_stopped(self.tid)? {
+            WaitStatus::Stopped(_, nix::sys::signal::Signal::SIGTRAP) => {
+                let out = get_regs(self.tid)?;
+                if out.rip != code + BATCH_TRAP {
+                    return Err(Error::Refused {
+                        pid: self.pid(),
+                        reason: format!("SIGTRAP at {:#x}, not at the end of a batch", out.rip),
+                    });
+                }
+                out.r12 as usize
+            }
+            other => {
+                return Err(Error::Refused {
+                    pid: self.pid(),
+                    reason: format!("{other:?} while running a batch of injected calls"),
+                })
+            }
+        };
+        let back = read_mem(self.pid(), table, bytes.len())?;
+        let result = |i: usize| {
+            let o = i * BATCH_ENTRY + 56;
+            u64::from_le_bytes(back[o..o + 8].try_into().expect("8 bytes"))
+        };
+        let done = calls.len() - left;
+        if left > 0 {
+            // The loop stopped at a failed call: entry `done`.
+            return Err(Error::Remote {
+                pid: self.pid(),
+                syscall: syscall_name(calls[done].0),
+                errno: Errno::from_raw(-(result(done) as i64) as i32),
+            });
+        }
+        Ok((0..done).map(result).collect())
     }
 }
 
@@ -407,6 +497,71 @@ impl Scratch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The hand-assembled batch loop runs its calls in order, returns
+    /// their results, stops at the first that fails (naming it), and
+    /// longer lists go in several batches.
+    #[test]
+    fn a_batch_runs_its_calls_and_stops_at_the_first_that_fails() {
+        use crate::sys::gadget::{BATCH_LOOP, SYSCALL_INSN};
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("needs root (ptrace)");
+            return;
+        }
+        let pid = match crate::sys::clone::fork_with_pid(&[]).unwrap() {
+            None => crate::sys::clone::child_park(),
+            Some(p) => p,
+        };
+        let t = Pid::from_raw(pid);
+        ptrace::seize(t, seize_options(true)).unwrap();
+        ptrace::interrupt(t).unwrap();
+        wait_interrupt_stop(t).unwrap();
+        let boot = Remote::new(t, crate::sys::gadget::syscall_gadget_addr()).unwrap();
+        let len = 4 * 4096u64;
+        let rwx = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+        let addr = boot
+            .syscall(libc::SYS_mmap, &[0, len, rwx, flags, u64::MAX, 0])
+            .unwrap();
+        write_mem(pid, addr, &SYSCALL_INSN).unwrap();
+        write_mem(pid, addr + 64, &BATCH_LOOP).unwrap();
+        let r = Remote::new(t, addr).unwrap().with_batch_loop(addr + 64);
+        let mut scratch = Scratch::new(pid, addr + 4096, len - 4096);
+
+        let ok = r
+            .syscalls(
+                &mut scratch,
+                &[(libc::SYS_getpid, vec![]), (libc::SYS_getppid, vec![])],
+            )
+            .unwrap();
+        assert_eq!(ok, [pid as u64, std::process::id() as u64]);
+
+        scratch.reset();
+        let e = r
+            .syscalls(
+                &mut scratch,
+                &[
+                    (libc::SYS_getpid, vec![]),
+                    (libc::SYS_close, vec![987_654]),
+                    (libc::SYS_exit_group, vec![3]),
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("close") && e.contains("EBADF"), "{e}");
+        // The call after the failed one did not run: the task is alive.
+        assert!(r.syscall(libc::SYS_getpid, &[]).is_ok());
+
+        scratch.reset();
+        let many: Vec<_> = (0..300).map(|_| (libc::SYS_getpid, vec![])).collect();
+        assert_eq!(
+            r.syscalls(&mut scratch, &many).unwrap(),
+            vec![pid as u64; 300]
+        );
+
+        nix::sys::signal::kill(t, nix::sys::signal::Signal::SIGKILL).unwrap();
+        let _ = waitpid(t, Some(WaitPidFlag::__WALL));
+    }
 
     fn regs(rax: i64, orig: i64) -> Regs {
         let mut r = zero_regs();

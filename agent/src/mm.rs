@@ -410,21 +410,27 @@ pub fn prepare_address_space(
     child: i32,
     remote: &Remote,
     keep: (u64, u64),
+    scratch: &mut Scratch,
 ) -> Result<()> {
     let cur = proc::maps(child)?;
     let mine = vdso_areas(cur.iter().map(|m| (m.path.as_str(), m.start, m.end)));
     let theirs = vdso_areas(img.vmas.iter().map(|v| (v.path.as_str(), v.start, v.end)));
-    for m in &cur {
-        let special = special_kind(&m.path).is_some();
-        let is_keep = m.start == keep.0 && m.end == keep.1;
-        if !special && !is_keep {
-            remote.syscall(libc::SYS_munmap, &[m.start, m.end - m.start])?;
-        }
-    }
+    // The agent's mappings the child inherited, in one batch (run from the
+    // kept scratch area, which holds the batch loop).
+    let mut unmaps: Vec<(i64, Vec<u64>)> = cur
+        .iter()
+        .filter(|m| special_kind(&m.path).is_none() && (m.start, m.end) != keep)
+        .map(|m| (libc::SYS_munmap, vec![m.start, m.end - m.start]))
+        .collect();
     if theirs.is_empty() {
-        for (_, s, len) in &mine {
-            remote.syscall(libc::SYS_munmap, &[*s, *len])?;
-        }
+        unmaps.extend(
+            mine.iter()
+                .map(|(_, s, len)| (libc::SYS_munmap, vec![*s, *len])),
+        );
+    }
+    remote.syscalls(scratch, &unmaps)?;
+    scratch.reset();
+    if theirs.is_empty() {
         return Ok(());
     }
     if layout(&mine) != layout(&theirs) {
@@ -773,7 +779,8 @@ fn attach_sysv(img: &MmImage, v: &Vma, remote: &Remote) -> Result<()> {
 
 /// Gives every mapping its final protection and advice, and reinstalls
 /// guard regions, once its pages are in.
-pub fn finish_mappings(img: &MmImage, remote: &Remote) -> Result<()> {
+pub fn finish_mappings(img: &MmImage, remote: &Remote, scratch: &mut Scratch) -> Result<()> {
+    let mut calls = Vec::new();
     for v in &img.vmas {
         let kind = VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaAnonPrivate);
         if is_special(kind) {
@@ -782,17 +789,20 @@ pub fn finish_mappings(img: &MmImage, remote: &Remote) -> Result<()> {
         let len = v.end - v.start;
         for (_, bit, advice) in ADVICE {
             if v.madv & bit != 0 {
-                remote.syscall(libc::SYS_madvise, &[v.start, len, advice as u64])?;
+                calls.push((libc::SYS_madvise, vec![v.start, len, advice as u64]));
             }
         }
         for g in &v.guards {
-            remote.syscall(
+            calls.push((
                 libc::SYS_madvise,
-                &[g.start, g.end - g.start, MADV_GUARD_INSTALL],
-            )?;
+                vec![g.start, g.end - g.start, MADV_GUARD_INSTALL],
+            ));
         }
-        remote.syscall(libc::SYS_mprotect, &[v.start, len, v.prot as u64])?;
+        calls.push((libc::SYS_mprotect, vec![v.start, len, v.prot as u64]));
     }
+    scratch.reset();
+    remote.syscalls(scratch, &calls)?;
+    scratch.reset();
     Ok(())
 }
 

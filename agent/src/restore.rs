@@ -68,6 +68,9 @@ pub struct RestoreReport {
 }
 
 const SCRATCH_LEN: u64 = 64 * 1024;
+/// Where the batch loop sits in the scratch area's first page (the syscall
+/// gadget is at its start).
+const BATCH_AT: u64 = 64;
 const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_FS
     | libc::CLONE_FILES
@@ -737,7 +740,8 @@ fn build(
         &[scratch_addr, SCRATCH_LEN, rwx, flags, u64::MAX, 0],
     )?;
     inject::write_mem(pid, scratch_addr, &sys::gadget::SYSCALL_INSN)?;
-    let main = Remote::new(t, scratch_addr)?;
+    inject::write_mem(pid, scratch_addr + BATCH_AT, &sys::gadget::BATCH_LOOP)?;
+    let main = Remote::new(t, scratch_addr)?.with_batch_loop(scratch_addr + BATCH_AT);
     let mut scratch = Scratch::new(pid, scratch_addr + 4096, SCRATCH_LEN - 4096);
 
     // A process sharing another's fd table gets it from that one's build.
@@ -750,6 +754,7 @@ fn build(
         pid,
         &main,
         (scratch_addr, scratch_addr + SCRATCH_LEN),
+        &mut scratch,
     )?;
     mm::restore_fields(&img.mm, &main, &mut scratch)?;
     mm::restore_mappings(&img.mm, &main, &mut scratch, &mut shared.shm, dir)?;
@@ -767,7 +772,7 @@ fn build(
         main.syscall(libc::SYS_close, &[remote_fd])?;
     }
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
-    mm::finish_mappings(&img.mm, &main)?;
+    mm::finish_mappings(&img.mm, &main, &mut scratch)?;
 
     // Threads, with their TIDs.
     let mut remotes = vec![main];

@@ -357,15 +357,18 @@ pub fn restore_thread_inside(
 pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) -> Result<()> {
     let pid = core.pid;
     scratch.reset();
+    // One batch: a process has up to 64 of them.
+    let mut calls = Vec::with_capacity(core.sigactions.len());
     for a in &core.sigactions {
         let mut b = Vec::with_capacity(32);
         for v in [a.handler, a.flags, a.restorer, a.mask] {
             b.extend_from_slice(&v.to_le_bytes());
         }
         let addr = scratch.put(&b)?;
-        main.syscall(libc::SYS_rt_sigaction, &[a.signo as u64, addr, 0, 8])?;
-        scratch.reset();
+        calls.push((libc::SYS_rt_sigaction, vec![a.signo as u64, addr, 0, 8]));
     }
+    main.syscalls(scratch, &calls)?;
+    scratch.reset();
     for t in &core.itimers {
         // A periodic ITIMER_REAL that expired while its SIGALRM is pending
         // reads 0 left: the kernel re-arms it when that signal is taken.
@@ -460,22 +463,30 @@ pub fn restore_process(core: &TaskCore, main: &Remote, scratch: &mut Scratch) ->
         }
     }
     // Limits are set from inside: prlimit() on another process needs
-    // CAP_SYS_RESOURCE, which root lacks on some machines.
+    // CAP_SYS_RESOURCE, which root lacks on some machines. One batch; if it
+    // fails, one by one again (setting a limit twice is harmless) to name
+    // the limit that cannot be set.
+    scratch.reset();
+    let mut calls = Vec::with_capacity(core.rlimits.len());
     for r in &core.rlimits {
         let mut b = Vec::with_capacity(16);
         b.extend_from_slice(&r.cur.to_le_bytes());
         b.extend_from_slice(&r.max.to_le_bytes());
         let a = scratch.put(&b)?;
-        main.syscall(libc::SYS_prlimit64, &[0, r.resource as u64, a, 0])
-            .map_err(|e| Error::Refused {
+        calls.push((libc::SYS_prlimit64, vec![0, r.resource as u64, a, 0]));
+    }
+    if main.syscalls(scratch, &calls).is_err() {
+        for (r, (nr, args)) in core.rlimits.iter().zip(&calls) {
+            main.syscall(*nr, args).map_err(|e| Error::Refused {
                 pid,
                 reason: format!(
                     "cannot set resource limit {} to {}/{}: {e} (raising a hard limit needs CAP_SYS_RESOURCE)",
                     r.resource, r.cur, r.max
                 ),
             })?;
-        scratch.reset();
+        }
     }
+    scratch.reset();
     // From inside: thread ids are the job's.
     for th in &core.threads {
         main.syscall(
