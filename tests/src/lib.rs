@@ -1351,17 +1351,68 @@ impl CoordCluster {
 
 /// Waits up to `within` for the output file `out` to hold a checksum line
 /// and returns the output then; panics showing it, saying that `what` did
-/// not finish, when none comes.
-pub fn wait_finished(out: &Path, within: Duration, what: &str) -> String {
+/// not finish, with the state of agent jobs `parts` (see [`part_state`]),
+/// when none comes.
+pub fn wait_finished(out: &Path, within: Duration, what: &str, parts: &[String]) -> String {
     assert!(
         wait_for(within, || fs::read_to_string(out)
             .ok()
             .and_then(|s| checksum_line(&s))
             .is_some()),
-        "{what} did not finish: {}",
-        fs::read_to_string(out).unwrap_or_default()
+        "{what} did not finish: {}\n{}",
+        fs::read_to_string(out).unwrap_or_default(),
+        parts.iter().map(|p| part_state(p)).collect::<String>()
     );
     fs::read_to_string(out).unwrap()
+}
+
+/// The processes of agent job `job` on this machine (state, where they
+/// wait, command) and its TCP connections, for the message of a test whose
+/// job stalls.
+pub fn part_state(job: &str) -> String {
+    let procs = job_procs(job);
+    let mut s = format!("--- agent job {job}: {} processes\n", procs.len());
+    if let Some(root) = procs.first() {
+        let ss = Command::new("nsenter")
+            .arg(format!("--net=/proc/{root}/ns/net"))
+            .args(["ss", "-tnoie"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        s += &format!("  TCP:\n{ss}\n");
+        let neigh = Command::new("nsenter")
+            .arg(format!("--net=/proc/{root}/ns/net"))
+            .args(["ip", "neigh"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        s += &format!("  neighbours:\n{neigh}\n");
+        // A network lock left in place blocks the part's traffic.
+        let nft = Command::new("nsenter")
+            .arg(format!("--net=/proc/{root}/ns/net"))
+            .args(["nft", "list", "ruleset"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        s += &format!("  nftables:\n{nft}\n");
+    }
+    for pid in procs {
+        let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        let stack = fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default();
+        s += &format!(
+            "  pid {pid} wchan {wchan} state {}: {}\n{stack}",
+            stat.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .next()
+                .unwrap_or("?"),
+            String::from_utf8_lossy(&cmd).replace('\0', " ")
+        );
+    }
+    s
 }
 
 /// The uid and gid of `ckpt-test-user`, a user without privileges made

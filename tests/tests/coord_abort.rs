@@ -184,7 +184,12 @@ fn agent_killed_during_freeze_dump_or_before_commit_leaves_the_job_running() {
         );
     }
 
-    let text = wait_finished(&out0, Duration::from_secs(90), "the job");
+    let text = wait_finished(
+        &out0,
+        Duration::from_secs(90),
+        "the job",
+        &[format!("{job}.r0"), format!("{job}.r1")],
+    );
     assert_eq!(
         checksum_line(&text).as_deref(),
         Some(want.as_str()),

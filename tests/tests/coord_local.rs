@@ -82,7 +82,12 @@ fn local_only_cluster_launches_checkpoints_and_restarts_with_an_in_process_agent
         "the job had finished before its checkpoint: make it longer"
     );
     assert!(coord(&["restart", &job]).status.success());
-    let text = wait_finished(&out, Duration::from_secs(120), "the restarted job");
+    let text = wait_finished(
+        &out,
+        Duration::from_secs(120),
+        "the restarted job",
+        &[format!("{job}.main")],
+    );
     assert_eq!(
         checksum_line(&text),
         Some(want),

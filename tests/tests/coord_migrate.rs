@@ -99,7 +99,12 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         ],
     );
     assert!(o.status.success(), "check of the checkpoint failed");
-    let text = wait_finished(&out, Duration::from_secs(60), "the moved job");
+    let text = wait_finished(
+        &out,
+        Duration::from_secs(60),
+        "the moved job",
+        &[format!("{job}.r0"), format!("{job}.r1")],
+    );
     assert_eq!(
         checksum_line(&text).as_deref(),
         Some(want.as_str()),

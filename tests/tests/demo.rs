@@ -88,7 +88,12 @@ fn job_moves_to_other_nodes_with_its_tcp_connection_and_same_result() {
         );
     }
 
-    let text0 = wait_finished(&out0, Duration::from_secs(60), "the restarted job");
+    let text0 = wait_finished(
+        &out0,
+        Duration::from_secs(60),
+        "the restarted job",
+        &[format!("{job}.r0"), format!("{job}.r1")],
+    );
     assert_eq!(
         checksum_line(&text0).as_deref(),
         Some(want.as_str()),

@@ -63,32 +63,7 @@ fn job_state(out: &Path, job: &str) -> String {
             "--- part {part} output:\n{}\n",
             fs::read_to_string(&log).unwrap_or_default()
         );
-        let procs = ckpt_tests::job_procs(&format!("{job}.{part}"));
-        if let Some(root) = procs.first() {
-            // The TCP connections of the part, for a job that stalls.
-            let ss = std::process::Command::new("nsenter")
-                .arg(format!("--net=/proc/{root}/ns/net"))
-                .args(["ss", "-tnoi"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            s += &format!("  TCP of part {part}:\n{ss}\n");
-        }
-        for pid in procs {
-            let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-            s += &format!(
-                "  pid {pid} wchan {wchan} state {}: {}\n",
-                stat.rsplit(')')
-                    .next()
-                    .unwrap_or("")
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("?"),
-                String::from_utf8_lossy(&cmd).replace('\0', " ")
-            );
-        }
+        s += &ckpt_tests::part_state(&format!("{job}.{part}"));
     }
     s
 }

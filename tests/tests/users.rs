@@ -114,7 +114,12 @@ fn a_user_launches_checkpoints_and_restarts_their_job_on_other_nodes() {
             "restored pid {pid} runs as another user"
         );
     }
-    let text = wait_finished(&out0, Duration::from_secs(60), "the restarted job");
+    let text = wait_finished(
+        &out0,
+        Duration::from_secs(60),
+        "the restarted job",
+        &[format!("{job}.r0"), format!("{job}.r1")],
+    );
     assert_eq!(
         checksum_line(&text).as_deref(),
         Some(want.as_str()),
