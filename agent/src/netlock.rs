@@ -424,8 +424,20 @@ pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
         let Ok(file) = File::options().read(true).write(true).open(&path) else {
             continue;
         };
-        // Locked: its agent is alive.
-        let Ok(file) = Flock::lock(file, FlockArg::LockExclusiveNonblock) else {
+        // Locked: its agent is alive, or another recovery is looking at
+        // it. The lock being released was kept by a restore or dump that
+        // has ended: a lock on it is another recovery's, held for a moment
+        // (two parts of a job released at once on one machine), and is
+        // waited for; skipping it left the part's traffic blocked for good.
+        let ours = kept_table.as_deref().is_some_and(|t| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{t}-"))
+        });
+        let Some(file) = lock_record(file, ours) else {
+            if ours {
+                warn!(record = %path.display(), "the lock to release stays locked by a live process");
+            }
             continue;
         };
         let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -451,7 +463,7 @@ pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
                 continue;
             }
         };
-        if rec.kept && kept_table.as_deref() != Some(rec.table.as_str()) {
+        if rec.kept && ns.is_some() && kept_table.as_deref() != Some(rec.table.as_str()) {
             continue;
         }
         for r in &rec.repaired {
@@ -477,6 +489,32 @@ pub fn recover(kept_of: Option<&str>) -> Result<Recovered> {
         drop(file);
     }
     Ok(done)
+}
+
+/// Whether a lock named `name` (a job's, see [`table_name`]) is still
+/// recorded on this machine: after a release, that it was not released.
+pub fn recorded(name: &str) -> bool {
+    let prefix = format!("{}-", table_name(name));
+    std::fs::read_dir(RECORD_DIR).is_ok_and(|rd| {
+        rd.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+    })
+}
+
+/// Takes the record's flock: at once, or when `patient`, waiting up to 5 s
+/// for another holder to let go. None if it stays taken.
+fn lock_record(mut file: File, patient: bool) -> Option<Flock<File>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Some(locked),
+            Err((f, _)) if patient && std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(_) => return None,
+        }
+    }
 }
 
 /// Whether a network namespace with inode `ino` still exists: some process
@@ -519,6 +557,24 @@ fn unrepair(r: &Repaired) -> Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A record held for a moment by another recovery is waited for when
+    /// it is the lock being released, skipped otherwise.
+    #[test]
+    fn the_record_being_released_waits_out_a_passing_lock() {
+        let path = std::env::temp_dir().join(format!("ckpt-netlock-rec-{}", std::process::id()));
+        std::fs::write(&path, b"{}").unwrap();
+        let open = || File::options().read(true).write(true).open(&path).unwrap();
+        let held = Flock::lock(open(), FlockArg::LockExclusiveNonblock).unwrap();
+        assert!(lock_record(open(), false).is_none(), "taken while held");
+        let passer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(held);
+        });
+        assert!(lock_record(open(), true).is_some(), "not waited for");
+        passer.join().unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn names_are_nft_identifiers() {

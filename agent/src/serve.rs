@@ -843,10 +843,15 @@ impl Handler {
                     }
                 }
                 for (job, held) in thawed {
-                    if let Err(e) =
-                        crate::netlock::recover(Some(held.lock.as_deref().unwrap_or(job)))
-                    {
+                    let lock = held.lock.as_deref().unwrap_or(job);
+                    if let Err(e) = crate::netlock::recover(Some(lock)) {
                         failed.push(e.to_string());
+                    } else if crate::netlock::recorded(lock) {
+                        // Its traffic would stay blocked: the job would
+                        // run, and stall.
+                        failed.push(format!(
+                            "{job}: its network lock {lock} could not be released"
+                        ));
                     }
                 }
                 if failed.is_empty() {
