@@ -1373,28 +1373,18 @@ pub fn part_state(job: &str) -> String {
     let procs = job_procs(job);
     let mut s = format!("--- agent job {job}: {} processes\n", procs.len());
     if let Some(root) = procs.first() {
-        let ss = Command::new("nsenter")
-            .arg(format!("--net=/proc/{root}/ns/net"))
-            .args(["ss", "-tnoie"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        s += &format!("  TCP:\n{ss}\n");
-        let neigh = Command::new("nsenter")
-            .arg(format!("--net=/proc/{root}/ns/net"))
-            .args(["ip", "neigh"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        s += &format!("  neighbours:\n{neigh}\n");
+        let in_netns = |args: &[&str]| {
+            Command::new("nsenter")
+                .arg(format!("--net=/proc/{root}/ns/net"))
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        s += &format!("  TCP:\n{}\n", in_netns(&["ss", "-tnoie"]));
+        s += &format!("  neighbours:\n{}\n", in_netns(&["ip", "neigh"]));
         // A network lock left in place blocks the part's traffic.
-        let nft = Command::new("nsenter")
-            .arg(format!("--net=/proc/{root}/ns/net"))
-            .args(["nft", "list", "ruleset"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        s += &format!("  nftables:\n{nft}\n");
+        s += &format!("  nftables:\n{}\n", in_netns(&["nft", "list", "ruleset"]));
     }
     for pid in procs {
         let cmd = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
