@@ -1238,14 +1238,11 @@ fn check_owner(uid: u32, pid: i32) -> Result<()> {
     if uid == 0 {
         return Ok(());
     }
-    let owner = crate::proc::read(pid, "status")?
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
-    if owner != Some(uid) {
+    let owner = crate::proc::owner(pid)?;
+    if owner != uid {
         return Err(Error::Refused {
             pid,
-            reason: format!("user {uid} may not act on it: it belongs to user {owner:?}"),
+            reason: format!("user {uid} may not act on it: it belongs to user {owner}"),
         });
     }
     Ok(())
