@@ -81,17 +81,7 @@ impl Drop for Local {
 /// own jobs. The real uid, so that a coordinator run with more privilege
 /// than its user (to read the cluster key) still acts for that user.
 pub fn my_uid() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .expect("/proc/self/status names this process's uid")
+    nix::unistd::getuid().as_raw()
 }
 
 /// The ckpt-agent binary the in-process agent starts and restores parts
@@ -241,19 +231,8 @@ impl Relay {
             body: Some(body),
         };
         rpc::write_frame(&mut self.stream, &self.peer, &req).map_err(|e| e.to_string())?;
-        let r: msg::Response = rpc::read_frame(&mut self.stream, &self.peer)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("{} closed the connection before answering", self.peer))?;
-        if r.id != id {
-            return Err(format!(
-                "{} answered request {} while {id} was asked",
-                self.peer, r.id
-            ));
-        }
-        if !r.error.is_empty() {
-            return Err(r.error);
-        }
-        Ok(r.body)
+        let r = rpc::read_frame(&mut self.stream, &self.peer).map_err(|e| e.to_string())?;
+        rpc::answer_to(&self.peer, id, r).map_err(|e| e.to_string())
     }
 }
 

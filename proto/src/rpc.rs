@@ -415,24 +415,33 @@ impl Channel {
             uid,
             body: Some(body),
         })?;
-        let r: msg::Response = self.recv()?.ok_or_else(|| RpcError::Protocol {
-            peer: self.peer.clone(),
-            reason: "closed the connection before answering".into(),
-        })?;
-        if r.id != id {
-            return Err(RpcError::Protocol {
-                peer: self.peer.clone(),
-                reason: format!("answered request {} while {id} was asked", r.id),
-            });
-        }
-        if !r.error.is_empty() {
-            return Err(RpcError::Protocol {
-                peer: self.peer.clone(),
-                reason: r.error,
-            });
-        }
-        Ok(r.body)
+        let r = self.recv()?;
+        answer_to(&self.peer, id, r)
     }
+}
+
+/// The body of `r`, the answer `peer` gave to request `id` (None: the
+/// connection closed first), or the error it reported.
+pub fn answer_to(
+    peer: &str,
+    id: u64,
+    r: Option<msg::Response>,
+) -> Result<Option<msg::response::Body>, RpcError> {
+    let fail = |reason: String| RpcError::Protocol {
+        peer: peer.to_string(),
+        reason,
+    };
+    let r = r.ok_or_else(|| fail("closed the connection before answering".into()))?;
+    if r.id != id {
+        return Err(fail(format!(
+            "answered request {} while {id} was asked",
+            r.id
+        )));
+    }
+    if !r.error.is_empty() {
+        return Err(fail(r.error));
+    }
+    Ok(r.body)
 }
 
 /// Writes `m` as one frame to `w` (a connection to `peer`).
