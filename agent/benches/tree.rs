@@ -228,6 +228,7 @@ fn main() {
                 pid: t.pids[0],
                 images: dir.clone(),
                 leave_running: false,
+                snapshot: false,
                 tasks_in_parallel: parallel,
                 ext_unix_sk: false,
                 shell_job: false,

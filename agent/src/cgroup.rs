@@ -59,6 +59,63 @@ fn freezer_roots(mounts: &[proc::MountInfo]) -> (Option<PathBuf>, Option<PathBuf
     (v2, v1)
 }
 
+/// How many more bytes of memory process `pid` may have charged before a
+/// cgroup limit applies (v2 memory.max, v1 memory.limit_in_bytes): the
+/// least headroom over its memory cgroup and their ancestors; None when
+/// nothing limits it.
+pub fn memory_headroom(pid: i32) -> Result<Option<u64>> {
+    let mounts = proc::parse_mountinfo(
+        &std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io("/proc/self/mountinfo", e))?,
+    );
+    let v2 = mounts.iter().find(|m| m.fstype == "cgroup2");
+    let v1 = mounts
+        .iter()
+        .find(|m| m.fstype == "cgroup" && m.super_options.split(',').any(|o| o == "memory"));
+    let text = proc::read(pid, "cgroup")?;
+    let mut least: Option<u64> = None;
+    for line in text.lines() {
+        let mut f = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let (root, limit, usage) = match (id, controllers) {
+            ("0", "") => match v2 {
+                Some(m) => (&m.mount_point, "memory.max", "memory.current"),
+                None => continue,
+            },
+            (_, c) if c.split(',').any(|c| c == "memory") => match v1 {
+                Some(m) => (
+                    &m.mount_point,
+                    "memory.limit_in_bytes",
+                    "memory.usage_in_bytes",
+                ),
+                None => continue,
+            },
+            _ => continue,
+        };
+        let mut dir = Path::new(root).join(path.trim_start_matches('/'));
+        loop {
+            let read = |f: &str| {
+                std::fs::read_to_string(dir.join(f))
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            // "max", or v1's page-rounded i64::MAX: no limit here.
+            if let (Some(max), Some(used)) = (read(limit), read(usage)) {
+                if max < 1 << 60 {
+                    let room = max.saturating_sub(used);
+                    least = Some(least.map_or(room, |l| l.min(room)));
+                }
+            }
+            if dir == Path::new(root) || !dir.pop() {
+                break;
+            }
+        }
+    }
+    Ok(least)
+}
+
 /// A job id becomes a directory name: keep it to a safe alphabet.
 pub fn check_job_id(job: &str) -> Result<()> {
     let ok = !job.is_empty()

@@ -25,6 +25,7 @@ use crate::netlock::{NetLock, Netns};
 use crate::ns;
 use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
+use crate::snapshot::Snapshot;
 use crate::{files, mm, pages, proc, task};
 
 /// What to dump and how.
@@ -44,6 +45,10 @@ pub struct DumpRequest {
     /// Dump established TCP connections (in repair mode) instead of
     /// refusing them.
     pub tcp_established: bool,
+    /// Let the tree run on while its private memory is copied, from a
+    /// copy-on-write snapshot of each process: it stands still only while
+    /// its state is captured. For dumps that leave the tree running.
+    pub snapshot: bool,
     /// Sign the inventory with this cluster key (the service's dumps): an
     /// agent restores a user's part only from images an agent wrote.
     pub key: Option<ckpt_proto::rpc::Key>,
@@ -56,6 +61,9 @@ pub struct DumpReport {
     pub threads: usize,
     pub images: PathBuf,
     pub pages_bytes: u64,
+    /// Of `pages_bytes`, those copied after the tree ran on again (from
+    /// snapshots).
+    pub snapshot_bytes: u64,
     pub frozen_ms: f64,
     pub pages_ms: f64,
     pub total_ms: f64,
@@ -174,9 +182,23 @@ pub struct DumpSession {
     tree: Vec<Member>,
     own_net: bool,
     lock: Option<NetLock>,
-    /// Set by `dump`: the namespaces, and the pages written and how long.
-    dumped: Option<(ns::NsDump, u64, f64)>,
+    /// Threads of the live processes of the tree.
+    threads: usize,
+    /// Snapshots being copied (dropped after the tree is released).
+    snapshots: Vec<Snapshot>,
+    /// Set when the tree ran on before the end of the dump: how long it
+    /// stood still.
+    resumed_ms: Option<f64>,
+    /// Set by `dump`.
+    dumped: Option<Written>,
     finished: bool,
+}
+
+/// What `DumpSession::dump` wrote.
+struct Written {
+    pages_bytes: u64,
+    snapshot_bytes: u64,
+    pages_ms: f64,
 }
 
 impl DumpSession {
@@ -237,6 +259,13 @@ impl DumpSession {
         };
         let name = lock_name(cgroup.as_ref().map_or("", |c| c.job.as_str()), inner_root);
         let lock = lock_network(&tree, &name, own_net)?;
+        let threads = tree
+            .iter()
+            .map(|m| match m {
+                Member::Live(s) => s.threads.len(),
+                Member::Zombie(_) => 0,
+            })
+            .sum();
         Ok(DumpSession {
             req: req.clone(),
             t0,
@@ -247,29 +276,74 @@ impl DumpSession {
             tree,
             own_net,
             lock,
+            threads,
+            snapshots: Vec::new(),
+            resumed_ms: None,
             dumped: None,
             finished: false,
         })
     }
 
     /// Writes every image of the stopped tree and commits this checkpoint
-    /// (its inventory); the tree stays stopped.
+    /// (its inventory). The tree stays stopped, unless the request asked
+    /// for snapshots: then it runs on as soon as its state is captured,
+    /// while its private memory is copied from the snapshots.
     pub fn dump(&mut self, progress: &dyn Progress) -> Result<()> {
         let host_pids: Vec<i32> = self.tree.iter().map(Member::pid).collect();
         let nsd = ns::dump(&host_pids, &self.writer)?;
-        let (pages_bytes, pages_ms) = dump_tree(
+        let dumped = capture_tree(
             &self.tree,
             &self.writer,
             &self.req,
             &nsd,
             self.lock.as_mut(),
-            progress,
         )?;
-        if self.lock.is_some() {
-            // Fault injection for tests: a window, with the network
-            // locked, to kill the agent in.
-            fault_hold("CKPT_FAULT_HOLD_LOCKED_MS");
+        // Known now: the tree and its lock may be gone before the commit.
+        let needs_features = needed_features(&nsd.image, self.lock.as_ref());
+        let owner_uid = crate::proc::owner(self.req.pid)?;
+        if self.req.snapshot {
+            self.snapshots = take_snapshots(&self.tree, &dumped)?;
         }
+        let tp = Instant::now();
+        let ids = &nsd.pids;
+        let items: Vec<pages::DumpItem<'_>> = dumped
+            .iter()
+            .map(|d| pages::DumpItem {
+                pid: d.core.pid,
+                extents: &d.mm.extents,
+                path: self.writer.dir().join(pages_name(ids.inner(d.core.pid))),
+                name: pages_name(ids.inner(d.core.pid)),
+                snapshot: self
+                    .snapshots
+                    .iter()
+                    .find(|s| s.parent == d.core.pid)
+                    .map(|s| s.child),
+            })
+            .collect();
+        let (pms, snapshot_bytes) = if self.req.tasks_in_parallel {
+            let mut copy = pages::PageCopy::new(&items)?;
+            copy.copy_frozen(progress)?;
+            self.hold_locked();
+            if !self.snapshots.is_empty() {
+                self.run_on()?;
+            }
+            let bytes = copy.copy_snapshots(progress)?;
+            for s in std::mem::take(&mut self.snapshots) {
+                s.end()?;
+            }
+            (copy.finish(), bytes)
+        } else {
+            // One process at a time, frozen: for comparison in benchmarks.
+            let mut v = Vec::new();
+            for it in &items {
+                v.extend(pages::dump_all(std::slice::from_ref(it), progress)?);
+            }
+            self.hold_locked();
+            (v, 0)
+        };
+        let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
+        drop(items);
+        let pages_bytes = write_images(dumped, pms, ids, &self.writer)?;
         let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
         let req = &self.req;
         let inv = Inventory {
@@ -289,12 +363,45 @@ impl DumpSession {
                 ext_unix_sk: req.ext_unix_sk,
                 shell_job: req.shell_job,
             }),
-            needs_features: needed_features(&nsd.image, self.lock.as_ref()),
-            owner_uid: crate::proc::owner(req.pid)?,
+            needs_features,
+            owner_uid,
             signature: Vec::new(),
         };
         self.writer.commit(inv, req.key.as_ref())?;
-        self.dumped = Some((nsd, pages_bytes, pages_ms));
+        self.dumped = Some(Written {
+            pages_bytes,
+            snapshot_bytes,
+            pages_ms,
+        });
+        Ok(())
+    }
+
+    /// Fault injection for tests: a window, with the tree stopped and its
+    /// network locked, to kill the agent in.
+    fn hold_locked(&self) {
+        if self.lock.is_some() {
+            fault_hold("CKPT_FAULT_HOLD_LOCKED_MS");
+        }
+    }
+
+    /// Lets the tree run on before the dump is over: its state is
+    /// captured and what is left to copy is in snapshots.
+    fn run_on(&mut self) -> Result<()> {
+        for m in std::mem::take(&mut self.tree) {
+            if let Member::Live(s) = m {
+                s.release()?;
+            }
+        }
+        if let Some(l) = self.lock.take() {
+            l.release()?;
+        }
+        let ms = self.frozen_at.elapsed().as_secs_f64() * 1e3;
+        self.resumed_ms = Some(ms);
+        info!(
+            pid = self.req.pid,
+            frozen_ms = ms,
+            "running on while its memory is copied"
+        );
         Ok(())
     }
 
@@ -305,28 +412,26 @@ impl DumpSession {
 
     /// Bytes of pages the dump wrote (None before `dump`).
     pub fn pages_bytes(&self) -> Option<u64> {
-        self.dumped.as_ref().map(|d| d.1)
+        self.dumped.as_ref().map(|d| d.pages_bytes)
     }
 
     /// Lets the tree run on (`stop` false) or kills it (`stop` true: the
     /// job has left this node; its cgroup goes, and its network lock stays
     /// until the restore when its addresses stay on this node).
     pub fn finish(mut self, stop: bool) -> Result<DumpReport> {
-        let Some((pages_bytes, pages_ms)) = self.dumped.as_ref().map(|d| (d.1, d.2)) else {
+        let Some(w) = self.dumped.take() else {
             return Err(Error::Refused {
                 pid: self.req.pid,
                 reason: "finish before the dump was written".into(),
             });
         };
+        if stop && self.resumed_ms.is_some() {
+            return Err(Error::Refused {
+                pid: self.req.pid,
+                reason: "it already runs on (the dump used snapshots); kill it instead".into(),
+            });
+        }
         self.finished = true;
-        let threads = self
-            .tree
-            .iter()
-            .map(|m| match m {
-                Member::Live(s) => s.threads.len(),
-                Member::Zombie(_) => 0,
-            })
-            .sum();
         let live: Vec<Seized> = std::mem::take(&mut self.tree)
             .into_iter()
             .filter_map(|m| match m {
@@ -366,15 +471,18 @@ impl DumpSession {
             }
         }
         let pid = self.req.pid;
-        let frozen_ms = self.frozen_at.elapsed().as_secs_f64() * 1e3;
-        info!(pid, pages_bytes, frozen_ms, "dump complete");
+        let frozen_ms = self
+            .resumed_ms
+            .unwrap_or_else(|| self.frozen_at.elapsed().as_secs_f64() * 1e3);
+        info!(pid, pages_bytes = w.pages_bytes, frozen_ms, "dump complete");
         Ok(DumpReport {
             pid,
-            threads,
+            threads: self.threads,
             images: self.req.images.clone(),
-            pages_bytes,
+            pages_bytes: w.pages_bytes,
+            snapshot_bytes: w.snapshot_bytes,
             frozen_ms,
-            pages_ms,
+            pages_ms: w.pages_ms,
             total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -390,6 +498,9 @@ impl Drop for DumpSession {
         self.writer.discard();
         drop(self.lock.take());
         self.tree.clear();
+        // After the tree's release: reaping a snapshot stops its parent
+        // for a moment.
+        self.snapshots.clear();
     }
 }
 
@@ -453,18 +564,17 @@ struct Dumped {
     mm: mm::MmDump,
 }
 
-/// Dumps every process of the tree: the ptrace-bound part one process
-/// after the other (ptrace requests must come from the tracing thread),
-/// then the pages of all processes in one parallel copy, unless
-/// `tasks_in_parallel` is off (one process at a time, for comparison).
-fn dump_tree(
+/// Captures every live process of the tree, one after the other (ptrace
+/// requests must come from the tracing thread): its state, files and
+/// address space, and links the fd tables of all with each other. Writes
+/// the cores of zombies.
+fn capture_tree(
     tree: &[Member],
     writer: &ImageWriter,
     req: &DumpRequest,
     nsd: &ns::NsDump,
     mut lock: Option<&mut NetLock>,
-    progress: &dyn Progress,
-) -> Result<(u64, f64)> {
+) -> Result<Vec<Dumped>> {
     let ids = &nsd.pids;
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
@@ -489,26 +599,6 @@ fn dump_tree(
     }
     check_groups(tree, &dumped)?;
     check_sharing(&mut dumped)?;
-    let tp = Instant::now();
-    let items: Vec<pages::DumpItem<'_>> = dumped
-        .iter()
-        .map(|d| pages::DumpItem {
-            pid: d.core.pid,
-            extents: &d.mm.extents,
-            path: writer.dir().join(pages_name(ids.inner(d.core.pid))),
-            name: pages_name(ids.inner(d.core.pid)),
-        })
-        .collect();
-    let pms = if req.tasks_in_parallel {
-        pages::dump_all(&items, progress)?
-    } else {
-        let mut v = Vec::new();
-        for it in &items {
-            v.extend(pages::dump_all(std::slice::from_ref(it), progress)?);
-        }
-        v
-    };
-    let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
     let mut tables: Vec<_> = dumped
         .iter_mut()
         .map(|d| std::mem::take(&mut d.fds))
@@ -518,13 +608,81 @@ fn dump_tree(
         crate::proc::pipe_held_outside(ino, &tree)
     })?;
     crate::tty::link(&mut tables, req.shell_job)?;
+    for (d, fds) in dumped.iter_mut().zip(tables) {
+        d.fds = fds;
+    }
+    Ok(dumped)
+}
+
+/// Makes every live process with copy-on-write memory to save fork a
+/// snapshot of itself. A process that cannot fork (a limit on its
+/// processes, say) is copied frozen instead.
+fn take_snapshots(tree: &[Member], dumped: &[Dumped]) -> Result<Vec<Snapshot>> {
+    let mut snaps = Vec::new();
+    // Each page the job writes before it is copied gets copied on write,
+    // charged to the job: in the worst case all of them. A job that could
+    // meet its memory limit that way is copied frozen instead of risking
+    // its OOM kill.
+    let need: u64 = dumped
+        .iter()
+        .flat_map(|d| &d.mm.extents)
+        .filter(|e| e.cow)
+        .map(|e| e.end - e.start)
+        .sum();
+    let mut room: Option<u64> = None;
+    for d in dumped {
+        if let Some(r) = crate::cgroup::memory_headroom(d.core.pid)? {
+            room = Some(room.map_or(r, |l| l.min(r)));
+        }
+    }
+    if let Some(room) = room.filter(|&r| r < need) {
+        info!(
+            pid = dumped.first().map_or(0, |d| d.core.pid),
+            room, need, "copying frozen: copy-on-write could take the job past its memory limit"
+        );
+        return Ok(snaps);
+    }
+    for d in dumped {
+        if !d.mm.extents.iter().any(|e| e.cow) {
+            continue;
+        }
+        let pid = d.core.pid;
+        let Some(seized) = tree.iter().find_map(|m| match m {
+            Member::Live(s) if s.pid == pid => Some(s),
+            _ => None,
+        }) else {
+            continue;
+        };
+        seized.block_signals()?;
+        let main = Remote::new(Pid::from_raw(pid), mm::find_syscall_gadget(pid)?)?;
+        let taken = crate::snapshot::take(&main);
+        seized.reset()?;
+        match taken {
+            Ok(s) => snaps.push(s),
+            Err(e @ Error::Remote { .. }) => {
+                tracing::warn!(pid, "no snapshot, its memory is copied frozen: {e}")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(snaps)
+}
+
+/// Writes the images of every captured process, with the index of its
+/// pages file; returns the bytes of pages.
+fn write_images(
+    dumped: Vec<Dumped>,
+    pms: Vec<ckpt_proto::image::PageMap>,
+    ids: &ns::PidMap,
+    writer: &ImageWriter,
+) -> Result<u64> {
     let mut bytes = 0;
     // Images name every process as the job sees it (the PIDs restore
-    // recreates); only the copy above needed the agent's view.
-    for ((d, fds), pm) in dumped.iter_mut().zip(&mut tables).zip(pms) {
+    // recreates); only the copy needed the agent's view.
+    for (mut d, pm) in dumped.into_iter().zip(pms) {
         let pid = ids.inner(d.core.pid);
         ids.core(&mut d.core);
-        ids.fds(fds);
+        ids.fds(&mut d.fds);
         d.mm.image.pid = pid;
         let pm = ckpt_proto::image::PageMap { pid, ..pm };
         writer.add_pages(&pm);
@@ -535,10 +693,10 @@ fn dump_tree(
             &pm,
         )?;
         writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &d.core)?;
-        writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, fds)?;
+        writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, &d.fds)?;
         bytes += pm.pages_file_size;
     }
-    Ok((bytes, pages_ms))
+    Ok(bytes)
 }
 
 /// Restore recreates sessions and process groups from their leaders; one

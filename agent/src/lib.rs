@@ -28,6 +28,7 @@ pub mod rsh;
 pub mod seize;
 pub mod serve;
 pub mod show;
+pub mod snapshot;
 pub mod sys;
 pub mod task;
 pub mod tty;

@@ -40,9 +40,15 @@ enum Cmd {
         /// Directory for the images (created; must not hold a checkpoint).
         #[arg(long, short = 'D')]
         images: PathBuf,
-        /// Keep the process running after the dump (default: kill it).
+        /// Keep the process running after the dump (default: kill it). It
+        /// runs on as soon as its state is captured, while its memory is
+        /// copied from a copy-on-write snapshot.
         #[arg(long)]
         leave_running: bool,
+        /// With --leave-running: keep the process stopped until all of its
+        /// memory is copied, instead of copying from snapshots.
+        #[arg(long, requires = "leave_running")]
+        frozen_copy: bool,
         /// Accept unix sockets connected to named sockets outside the tree
         /// (reconnected by name on restore).
         #[arg(long)]
@@ -233,6 +239,7 @@ fn main() -> ExitCode {
             pid,
             images,
             leave_running,
+            frozen_copy,
             ext_unix_sk,
             shell_job,
             tcp_established,
@@ -241,6 +248,7 @@ fn main() -> ExitCode {
                 pid,
                 images,
                 leave_running,
+                snapshot: leave_running && !frozen_copy,
                 tasks_in_parallel: true,
                 ext_unix_sk,
                 shell_job,

@@ -103,6 +103,18 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
     Ok(VmaKind::VmaAnonPrivate)
 }
 
+/// Whether a fork gives the child a copy-on-write copy of mapping `m` as
+/// it is now: private memory, unless excluded from forks (MADV_DONTFORK,
+/// MADV_WIPEONFORK), hugetlb (whose copy can fail and unmap it in the
+/// child), or registered with a userfaultfd of the process (whose monitor
+/// would hear of the fork).
+fn copied_on_fork(kind: VmaKind, m: &MapEntry) -> bool {
+    matches!(kind, VmaKind::VmaAnonPrivate | VmaKind::VmaFilePrivate)
+        && !["dc", "wf", "ht", "um", "uw", "ui"]
+            .iter()
+            .any(|f| m.has_flag(f))
+}
+
 /// What the dump of an address space produced: its image and the memory
 /// ranges whose content must go to the page store.
 pub struct MmDump {
@@ -222,7 +234,7 @@ pub fn dump(
     let pm_path = format!("/proc/{pid}/pagemap");
     let pm = std::fs::File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
     let mut vmas = Vec::with_capacity(maps.len());
-    let mut extents = Vec::new();
+    let mut extents: Vec<Extent> = Vec::new();
     let mut regions = Vec::new();
     for m in &maps {
         let kind = classify(pid, m)?;
@@ -272,12 +284,14 @@ pub fn dump(
                 pagemap::scan(pm.as_fd(), m.start, m.end, q, &mut regions).map_err(|e| {
                     Error::sys(pid, format!("PAGEMAP_SCAN {:#x}-{:#x}", m.start, m.end), e)
                 })?;
+                let cow = copied_on_fork(kind, m);
                 for r in &regions {
                     match extents.last_mut() {
-                        Some(Extent { end, .. }) if *end == r.start => *end = r.end,
+                        Some(e) if e.end == r.start && e.cow == cow => e.end = r.end,
                         _ => extents.push(Extent {
                             start: r.start,
                             end: r.end,
+                            cow,
                         }),
                     }
                 }

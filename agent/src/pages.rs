@@ -34,6 +34,9 @@ const MAX_IOV: usize = 1024;
 pub struct Extent {
     pub start: u64,
     pub end: u64,
+    /// Private memory a fork copies on write: a snapshot child has it as
+    /// it was at the fork (shared memory it would see change).
+    pub cow: bool,
 }
 
 /// A piece of copy work: a contiguous range of the pages file and the
@@ -43,6 +46,8 @@ struct Job {
     file_off: u64,
     len: u64,
     iov: Vec<(u64, u64)>,
+    /// Every range of the job is copy-on-write memory.
+    cow: bool,
 }
 
 /// Lays extents out in the pages file and cuts the result into jobs that
@@ -68,7 +73,8 @@ fn plan(extents: &[Extent]) -> (Vec<PageRun>, Vec<Job>, u64) {
                 Some(j)
                     if j.file_off + j.len == off
                         && !off.is_multiple_of(CHUNK)
-                        && j.iov.len() < MAX_IOV =>
+                        && j.iov.len() < MAX_IOV
+                        && j.cow == e.cow =>
                 {
                     j.len += n;
                     j.iov.push((va, n));
@@ -77,6 +83,7 @@ fn plan(extents: &[Extent]) -> (Vec<PageRun>, Vec<Job>, u64) {
                     file_off: off,
                     len: n,
                     iov: vec![(va, n)],
+                    cow: e.cow,
                 }),
             }
             va += n;
@@ -95,17 +102,22 @@ fn remote_iov(iov: &[(u64, u64)]) -> Vec<RemoteIoVec> {
         .collect()
 }
 
-/// Reads a job's memory, through /proc/PID/mem when process_vm_readv
-/// cannot (PROT_NONE or otherwise unreadable pages).
-fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8]) -> Result<()> {
-    let n = process_vm_readv(
-        Pid::from_raw(pid),
-        &mut [IoSliceMut::new(buf)],
-        &remote_iov(&job.iov),
-    )
-    .unwrap_or(0);
-    if n as u64 == job.len {
-        return Ok(());
+/// Reads a job's memory with process_vm_readv, or through /proc/PID/mem
+/// (`mem`) where it cannot (PROT_NONE or otherwise unreadable pages) or
+/// should not (`pinless`): process_vm_readv pins pages, and pinning a page
+/// a snapshot child shares with its parent copies it first (so that the
+/// pin stays coherent), where /proc/PID/mem reads it in place.
+fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8], pinless: bool) -> Result<()> {
+    if !pinless {
+        let n = process_vm_readv(
+            Pid::from_raw(pid),
+            &mut [IoSliceMut::new(buf)],
+            &remote_iov(&job.iov),
+        )
+        .unwrap_or(0);
+        if n as u64 == job.len {
+            return Ok(());
+        }
     }
     let mut at = 0usize;
     for &(va, len) in &job.iov {
@@ -157,76 +169,175 @@ pub struct DumpItem<'a> {
     pub extents: &'a [Extent],
     pub path: std::path::PathBuf,
     pub name: String,
+    /// A stopped copy-on-write child of the process, forked while it was
+    /// frozen: its copy-on-write extents are read from there, once the
+    /// process runs again.
+    pub snapshot: Option<i32>,
 }
 
-/// Copies the pages of several processes into their pages files, all jobs
-/// of all processes in one parallel pool (so small processes do not leave
-/// cores idle), and returns their indexes in the same order.
-pub fn dump_all(items: &[DumpItem<'_>], progress: &dyn Progress) -> Result<Vec<PageMap>> {
-    struct Out {
-        runs: Vec<PageRun>,
-        jobs: Vec<Job>,
-        total: u64,
-        file: File,
-        mem: File,
-    }
-    let mut outs = Vec::with_capacity(items.len());
-    for it in items {
-        let (runs, jobs, total) = plan(it.extents);
-        let file = File::create(&it.path).map_err(|e| Error::io(&it.path, e))?;
-        file.set_len(total).map_err(|e| Error::io(&it.path, e))?;
-        let mem_path = format!("/proc/{}/mem", it.pid);
-        let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
-        outs.push(Out {
-            runs,
-            jobs,
-            total,
-            file,
-            mem,
-        });
-    }
-    progress.start("dumping pages", outs.iter().map(|o| o.total).sum());
-    let work: Vec<(usize, &Job)> = outs
-        .iter()
-        .enumerate()
-        .flat_map(|(i, o)| o.jobs.iter().map(move |j| (i, j)))
-        .collect();
-    let done: Vec<(usize, Pieces)> = work
-        .par_iter()
-        .map_init(
-            || vec![0u8; CHUNK as usize],
-            |buf, &(i, job)| -> Result<(usize, Pieces)> {
-                let (it, o) = (&items[i], &outs[i]);
-                let b = &mut buf[..job.len as usize];
-                read_job(it.pid, &o.mem, job, b)?;
-                o.file
-                    .write_all_at(b, job.file_off)
-                    .map_err(|e| Error::io(&it.path, e))?;
-                progress.advance(job.len);
-                // Checksum while the chunk is still in cache.
-                Ok((i, job_pieces(job, b)))
-            },
-        )
-        .collect::<Result<_>>()?;
-    progress.finish();
-    let mut pieces: Vec<Pieces> = vec![Vec::new(); items.len()];
-    for (i, p) in done {
-        pieces[i].extend(p);
-    }
-    Ok(outs
-        .into_iter()
-        .zip(pieces)
-        .zip(items)
-        .map(|((o, p), it)| PageMap {
-            pid: it.pid,
-            page_size: 4096,
-            pages_file: it.name.clone(),
-            pages_file_size: o.total,
-            block_size: BLOCK,
-            block_crc32c: block_sums(p, o.total),
-            runs: o.runs,
+/// One process's pages file being filled.
+struct Out {
+    runs: Vec<PageRun>,
+    jobs: Vec<Job>,
+    total: u64,
+    file: File,
+    mem: File,
+}
+
+/// The copy of the pages of several processes into their pages files, laid
+/// out while they are frozen and run in two phases: what must be copied
+/// frozen, then what their snapshots hold. Each phase runs all jobs of all
+/// processes in one parallel pool (so small processes do not leave cores
+/// idle).
+pub struct PageCopy<'a> {
+    items: &'a [DumpItem<'a>],
+    outs: Vec<Out>,
+    pieces: Vec<Pieces>,
+}
+
+impl<'a> PageCopy<'a> {
+    /// Lays out and creates the pages file of every item.
+    pub fn new(items: &'a [DumpItem<'a>]) -> Result<Self> {
+        let mut outs = Vec::with_capacity(items.len());
+        for it in items {
+            let (runs, jobs, total) = plan(it.extents);
+            let file = File::create(&it.path).map_err(|e| Error::io(&it.path, e))?;
+            file.set_len(total).map_err(|e| Error::io(&it.path, e))?;
+            let mem_path = format!("/proc/{}/mem", it.pid);
+            let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
+            outs.push(Out {
+                runs,
+                jobs,
+                total,
+                file,
+                mem,
+            });
+        }
+        Ok(PageCopy {
+            items,
+            pieces: vec![Vec::new(); items.len()],
+            outs,
         })
-        .collect())
+    }
+
+    /// Copies what cannot wait for the processes to run again: everything
+    /// of a process without a snapshot, the shared memory of one with.
+    /// Returns the bytes copied.
+    pub fn copy_frozen(&mut self, progress: &dyn Progress) -> Result<u64> {
+        let reads: Vec<i32> = self.items.iter().map(|it| it.pid).collect();
+        let mems: Vec<Option<File>> = self.items.iter().map(|_| None).collect();
+        self.run(
+            "copying pages",
+            |it, j| it.snapshot.is_none() || !j.cow,
+            &reads,
+            &mems,
+            progress,
+        )
+    }
+
+    /// Copies the copy-on-write memory of processes with a snapshot, from
+    /// the snapshot. Returns the bytes copied.
+    pub fn copy_snapshots(&mut self, progress: &dyn Progress) -> Result<u64> {
+        let reads: Vec<i32> = self
+            .items
+            .iter()
+            .map(|it| it.snapshot.unwrap_or(it.pid))
+            .collect();
+        let mut mems = Vec::with_capacity(self.items.len());
+        for it in self.items {
+            mems.push(match it.snapshot {
+                Some(child) => {
+                    let path = format!("/proc/{child}/mem");
+                    Some(File::open(&path).map_err(|e| Error::io(&path, e))?)
+                }
+                None => None,
+            });
+        }
+        self.run(
+            "copying pages from the snapshot",
+            |it, j| it.snapshot.is_some() && j.cow,
+            &reads,
+            &mems,
+            progress,
+        )
+    }
+
+    /// Runs the jobs `pick` selects, reading process `reads[i]`: through
+    /// `mems[i]` if given, else with process_vm_readv (the item's own /proc
+    /// mem where that cannot).
+    fn run(
+        &mut self,
+        what: &str,
+        pick: impl Fn(&DumpItem<'_>, &Job) -> bool + Sync,
+        reads: &[i32],
+        mems: &[Option<File>],
+        progress: &dyn Progress,
+    ) -> Result<u64> {
+        let (items, outs) = (self.items, &self.outs);
+        let work: Vec<(usize, &Job)> = outs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, o)| o.jobs.iter().map(move |j| (i, j)))
+            .filter(|&(i, j)| pick(&items[i], j))
+            .collect();
+        let bytes = work.iter().map(|(_, j)| j.len).sum();
+        if bytes == 0 {
+            return Ok(0);
+        }
+        progress.start(what, bytes);
+        let done: Vec<(usize, Pieces)> = work
+            .par_iter()
+            .map_init(
+                || vec![0u8; CHUNK as usize],
+                |buf, &(i, job)| -> Result<(usize, Pieces)> {
+                    let (it, o) = (&items[i], &outs[i]);
+                    let b = &mut buf[..job.len as usize];
+                    match &mems[i] {
+                        Some(mem) => read_job(reads[i], mem, job, b, true)?,
+                        None => read_job(reads[i], &o.mem, job, b, false)?,
+                    }
+                    o.file
+                        .write_all_at(b, job.file_off)
+                        .map_err(|e| Error::io(&it.path, e))?;
+                    progress.advance(job.len);
+                    // Checksum while the chunk is still in cache.
+                    Ok((i, job_pieces(job, b)))
+                },
+            )
+            .collect::<Result<_>>()?;
+        progress.finish();
+        for (i, p) in done {
+            self.pieces[i].extend(p);
+        }
+        Ok(bytes)
+    }
+
+    /// The index of every pages file, in the order of the items.
+    pub fn finish(self) -> Vec<PageMap> {
+        self.outs
+            .into_iter()
+            .zip(self.pieces)
+            .zip(self.items)
+            .map(|((o, p), it)| PageMap {
+                pid: it.pid,
+                page_size: 4096,
+                pages_file: it.name.clone(),
+                pages_file_size: o.total,
+                block_size: BLOCK,
+                block_crc32c: block_sums(p, o.total),
+                runs: o.runs,
+            })
+            .collect()
+    }
+}
+
+/// Copies the pages of processes that stay frozen throughout, and returns
+/// their indexes in the same order.
+pub fn dump_all(items: &[DumpItem<'_>], progress: &dyn Progress) -> Result<Vec<PageMap>> {
+    let mut copy = PageCopy::new(items)?;
+    copy.copy_frozen(progress)?;
+    copy.copy_snapshots(progress)?;
+    Ok(copy.finish())
 }
 
 /// Checksums every block of the pages file, in parallel.
@@ -298,6 +409,7 @@ pub fn restore(
         .map(|r| Extent {
             start: r.vaddr,
             end: r.vaddr + r.nr_pages * pm.page_size as u64,
+            cow: false,
         })
         .collect();
     let (_, jobs, total) = plan(&extents);
@@ -430,10 +542,12 @@ mod tests {
             Extent {
                 start: 0x1000,
                 end: 0x3000,
+                cow: false,
             },
             Extent {
                 start: 0x10000,
                 end: 0x10000 + 2 * CHUNK,
+                cow: false,
             },
         ];
         let (runs, jobs, total) = plan(&ex);
@@ -449,6 +563,33 @@ mod tests {
             off += j.len;
         }
         assert_eq!(off, total);
+    }
+
+    #[test]
+    fn jobs_never_mix_snapshot_and_frozen_memory() {
+        let ex = [
+            Extent {
+                start: 0x1000,
+                end: 0x3000,
+                cow: true,
+            },
+            Extent {
+                start: 0x3000,
+                end: 0x5000,
+                cow: false,
+            },
+            Extent {
+                start: 0x8000,
+                end: 0x9000,
+                cow: true,
+            },
+        ];
+        let (runs, jobs, total) = plan(&ex);
+        assert_eq!((runs.len(), total), (3, 0x5000));
+        assert_eq!(
+            jobs.iter().map(|j| (j.file_off, j.cow)).collect::<Vec<_>>(),
+            vec![(0, true), (0x2000, false), (0x4000, true)]
+        );
     }
 
     #[test]

@@ -132,6 +132,27 @@ impl Seized {
         Ok(s)
     }
 
+    /// Seizes one thread of `pid` (its leader unless that has exited),
+    /// for a short injected call while the others run on.
+    pub fn one_thread(pid: i32) -> Result<Self> {
+        for tid in proc::tids(pid)? {
+            let t = Pid::from_raw(tid);
+            let zombie = proc::stat(pid, Some(tid)).map_or(true, |s| s.state() == 'Z');
+            if zombie || !seize_and_interrupt(pid, tid)? {
+                continue;
+            }
+            inject::wait_interrupt_stop(t)?;
+            let regs = inject::get_regs(t)?;
+            let sigmask = sys::ptrace::get_sigmask(t).ctx(tid, || "PTRACE_GETSIGMASK".into())?;
+            return Ok(Seized {
+                pid,
+                threads: vec![Thread { tid, regs, sigmask }],
+                released: false,
+            });
+        }
+        Err(Error::NoProcess { pid })
+    }
+
     /// Blocks every signal in every thread, so none is delivered while the
     /// agent makes them run system calls (the original masks come back on release).
     pub fn block_signals(&self) -> Result<()> {
@@ -241,6 +262,14 @@ fn reset_thread(t: &Thread) -> Result<()> {
 fn resume_thread(t: &Thread) -> Result<()> {
     reset_thread(t)?;
     ptrace::detach(Pid::from_raw(t.tid), None).ctx(t.tid, || "PTRACE_DETACH".into())
+}
+
+/// A thread of `pid` this agent traces (and so holds stopped), if any.
+pub fn held_thread(pid: i32) -> Option<i32> {
+    proc::tids(pid)
+        .ok()?
+        .into_iter()
+        .find(|&tid| traced_by_us(pid, tid))
 }
 
 /// TracerPid names the tracing *thread*: in `ckpt-agent serve` that is a

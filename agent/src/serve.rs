@@ -660,6 +660,7 @@ impl Handler {
                     pid,
                     images: PathBuf::from(&p.images),
                     leave_running: false,
+                    snapshot: p.snapshot && !p.stop_after_commit,
                     tasks_in_parallel: true,
                     ext_unix_sk: p.ext_unix_sk,
                     shell_job: false,

@@ -22,6 +22,7 @@ fn request(pid: u32, images: &Path) -> DumpRequest {
         pid: pid as i32,
         images: images.to_path_buf(),
         leave_running: true,
+        snapshot: false,
         tasks_in_parallel: true,
         ext_unix_sk: false,
         shell_job: false,

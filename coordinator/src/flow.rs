@@ -293,35 +293,49 @@ fn fault_hold(var: &str) {
     }
 }
 
+/// What becomes of a job once its checkpoint is taken.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Finish {
+    /// Stopped once the checkpoint is committed (else it runs on).
+    pub stop: bool,
+    /// Runs on only once all of its memory is copied (else as soon as its
+    /// state is captured, its memory copied from snapshots).
+    pub frozen_copy: bool,
+}
+
 /// Checkpoints every part of job `job` at once (BRIEF §6): every node
 /// freezes its part and locks its network (barrier), every node dumps in
 /// parallel, every agent confirms it still holds its part, the manifest is
-/// committed, then every node stops its part (`stop`) or lets it run on. A
+/// committed, then every node stops its part (`how.stop`) or lets it run on
+/// (parts left running run on once their state is captured, unless
+/// `how.frozen_copy`). A
 /// failure before the commit aborts on every node and leaves no
 /// checkpoint.
 pub fn checkpoint(
     cluster: &Cluster,
     store: &Store,
     job: &str,
-    stop: bool,
+    how: Finish,
     on_step: OnStep<'_>,
 ) -> Result<CheckpointReport, FlowError> {
+    let stop = how.stop;
     let what = if stop {
         "checkpoint --stop"
     } else {
         "checkpoint"
     };
     let _lock = store.lock_job(job, what, false)?;
-    checkpoint_locked(cluster, store, job, stop, on_step)
+    checkpoint_locked(cluster, store, job, how, on_step)
 }
 
 fn checkpoint_locked(
     cluster: &Cluster,
     store: &Store,
     job: &str,
-    stop: bool,
+    how: Finish,
     on_step: OnStep<'_>,
 ) -> Result<CheckpointReport, FlowError> {
+    let stop = how.stop;
     let t0 = Instant::now();
     let mut steps = Steps {
         done: Vec::new(),
@@ -372,6 +386,7 @@ fn checkpoint_locked(
                 tcp_established: tcp,
                 ext_unix_sk: false,
                 stop_after_commit: stop,
+                snapshot: !stop && !how.frozen_copy,
             }),
         )?;
         match r {
@@ -1394,7 +1409,16 @@ pub fn migrate(
             refused.join("; ")
         )));
     }
-    let cp = checkpoint_locked(cluster, store, job, true, on_step)?;
+    let cp = checkpoint_locked(
+        cluster,
+        store,
+        job,
+        Finish {
+            stop: true,
+            frozen_copy: false,
+        },
+        on_step,
+    )?;
     let id = cp.checkpoint.to_string();
     match restart_locked(cluster, store, job, Some(&id), Some(to), pack, on_step) {
         Ok(restart) => Ok(MigrateReport {

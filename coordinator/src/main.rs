@@ -86,6 +86,11 @@ enum Cmd {
         /// Stop the job once the checkpoint is committed (for preemption).
         #[arg(long)]
         stop: bool,
+        /// Keep the job stopped until all of its memory is copied (by
+        /// default it runs on as soon as its state is captured, while its
+        /// memory is copied from copy-on-write snapshots).
+        #[arg(long, conflicts_with = "stop")]
+        frozen_copy: bool,
     },
     /// Restore a job from a checkpoint, on its nodes or on others.
     Restart {
@@ -228,8 +233,17 @@ fn run(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Adopt { jobspec, job } => adopt(cli, &cluster, &store, jobspec, job.as_deref()),
-        Cmd::Checkpoint { job, stop, .. } => {
-            let r = flow::checkpoint(&cluster, &store, job, *stop, &progress(cli))?;
+        Cmd::Checkpoint {
+            job,
+            stop,
+            frozen_copy,
+            ..
+        } => {
+            let how = flow::Finish {
+                stop: *stop,
+                frozen_copy: *frozen_copy,
+            };
+            let r = flow::checkpoint(&cluster, &store, job, how, &progress(cli))?;
             print_checkpoint(cli, &r);
             Ok(())
         }

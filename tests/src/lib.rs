@@ -838,7 +838,12 @@ pub fn parts_flow(parts: &[&TcpPart], more: u64, within: Duration) -> Result<(),
 // ------------------------------------------------------------ the flow
 
 /// Restores `case` from `images` and checks the restored process.
-fn restore_and_check(case: &mut CaseProcess, images: &Path, dir: &Workdir) -> Result<(), String> {
+/// Restores `case` from `images` and checks the restored process.
+pub fn restore_and_check(
+    case: &mut CaseProcess,
+    images: &Path,
+    dir: &Workdir,
+) -> Result<(), String> {
     clear_result(&case.result);
     let (run, pid) = restore_detached_with(images, net_flags(&case.name), dir, "restore");
     if pid == Some(case.pid) {

@@ -35,6 +35,7 @@ cases!(
     vdso,
     madvise_fork,
     mm_fields,
+    memory_writer,
     // per thread
     threads,
     regs_gpr,
@@ -175,6 +176,113 @@ mod leave_running {
     #[test]
     fn pipe_writer_closed() {
         zdtm("pipe_writer_closed", Mode::LeaveRunning)
+    }
+}
+
+/// Dumps that leave the case running: by default it runs on once its
+/// state is captured, and its memory is copied from a copy-on-write
+/// snapshot while it writes more.
+mod snapshot {
+    use ckpt_tests::{agent, restore_and_check, CaseProcess, Workdir};
+
+    /// A v1 memory cgroup for a test, removed on drop (its processes
+    /// moved back to the root first).
+    struct MemoryCgroup(std::path::PathBuf);
+
+    impl Drop for MemoryCgroup {
+        fn drop(&mut self) {
+            if let Ok(procs) = std::fs::read_to_string(self.0.join("cgroup.procs")) {
+                for p in procs.lines() {
+                    let _ = std::fs::write("/sys/fs/cgroup/memory/cgroup.procs", p);
+                }
+            }
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
+    /// Dumps `memory_writer` with `flags`, checks the report says whether
+    /// a snapshot was copied, that the snapshot child is gone, then checks
+    /// the original and a copy restored from the images. With `limit`, the
+    /// case runs in a memory cgroup with that limit (v1).
+    fn memory_writer(flags: &[&str], limit: Option<u64>, from_snapshot: bool) {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let name = "memory_writer";
+        let dir = Workdir::new(&format!("{name}{}{}", flags.concat(), limit.is_some()));
+        let images = dir.join("images");
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
+        case.wait_ready().unwrap();
+        let _cgroup = limit.map(|limit| {
+            let cg = MemoryCgroup(format!("/sys/fs/cgroup/memory/ckpt-test-{}", case.pid).into());
+            std::fs::create_dir_all(&cg.0).unwrap();
+            std::fs::write(cg.0.join("memory.limit_in_bytes"), limit.to_string()).unwrap();
+            // Its memory stays charged where it was: the new cgroup has
+            // the whole limit as headroom.
+            std::fs::write(cg.0.join("cgroup.procs"), case.pid.to_string()).unwrap();
+            cg
+        });
+        let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
+        let args = [
+            &[
+                "--json",
+                "dump",
+                "--tree",
+                &pid,
+                "--images",
+                &images_s,
+                "--leave-running",
+            ][..],
+            flags,
+        ]
+        .concat();
+        let run = agent(&args, &dir, "dump");
+        assert!(
+            run.ok(),
+            "dump failed:\n{}\ncase log:\n{}",
+            run.describe(),
+            case.log_text()
+        );
+        let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        let (copied, total) = (
+            report["snapshot_bytes"].as_u64().unwrap(),
+            report["pages_bytes"].as_u64().unwrap(),
+        );
+        if from_snapshot {
+            // The 512 MiB the writer works in are private memory: all of
+            // it comes from the snapshot.
+            assert!(copied >= 512 << 20 && copied <= total, "{report}");
+        } else {
+            assert_eq!(copied, 0, "{report}");
+        }
+        let children = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
+            .collect::<String>();
+        assert_eq!(children.trim(), "", "the snapshot child is still there");
+        case.terminate_and_check("original after the dump").unwrap();
+        if let Err(e) = restore_and_check(&mut case, &images, &dir) {
+            panic!("{e}{}", dir.agent_report());
+        }
+    }
+
+    #[test]
+    fn memory_writer_runs_on_during_the_copy() {
+        memory_writer(&[], None, true)
+    }
+
+    #[test]
+    fn memory_writer_frozen_copy() {
+        memory_writer(&["--frozen-copy"], None, false)
+    }
+
+    /// Copy-on-write could charge its 512 MiB again to a job with 256 MiB
+    /// left under its memory limit: it is copied frozen instead.
+    #[test]
+    fn memory_writer_near_its_memory_limit_is_copied_frozen() {
+        memory_writer(&[], Some(256 << 20), false)
     }
 }
 

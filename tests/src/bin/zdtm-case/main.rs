@@ -41,6 +41,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("vdso", memory::vdso),
     ("madvise_fork", memory::madvise_fork),
     ("mm_fields", memory::mm_fields),
+    ("memory_writer", memory::memory_writer),
     // per thread
     ("threads", threads::threads),
     ("regs_gpr", threads::regs_gpr),

@@ -646,3 +646,89 @@ pub fn mm_fields(ctx: &Ctx) -> CaseResult {
     }
     c.finish()
 }
+
+/// A thread appends to memory the whole time, also while the process is
+/// checkpointed: with --leave-running the process runs on while its memory
+/// is copied from a snapshot, and the image must hold memory as it was at
+/// one instant, whatever was written after.
+///
+/// 512 MiB of written zeros (present pages, all in the image) come first;
+/// then the writer fills one page after the other with a value of its own
+/// and counts them, checking first that the page is still zero. A page of
+/// the image written later than the instant its count was saved is found
+/// by the restored writer when it gets there, or by the final check.
+pub fn memory_writer(ctx: &Ctx) -> CaseResult {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
+    const LEN: usize = 512 << 20;
+    const PAGES: usize = LEN / PAGE;
+    /// Pages written per millisecond: the writer outlasts any copy.
+    const PACE: usize = 32;
+    struct State {
+        count: AtomicUsize,
+        /// 1 + the first page the writer found written before its turn.
+        early: AtomicUsize,
+        stop: AtomicBool,
+    }
+    fn value(k: usize) -> u64 {
+        (k as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+    }
+    let base = mmap_anon(LEN, libc::PROT_READ | libc::PROT_WRITE, 0)? as usize;
+    // SAFETY: the mapping made above, LEN bytes.
+    unsafe { std::ptr::write_bytes(base as *mut u8, 0, LEN) };
+    let state: &'static State = Box::leak(Box::new(State {
+        count: AtomicUsize::new(0),
+        early: AtomicUsize::new(0),
+        stop: AtomicBool::new(false),
+    }));
+    let word = move |k: usize| (base + k * PAGE) as *mut u64;
+    let writer = std::thread::spawn(move || {
+        while !state.stop.load(Relaxed) {
+            for _ in 0..PACE {
+                let k = state.count.load(Relaxed);
+                if k == PAGES {
+                    break;
+                }
+                // SAFETY: page k of the mapping, which lives as long as
+                // the process.
+                unsafe {
+                    if std::ptr::read_volatile(word(k)) != 0 && state.early.load(Relaxed) == 0 {
+                        state.early.store(k + 1, Relaxed);
+                    }
+                    std::ptr::write_volatile(word(k), value(k));
+                }
+                state.count.store(k + 1, Release);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    });
+    // Well under way before the checkpoint.
+    wait_until(std::time::Duration::from_secs(5), || {
+        state.count.load(Relaxed) >= 1000
+    });
+
+    ctx.ready_and_wait()?;
+
+    state.stop.store(true, Relaxed);
+    writer
+        .join()
+        .map_err(|_| "the writer panicked".to_string())?;
+    let mut c = Check::new();
+    let count = state.count.load(Acquire);
+    c.ok("the writer wrote", count >= 1000);
+    c.eq(
+        "first page found written before the writer's turn (1-based)",
+        0,
+        state.early.load(Relaxed),
+    );
+    // SAFETY: every page of the mapping, read only.
+    let wrong = (0..PAGES).find(|&k| {
+        let want = if k < count { value(k) } else { 0 };
+        unsafe { std::ptr::read_volatile(word(k)) != want }
+    });
+    c.eq(
+        &format!("first page not as the count ({count}) says"),
+        None,
+        wrong,
+    );
+    c.finish()
+}
