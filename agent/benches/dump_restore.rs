@@ -6,7 +6,14 @@
 //! cargo bench -p ckpt-agent --bench dump_restore                 # 1 and 4 GiB
 //! cargo bench -p ckpt-agent --bench dump_restore -- --sizes 0.25 # smoke run
 //! cargo bench -p ckpt-agent --bench dump_restore -- --json       # JSON line on stdout
+//! cargo bench -p ckpt-agent --bench dump_restore -- --snapshot --sizes 4
 //! ```
+//!
+//! `--snapshot` measures downtime instead: per size, a dump that keeps the
+//! target stopped while its memory is copied (`--frozen-copy`) against one
+//! that lets it run on once its state is captured and copies a
+//! copy-on-write snapshot (both leave it running), next to the time
+//! vmsplice + splice take to copy the same bytes into a /dev/shm file.
 //!
 //! Options: `--sizes A,B` (GiB), `--reps N` (dump/restore cycles per size,
 //! default 3), `--no-prewarm` (skip the touch-and-free of 1.25x the
@@ -487,6 +494,22 @@ struct Cycle {
     checked_pages: usize,
 }
 
+/// A dump of `pid` into `images`; `leave_running` and `snapshot` as the
+/// agent's options.
+fn request(pid: i32, images: &Path, leave_running: bool, snapshot: bool) -> DumpRequest {
+    DumpRequest {
+        pid,
+        images: images.to_path_buf(),
+        leave_running,
+        snapshot,
+        tasks_in_parallel: true,
+        ext_unix_sk: false,
+        shell_job: false,
+        tcp_established: false,
+        key: None,
+    }
+}
+
 /// Removes an image directory on drop.
 struct ImageDir(PathBuf);
 
@@ -532,16 +555,7 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         prewarm(len)?;
     }
     perf_ctl("dump", true);
-    let d = dump(&DumpRequest {
-        pid,
-        images: dir.0.clone(),
-        leave_running: false,
-        tasks_in_parallel: true,
-        ext_unix_sk: false,
-        shell_job: false,
-        tcp_established: false,
-        key: None,
-    });
+    let d = dump(&request(pid, &dir.0, false, false));
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;
     target.kill(); // already reaped by the dump (we are its tracer): ECHILD
@@ -592,6 +606,190 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         check_ms,
         checked_pages,
     })
+}
+
+// ---------------------------------------------------------------- snapshot
+
+/// Copies `src` into a new file at `path` with vmsplice + splice, `threads`
+/// threads taking 1 MiB chunks (the largest pipe here: fs.pipe-max-size);
+/// returns the seconds taken.
+fn vmsplice_copy(src: &Region, path: &Path, threads: usize) -> Result<f64> {
+    const PIPE: usize = 1 << 20;
+    let _ = std::fs::remove_file(path);
+    let f = std::fs::File::create(path)?;
+    f.set_len(src.len as u64)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let nchunks = src.len.div_ceil(PIPE);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let t = Instant::now();
+    std::thread::scope(|s| -> Result<()> {
+        let work = || -> Result<()> {
+            let mut p = [0i32; 2];
+            // SAFETY: pipe2 fills the two-int array.
+            if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+                bail!("pipe2: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: plain fcntl on our pipe.
+            unsafe { libc::fcntl(p[1], libc::F_SETPIPE_SZ, PIPE as libc::c_int) };
+            let r = (|| -> Result<()> {
+                loop {
+                    let c = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if c >= nchunks {
+                        return Ok(());
+                    }
+                    let off = c * PIPE;
+                    let n = (src.len - off).min(PIPE);
+                    let (mut put, mut moved) = (0usize, 0usize);
+                    while moved < n {
+                        if put < n {
+                            let iov = libc::iovec {
+                                iov_base: (src.addr() + off + put) as *mut libc::c_void,
+                                iov_len: n - put,
+                            };
+                            // SAFETY: the iovec points into `src`, alive here.
+                            let k = unsafe { libc::vmsplice(p[1], &iov, 1, 0) };
+                            if k < 0 {
+                                bail!("vmsplice: {}", std::io::Error::last_os_error());
+                            }
+                            put += k as usize;
+                        }
+                        let mut at = (off + moved) as libc::loff_t;
+                        // SAFETY: splice between our pipe and our file.
+                        let k = unsafe {
+                            libc::splice(p[0], std::ptr::null_mut(), fd, &mut at, put - moved, 0)
+                        };
+                        if k <= 0 {
+                            bail!("splice: {}", std::io::Error::last_os_error());
+                        }
+                        moved += k as usize;
+                    }
+                }
+            })();
+            // SAFETY: closing the pipe made above.
+            unsafe {
+                libc::close(p[0]);
+                libc::close(p[1]);
+            }
+            r
+        };
+        let mut handles = Vec::new();
+        for _ in 1..threads {
+            handles.push(s.spawn(work));
+        }
+        work()?;
+        for h in handles {
+            h.join().expect("vmsplice thread")?;
+        }
+        Ok(())
+    })?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The checksums of the pages file of process `pid` in `dir`.
+fn page_sums(dir: &Path, pid: i32) -> Result<Vec<u32>> {
+    let name = ckpt_agent::images::image_name(ckpt_proto::ImageKind::PageMap, pid);
+    let pm: ckpt_proto::image::PageMap =
+        ckpt_proto::read_image_file(&dir.join(&name), ckpt_proto::ImageKind::PageMap)
+            .with_context(|| format!("reading {name}"))?;
+    Ok(pm.block_crc32c)
+}
+
+/// One round of the downtime comparison on the same running target.
+#[derive(Debug, Clone, serde::Serialize)]
+struct SnapCycle {
+    frozen_copy: DumpReport,
+    snapshot: DumpReport,
+}
+
+fn snapshot_cycle(target: &Target, tag: &str, warm: bool) -> Result<SnapCycle> {
+    let mut out = Vec::new();
+    let mut sums = Vec::new();
+    for snapshot in [false, true] {
+        let dir = ImageDir(PathBuf::from(format!(
+            "/dev/shm/ckpt-bench-{}-{tag}-{snapshot}",
+            std::process::id()
+        )));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0)?;
+        if warm {
+            prewarm(target.len)?;
+        }
+        perf_ctl("dump", true);
+        let d = dump(&request(target.pid, &dir.0, true, snapshot));
+        perf_ctl("dump", false);
+        let d = d.with_context(|| format!("dump of {} (snapshot {snapshot})", target.pid))?;
+        if snapshot && d.snapshot_bytes < target.len as u64 {
+            bail!("only {} bytes came from the snapshot", d.snapshot_bytes);
+        }
+        sums.push(page_sums(&dir.0, target.pid)?);
+        out.push(d);
+    }
+    if sums[0] != sums[1] {
+        bail!("the snapshot's pages differ from the frozen copy's");
+    }
+    let snapshot = out.pop().expect("two dumps");
+    let frozen_copy = out.pop().expect("two dumps");
+    Ok(SnapCycle {
+        frozen_copy,
+        snapshot,
+    })
+}
+
+/// `--snapshot`: per size, vmsplice + splice of the same bytes (1 and 2
+/// threads, best of 3), then `reps` rounds of a frozen-copy dump and a
+/// snapshot dump of one running target.
+fn snapshot_main(args: &Args, human: &mut dyn std::io::Write) -> Result<serde_json::Value> {
+    let mut runs = Vec::new();
+    for &gib in &args.sizes {
+        let len = ((gib * GIB) as usize).div_ceil(PAGE) * PAGE;
+        let shm = PathBuf::from(format!(
+            "/dev/shm/ckpt-bench-vmsplice-{}",
+            std::process::id()
+        ));
+        let (vs1, vs2) = {
+            let src = Region::touched(len, 0x55)?;
+            let mut best = [f64::MAX; 2];
+            for (i, threads) in [1, 2].into_iter().enumerate() {
+                for _ in 0..3 {
+                    if args.warm {
+                        prewarm(len)?;
+                    }
+                    best[i] = best[i].min(vmsplice_copy(&src, &shm, threads)?);
+                    let _ = std::fs::remove_file(&shm);
+                }
+            }
+            (best[0] * 1e3, best[1] * 1e3)
+        };
+        writeln!(
+            human,
+            "{gib} GiB: vmsplice+splice into /dev/shm: {vs1:.0} ms (1 thread), {vs2:.0} ms (2 threads)"
+        )?;
+        let target = Target::spawn(len, true)?;
+        let mut cycles = Vec::new();
+        for rep in 0..args.reps {
+            let c = snapshot_cycle(&target, &format!("{gib}-{rep}"), args.warm)?;
+            let (f, s) = (&c.frozen_copy, &c.snapshot);
+            writeln!(
+                human,
+                "  #{rep}: frozen copy: frozen {:.0} ms, total {:.0} ms | snapshot: frozen {:.1} ms ({:.1}% of the frozen copy's dump), total {:.0} ms ({:.0}% of vmsplice 1 thread, {:.0}% of 2 threads)",
+                f.frozen_ms,
+                f.total_ms,
+                s.frozen_ms,
+                100.0 * s.frozen_ms / f.total_ms,
+                s.total_ms,
+                100.0 * s.total_ms / (vs1 * s.pages_bytes as f64 / len as f64),
+                100.0 * s.total_ms / (vs2 * s.pages_bytes as f64 / len as f64),
+            )?;
+            cycles.push(c);
+        }
+        runs.push(json!({
+            "size_gib": gib,
+            "vmsplice_ms_1t": vs1,
+            "vmsplice_ms_2t": vs2,
+            "cycles": cycles,
+        }));
+    }
+    Ok(json!({ "bench": "dump_restore --snapshot", "prewarmed": args.warm, "runs": runs }))
 }
 
 // ---------------------------------------------------------------- report
@@ -735,6 +933,7 @@ struct Args {
     reps: usize,
     json: bool,
     warm: bool,
+    snapshot: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -743,6 +942,7 @@ fn parse_args() -> Result<Args> {
         reps: 3,
         json: false,
         warm: true,
+        snapshot: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -758,6 +958,7 @@ fn parse_args() -> Result<Args> {
             "--reps" => a.reps = it.next().context("--reps needs a value")?.parse()?,
             "--json" => a.json = true,
             "--no-prewarm" => a.warm = false,
+            "--snapshot" => a.snapshot = true,
             // cargo bench passes --bench; ignore harness options we do not use.
             _ => {}
         }
@@ -775,6 +976,13 @@ fn main() -> Result<()> {
     let mut err = std::io::stderr();
     let mut out = std::io::stdout();
     let human: &mut dyn std::io::Write = if args.json { &mut err } else { &mut out };
+    if args.snapshot {
+        let line = snapshot_main(&args, human)?;
+        if args.json {
+            println!("{line}");
+        }
+        return Ok(());
+    }
 
     let bytes = |gib: f64| ((gib * GIB) as usize).div_ceil(PAGE) * PAGE;
     let lim_len = |gib: f64| bytes(gib).min(1 << 30);
