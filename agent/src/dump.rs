@@ -15,7 +15,7 @@ use std::time::Instant;
 use ckpt_proto::image::{DumpOptions, Inventory};
 use ckpt_proto::{ImageKind, FORMAT_VERSION};
 use nix::unistd::Pid;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::cgroup::JobCgroup;
 use crate::error::{Error, Result};
@@ -297,13 +297,13 @@ impl DumpSession {
             &self.req,
             &nsd,
             self.lock.as_mut(),
+            &mut self.snapshots,
         )?;
         // Known now: the tree and its lock may be gone before the commit.
         let needs_features = needed_features(&nsd.image, self.lock.as_ref());
         let owner_uid = crate::proc::owner(self.req.pid)?;
-        if self.req.snapshot {
-            self.snapshots = take_snapshots(&self.tree, &dumped)?;
-        }
+        // Those dropped end now, their parents still held.
+        self.snapshots = keep_snapshots(std::mem::take(&mut self.snapshots), &dumped)?;
         let tp = Instant::now();
         let ids = &nsd.pids;
         let items: Vec<pages::DumpItem<'_>> = dumped
@@ -574,6 +574,7 @@ fn capture_tree(
     req: &DumpRequest,
     nsd: &ns::NsDump,
     mut lock: Option<&mut NetLock>,
+    snapshots: &mut Vec<Snapshot>,
 ) -> Result<Vec<Dumped>> {
     let ids = &nsd.pids;
     let mut dumped = Vec::with_capacity(tree.len());
@@ -584,7 +585,9 @@ fn capture_tree(
                     tcp_established: req.tcp_established,
                     lock: lock.as_deref_mut(),
                 };
-                dumped.push(dump_seized(s, writer, nsd.image.own, &mut net)?)
+                let (d, snap) = dump_seized(s, writer, nsd.image.own, &mut net, req.snapshot)?;
+                dumped.push(d);
+                snapshots.extend(snap);
             }
             Member::Zombie(core) => {
                 let mut core = (**core).clone();
@@ -603,32 +606,39 @@ fn capture_tree(
         .iter_mut()
         .map(|d| std::mem::take(&mut d.fds))
         .collect();
-    let tree: std::collections::HashSet<i32> = tables.iter().map(|t| t.pid).collect();
+    // Snapshot children share their parents' fd tables: not outside.
+    let children: Vec<i32> = snapshots.iter().map(|s| s.child).collect();
+    let tree: std::collections::HashSet<i32> = tables
+        .iter()
+        .map(|t| t.pid)
+        .chain(children.iter().copied())
+        .collect();
     files::link_tree(&mut tables, req.ext_unix_sk, &|ino| {
         crate::proc::pipe_held_outside(ino, &tree)
     })?;
-    crate::tty::link(&mut tables, req.shell_job)?;
+    crate::tty::link(&mut tables, req.shell_job, &children)?;
     for (d, fds) in dumped.iter_mut().zip(tables) {
         d.fds = fds;
     }
     Ok(dumped)
 }
 
-/// Makes every live process with copy-on-write memory to save fork a
-/// snapshot of itself. A process that cannot fork (a limit on its
-/// processes, say) is copied frozen instead.
-fn take_snapshots(tree: &[Member], dumped: &[Dumped]) -> Result<Vec<Snapshot>> {
-    let mut snaps = Vec::new();
+/// Keeps the snapshots worth copying from: those of processes with
+/// copy-on-write memory to save, unless copying on write could take the
+/// job past its memory limit.
+fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapshot>> {
+    let cow = |d: &Dumped| -> u64 {
+        d.mm.extents
+            .iter()
+            .filter(|e| e.cow)
+            .map(|e| e.end - e.start)
+            .sum()
+    };
     // Each page the job writes before it is copied gets copied on write,
     // charged to the job: in the worst case all of them. A job that could
     // meet its memory limit that way is copied frozen instead of risking
     // its OOM kill.
-    let need: u64 = dumped
-        .iter()
-        .flat_map(|d| &d.mm.extents)
-        .filter(|e| e.cow)
-        .map(|e| e.end - e.start)
-        .sum();
+    let need: u64 = dumped.iter().map(cow).sum();
     let mut room: Option<u64> = None;
     for d in dumped {
         if let Some(r) = crate::cgroup::memory_headroom(d.core.pid)? {
@@ -640,32 +650,12 @@ fn take_snapshots(tree: &[Member], dumped: &[Dumped]) -> Result<Vec<Snapshot>> {
             pid = dumped.first().map_or(0, |d| d.core.pid),
             room, need, "copying frozen: copy-on-write could take the job past its memory limit"
         );
-        return Ok(snaps);
+        return Ok(Vec::new());
     }
-    for d in dumped {
-        if !d.mm.extents.iter().any(|e| e.cow) {
-            continue;
-        }
-        let pid = d.core.pid;
-        let Some(seized) = tree.iter().find_map(|m| match m {
-            Member::Live(s) if s.pid == pid => Some(s),
-            _ => None,
-        }) else {
-            continue;
-        };
-        seized.block_signals()?;
-        let main = Remote::new(Pid::from_raw(pid), mm::find_syscall_gadget(pid)?)?;
-        let taken = crate::snapshot::take(&main);
-        seized.reset()?;
-        match taken {
-            Ok(s) => snaps.push(s),
-            Err(e @ Error::Remote { .. }) => {
-                tracing::warn!(pid, "no snapshot, its memory is copied frozen: {e}")
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(snaps)
+    Ok(snaps
+        .into_iter()
+        .filter(|s| dumped.iter().any(|d| d.core.pid == s.parent && cow(d) > 0))
+        .collect())
 }
 
 /// Writes the images of every captured process, with the index of its
@@ -794,7 +784,8 @@ fn check_sharing(dumped: &mut [Dumped]) -> Result<()> {
 }
 
 /// The part of a process's dump that needs ptrace: its state, injected
-/// queries, files, and its address space with the pages to save.
+/// queries, files, and its address space with the pages to save; with
+/// `snapshot`, also the process's snapshot (None if it could not fork).
 /// `own`: the tree's namespaces apart from the agent's (every process of
 /// the tree shares the root's: `ns::dump` checked).
 fn dump_seized(
@@ -802,8 +793,10 @@ fn dump_seized(
     writer: &ImageWriter,
     own: u64,
     net: &mut crate::inet::DumpCtx<'_>,
-) -> Result<Dumped> {
+    snapshot: bool,
+) -> Result<(Dumped, Option<Snapshot>)> {
     let pid = seized.pid;
+    let t0 = Instant::now();
     let mut threads = Vec::with_capacity(seized.threads.len());
     for t in &seized.threads {
         threads.push(task::dump_thread_outside(pid, t.tid, &t.regs)?);
@@ -825,7 +818,7 @@ fn dump_seized(
         &[want, SCRATCH_LEN, prot, flags, u64::MAX, 0],
     )?;
     let mut scratch = Scratch::new(pid, addr, SCRATCH_LEN);
-    let result = (|| -> Result<_> {
+    let result = std::thread::scope(|s| -> Result<_> {
         let mut core = task::dump_process(pid, own, &main, &mut scratch)?;
         for (th, t) in threads.iter_mut().zip(&seized.threads) {
             let r = Remote::new(Pid::from_raw(t.tid), gadget)?;
@@ -833,13 +826,46 @@ fn dump_seized(
         }
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
-        let fds = files::dump(pid, writer, own, net)?;
-        let mm = mm::dump(pid, brk, Some((addr, addr + SCRATCH_LEN)), Some(writer))?;
-        Ok(Dumped { core, fds, mm })
-    })();
+        debug!(pid, ms = ms_since(t0), "task state captured");
+        // Reading the address space (smaps, page scans: tens of ms per
+        // GiB) needs no ptrace: it runs beside the files, which need this
+        // thread.
+        let skip = Some((addr, addr + SCRATCH_LEN));
+        let mm = s.spawn(move || {
+            let r = mm::dump(pid, brk, skip, Some(writer));
+            debug!(pid, ms = ms_since(t0), "address space read");
+            r
+        });
+        let fds = files::dump(pid, writer, own, net);
+        debug!(pid, ms = ms_since(t0), "files captured");
+        // The fork holds the address space's lock while it copies the page
+        // tables; the reader needs it too.
+        let mm = mm
+            .join()
+            .expect("the address space reader does not panic")?;
+        let fds = fds?;
+        let snap = match snapshot {
+            true => match crate::snapshot::take(&main) {
+                Ok(s) => Some(s),
+                Err(e @ Error::Remote { .. }) => {
+                    warn!(pid, "no snapshot, its memory is copied frozen: {e}");
+                    None
+                }
+                Err(e) => return Err(e),
+            },
+            false => None,
+        };
+        debug!(pid, ms = ms_since(t0), "snapshot forked");
+        Ok((Dumped { core, fds, mm }, snap))
+    });
     // The scratch area is outside every extent to copy: it can go now, and
     // the threads get their own registers back for the long page copy.
     main.syscall(libc::SYS_munmap, &[addr, SCRATCH_LEN])?;
     seized.reset()?;
     result
+}
+
+/// Milliseconds since `t`, for the logs of the frozen window's phases.
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
 }

@@ -229,7 +229,9 @@ pub fn dump(
     skip: Option<(u64, u64)>,
     writer: Option<&crate::images::ImageWriter>,
 ) -> Result<MmDump> {
+    let t0 = std::time::Instant::now();
     let mut maps = proc::smaps(pid)?;
+    tracing::debug!(pid, ms = t0.elapsed().as_secs_f64() * 1e3, "smaps read");
     maps.retain(|m| Some((m.start, m.end)) != skip);
     let pm_path = format!("/proc/{pid}/pagemap");
     let pm = std::fs::File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
@@ -246,54 +248,53 @@ pub fn dump(
         }
         let mut guards = Vec::new();
         if !is_special(kind) {
+            // One walk of the page tables: what is present, swapped,
+            // zero, file-backed or a guard marker (a swap-like entry,
+            // never content).
             regions.clear();
+            let seen = category::PRESENT | category::SWAPPED | category::GUARD;
             pagemap::scan(
                 pm.as_fd(),
                 m.start,
                 m.end,
                 ScanQuery {
-                    required: category::GUARD,
-                    returned: category::GUARD,
+                    anyof: seen,
+                    returned: seen | category::PFNZERO | category::FILE,
                     ..Default::default()
                 },
                 &mut regions,
             )
-            .map_err(|e| Error::sys(pid, format!("PAGEMAP_SCAN guards {:#x}", m.start), e))?;
-            guards.extend(regions.iter().map(|r| PageRange {
-                start: r.start,
-                end: r.end,
-            }));
-            let save = match kind {
-                // Guard markers are swap-like entries: never content.
-                VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared => Some(ScanQuery {
-                    inverted: category::PFNZERO | category::GUARD,
-                    required: category::PFNZERO | category::GUARD,
-                    anyof: category::PRESENT | category::SWAPPED,
-                    returned: category::PRESENT | category::SWAPPED,
-                }),
-                VmaKind::VmaFilePrivate => Some(ScanQuery {
-                    inverted: category::PFNZERO | category::FILE | category::GUARD,
-                    required: category::PFNZERO | category::FILE | category::GUARD,
-                    anyof: category::PRESENT | category::SWAPPED,
-                    returned: category::PRESENT | category::SWAPPED,
-                }),
-                _ => None,
+            .map_err(|e| Error::sys(pid, format!("PAGEMAP_SCAN {:#x}-{:#x}", m.start, m.end), e))?;
+            let has = |r: &pagemap::PageRegion, c: u64| r.categories & c != 0;
+            guards.extend(
+                regions
+                    .iter()
+                    .filter(|r| has(r, category::GUARD))
+                    .map(|r| PageRange {
+                        start: r.start,
+                        end: r.end,
+                    }),
+            );
+            // Anonymous pages with content (not the shared zero page); in
+            // private file mappings, only pages the process changed.
+            let content = |r: &pagemap::PageRegion| match kind {
+                VmaKind::VmaAnonPrivate | VmaKind::VmaAnonShared => {
+                    !has(r, category::PFNZERO | category::GUARD)
+                }
+                VmaKind::VmaFilePrivate => {
+                    !has(r, category::PFNZERO | category::GUARD | category::FILE)
+                }
+                _ => false,
             };
-            if let Some(q) = save {
-                regions.clear();
-                pagemap::scan(pm.as_fd(), m.start, m.end, q, &mut regions).map_err(|e| {
-                    Error::sys(pid, format!("PAGEMAP_SCAN {:#x}-{:#x}", m.start, m.end), e)
-                })?;
-                let cow = copied_on_fork(kind, m);
-                for r in &regions {
-                    match extents.last_mut() {
-                        Some(e) if e.end == r.start && e.cow == cow => e.end = r.end,
-                        _ => extents.push(Extent {
-                            start: r.start,
-                            end: r.end,
-                            cow,
-                        }),
-                    }
+            let cow = copied_on_fork(kind, m);
+            for r in regions.iter().filter(|r| content(r)) {
+                match extents.last_mut() {
+                    Some(e) if e.end == r.start && e.cow == cow => e.end = r.end,
+                    _ => extents.push(Extent {
+                        start: r.start,
+                        end: r.end,
+                        cow,
+                    }),
                 }
             }
         }
@@ -332,6 +333,7 @@ pub fn dump(
             },
         });
     }
+    tracing::debug!(pid, ms = t0.elapsed().as_secs_f64() * 1e3, "pages scanned");
     check_sysv_attachments(pid, &vmas)?;
     let stat = proc::stat(pid, None)?;
     let auxv_raw = std::fs::read(format!("/proc/{pid}/auxv"))

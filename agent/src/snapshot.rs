@@ -118,8 +118,12 @@ impl Snapshot {
             // its registers go back as they were after the call.
             let t = Pid::from_raw(tid);
             let regs = inject::get_regs(t)?;
+            let mask =
+                crate::sys::ptrace::get_sigmask(t).ctx(tid, || "PTRACE_GETSIGMASK".into())?;
+            crate::sys::ptrace::set_sigmask(t, !0).ctx(tid, || "PTRACE_SETSIGMASK".into())?;
             let r = wait(&Remote::new(t, gadget)?);
             inject::set_regs(t, regs)?;
+            crate::sys::ptrace::set_sigmask(t, mask).ctx(tid, || "PTRACE_SETSIGMASK".into())?;
             r?;
         } else {
             let held = Seized::one_thread(self.parent)?;

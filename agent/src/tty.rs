@@ -209,8 +209,12 @@ fn outside_holders(index: u32, root: i32, tree: &HashSet<i32>) -> Vec<i32> {
 /// `shell_job`, else refused naming pid, fd and terminal). A pty whose
 /// slave is held outside the tree is refused. Controlling terminals are
 /// resolved the same way.
-pub fn link(tables: &mut [FdTable], shell_job: bool) -> Result<()> {
-    let tree: HashSet<i32> = tables.iter().map(|t| t.pid).collect();
+pub fn link(tables: &mut [FdTable], shell_job: bool, snapshots: &[i32]) -> Result<()> {
+    let tree: HashSet<i32> = tables
+        .iter()
+        .map(|t| t.pid)
+        .chain(snapshots.iter().copied())
+        .collect();
     let root = tables.first().map_or(0, |t| t.pid);
     let mut masters: HashMap<u32, (i32, u64)> = HashMap::new();
     for t in tables.iter() {
