@@ -7,12 +7,12 @@
 //! whatever the size of the process.
 
 use std::fs::File;
-use std::io::{IoSlice, IoSliceMut};
+use std::io::IoSlice;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use ckpt_proto::image::{PageMap, PageRun};
-use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
+use nix::sys::uio::{process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 use rayon::prelude::*;
 
@@ -93,32 +93,13 @@ fn plan(extents: &[Extent]) -> (Vec<PageRun>, Vec<Job>, u64) {
     (runs, jobs, off)
 }
 
-fn remote_iov(iov: &[(u64, u64)]) -> Vec<RemoteIoVec> {
-    iov.iter()
-        .map(|&(base, len)| RemoteIoVec {
-            base: base as usize,
-            len: len as usize,
-        })
-        .collect()
-}
-
-/// Reads a job's memory with process_vm_readv, or through /proc/PID/mem
-/// (`mem`) where it cannot (PROT_NONE or otherwise unreadable pages) or
-/// should not (`pinless`): process_vm_readv pins pages, and pinning a page
-/// a snapshot child shares with its parent copies it first (so that the
-/// pin stays coherent), where /proc/PID/mem reads it in place.
-fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8], pinless: bool) -> Result<()> {
-    if !pinless {
-        let n = process_vm_readv(
-            Pid::from_raw(pid),
-            &mut [IoSliceMut::new(buf)],
-            &remote_iov(&job.iov),
-        )
-        .unwrap_or(0);
-        if n as u64 == job.len {
-            return Ok(());
-        }
-    }
+/// Reads a job's memory through /proc/PID/mem (`mem`), not with
+/// process_vm_readv: that pins pages, and the kernel copies a page shared
+/// copy-on-write (after a fork: between the processes of a tree, with a
+/// snapshot child) before pinning it, so reading a tree that way doubled
+/// its shared memory and could take it past its memory limit.
+/// /proc/PID/mem reads pages in place, also PROT_NONE ones.
+fn read_job(pid: i32, mem: &File, job: &Job, buf: &mut [u8]) -> Result<()> {
     let mut at = 0usize;
     for &(va, len) in &job.iov {
         mem.read_exact_at(&mut buf[at..at + len as usize], va)
@@ -262,9 +243,8 @@ impl<'a> PageCopy<'a> {
         )
     }
 
-    /// Runs the jobs `pick` selects, reading process `reads[i]`: through
-    /// `mems[i]` if given, else with process_vm_readv (the item's own /proc
-    /// mem where that cannot).
+    /// Runs the jobs `pick` selects, reading process `reads[i]` through
+    /// `mems[i]` if given, else the item's own /proc mem.
     fn run(
         &mut self,
         what: &str,
@@ -292,10 +272,7 @@ impl<'a> PageCopy<'a> {
                 |buf, &(i, job)| -> Result<(usize, Pieces)> {
                     let (it, o) = (&items[i], &outs[i]);
                     let b = &mut buf[..job.len as usize];
-                    match &mems[i] {
-                        Some(mem) => read_job(reads[i], mem, job, b, true)?,
-                        None => read_job(reads[i], &o.mem, job, b, false)?,
-                    }
+                    read_job(reads[i], mems[i].as_ref().unwrap_or(&o.mem), job, b)?;
                     o.file
                         .write_all_at(b, job.file_off)
                         .map_err(|e| Error::io(&it.path, e))?;

@@ -250,18 +250,23 @@ mod snapshot {
             report["pages_bytes"].as_u64().unwrap(),
         );
         if from_snapshot {
-            // The 512 MiB the writer works in are private memory: all of
-            // it comes from the snapshot.
-            assert!(copied >= 512 << 20 && copied <= total, "{report}");
+            // The 512 MiB the writer works in are private memory, in the
+            // case and in its child: all of it comes from the snapshots.
+            assert!(copied >= 1024 << 20 && copied <= total, "{report}");
         } else {
             assert_eq!(copied, 0, "{report}");
         }
+        // The case's own child, and no snapshot child.
         let children = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
             .flatten()
             .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
             .collect::<String>();
-        assert_eq!(children.trim(), "", "the snapshot child is still there");
+        assert_eq!(
+            children.split_whitespace().count(),
+            1,
+            "children of the case: {children:?}"
+        );
         case.terminate_and_check("original after the dump").unwrap();
         if let Err(e) = restore_and_check(&mut case, &images, &dir) {
             panic!("{e}{}", dir.agent_report());

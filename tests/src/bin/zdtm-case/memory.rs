@@ -647,8 +647,8 @@ pub fn mm_fields(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
-/// A thread appends to memory the whole time, also while the process is
-/// checkpointed: with --leave-running the process runs on while its memory
+/// A thread appends to memory the whole time, also while the process (and
+/// a forked child that waits on a pipe) is checkpointed: with --leave-running the process runs on while its memory
 /// is copied from a snapshot, and the image must hold memory as it was at
 /// one instant, whatever was written after.
 ///
@@ -675,6 +675,24 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
     let base = mmap_anon(LEN, libc::PROT_READ | libc::PROT_WRITE, 0)? as usize;
     // SAFETY: the mapping made above, LEN bytes.
     unsafe { std::ptr::write_bytes(base as *mut u8, 0, LEN) };
+    // A child shares the memory (copy on write) and waits on a pipe: two
+    // processes to snapshot, one holding a pipe the other writes.
+    let mut pipe = [0; 2];
+    // SAFETY: pipe fills the two-int array.
+    cvt(unsafe { libc::pipe(pipe.as_mut_ptr()) }, "pipe")?;
+    // SAFETY: still one thread here; the child only reads and exits.
+    let child = cvt(unsafe { libc::fork() }, "fork")?;
+    if child == 0 {
+        let mut b = 0u8;
+        // SAFETY: a read of one byte into `b`, then _exit.
+        unsafe {
+            libc::close(pipe[1]);
+            let n = libc::read(pipe[0], &mut b as *mut u8 as *mut libc::c_void, 1);
+            libc::_exit(if n == 1 && b == b'x' { 0 } else { 1 });
+        }
+    }
+    // SAFETY: closing our copy of the read end.
+    unsafe { libc::close(pipe[0]) };
     let state: &'static State = Box::leak(Box::new(State {
         count: AtomicUsize::new(0),
         early: AtomicUsize::new(0),
@@ -713,6 +731,17 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
         .join()
         .map_err(|_| "the writer panicked".to_string())?;
     let mut c = Check::new();
+    let mut status = 0;
+    // SAFETY: one byte from a local to the pipe; waitpid on our child.
+    let waited = unsafe {
+        libc::write(pipe[1], b"x".as_ptr() as *const libc::c_void, 1);
+        libc::waitpid(child, &mut status, 0)
+    };
+    c.eq(
+        "the child, told through the pipe, exited 0",
+        (child, 0),
+        (waited, status),
+    );
     let count = state.count.load(Acquire);
     c.ok("the writer wrote", count >= 1000);
     c.eq(
