@@ -22,6 +22,9 @@
 //! target asks for transparent huge pages with MADV_HUGEPAGE; this
 //! machine gives them only when asked).
 //!
+//! `CKPT_LOG=debug` logs the agent's phases, with the time into the frozen
+//! window of each.
+//!
 //! Profiling one phase: with `CKPT_BENCH_PERF_CTL=FIFO` (and optionally
 //! `CKPT_BENCH_PERF_PHASE=dump|restore`, default both) the bench writes
 //! `enable`/`disable` to perf's control FIFO around each measured dump and
@@ -1003,6 +1006,8 @@ fn parse_args() -> Result<Args> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    // CKPT_LOG=debug shows the phases of each dump (its frozen window).
+    ckpt_agent::logging::init(0);
     // SAFETY: plain prctl.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let mut err = std::io::stderr();

@@ -71,6 +71,10 @@ pub struct DumpReport {
 
 const SCRATCH_LEN: u64 = 64 * 1024;
 
+/// Least private memory worth a snapshot: less is copied frozen in about a
+/// millisecond, sooner than the fork, and the later stop to reap it, cost.
+const SNAPSHOT_MIN: u64 = 2 << 20;
+
 /// A process of the tree being dumped.
 enum Member {
     Live(Seized),
@@ -290,7 +294,9 @@ impl DumpSession {
     /// while its private memory is copied from the snapshots.
     pub fn dump(&mut self, progress: &dyn Progress) -> Result<()> {
         let host_pids: Vec<i32> = self.tree.iter().map(Member::pid).collect();
+        debug!(ms = ms_since(self.frozen_at), "tree stopped");
         let nsd = ns::dump(&host_pids, &self.writer)?;
+        debug!(ms = ms_since(self.frozen_at), "namespaces captured");
         let dumped = capture_tree(
             &self.tree,
             &self.writer,
@@ -302,6 +308,7 @@ impl DumpSession {
         // Known now: the tree and its lock may be gone before the commit.
         let needs_features = needed_features(&nsd.image, self.lock.as_ref());
         let owner_uid = crate::proc::owner(self.req.pid)?;
+        debug!(ms = ms_since(self.frozen_at), "processes captured");
         // Those dropped end now, their parents still held.
         self.snapshots = keep_snapshots(std::mem::take(&mut self.snapshots), &dumped)?;
         let tp = Instant::now();
@@ -323,6 +330,7 @@ impl DumpSession {
         let (pms, snapshot_bytes) = if self.req.tasks_in_parallel {
             let mut copy = pages::PageCopy::new(&items)?;
             copy.copy_frozen(progress)?;
+            debug!(ms = ms_since(self.frozen_at), "frozen copy done");
             self.hold_locked();
             if !self.snapshots.is_empty() {
                 self.run_on()?;
@@ -844,7 +852,13 @@ fn dump_seized(
             .join()
             .expect("the address space reader does not panic")?;
         let fds = fds?;
-        let snap = match snapshot {
+        let cow: u64 = mm
+            .extents
+            .iter()
+            .filter(|e| e.cow)
+            .map(|e| e.end - e.start)
+            .sum();
+        let snap = match snapshot && cow >= SNAPSHOT_MIN {
             true => match crate::snapshot::take(&main) {
                 Ok(s) => Some(s),
                 Err(e @ Error::Remote { .. }) => {
