@@ -334,10 +334,13 @@ impl DumpSession {
             self.hold_locked();
             if !self.snapshots.is_empty() {
                 self.run_on()?;
+                // Fault injection for tests: a window, with the tree
+                // running and its snapshots held, to kill the agent in.
+                fault_hold("CKPT_FAULT_HOLD_RUNNING_MS");
             }
             let bytes = copy.copy_snapshots(progress)?;
             for s in std::mem::take(&mut self.snapshots) {
-                s.end()?;
+                s.end();
             }
             (copy.finish(), bytes)
         } else {
@@ -635,6 +638,9 @@ fn capture_tree(
 /// copy-on-write memory to save, unless copying on write could take the
 /// job past its memory limit.
 fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapshot>> {
+    if snaps.is_empty() {
+        return Ok(snaps);
+    }
     let cow = |d: &Dumped| -> u64 {
         d.mm.extents
             .iter()

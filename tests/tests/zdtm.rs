@@ -273,6 +273,90 @@ mod snapshot {
         }
     }
 
+    /// The agent killed while it copies the snapshots: the kernel kills
+    /// the snapshot children (traced with EXITKILL, they never ran), the
+    /// job runs on intact, and nothing looks like a checkpoint.
+    #[test]
+    fn agent_killed_during_the_copy() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let name = "memory_writer";
+        let dir = Workdir::new("memory_writer-agent-killed");
+        let images = dir.join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
+        case.wait_ready().unwrap();
+        let pid = case.pid;
+        let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
+            .args([
+                "dump",
+                "--tree",
+                &pid.to_string(),
+                "--leave-running",
+                "--images",
+            ])
+            .arg(&images)
+            .env("CKPT_FAULT_HOLD_RUNNING_MS", "30000")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = |p: i32, key: &str| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .unwrap_or_default()
+                .lines()
+                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+        };
+        let children = |p: i32| -> Vec<i32> {
+            std::fs::read_dir(format!("/proc/{p}/task"))
+                .unwrap()
+                .flatten()
+                .flat_map(|t| {
+                    std::fs::read_to_string(t.path().join("children"))
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .map(|c| c.parse().unwrap())
+                        .collect::<Vec<i32>>()
+                })
+                .collect()
+        };
+        // Running on (untraced) with its snapshot child (traced) there.
+        let traced = |p: i32| status(p, "TracerPid:").is_some_and(|t| t != "0");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let snap = loop {
+            if let Some(c) = children(pid).into_iter().find(|&c| traced(c)) {
+                if !traced(pid) {
+                    break c;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the dump never ran the case on with a snapshot"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        agent.kill().unwrap();
+        agent.wait().unwrap();
+        let gone = |p: i32| status(p, "State:").is_none_or(|s| s.starts_with('Z'));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !gone(snap) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the snapshot child {snap} outlived the agent"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            !images.join("inventory.img").exists(),
+            "a dump that never committed must not look complete"
+        );
+        case.terminate_and_check("after the agent died mid-copy")
+            .unwrap();
+    }
+
     #[test]
     fn memory_writer_runs_on_during_the_copy() {
         memory_writer(&[], None, true)
