@@ -426,6 +426,11 @@ impl DumpSession {
         self.dumped.as_ref().map(|d| d.pages_bytes)
     }
 
+    /// Of those, the bytes copied from snapshots after the tree ran on.
+    pub fn snapshot_bytes(&self) -> Option<u64> {
+        self.dumped.as_ref().map(|d| d.snapshot_bytes)
+    }
+
     /// Lets the tree run on (`stop` false) or kills it (`stop` true: the
     /// job has left this node; its cgroup goes, and its network lock stays
     /// until the restore when its addresses stay on this node).

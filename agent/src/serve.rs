@@ -721,6 +721,7 @@ impl Handler {
                 Ok(A::Dump(msg::DumpPartReply {
                     pages_bytes: dump.pages_bytes().unwrap_or(0),
                     dump_ms: t.elapsed().as_secs_f64() * 1e3,
+                    snapshot_bytes: dump.snapshot_bytes().unwrap_or(0),
                 }))
             }
             Q::Finish(f) => {

@@ -92,6 +92,8 @@ pub struct PartDump {
     pub dump_ms: f64,
     pub frozen_ms: f64,
     pub pages_bytes: u64,
+    /// Of `pages_bytes`, copied from snapshots once the part ran on.
+    pub snapshot_bytes: u64,
 }
 
 /// A committed checkpoint, as `ckpt-coord checkpoint` reports it.
@@ -368,6 +370,7 @@ fn checkpoint_locked(
                 dump_ms: 0.0,
                 frozen_ms: 0.0,
                 pages_bytes: 0,
+                snapshot_bytes: 0,
             },
         });
     }
@@ -414,6 +417,7 @@ fn checkpoint_locked(
             A::Dump(d) => {
                 c.report.dump_ms = d.dump_ms;
                 c.report.pages_bytes = d.pages_bytes;
+                c.report.snapshot_bytes = d.snapshot_bytes;
                 Ok(())
             }
             other => Err(format!("answered dump with {other:?}")),

@@ -444,8 +444,12 @@ fn print_checkpoint(cli: &Cli, r: &flow::CheckpointReport) {
         println!("  {:<34} {:>9.1} ms", s.step, s.ms);
     }
     for p in &r.parts {
+        let ran_on = match p.snapshot_bytes {
+            0 => String::new(),
+            b => format!(" ({} MiB copied as it ran on)", b >> 20),
+        };
         println!(
-            "  part {} on {}: prepare {:.1} ms, dump {:.1} ms, frozen {:.1} ms",
+            "  part {} on {}: prepare {:.1} ms, dump {:.1} ms, frozen {:.1} ms{ran_on}",
             p.part, p.node, p.prepare_ms, p.dump_ms, p.frozen_ms
         );
     }

@@ -103,7 +103,20 @@ fn mpi_job_checkpointed_across_nodes_and_restarted_elsewhere() {
     mid_run(&out1, &j1, 4);
     let o = cl.coord(3, &["--json", "checkpoint", &j1, "--leave-running"]);
     assert!(o.status.success(), "checkpoint --leave-running failed");
-    let cp1 = json_of(&o)["checkpoint"].as_str().unwrap().to_string();
+    let report = json_of(&o);
+    let cp1 = report["checkpoint"].as_str().unwrap().to_string();
+    // The ranks ran on once their state was captured: their private
+    // memory came from snapshots (the restart below checks it).
+    let from_snapshots: u64 = report["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["snapshot_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(
+        from_snapshots > 0,
+        "no part was copied from snapshots: {report}"
+    );
     assert_eq!(
         finished(&out1, &j1, 1, Duration::from_secs(180)),
         want,
