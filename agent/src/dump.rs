@@ -657,7 +657,11 @@ fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapsho
     // charged to the job: in the worst case all of them. A job that could
     // meet its memory limit that way is copied frozen instead of risking
     // its OOM kill.
-    let need: u64 = dumped.iter().map(cow).sum();
+    let need: u64 = dumped
+        .iter()
+        .filter(|d| snaps.iter().any(|s| s.parent == d.core.pid))
+        .map(cow)
+        .sum();
     let mut room: Option<u64> = None;
     for d in dumped {
         if let Some(r) = crate::cgroup::memory_headroom(d.core.pid)? {
