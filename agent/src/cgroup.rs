@@ -40,10 +40,15 @@ pub struct JobCgroup {
 /// The mount points of the v2 hierarchy and of the v1 freezer in this
 /// agent's mount namespace, if any.
 pub fn hierarchies() -> Result<(Option<PathBuf>, Option<PathBuf>)> {
-    Ok(freezer_roots(&proc::parse_mountinfo(
+    Ok(freezer_roots(&own_mounts()?))
+}
+
+/// The mounts of this agent's mount namespace.
+fn own_mounts() -> Result<Vec<proc::MountInfo>> {
+    Ok(proc::parse_mountinfo(
         &std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| Error::io("/proc/self/mountinfo", e))?,
-    )))
+    ))
 }
 
 /// The v2 hierarchy and the v1 freezer among `mounts`.
@@ -64,10 +69,7 @@ fn freezer_roots(mounts: &[proc::MountInfo]) -> (Option<PathBuf>, Option<PathBuf
 /// least headroom over its memory cgroup and their ancestors; None when
 /// nothing limits it.
 pub fn memory_headroom(pid: i32) -> Result<Option<u64>> {
-    let mounts = proc::parse_mountinfo(
-        &std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::io("/proc/self/mountinfo", e))?,
-    );
+    let mounts = own_mounts()?;
     let v2 = mounts.iter().find(|m| m.fstype == "cgroup2");
     let v1 = mounts
         .iter()

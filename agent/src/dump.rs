@@ -646,13 +646,6 @@ fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapsho
     if snaps.is_empty() {
         return Ok(snaps);
     }
-    let cow = |d: &Dumped| -> u64 {
-        d.mm.extents
-            .iter()
-            .filter(|e| e.cow)
-            .map(|e| e.end - e.start)
-            .sum()
-    };
     // Each page the job writes before it is copied gets copied on write,
     // charged to the job: in the worst case all of them. A job that could
     // meet its memory limit that way is copied frozen instead of risking
@@ -660,7 +653,7 @@ fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapsho
     let need: u64 = dumped
         .iter()
         .filter(|d| snaps.iter().any(|s| s.parent == d.core.pid))
-        .map(cow)
+        .map(|d| d.mm.cow_bytes())
         .sum();
     let mut room: Option<u64> = None;
     for d in dumped {
@@ -677,7 +670,11 @@ fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapsho
     }
     Ok(snaps
         .into_iter()
-        .filter(|s| dumped.iter().any(|d| d.core.pid == s.parent && cow(d) > 0))
+        .filter(|s| {
+            dumped
+                .iter()
+                .any(|d| d.core.pid == s.parent && d.mm.cow_bytes() > 0)
+        })
         .collect())
 }
 
@@ -867,13 +864,7 @@ fn dump_seized(
             .join()
             .expect("the address space reader does not panic")?;
         let fds = fds?;
-        let cow: u64 = mm
-            .extents
-            .iter()
-            .filter(|e| e.cow)
-            .map(|e| e.end - e.start)
-            .sum();
-        let snap = match snapshot && cow >= SNAPSHOT_MIN {
+        let snap = match snapshot && mm.cow_bytes() >= SNAPSHOT_MIN {
             true => match crate::snapshot::take(&main) {
                 Ok(s) => Some(s),
                 Err(e @ Error::Remote { .. }) => {

@@ -122,6 +122,17 @@ pub struct MmDump {
     pub extents: Vec<Extent>,
 }
 
+impl MmDump {
+    /// Bytes of content in copy-on-write memory (what a snapshot holds).
+    pub fn cow_bytes(&self) -> u64 {
+        self.extents
+            .iter()
+            .filter(|e| e.cow)
+            .map(|e| e.end - e.start)
+            .sum()
+    }
+}
+
 fn file_ident(path: &str) -> (u64, u64) {
     std::fs::metadata(path)
         .map(|m| {

@@ -105,16 +105,8 @@ impl Seized {
             }
             for tid in new {
                 seen.insert(tid);
-                let t = Pid::from_raw(tid);
                 // A thread that exited between listing and seizing is skipped.
-                if !seize_and_interrupt(pid, tid)? {
-                    continue;
-                }
-                inject::wait_interrupt_stop(t)?;
-                let regs = inject::get_regs(t)?;
-                let sigmask =
-                    sys::ptrace::get_sigmask(t).ctx(tid, || "PTRACE_GETSIGMASK".into())?;
-                s.threads.push(Thread { tid, regs, sigmask });
+                s.threads.extend(seize_thread(pid, tid)?);
             }
         }
         if s.threads.is_empty() {
@@ -136,19 +128,17 @@ impl Seized {
     /// for a short injected call while the others run on.
     pub fn one_thread(pid: i32) -> Result<Self> {
         for tid in proc::tids(pid)? {
-            let t = Pid::from_raw(tid);
             let zombie = proc::stat(pid, Some(tid)).map_or(true, |s| s.state() == 'Z');
-            if zombie || !seize_and_interrupt(pid, tid)? {
+            if zombie {
                 continue;
             }
-            inject::wait_interrupt_stop(t)?;
-            let regs = inject::get_regs(t)?;
-            let sigmask = sys::ptrace::get_sigmask(t).ctx(tid, || "PTRACE_GETSIGMASK".into())?;
-            return Ok(Seized {
-                pid,
-                threads: vec![Thread { tid, regs, sigmask }],
-                released: false,
-            });
+            if let Some(t) = seize_thread(pid, tid)? {
+                return Ok(Seized {
+                    pid,
+                    threads: vec![t],
+                    released: false,
+                });
+            }
         }
         Err(Error::NoProcess { pid })
     }
@@ -262,6 +252,19 @@ fn reset_thread(t: &Thread) -> Result<()> {
 fn resume_thread(t: &Thread) -> Result<()> {
     reset_thread(t)?;
     ptrace::detach(Pid::from_raw(t.tid), None).ctx(t.tid, || "PTRACE_DETACH".into())
+}
+
+/// Seizes and stops thread `tid` of `pid` and records its registers and
+/// signal mask; None when the thread is gone.
+fn seize_thread(pid: i32, tid: i32) -> Result<Option<Thread>> {
+    if !seize_and_interrupt(pid, tid)? {
+        return Ok(None);
+    }
+    let t = Pid::from_raw(tid);
+    inject::wait_interrupt_stop(t)?;
+    let regs = inject::get_regs(t)?;
+    let sigmask = sys::ptrace::get_sigmask(t).ctx(tid, || "PTRACE_GETSIGMASK".into())?;
+    Ok(Some(Thread { tid, regs, sigmask }))
 }
 
 /// A thread of `pid` this agent traces (and so holds stopped), if any.
