@@ -183,7 +183,32 @@ mod leave_running {
 /// state is captured, and its memory is copied from a copy-on-write
 /// snapshot while it writes more.
 mod snapshot {
-    use ckpt_tests::{agent, restore_and_check, CaseProcess, Workdir};
+    use std::time::Duration;
+
+    use ckpt_tests::{agent, restore_and_check, wait_for, CaseProcess, Workdir};
+
+    /// Field `key` of /proc/`pid`/status, if the process exists.
+    fn status(pid: i32, key: &str) -> Option<String> {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
+    }
+
+    /// The children of every thread of `pid`.
+    fn children(pid: i32) -> Vec<i32> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+            .flat_map(|t| {
+                std::fs::read_to_string(t.path().join("children"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(|c| c.parse().unwrap())
+                    .collect::<Vec<i32>>()
+            })
+            .collect()
+    }
 
     /// A v1 memory cgroup for a test, removed on drop (its processes
     /// moved back to the root first).
@@ -257,16 +282,8 @@ mod snapshot {
             assert_eq!(copied, 0, "{report}");
         }
         // The case's own child, and no snapshot child.
-        let children = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .unwrap()
-            .flatten()
-            .map(|t| std::fs::read_to_string(t.path().join("children")).unwrap_or_default())
-            .collect::<String>();
-        assert_eq!(
-            children.split_whitespace().count(),
-            1,
-            "children of the case: {children:?}"
-        );
+        let left = children(case.pid);
+        assert_eq!(left.len(), 1, "children of the case: {left:?}");
         case.terminate_and_check("original after the dump").unwrap();
         if let Err(e) = restore_and_check(&mut case, &images, &dir) {
             panic!("{e}{}", dir.agent_report());
@@ -304,51 +321,25 @@ mod snapshot {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let status = |p: i32, key: &str| {
-            std::fs::read_to_string(format!("/proc/{p}/status"))
-                .unwrap_or_default()
-                .lines()
-                .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_string()))
-        };
-        let children = |p: i32| -> Vec<i32> {
-            std::fs::read_dir(format!("/proc/{p}/task"))
-                .unwrap()
-                .flatten()
-                .flat_map(|t| {
-                    std::fs::read_to_string(t.path().join("children"))
-                        .unwrap_or_default()
-                        .split_whitespace()
-                        .map(|c| c.parse().unwrap())
-                        .collect::<Vec<i32>>()
-                })
-                .collect()
-        };
         // Running on (untraced) with its snapshot child (traced) there.
         let traced = |p: i32| status(p, "TracerPid:").is_some_and(|t| t != "0");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        let snap = loop {
-            if let Some(c) = children(pid).into_iter().find(|&c| traced(c)) {
-                if !traced(pid) {
-                    break c;
-                }
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the dump never ran the case on with a snapshot"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
+        let mut snap = None;
+        assert!(
+            wait_for(Duration::from_secs(20), || {
+                snap = children(pid).into_iter().find(|&c| traced(c));
+                snap.is_some() && !traced(pid)
+            }),
+            "the dump never ran the case on with a snapshot"
+        );
+        let snap = snap.unwrap();
         agent.kill().unwrap();
         agent.wait().unwrap();
-        let gone = |p: i32| status(p, "State:").is_none_or(|s| s.starts_with('Z'));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while !gone(snap) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the snapshot child {snap} outlived the agent"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                status(snap, "State:").is_none_or(|s| s.starts_with('Z'))
+            }),
+            "the snapshot child {snap} outlived the agent"
+        );
         assert!(
             !images.join("inventory.img").exists(),
             "a dump that never committed must not look complete"
