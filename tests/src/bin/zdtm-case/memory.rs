@@ -667,6 +667,8 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
         count: AtomicUsize,
         /// 1 + the first page the writer found written before its turn.
         early: AtomicUsize,
+        /// A witness the writer found ahead of its count.
+        behind: AtomicUsize,
         stop: AtomicBool,
     }
     fn value(k: usize) -> u64 {
@@ -693,9 +695,31 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
     }
     // SAFETY: closing our copy of the read end.
     unsafe { libc::close(pipe[0]) };
+    // A witness outside memory: every WITNESS pages the writer leaves its
+    // count in a pipe of its own (only the latest). The pipe's content is
+    // checkpointed with the files, when the process stands still; memory
+    // restored from an older instant (a wrong increment, a stale parent)
+    // would have a count behind the witness, and be self-consistent
+    // otherwise.
+    const WITNESS: usize = 256;
+    let mut witness = [0; 2];
+    // SAFETY: pipe2 fills the two-int array.
+    cvt(
+        unsafe { libc::pipe2(witness.as_mut_ptr(), libc::O_NONBLOCK) },
+        "pipe2",
+    )?;
+    let latest_witness = move || {
+        let (mut last, mut buf) = (None, [0u8; 8]);
+        // SAFETY: reads of 8 bytes into `buf` from our pipe's read end.
+        while unsafe { libc::read(witness[0], buf.as_mut_ptr().cast(), 8) } == 8 {
+            last = Some(usize::from_le_bytes(buf));
+        }
+        last
+    };
     let state: &'static State = Box::leak(Box::new(State {
         count: AtomicUsize::new(0),
         early: AtomicUsize::new(0),
+        behind: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
     }));
     let word = move |k: usize| (base + k * PAGE) as *mut u64;
@@ -715,6 +739,14 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
                     std::ptr::write_volatile(word(k), value(k));
                 }
                 state.count.store(k + 1, Release);
+                if (k + 1).is_multiple_of(WITNESS) {
+                    if let Some(w) = latest_witness().filter(|&w| w > k + 1) {
+                        state.behind.store(w, Relaxed);
+                    }
+                    let b = (k + 1).to_le_bytes();
+                    // SAFETY: 8 bytes from a local into our pipe's write end.
+                    unsafe { libc::write(witness[1], b.as_ptr().cast(), 8) };
+                }
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
@@ -744,6 +776,16 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
     );
     let count = state.count.load(Acquire);
     c.ok("the writer wrote", count >= 1000);
+    let seen = latest_witness();
+    c.ok(
+        &format!("the count ({count}) is not behind the witness in the pipe ({seen:?})"),
+        seen.is_some_and(|w| w <= count),
+    );
+    c.eq(
+        "a witness the writer found ahead of its count",
+        0,
+        state.behind.load(Relaxed),
+    );
     c.eq(
         "first page found written before the writer's turn (1-based)",
         0,
