@@ -26,7 +26,9 @@ use crate::ns;
 use crate::progress::{Progress, Quiet};
 use crate::seize::{check_target, Seized};
 use crate::snapshot::Snapshot;
+use crate::track::Tracker;
 use crate::{files, mm, pages, proc, task};
+use ckpt_proto::image::Tracking;
 
 /// What to dump and how.
 #[derive(Debug, Clone)]
@@ -49,6 +51,15 @@ pub struct DumpRequest {
     /// copy-on-write snapshot of each process: it stands still only while
     /// its state is captured. For dumps that leave the tree running.
     pub snapshot: bool,
+    /// Memory only, for a later dump that writes what changed since
+    /// (`ckpt-agent pre-dump`): the tree runs on; its memory is tracked.
+    pub pre_dump: bool,
+    /// Write only the pages changed since this checkpoint (a pre-dump or a
+    /// dump of the same processes, taken here); the rest stays there.
+    pub parent: Option<PathBuf>,
+    /// Track which pages the tree writes from now on, for a later dump
+    /// with this one as its parent (always on for a pre-dump).
+    pub track_mem: bool,
     /// Sign the inventory with this cluster key (the service's dumps): an
     /// agent restores a user's part only from images an agent wrote.
     pub key: Option<ckpt_proto::rpc::Key>,
@@ -74,6 +85,132 @@ const SCRATCH_LEN: u64 = 64 * 1024;
 /// Least private memory worth a snapshot: less is copied frozen in about a
 /// millisecond, sooner than the fork, and the later stop to reap it, cost.
 const SNAPSHOT_MIN: u64 = 2 << 20;
+
+/// The checkpoint a dump is an increment of.
+struct Parent {
+    dir: PathBuf,
+    /// Its path relative to the new checkpoint's directory.
+    relative: PathBuf,
+    inventory_crc32c: u32,
+}
+
+impl Parent {
+    fn open(dir: &std::path::Path, images: &std::path::Path) -> Result<Parent> {
+        crate::images::read_inventory(dir)?;
+        Ok(Parent {
+            dir: dir.to_owned(),
+            relative: crate::images::relative_path(images, dir)?,
+            inventory_crc32c: crate::images::inventory_crc(dir)?,
+        })
+    }
+
+    /// What the parent recorded of process `pid`'s (as the job sees it)
+    /// write tracker.
+    fn tracking(&self, pid: i32) -> Option<Tracking> {
+        let path = self.dir.join(image_name(ImageKind::PageMap, pid));
+        let pm: ckpt_proto::image::PageMap =
+            ckpt_proto::read_image_file(&path, ImageKind::PageMap).ok()?;
+        pm.tracking
+    }
+}
+
+/// How a dump uses the write tracker of one process.
+struct TrackPlan {
+    /// Install a tracker in a process without one.
+    install: bool,
+    /// Read (and so reset) the process's tracker.
+    read: bool,
+    /// What the parent checkpoint recorded of it.
+    parent: Option<Tracking>,
+}
+
+impl TrackPlan {
+    fn new(req: &DumpRequest, parent: Option<&Parent>, inner_pid: i32) -> TrackPlan {
+        TrackPlan {
+            install: req.pre_dump || req.track_mem,
+            read: req.pre_dump || req.track_mem || parent.is_some(),
+            parent: parent.and_then(|p| p.tracking(inner_pid)),
+        }
+    }
+}
+
+/// The tracker of a stopped process as `plan` wants it, found or
+/// installed, with whether it was last reset by the parent checkpoint.
+fn tracker_for(pid: i32, main: &Remote, plan: &TrackPlan) -> Result<Option<(Tracker, bool)>> {
+    if !plan.read {
+        return Ok(None);
+    }
+    let tracker = match Tracker::find(pid)? {
+        Some(t) => Some(t),
+        None if plan.install => Tracker::install(pid, main)?,
+        None => None,
+    };
+    Ok(tracker.map(|t| {
+        let continues = plan.parent.as_ref().is_some_and(|p| t.continues(p));
+        if plan.parent.is_some() && !continues {
+            info!(
+                pid,
+                "its memory tracker was reset after the parent checkpoint: memory saved whole"
+            );
+        }
+        (t, continues)
+    }))
+}
+
+/// Reads a stopped process's address space with its tracker per `plan`
+/// (resetting it), and forks its snapshot when `snapshot` asks and it has
+/// enough copy-on-write memory. Runs on the ptrace thread (injections);
+/// `beside` runs meanwhile on it, for what else needs ptrace.
+fn capture_memory<T>(
+    pid: i32,
+    main: &Remote,
+    plan: &TrackPlan,
+    mm_args: (u64, Option<(u64, u64)>, &ImageWriter),
+    snapshot: bool,
+    beside: impl FnOnce() -> Result<T>,
+) -> Result<(mm::MmDump, Option<Tracking>, Option<Snapshot>, T)> {
+    let t0 = Instant::now();
+    let mut tracker = tracker_for(pid, main, plan)?;
+    let tracking = tracker
+        .as_mut()
+        .map(|(t, _)| t.next_generation())
+        .transpose()?;
+    let track = tracker.as_ref().map(|(t, c)| mm::Track {
+        tracker: t,
+        since_parent: *c,
+    });
+    let (brk, skip, writer) = mm_args;
+    let (mm, other) = std::thread::scope(|s| {
+        // Reading the address space (smaps, page scans: tens of ms per
+        // GiB) needs no ptrace: it runs beside what does.
+        let mm = s.spawn(|| {
+            let r = mm::dump(pid, brk, skip, Some(writer), track.as_ref());
+            debug!(pid, ms = ms_since(t0), "address space read");
+            r
+        });
+        let other = beside();
+        // The fork holds the address space's lock while it copies the page
+        // tables; the reader needs it too.
+        (
+            mm.join().expect("the address space reader does not panic"),
+            other,
+        )
+    });
+    let (mm, other) = (mm?, other?);
+    let snap = match snapshot && mm.cow_bytes() >= SNAPSHOT_MIN {
+        true => match crate::snapshot::take(main) {
+            Ok(s) => Some(s),
+            Err(e @ Error::Remote { .. }) => {
+                warn!(pid, "no snapshot, its memory is copied frozen: {e}");
+                None
+            }
+            Err(e) => return Err(e),
+        },
+        false => None,
+    };
+    debug!(pid, ms = ms_since(t0), "snapshot forked");
+    Ok((mm, tracking, snap, other))
+}
 
 /// A process of the tree being dumped.
 enum Member {
@@ -195,6 +332,7 @@ pub struct DumpSession {
     resumed_ms: Option<f64>,
     /// Set by `dump`.
     dumped: Option<Written>,
+    parent: Option<Parent>,
     finished: bool,
 }
 
@@ -213,6 +351,11 @@ impl DumpSession {
         let pid = req.pid;
         check_target(pid)?;
         let writer = ImageWriter::create(&req.images)?;
+        let parent = req
+            .parent
+            .as_deref()
+            .map(|p| Parent::open(p, &req.images))
+            .transpose()?;
         // Before the freeze: nothing about the node changes during it.
         let node = crate::check::fingerprint()
             .map_err(|e| tracing::warn!("checkpoint will not name its node: {e}"))
@@ -224,6 +367,7 @@ impl DumpSession {
         // What an agent that died mid-way left is undone first.
         crate::cgroup::recover_frozen()?;
         crate::netlock::recover(None)?;
+        crate::track::prune();
         let own = ns::own_namespaces(pid)?;
         let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
         if frozen.is_some() {
@@ -262,7 +406,11 @@ impl DumpSession {
             pid
         };
         let name = lock_name(cgroup.as_ref().map_or("", |c| c.job.as_str()), inner_root);
-        let lock = lock_network(&tree, &name, own_net)?;
+        // A pre-dump reads no socket.
+        let lock = match req.pre_dump {
+            true => None,
+            false => lock_network(&tree, &name, own_net)?,
+        };
         let threads = tree
             .iter()
             .map(|m| match m {
@@ -284,6 +432,7 @@ impl DumpSession {
             snapshots: Vec::new(),
             resumed_ms: None,
             dumped: None,
+            parent,
             finished: false,
         })
     }
@@ -293,6 +442,9 @@ impl DumpSession {
     /// for snapshots: then it runs on as soon as its state is captured,
     /// while its private memory is copied from the snapshots.
     pub fn dump(&mut self, progress: &dyn Progress) -> Result<()> {
+        if self.req.pre_dump {
+            return self.pre_dump(progress);
+        }
         let host_pids: Vec<i32> = self.tree.iter().map(Member::pid).collect();
         debug!(ms = ms_since(self.frozen_at), "tree stopped");
         let nsd = ns::dump(&host_pids, &self.writer)?;
@@ -303,6 +455,7 @@ impl DumpSession {
             &self.req,
             &nsd,
             self.lock.as_mut(),
+            self.parent.as_ref(),
             &mut self.snapshots,
         )?;
         // Known now: the tree and its lock may be gone before the commit.
@@ -310,25 +463,110 @@ impl DumpSession {
         let owner_uid = crate::proc::owner(self.req.pid)?;
         debug!(ms = ms_since(self.frozen_at), "processes captured");
         // Those dropped end now, their parents still held.
-        self.snapshots = keep_snapshots(std::mem::take(&mut self.snapshots), &dumped)?;
+        let cow: Vec<(i32, u64)> = dumped
+            .iter()
+            .map(|d| (d.core.pid, d.mm.cow_bytes()))
+            .collect();
+        self.snapshots = keep_snapshots(std::mem::take(&mut self.snapshots), &cow)?;
         let tp = Instant::now();
         let ids = &nsd.pids;
         let items: Vec<pages::DumpItem<'_>> = dumped
             .iter()
-            .map(|d| pages::DumpItem {
-                pid: d.core.pid,
-                extents: &d.mm.extents,
-                path: self.writer.dir().join(pages_name(ids.inner(d.core.pid))),
-                name: pages_name(ids.inner(d.core.pid)),
-                snapshot: self
-                    .snapshots
-                    .iter()
-                    .find(|s| s.parent == d.core.pid)
-                    .map(|s| s.child),
-            })
+            .map(|d| self.item(d.core.pid, ids.inner(d.core.pid), &d.mm, d.tracking))
             .collect();
-        let (pms, snapshot_bytes) = if self.req.tasks_in_parallel {
-            let mut copy = pages::PageCopy::new(&items)?;
+        let (pms, snapshot_bytes) = self.copy_pages(&items, progress)?;
+        let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
+        drop(items);
+        let pages_bytes = write_images(dumped, pms, ids, &self.writer)?;
+        let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
+        let inv = self.inventory(
+            nsd.pids.inner(self.req.pid),
+            pids,
+            needs_features,
+            owner_uid,
+        );
+        self.writer.commit(inv, self.req.key.as_ref())?;
+        self.dumped = Some(Written {
+            pages_bytes,
+            snapshot_bytes,
+            pages_ms,
+        });
+        Ok(())
+    }
+
+    /// What the page copy needs of process `pid` (`inner`: as the job
+    /// sees it, naming its files).
+    fn item<'m>(
+        &self,
+        pid: i32,
+        inner: i32,
+        mm: &'m mm::MmDump,
+        tracking: Option<Tracking>,
+    ) -> pages::DumpItem<'m> {
+        pages::DumpItem {
+            pid,
+            extents: &mm.extents,
+            path: self.writer.dir().join(pages_name(inner)),
+            name: pages_name(inner),
+            snapshot: self
+                .snapshots
+                .iter()
+                .find(|s| s.parent == pid)
+                .map(|s| s.child),
+            in_parent: &mm.in_parent,
+            tracking,
+        }
+    }
+
+    /// The inventory of this checkpoint, its files listed at the commit.
+    fn inventory(
+        &self,
+        root_pid: i32,
+        pids: Vec<i32>,
+        needs_features: Vec<String>,
+        owner_uid: u32,
+    ) -> Inventory {
+        let req = &self.req;
+        Inventory {
+            format_version: FORMAT_VERSION,
+            tool_version: env!("CARGO_PKG_VERSION").to_string(),
+            root_pid,
+            pids,
+            node: self.node.clone(),
+            files: Vec::new(),
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            options: Some(DumpOptions {
+                leave_running: req.leave_running,
+                tcp_established: req.tcp_established,
+                ext_unix_sk: req.ext_unix_sk,
+                shell_job: req.shell_job,
+            }),
+            needs_features,
+            owner_uid,
+            signature: Vec::new(),
+            parent: self
+                .parent
+                .as_ref()
+                .map(|p| p.relative.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            parent_inventory_crc32c: self.parent.as_ref().map_or(0, |p| p.inventory_crc32c),
+            pre_dump: req.pre_dump,
+        }
+    }
+
+    /// Copies the pages of `items`: what must be copied frozen, then (the
+    /// tree running on, if it has snapshots) what the snapshots hold.
+    /// Returns the indexes and the bytes copied from snapshots.
+    fn copy_pages(
+        &mut self,
+        items: &[pages::DumpItem<'_>],
+        progress: &dyn Progress,
+    ) -> Result<(Vec<ckpt_proto::image::PageMap>, u64)> {
+        Ok(if self.req.tasks_in_parallel {
+            let mut copy = pages::PageCopy::new(items)?;
             copy.copy_frozen(progress)?;
             debug!(ms = ms_since(self.frozen_at), "frozen copy done");
             self.hold_locked();
@@ -346,39 +584,74 @@ impl DumpSession {
         } else {
             // One process at a time, frozen: for comparison in benchmarks.
             let mut v = Vec::new();
-            for it in &items {
+            for it in items {
                 v.extend(pages::dump_all(std::slice::from_ref(it), progress)?);
             }
             self.hold_locked();
             (v, 0)
-        };
+        })
+    }
+
+    /// A pre-dump: the memory of every live process, read and its write
+    /// tracker reset while the tree is stopped, copied (mostly from
+    /// snapshots) once it runs on; committed as memory only.
+    fn pre_dump(&mut self, progress: &dyn Progress) -> Result<()> {
+        let live: Vec<i32> = self
+            .tree
+            .iter()
+            .filter(|m| matches!(m, Member::Live(_)))
+            .map(Member::pid)
+            .collect();
+        let ids = ns::PidMap::of_tree(&live)?;
+        let owner_uid = crate::proc::owner(self.req.pid)?;
+        let mut mems = Vec::with_capacity(live.len());
+        let mut snaps = Vec::new();
+        for m in &self.tree {
+            let Member::Live(s) = m else { continue };
+            let plan = TrackPlan::new(&self.req, self.parent.as_ref(), ids.inner(s.pid));
+            s.block_signals()?;
+            let main = Remote::new(Pid::from_raw(s.pid), mm::find_syscall_gadget(s.pid)?)?;
+            let r = capture_memory(
+                s.pid,
+                &main,
+                &plan,
+                (0, None, &self.writer),
+                self.req.snapshot,
+                || Ok(()),
+            );
+            s.reset()?;
+            let (mm, tracking, snap, ()) = r?;
+            snaps.extend(snap);
+            mems.push((s.pid, mm, tracking));
+        }
+        debug!(ms = ms_since(self.frozen_at), "memory captured");
+        let cow: Vec<(i32, u64)> = mems.iter().map(|(p, m, _)| (*p, m.cow_bytes())).collect();
+        self.snapshots = keep_snapshots(snaps, &cow)?;
+        let tp = Instant::now();
+        let items: Vec<pages::DumpItem<'_>> = mems
+            .iter()
+            .map(|(pid, mm, tracking)| self.item(*pid, ids.inner(*pid), mm, *tracking))
+            .collect();
+        let (pms, snapshot_bytes) = self.copy_pages(&items, progress)?;
         let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
         drop(items);
-        let pages_bytes = write_images(dumped, pms, ids, &self.writer)?;
-        let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
-        let req = &self.req;
-        let inv = Inventory {
-            format_version: FORMAT_VERSION,
-            tool_version: env!("CARGO_PKG_VERSION").to_string(),
-            root_pid: nsd.pids.inner(req.pid),
-            pids,
-            node: self.node.clone(),
-            files: Vec::new(),
-            created_unix_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
-            options: Some(DumpOptions {
-                leave_running: req.leave_running,
-                tcp_established: req.tcp_established,
-                ext_unix_sk: req.ext_unix_sk,
-                shell_job: req.shell_job,
-            }),
-            needs_features,
-            owner_uid,
-            signature: Vec::new(),
-        };
-        self.writer.commit(inv, req.key.as_ref())?;
+        let mut pages_bytes = 0;
+        for pm in pms {
+            let pm = ckpt_proto::image::PageMap {
+                pid: ids.inner(pm.pid),
+                ..pm
+            };
+            self.writer.add_pages(&pm);
+            self.writer.write(
+                &image_name(ImageKind::PageMap, pm.pid),
+                ImageKind::PageMap,
+                &pm,
+            )?;
+            pages_bytes += pm.pages_file_size;
+        }
+        let pids = live.iter().map(|p| ids.inner(*p)).collect();
+        let inv = self.inventory(ids.inner(self.req.pid), pids, Vec::new(), owner_uid);
+        self.writer.commit(inv, self.req.key.as_ref())?;
         self.dumped = Some(Written {
             pages_bytes,
             snapshot_bytes,
@@ -578,6 +851,8 @@ struct Dumped {
     core: ckpt_proto::image::TaskCore,
     fds: ckpt_proto::image::FdTable,
     mm: mm::MmDump,
+    /// The write tracker this dump reset, for the page index.
+    tracking: Option<Tracking>,
 }
 
 /// Captures every live process of the tree, one after the other (ptrace
@@ -590,6 +865,7 @@ fn capture_tree(
     req: &DumpRequest,
     nsd: &ns::NsDump,
     mut lock: Option<&mut NetLock>,
+    parent: Option<&Parent>,
     snapshots: &mut Vec<Snapshot>,
 ) -> Result<Vec<Dumped>> {
     let ids = &nsd.pids;
@@ -601,7 +877,9 @@ fn capture_tree(
                     tcp_established: req.tcp_established,
                     lock: lock.as_deref_mut(),
                 };
-                let (d, snap) = dump_seized(s, writer, nsd.image.own, &mut net, req.snapshot)?;
+                let plan = TrackPlan::new(req, parent, ids.inner(s.pid));
+                let (d, snap) =
+                    dump_seized(s, writer, nsd.image.own, &mut net, &plan, req.snapshot)?;
                 dumped.push(d);
                 snapshots.extend(snap);
             }
@@ -642,7 +920,8 @@ fn capture_tree(
 /// Keeps the snapshots worth copying from: those of processes with
 /// copy-on-write memory to save, unless copying on write could take the
 /// job past its memory limit.
-fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapshot>> {
+/// `cow`: each process's pid with its bytes of copy-on-write memory.
+fn keep_snapshots(snaps: Vec<Snapshot>, cow: &[(i32, u64)]) -> Result<Vec<Snapshot>> {
     if snaps.is_empty() {
         return Ok(snaps);
     }
@@ -650,31 +929,27 @@ fn keep_snapshots(snaps: Vec<Snapshot>, dumped: &[Dumped]) -> Result<Vec<Snapsho
     // charged to the job: in the worst case all of them. A job that could
     // meet its memory limit that way is copied frozen instead of risking
     // its OOM kill.
-    let need: u64 = dumped
+    let need: u64 = cow
         .iter()
-        .filter(|d| snaps.iter().any(|s| s.parent == d.core.pid))
-        .map(|d| d.mm.cow_bytes())
+        .filter(|(pid, _)| snaps.iter().any(|s| s.parent == *pid))
+        .map(|(_, bytes)| bytes)
         .sum();
     let mut room: Option<u64> = None;
-    for d in dumped {
-        if let Some(r) = crate::cgroup::memory_headroom(d.core.pid)? {
+    for &(pid, _) in cow {
+        if let Some(r) = crate::cgroup::memory_headroom(pid)? {
             room = Some(room.map_or(r, |l| l.min(r)));
         }
     }
     if let Some(room) = room.filter(|&r| r < need) {
         info!(
-            pid = dumped.first().map_or(0, |d| d.core.pid),
+            pid = cow.first().map_or(0, |c| c.0),
             room, need, "copying frozen: copy-on-write could take the job past its memory limit"
         );
         return Ok(Vec::new());
     }
     Ok(snaps
         .into_iter()
-        .filter(|s| {
-            dumped
-                .iter()
-                .any(|d| d.core.pid == s.parent && d.mm.cow_bytes() > 0)
-        })
+        .filter(|s| cow.iter().any(|&(pid, b)| pid == s.parent && b > 0))
         .collect())
 }
 
@@ -813,6 +1088,7 @@ fn dump_seized(
     writer: &ImageWriter,
     own: u64,
     net: &mut crate::inet::DumpCtx<'_>,
+    plan: &TrackPlan,
     snapshot: bool,
 ) -> Result<(Dumped, Option<Snapshot>)> {
     let pid = seized.pid;
@@ -838,7 +1114,7 @@ fn dump_seized(
         &[want, SCRATCH_LEN, prot, flags, u64::MAX, 0],
     )?;
     let mut scratch = Scratch::new(pid, addr, SCRATCH_LEN);
-    let result = std::thread::scope(|s| -> Result<_> {
+    let result = (|| -> Result<_> {
         let mut core = task::dump_process(pid, own, &main, &mut scratch)?;
         for (th, t) in threads.iter_mut().zip(&seized.threads) {
             let r = Remote::new(Pid::from_raw(t.tid), gadget)?;
@@ -847,37 +1123,23 @@ fn dump_seized(
         core.threads = std::mem::take(&mut threads);
         let brk = mm::current_brk(&main)?;
         debug!(pid, ms = ms_since(t0), "task state captured");
-        // Reading the address space (smaps, page scans: tens of ms per
-        // GiB) needs no ptrace: it runs beside the files, which need this
-        // thread.
         let skip = Some((addr, addr + SCRATCH_LEN));
-        let mm = s.spawn(move || {
-            let r = mm::dump(pid, brk, skip, Some(writer));
-            debug!(pid, ms = ms_since(t0), "address space read");
-            r
-        });
-        let fds = files::dump(pid, writer, own, net);
-        debug!(pid, ms = ms_since(t0), "files captured");
-        // The fork holds the address space's lock while it copies the page
-        // tables; the reader needs it too.
-        let mm = mm
-            .join()
-            .expect("the address space reader does not panic")?;
-        let fds = fds?;
-        let snap = match snapshot && mm.cow_bytes() >= SNAPSHOT_MIN {
-            true => match crate::snapshot::take(&main) {
-                Ok(s) => Some(s),
-                Err(e @ Error::Remote { .. }) => {
-                    warn!(pid, "no snapshot, its memory is copied frozen: {e}");
-                    None
-                }
-                Err(e) => return Err(e),
+        let (mm, tracking, snap, fds) =
+            capture_memory(pid, &main, plan, (brk, skip, writer), snapshot, || {
+                let fds = files::dump(pid, writer, own, net);
+                debug!(pid, ms = ms_since(t0), "files captured");
+                fds
+            })?;
+        Ok((
+            Dumped {
+                core,
+                fds,
+                mm,
+                tracking,
             },
-            false => None,
-        };
-        debug!(pid, ms = ms_since(t0), "snapshot forked");
-        Ok((Dumped { core, fds, mm }, snap))
-    });
+            snap,
+        ))
+    })();
     // The scratch area is outside every extent to copy: it can go now, and
     // the threads get their own registers back for the long page copy.
     main.syscall(libc::SYS_munmap, &[addr, SCRATCH_LEN])?;

@@ -69,6 +69,9 @@ pub fn dump(
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     fds.sort_unstable();
+    // The agent's write trackers are not the process's files.
+    let trackers = crate::track::inodes();
+    fds.retain(|&fd| !crate::track::is_tracker(pid, fd, &trackers));
     let pidfd = sys::pidfd::pidfd_open(pid).map_err(|e| Error::sys(pid, "pidfd_open", e))?;
     // Paths and sockets are the process's: in namespaces of its own (a
     // job's) the agent reaches them from there.

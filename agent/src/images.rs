@@ -207,3 +207,112 @@ pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
     }
     Ok(())
 }
+
+/// Longest chain of increments restore follows (a loop of parents would
+/// otherwise never end).
+const MAX_CHAIN: usize = 64;
+
+/// crc32c of a checkpoint's inventory file, which a child checkpoint
+/// records to pin its parent.
+pub fn inventory_crc(dir: &Path) -> Result<u32> {
+    Ok(stream_crc(&dir.join(INVENTORY))?.1)
+}
+
+/// The path of directory `to` relative to directory `from` (both made
+/// absolute), so that a chain of checkpoints can be moved as a whole.
+pub fn relative_path(from: &Path, to: &Path) -> Result<PathBuf> {
+    let from = from.canonicalize().map_err(|e| Error::io(from, e))?;
+    let to = to.canonicalize().map_err(|e| Error::io(to, e))?;
+    let (f, t): (Vec<_>, Vec<_>) = (from.components().collect(), to.components().collect());
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    Ok(out)
+}
+
+/// The directories of a checkpoint and of the checkpoints it is an
+/// increment of, the newest first: each parent is checked like the
+/// checkpoint itself (every file against its inventory) and against the
+/// inventory checksum its child recorded.
+pub fn chain(dir: &Path, inv: &Inventory) -> Result<Vec<PathBuf>> {
+    let mut dirs = vec![dir.to_owned()];
+    let (mut child_dir, mut child) = (dir.to_owned(), inv.clone());
+    while !child.parent.is_empty() {
+        if dirs.len() >= MAX_CHAIN {
+            return Err(Error::BadImages {
+                dir: dir.to_owned(),
+                reason: format!("more than {MAX_CHAIN} checkpoints in its chain of parents"),
+            });
+        }
+        let parent = child_dir.join(&child.parent);
+        let pinv = read_inventory(&parent)?;
+        if inventory_crc(&parent)? != child.parent_inventory_crc32c {
+            return Err(Error::BadImages {
+                dir: child_dir,
+                reason: format!(
+                    "its parent {} changed since it was dumped: the chain is broken",
+                    parent.display()
+                ),
+            });
+        }
+        verify(&parent, &pinv)?;
+        dirs.push(parent.clone());
+        (child_dir, child) = (parent, pinv);
+    }
+    Ok(dirs)
+}
+
+/// The page indexes of process `pid` along a chain (see [`chain`]), as far
+/// as its pages reach: a level is read only when the one before sends
+/// pages to it.
+pub fn page_chain(dirs: &[PathBuf], pid: i32) -> Result<Vec<pages::Level>> {
+    let mut levels: Vec<pages::Level> = Vec::new();
+    for dir in dirs {
+        if levels.last().is_some_and(|l| !pages::needs_parent(&l.pm)) {
+            break;
+        }
+        let pm: PageMap = read_image_file(
+            &dir.join(image_name(ImageKind::PageMap, pid)),
+            ImageKind::PageMap,
+        )?;
+        levels.push(pages::Level {
+            path: dir.join(pages_name(pid)),
+            pm,
+        });
+    }
+    Ok(levels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_between_checkpoints() {
+        let base = tempfile::tempdir().unwrap();
+        let mk = |p: &str| {
+            let d = base.path().join(p);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let (a, b, c) = (mk("job/pre1"), mk("job/dump"), mk("other/x/y"));
+        assert_eq!(relative_path(&b, &a).unwrap(), Path::new("../pre1"));
+        assert_eq!(relative_path(&a, &c).unwrap(), Path::new("../../other/x/y"));
+        assert_eq!(relative_path(&a, &a).unwrap(), Path::new("."));
+        // Resolved from the child's directory, it names the parent.
+        assert_eq!(
+            b.join(relative_path(&b, &a).unwrap())
+                .canonicalize()
+                .unwrap(),
+            a.canonicalize().unwrap()
+        );
+    }
+}

@@ -31,6 +31,7 @@ pub mod show;
 pub mod snapshot;
 pub mod sys;
 pub mod task;
+pub mod track;
 pub mod tty;
 pub mod unix;
 pub mod user;

@@ -61,6 +61,32 @@ enum Cmd {
         /// job's connections are blocked meanwhile) instead of refusing.
         #[arg(long)]
         tcp_established: bool,
+        /// Write only the pages changed since the checkpoint in DIR (a
+        /// pre-dump or dump of this tree on this node); restore reads the
+        /// others from there.
+        #[arg(long, value_name = "DIR")]
+        parent: Option<PathBuf>,
+        /// Track the pages the tree writes from now on, for a later dump
+        /// with --parent on this one (with --leave-running).
+        #[arg(long, requires = "leave_running")]
+        track_mem: bool,
+    },
+    /// Copy a tree's memory while it runs on, and track what it writes
+    /// after, for a later `dump --parent` that writes only what changed.
+    PreDump {
+        /// The process whose tree to pre-dump.
+        #[arg(long = "tree", short = 't')]
+        pid: i32,
+        /// Directory for the images (created; must not hold a checkpoint).
+        #[arg(long, short = 'D')]
+        images: PathBuf,
+        /// Write only the pages changed since this earlier pre-dump.
+        #[arg(long, value_name = "DIR")]
+        parent: Option<PathBuf>,
+        /// Keep the tree stopped until its memory is copied, instead of
+        /// copying from snapshots.
+        #[arg(long)]
+        frozen_copy: bool,
     },
     /// Recreate a checkpointed process with its PID.
     Restore {
@@ -243,6 +269,8 @@ fn main() -> ExitCode {
             ext_unix_sk,
             shell_job,
             tcp_established,
+            parent,
+            track_mem,
         } => {
             let req = dump::DumpRequest {
                 pid,
@@ -253,27 +281,34 @@ fn main() -> ExitCode {
                 ext_unix_sk,
                 shell_job,
                 tcp_established,
+                pre_dump: false,
+                parent,
+                track_mem,
                 key: None,
             };
-            match dump::dump_with_progress(&req, &Bar::new(cli.json)) {
-                Ok(r) => {
-                    if cli.json {
-                        println!("{}", serde_json::to_string(&r).expect("report serializes"));
-                    } else {
-                        eprintln!(
-                            "dumped pid {} ({} threads, {} MiB of pages) into {} in {:.1} ms, frozen {:.1} ms",
-                            r.pid,
-                            r.threads,
-                            r.pages_bytes >> 20,
-                            r.images.display(),
-                            r.total_ms,
-                            r.frozen_ms
-                        );
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
-            }
+            run_dump(&req, cli.json, "dumped")
+        }
+        Cmd::PreDump {
+            pid,
+            images,
+            parent,
+            frozen_copy,
+        } => {
+            let req = dump::DumpRequest {
+                pid,
+                images,
+                leave_running: true,
+                snapshot: !frozen_copy,
+                tasks_in_parallel: true,
+                ext_unix_sk: false,
+                shell_job: false,
+                tcp_established: false,
+                pre_dump: true,
+                parent,
+                track_mem: true,
+                key: None,
+            };
+            run_dump(&req, cli.json, "pre-dumped")
         }
         Cmd::Restore {
             images,
@@ -358,16 +393,18 @@ fn main() -> ExitCode {
                 Ok(n) => n,
                 Err(e) => return fail(e),
             };
+            let untracked = ckpt_agent::track::prune();
             match ckpt_agent::cgroup::recover_frozen() {
                 Ok(jobs) => {
                     if cli.json {
                         println!(
                             "{}",
-                            serde_json::json!({ "thawed": jobs, "unlocked": net.unlocked, "unrepaired": net.unrepaired })
+                            serde_json::json!({ "thawed": jobs, "unlocked": net.unlocked, "unrepaired": net.unrepaired, "untracked": untracked })
                         );
                     } else if jobs.is_empty()
                         && net.unlocked.is_empty()
                         && net.unrepaired.is_empty()
+                        && untracked.is_empty()
                     {
                         println!("nothing to clean up");
                     } else {
@@ -379,6 +416,9 @@ fn main() -> ExitCode {
                         }
                         for j in &jobs {
                             println!("thawed job {j}, left frozen by an agent that died");
+                        }
+                        for p in &untracked {
+                            println!("forgot the memory tracker of pid {p}, which is gone");
                         }
                     }
                     ExitCode::SUCCESS
@@ -491,5 +531,28 @@ fn check_images(dir: &std::path::Path, json: bool) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+/// Runs a dump or pre-dump and prints its report (`what`: the verb).
+fn run_dump(req: &dump::DumpRequest, json: bool, what: &str) -> ExitCode {
+    match dump::dump_with_progress(req, &Bar::new(json)) {
+        Ok(r) => {
+            if json {
+                println!("{}", serde_json::to_string(&r).expect("report serializes"));
+            } else {
+                eprintln!(
+                    "{what} pid {} ({} threads, {} MiB of pages) into {} in {:.1} ms, frozen {:.1} ms",
+                    r.pid,
+                    r.threads,
+                    r.pages_bytes >> 20,
+                    r.images.display(),
+                    r.total_ms,
+                    r.frozen_ms
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
     }
 }

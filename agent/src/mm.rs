@@ -107,12 +107,28 @@ fn classify(pid: i32, m: &MapEntry) -> Result<VmaKind> {
 /// it is now: private memory, unless excluded from forks (MADV_DONTFORK,
 /// MADV_WIPEONFORK), hugetlb (whose copy can fail and unmap it in the
 /// child), or registered with a userfaultfd of the process (whose monitor
-/// would hear of the fork).
-fn copied_on_fork(kind: VmaKind, m: &MapEntry) -> bool {
+/// would hear of the fork), other than the agent's own write tracker
+/// (`tracked`), which does not ask to hear of forks.
+fn copied_on_fork(kind: VmaKind, m: &MapEntry, tracked: bool) -> bool {
     matches!(kind, VmaKind::VmaAnonPrivate | VmaKind::VmaFilePrivate)
-        && !["dc", "wf", "ht", "um", "uw", "ui"]
-            .iter()
-            .any(|f| m.has_flag(f))
+        && !["dc", "wf", "ht", "um", "ui"].iter().any(|f| m.has_flag(f))
+        && (tracked || !m.has_flag("uw"))
+}
+
+/// Whether the write tracker can follow mapping `m`: private memory
+/// (shared memory is saved whole each time), not hugetlb, not registered
+/// with another userfaultfd.
+fn trackable(kind: VmaKind, m: &MapEntry) -> bool {
+    matches!(kind, VmaKind::VmaAnonPrivate | VmaKind::VmaFilePrivate)
+        && !["ht", "um", "ui"].iter().any(|f| m.has_flag(f))
+}
+
+/// The write tracker an address space dump reads and resets.
+pub struct Track<'a> {
+    pub tracker: &'a crate::track::Tracker,
+    /// The tracker was last reset by the dump this one is an increment
+    /// of: pages it finds unwritten can stay in that parent.
+    pub since_parent: bool,
 }
 
 /// What the dump of an address space produced: its image and the memory
@@ -120,6 +136,8 @@ fn copied_on_fork(kind: VmaKind, m: &MapEntry) -> bool {
 pub struct MmDump {
     pub image: MmImage,
     pub extents: Vec<Extent>,
+    /// Ranges with content unchanged since the parent checkpoint, sorted.
+    pub in_parent: Vec<(u64, u64)>,
 }
 
 impl MmDump {
@@ -239,6 +257,7 @@ pub fn dump(
     brk: u64,
     skip: Option<(u64, u64)>,
     writer: Option<&crate::images::ImageWriter>,
+    track: Option<&Track<'_>>,
 ) -> Result<MmDump> {
     let t0 = std::time::Instant::now();
     let mut maps = proc::smaps(pid)?;
@@ -248,6 +267,7 @@ pub fn dump(
     let pm = std::fs::File::open(&pm_path).map_err(|e| Error::io(&pm_path, e))?;
     let mut vmas = Vec::with_capacity(maps.len());
     let mut extents: Vec<Extent> = Vec::new();
+    let mut in_parent: Vec<(u64, u64)> = Vec::new();
     let mut regions = Vec::new();
     for m in &maps {
         let kind = classify(pid, m)?;
@@ -258,21 +278,46 @@ pub fn dump(
             }
         }
         let mut guards = Vec::new();
+        // Tracked already ("uw": registered by a previous dump), or from
+        // now on. A mapping registered only now may carry stale marks (a
+        // mremap drops the registration, not the marks): none of its pages
+        // can stay in the parent.
+        let (tracked, since_parent) = match track {
+            Some(t) if trackable(kind, m) => {
+                let before = m.has_flag("uw");
+                let now = before
+                    || t.tracker
+                        .register(m.start, m.end)
+                        .map_err(|e| tracing::debug!(pid, start = m.start, "not tracked: {e}"))
+                        .is_ok();
+                (now, before && t.since_parent)
+            }
+            _ => (false, false),
+        };
         if !is_special(kind) {
             // One walk of the page tables: what is present, swapped,
             // zero, file-backed or a guard marker (a swap-like entry,
-            // never content).
+            // never content); in a tracked mapping also what was written
+            // since the last reset, which the same walk resets.
             regions.clear();
             let seen = category::PRESENT | category::SWAPPED | category::GUARD;
+            let (flags, written) = match tracked {
+                true => (
+                    pagemap::flags::WP_MATCHING | pagemap::flags::CHECK_WPASYNC,
+                    category::WRITTEN,
+                ),
+                false => (0, 0),
+            };
             pagemap::scan(
                 pm.as_fd(),
                 m.start,
                 m.end,
                 ScanQuery {
                     anyof: seen,
-                    returned: seen | category::PFNZERO | category::FILE,
+                    returned: seen | category::PFNZERO | category::FILE | written,
                     ..Default::default()
                 },
+                flags,
                 &mut regions,
             )
             .map_err(|e| Error::sys(pid, format!("PAGEMAP_SCAN {:#x}-{:#x}", m.start, m.end), e))?;
@@ -297,8 +342,15 @@ pub fn dump(
                 }
                 _ => false,
             };
-            let cow = copied_on_fork(kind, m);
+            let cow = copied_on_fork(kind, m, tracked);
             for r in regions.iter().filter(|r| content(r)) {
+                if since_parent && !has(r, category::WRITTEN) {
+                    match in_parent.last_mut() {
+                        Some(last) if last.1 == r.start => last.1 = r.end,
+                        _ => in_parent.push((r.start, r.end)),
+                    }
+                    continue;
+                }
                 match extents.last_mut() {
                     Some(e) if e.end == r.start && e.cow == cow => e.end = r.end,
                     _ => extents.push(Extent {
@@ -385,6 +437,7 @@ pub fn dump(
             vmas,
         },
         extents,
+        in_parent,
     })
 }
 

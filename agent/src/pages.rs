@@ -21,6 +21,9 @@ use crate::progress::Progress;
 
 /// Flag of a `PageRun` whose content is in the pages file.
 pub const PAGE_PRESENT: u32 = 1;
+/// Flag of a `PageRun` whose content is unchanged since the parent
+/// checkpoint, found there.
+pub const PAGE_IN_PARENT: u32 = 4;
 /// Size of a checksummed block of the pages file.
 pub const BLOCK: u64 = 1 << 20;
 /// Size of one copy job: a multiple of `BLOCK`, small enough for the
@@ -154,6 +157,10 @@ pub struct DumpItem<'a> {
     /// frozen: its copy-on-write extents are read from there, once the
     /// process runs again.
     pub snapshot: Option<i32>,
+    /// Sorted ranges whose content is in the parent checkpoint.
+    pub in_parent: &'a [(u64, u64)],
+    /// The write tracker this dump reset, recorded for the next one.
+    pub tracking: Option<ckpt_proto::image::Tracking>,
 }
 
 /// One process's pages file being filled.
@@ -302,10 +309,27 @@ impl<'a> PageCopy<'a> {
                 pages_file_size: o.total,
                 block_size: BLOCK,
                 block_crc32c: block_sums(p, o.total),
-                runs: o.runs,
+                runs: with_parent_runs(o.runs, it.in_parent),
+                tracking: it.tracking,
             })
             .collect()
     }
+}
+
+/// Adds runs for `in_parent` ranges to the runs of a pages file, in
+/// address order (the two never overlap).
+fn with_parent_runs(mut runs: Vec<PageRun>, in_parent: &[(u64, u64)]) -> Vec<PageRun> {
+    if in_parent.is_empty() {
+        return runs;
+    }
+    runs.extend(in_parent.iter().map(|&(s, e)| PageRun {
+        vaddr: s,
+        nr_pages: (e - s) / 4096,
+        offset: 0,
+        flags: PAGE_IN_PARENT,
+    }));
+    runs.sort_unstable_by_key(|r| r.vaddr);
+    runs
 }
 
 /// Copies the pages of processes that stay frozen throughout, and returns
@@ -364,56 +388,182 @@ pub fn file_checksum(blocks: &[u32]) -> u32 {
     crc32c::crc32c(&bytes)
 }
 
+/// One checkpoint of a chain as the restore of a process reads it: the
+/// process's page index there and its pages file.
+pub struct Level {
+    pub pm: PageMap,
+    pub path: std::path::PathBuf,
+}
+
+/// Whether a page index sends some pages to the parent checkpoint.
+pub fn needs_parent(pm: &PageMap) -> bool {
+    pm.runs.iter().any(|r| r.flags & PAGE_IN_PARENT != 0)
+}
+
+/// Bytes of memory with content an index describes, here or in parents.
+pub fn content_bytes(pm: &PageMap) -> u64 {
+    pm.runs
+        .iter()
+        .filter(|r| r.flags & (PAGE_PRESENT | PAGE_IN_PARENT) != 0)
+        .map(|r| r.nr_pages * pm.page_size as u64)
+        .sum()
+}
+
+/// A range of memory to fill, and where its content is: at `off` in the
+/// pages file of level `level` of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    va: u64,
+    len: u64,
+    level: usize,
+    off: u64,
+}
+
+/// Checks that an index describes its pages file: runs in address order,
+/// not overlapping, the present ones inside the file and covering it.
+fn check_index(pm: &PageMap) -> std::result::Result<(), String> {
+    if pm.page_size != 4096 {
+        return Err(format!("{}: page size {}", pm.pages_file, pm.page_size));
+    }
+    let mut end = 0u64;
+    let mut present = 0u64;
+    for r in &pm.runs {
+        let len = r.nr_pages * 4096;
+        if r.vaddr < end {
+            return Err(format!("{}: runs overlap at {:#x}", pm.pages_file, r.vaddr));
+        }
+        end = r.vaddr + len;
+        if r.flags & PAGE_PRESENT != 0 {
+            if r.offset + len > pm.pages_file_size {
+                return Err(format!(
+                    "{}: the run at {:#x} ends past the pages file",
+                    pm.pages_file, r.vaddr
+                ));
+            }
+            present += len;
+        }
+    }
+    if present != pm.pages_file_size {
+        return Err(format!(
+            "{}: index does not cover the pages file",
+            pm.pages_file
+        ));
+    }
+    Ok(())
+}
+
+/// Where each saved page of `[start, end)` is, from level `lvl` of a chain
+/// of indexes (the newest first): runs in the parent are looked up in the
+/// next index. Pages no index has stay zero.
+fn resolve(
+    maps: &[&PageMap],
+    lvl: usize,
+    start: u64,
+    end: u64,
+    out: &mut Vec<Piece>,
+) -> std::result::Result<(), String> {
+    let runs = &maps[lvl].runs;
+    let run_end = |r: &PageRun| r.vaddr + r.nr_pages * 4096;
+    let mut i = runs.partition_point(|r| run_end(r) <= start);
+    while let Some(r) = runs.get(i).filter(|r| r.vaddr < end) {
+        let (s, e) = (r.vaddr.max(start), run_end(r).min(end));
+        if r.flags & PAGE_PRESENT != 0 {
+            out.push(Piece {
+                va: s,
+                len: e - s,
+                level: lvl,
+                off: r.offset + (s - r.vaddr),
+            });
+        } else if r.flags & PAGE_IN_PARENT != 0 {
+            if lvl + 1 >= maps.len() {
+                return Err(format!(
+                    "{}: pages at {s:#x} are in a parent checkpoint that is not there",
+                    maps[lvl].pages_file
+                ));
+            }
+            resolve(maps, lvl + 1, s, e, out)?;
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// Cuts pieces so that none is longer than a copy job.
+fn cut(pieces: Vec<Piece>) -> Vec<Piece> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for p in pieces {
+        let mut done = 0;
+        while done < p.len {
+            let n = (p.len - done).min(CHUNK);
+            out.push(Piece {
+                va: p.va + done,
+                len: n,
+                level: p.level,
+                off: p.off + done,
+            });
+            done += n;
+        }
+    }
+    out
+}
+
 /// Writes the saved pages into process `pid`, whose mappings must already
-/// exist and be writable: through `filler` where it has registered the
-/// memory, with process_vm_writev elsewhere.
+/// exist and be writable, from a chain of checkpoints (the newest first;
+/// one level for a full checkpoint): through `filler` where it has
+/// registered the memory, with process_vm_writev elsewhere.
 pub fn restore(
     pid: i32,
-    pm: &PageMap,
-    path: &Path,
+    chain: &[Level],
     progress: &dyn Progress,
     filler: Option<&UffdFiller>,
 ) -> Result<()> {
-    if pm.pages_file_size == 0 {
+    let bad = |path: &Path, reason: String| Error::BadImages {
+        dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        reason,
+    };
+    for l in chain {
+        check_index(&l.pm).map_err(|r| bad(&l.path, r))?;
+    }
+    let maps: Vec<&PageMap> = chain.iter().map(|l| &l.pm).collect();
+    let mut pieces = Vec::new();
+    resolve(&maps, 0, 0, u64::MAX, &mut pieces).map_err(|r| bad(&chain[0].path, r))?;
+    let pieces = cut(pieces);
+    let total: u64 = pieces.iter().map(|p| p.len).sum();
+    if total == 0 {
         return Ok(());
     }
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(path, e))?;
-    let extents: Vec<Extent> = pm
-        .runs
-        .iter()
-        .filter(|r| r.flags & PAGE_PRESENT != 0)
-        .map(|r| Extent {
-            start: r.vaddr,
-            end: r.vaddr + r.nr_pages * pm.page_size as u64,
-            cow: false,
-        })
-        .collect();
-    let (_, jobs, total) = plan(&extents);
-    if total != pm.pages_file_size {
-        return Err(Error::BadImages {
-            dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
-            reason: format!("{}: index does not cover the pages file", pm.pages_file),
-        });
+    let mut files = Vec::with_capacity(chain.len());
+    for l in chain {
+        if l.pm.pages_file_size == 0 {
+            files.push(None);
+            continue;
+        }
+        let file = File::open(&l.path).map_err(|e| Error::io(&l.path, e))?;
+        let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(&l.path, e))?;
+        files.push(Some(map));
     }
     let ranges = filler.map_or(&[][..], |f| &f.ranges[..]);
     progress.start("restoring pages", total);
-    let r = jobs.par_iter().try_for_each(|job| -> Result<()> {
-        let mut at = job.file_off as usize;
-        for &(va, len) in &job.iov {
-            for (start, end, by_uffd) in split_by(va, va + len, ranges) {
-                let n = (end - start) as usize;
-                let src = &map[at..at + n];
-                match (by_uffd, filler) {
-                    (true, Some(f)) => f.copy(start, src).map_err(|e| {
-                        Error::sys(pid, format!("UFFDIO_COPY at {start:#x}+{n:#x}"), e)
-                    })?,
-                    _ => write_remote(pid, start, src)?,
-                }
-                at += n;
+    let r = pieces.par_iter().try_for_each(|p| -> Result<()> {
+        let map = files[p.level].as_ref().ok_or_else(|| {
+            bad(
+                &chain[p.level].path,
+                "a run points into an empty pages file".into(),
+            )
+        })?;
+        let mut at = p.off as usize;
+        for (start, end, by_uffd) in split_by(p.va, p.va + p.len, ranges) {
+            let n = (end - start) as usize;
+            let src = &map[at..at + n];
+            match (by_uffd, filler) {
+                (true, Some(f)) => f
+                    .copy(start, src)
+                    .map_err(|e| Error::sys(pid, format!("UFFDIO_COPY at {start:#x}+{n:#x}"), e))?,
+                _ => write_remote(pid, start, src)?,
             }
+            at += n;
         }
-        progress.advance(job.len);
+        progress.advance(p.len);
         Ok(())
     });
     progress.finish();
@@ -566,6 +716,127 @@ mod tests {
         assert_eq!(
             jobs.iter().map(|j| (j.file_off, j.cow)).collect::<Vec<_>>(),
             vec![(0, true), (0x2000, false), (0x4000, true)]
+        );
+    }
+
+    fn run(vaddr: u64, pages: u64, offset: u64, flags: u32) -> PageRun {
+        PageRun {
+            vaddr,
+            nr_pages: pages,
+            offset,
+            flags,
+        }
+    }
+
+    fn index(runs: Vec<PageRun>) -> PageMap {
+        let size = runs
+            .iter()
+            .filter(|r| r.flags & PAGE_PRESENT != 0)
+            .map(|r| r.nr_pages * 4096)
+            .sum();
+        PageMap {
+            page_size: 4096,
+            pages_file: "pages-1.img".into(),
+            pages_file_size: size,
+            runs,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_chain_resolves_each_page_to_the_newest_copy() {
+        const P: u64 = 4096;
+        // Oldest: pages 0-9 saved. Middle: page 2 changed, 0-1 and 3-9
+        // unchanged, 20 new. Newest: page 5 changed, 0-4 and 6-9 and 20
+        // unchanged; page 2 is no more (freed since).
+        let old = index(vec![run(0, 10, 0, PAGE_PRESENT)]);
+        let mid = index(vec![
+            run(0, 2, 0, PAGE_IN_PARENT),
+            run(2 * P, 1, 0, PAGE_PRESENT),
+            run(3 * P, 7, 0, PAGE_IN_PARENT),
+            run(20 * P, 1, P, PAGE_PRESENT),
+        ]);
+        let new = index(vec![
+            run(0, 2, 0, PAGE_IN_PARENT),
+            run(3 * P, 2, 0, PAGE_IN_PARENT),
+            run(5 * P, 1, 0, PAGE_PRESENT),
+            run(6 * P, 4, 0, PAGE_IN_PARENT),
+            run(20 * P, 1, 0, PAGE_IN_PARENT),
+        ]);
+        for pm in [&old, &mid, &new] {
+            check_index(pm).unwrap();
+        }
+        let mut out = Vec::new();
+        resolve(&[&new, &mid, &old], 0, 0, u64::MAX, &mut out).unwrap();
+        let piece = |va: u64, pages: u64, level: usize, off: u64| Piece {
+            va: va * P,
+            len: pages * P,
+            level,
+            off: off * P,
+        };
+        assert_eq!(
+            out,
+            vec![
+                piece(0, 2, 2, 0),
+                piece(3, 2, 2, 3),
+                piece(5, 1, 0, 0),
+                piece(6, 4, 2, 6),
+                piece(20, 1, 1, 1),
+            ]
+        );
+        // Without the oldest level the chain is incomplete.
+        let err = resolve(&[&new, &mid], 0, 0, u64::MAX, &mut Vec::new()).unwrap_err();
+        assert!(err.contains("parent checkpoint that is not there"), "{err}");
+    }
+
+    #[test]
+    fn bad_indexes_are_refused() {
+        let overlap = index(vec![
+            run(0, 2, 0, PAGE_PRESENT),
+            run(4096, 1, 0, PAGE_IN_PARENT),
+        ]);
+        assert!(check_index(&overlap).unwrap_err().contains("overlap"));
+        let mut past = index(vec![run(0, 2, 4096, PAGE_PRESENT)]);
+        assert!(check_index(&past)
+            .unwrap_err()
+            .contains("past the pages file"));
+        past.runs[0].offset = 0;
+        past.pages_file_size += 4096;
+        assert!(check_index(&past).unwrap_err().contains("does not cover"));
+    }
+
+    #[test]
+    fn cut_pieces_fit_a_job() {
+        let p = Piece {
+            va: 0x1000,
+            len: 2 * CHUNK + 0x2000,
+            level: 1,
+            off: 0x3000,
+        };
+        let parts = cut(vec![p]);
+        assert_eq!(parts.len(), 3);
+        assert!(parts.iter().all(|q| q.len <= CHUNK && q.level == 1));
+        assert_eq!(parts.iter().map(|q| q.len).sum::<u64>(), p.len);
+        assert_eq!(parts[2].off - parts[0].off, parts[2].va - parts[0].va);
+    }
+
+    #[test]
+    fn parent_runs_interleave_in_address_order() {
+        let runs = with_parent_runs(
+            vec![run(0x5000, 1, 0, PAGE_PRESENT)],
+            &[(0x1000, 0x3000), (0x8000, 0x9000)],
+        );
+        let addrs: Vec<(u64, u64, u32)> = runs
+            .iter()
+            .map(|r| (r.vaddr, r.nr_pages, r.flags))
+            .collect();
+        assert_eq!(
+            addrs,
+            vec![
+                (0x1000, 2, PAGE_IN_PARENT),
+                (0x5000, 1, PAGE_PRESENT),
+                (0x8000, 1, PAGE_IN_PARENT)
+            ]
         );
     }
 

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::cgroup::{Freezer, JobCgroup};
 use crate::error::{Context, Error, Result};
-use crate::images::{image_name, pages_name, read_inventory, verify};
+use crate::images::{image_name, read_inventory, verify};
 use crate::inject::{self, Remote, Scratch};
 use crate::progress::{Progress, Quiet};
 use crate::{files, mm, ns, pages, proc, sys, task};
@@ -81,7 +81,9 @@ const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
 struct Images {
     core: TaskCore,
     mm: MmImage,
-    pm: PageMap,
+    /// The process's page indexes along the checkpoint's chain of
+    /// increments, the newest first.
+    pages: Vec<pages::Level>,
     fds: FdTable,
 }
 
@@ -92,15 +94,15 @@ fn load_core(dir: &Path, pid: i32) -> Result<TaskCore> {
     )?)
 }
 
-fn load(dir: &Path, core: TaskCore) -> Result<Images> {
+/// Reads the images of a live process; `chain` is the checkpoint's
+/// directory followed by those of its parents.
+fn load(chain: &[PathBuf], core: TaskCore) -> Result<Images> {
     let pid = core.pid;
+    let dir = &chain[0];
     Ok(Images {
         core,
         mm: read_image_file(&dir.join(image_name(ImageKind::Mm, pid)), ImageKind::Mm)?,
-        pm: read_image_file(
-            &dir.join(image_name(ImageKind::PageMap, pid)),
-            ImageKind::PageMap,
-        )?,
+        pages: crate::images::page_chain(chain, pid)?,
         fds: read_image_file(
             &dir.join(image_name(ImageKind::Files, pid)),
             ImageKind::Files,
@@ -430,7 +432,14 @@ pub fn restore_with_progress(
     // What an agent that died here left is undone first.
     crate::netlock::recover(None)?;
     let inv = read_inventory(dir)?;
+    if inv.pre_dump {
+        return Err(Error::BadImages {
+            dir: dir.clone(),
+            reason: "it is a pre-dump, which holds memory only: restore the dump made with --parent on it".into(),
+        });
+    }
     verify(dir, &inv)?;
+    let chain = crate::images::chain(dir, &inv)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(node) = &inv.node {
         let here = crate::check::fingerprint()
@@ -454,7 +463,7 @@ pub fn restore_with_progress(
     for &pid in &inv.pids {
         let core = cores[&pid].clone();
         if core.state != "Z" {
-            live.push(load(dir, core)?);
+            live.push(load(&chain, core)?);
         }
     }
     let ns_img: Option<NsImage> = if dir.join(ns::NS_IMAGE).exists() {
@@ -642,7 +651,10 @@ pub fn restore_with_progress(
         job: cgroup.as_ref().map(|cg| cg.job.clone()),
         held_lock,
         threads: live.iter().map(|i| i.core.threads.len()).sum(),
-        pages_bytes: live.iter().map(|i| i.pm.pages_file_size).sum(),
+        pages_bytes: live
+            .iter()
+            .map(|i| pages::content_bytes(&i.pages[0].pm))
+            .sum(),
         verify_ms,
         pages_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -759,14 +771,8 @@ fn build(
     mm::restore_fields(&img.mm, &main, &mut scratch)?;
     mm::restore_mappings(&img.mm, &main, &mut scratch, &mut shared.shm, dir)?;
     let tp = Instant::now();
-    let filler = attach_filler(pid, &img.mm, &img.pm, &main)?;
-    pages::restore(
-        pid,
-        &img.pm,
-        &dir.join(pages_name(img.core.pid)),
-        progress,
-        filler.as_ref().map(|f| &f.0),
-    )?;
+    let filler = attach_filler(pid, &img.mm, &img.pages[0].pm, &main)?;
+    pages::restore(pid, &img.pages, progress, filler.as_ref().map(|f| &f.0))?;
     if let Some((f, remote_fd)) = filler {
         f.finish(pid)?;
         main.syscall(libc::SYS_close, &[remote_fd])?;

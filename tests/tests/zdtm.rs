@@ -366,6 +366,181 @@ mod snapshot {
     }
 }
 
+/// Incremental dumps: pre-dumps that copy memory while the tree runs and
+/// track what it writes after, dumps that write only what changed since
+/// their parent, and restores from the chain.
+mod incremental {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use ckpt_tests::{agent, restore_and_check, CaseProcess, Workdir};
+
+    /// Runs `ckpt-agent --json VERB --tree PID --images DIR [--parent P]
+    /// EXTRA...` and returns its report's bytes of pages written.
+    fn step(
+        verb: &str,
+        case: &CaseProcess,
+        dir: &Workdir,
+        images: &Path,
+        parent: Option<&Path>,
+        extra: &[&str],
+    ) -> u64 {
+        let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
+        let parent_s = parent.map(|p| p.to_string_lossy().into_owned());
+        let mut args = vec!["--json", verb, "--tree", &pid, "--images", &images_s];
+        if let Some(p) = &parent_s {
+            args.extend(["--parent", p]);
+        }
+        args.extend_from_slice(extra);
+        let run = agent(&args, dir, verb);
+        assert!(
+            run.ok(),
+            "{verb} failed:\n{}\ncase log:\n{}",
+            run.describe(),
+            case.log_text()
+        );
+        let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
+        report["pages_bytes"].as_u64().unwrap()
+    }
+
+    /// Bytes of memory the page indexes of a checkpoint leave in its parent.
+    fn in_parent_bytes(images: &Path) -> u64 {
+        let mut total = 0;
+        for e in std::fs::read_dir(images).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("pagemap-") {
+                continue;
+            }
+            let pm: ckpt_proto::image::PageMap =
+                ckpt_proto::read_image_file(&e.path(), ckpt_proto::ImageKind::PageMap).unwrap();
+            total += pm
+                .runs
+                .iter()
+                .filter(|r| r.flags & 4 != 0)
+                .map(|r| r.nr_pages * 4096)
+                .sum::<u64>();
+        }
+        total
+    }
+
+    /// `memory_writer` (512 MiB in a process and its forked child; a thread
+    /// writes one page after the other all along, also while memory is
+    /// copied) through pre-dump, pre-dump --parent and dump --parent; the
+    /// original and a copy restored from the chain check every page.
+    /// `stale`: the dump names the first pre-dump as its parent, though
+    /// the second reset the tracker since: everything is written again.
+    fn memory_writer_chain(final_flags: &[&str], stale: bool) {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let name = "memory_writer";
+        let dir = Workdir::new(&format!("incremental{}{stale}", final_flags.concat()));
+        let (pre1, pre2, last) = (dir.join("pre1"), dir.join("pre2"), dir.join("dump"));
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
+        case.wait_ready().unwrap();
+        let full = step("pre-dump", &case, &dir, &pre1, None, &[]);
+        // Both processes' 512 MiB, written: all of it, nothing in a parent.
+        assert!(full >= 1024 << 20, "first pre-dump wrote {full} bytes");
+        assert_eq!(in_parent_bytes(&pre1), 0);
+        std::thread::sleep(Duration::from_millis(300));
+        let second = step("pre-dump", &case, &dir, &pre2, Some(&pre1), &[]);
+        // The writer changes ~128 MiB/s: a fraction of what the first took.
+        assert!(
+            second < full / 4,
+            "second pre-dump wrote {second} of {full} bytes"
+        );
+        assert!(in_parent_bytes(&pre2) >= full / 2);
+        std::thread::sleep(Duration::from_millis(300));
+        let parent = if stale { &pre1 } else { &pre2 };
+        let mut flags = vec!["--leave-running"];
+        flags.extend_from_slice(final_flags);
+        let last_bytes = step("dump", &case, &dir, &last, Some(parent), &flags);
+        if stale {
+            assert!(
+                last_bytes >= full,
+                "dump on a stale parent wrote {last_bytes} of {full}"
+            );
+            assert_eq!(in_parent_bytes(&last), 0);
+        } else {
+            assert!(
+                last_bytes < full / 4,
+                "dump wrote {last_bytes} of {full} bytes"
+            );
+            assert!(in_parent_bytes(&last) >= full / 2);
+        }
+        eprintln!(
+            "pages written: {full} by the pre-dump, {second} by the next, {last_bytes} by the dump \
+             ({} left in its parent)",
+            in_parent_bytes(&last)
+        );
+        case.terminate_and_check("original after the dumps")
+            .unwrap();
+        if let Err(e) = restore_and_check(&mut case, &last, &dir) {
+            panic!("{e}{}", dir.agent_report());
+        }
+    }
+
+    #[test]
+    fn memory_writer_restored_from_a_chain() {
+        memory_writer_chain(&[], false)
+    }
+
+    /// The final dump keeps the tree stopped until its pages are copied.
+    #[test]
+    fn memory_writer_chain_frozen_copy() {
+        memory_writer_chain(&["--frozen-copy"], false)
+    }
+
+    #[test]
+    fn a_parent_older_than_the_last_reset_is_not_trusted() {
+        memory_writer_chain(&[], true)
+    }
+
+    /// A pre-dump holds memory only: restore refuses it, saying what to
+    /// do; and a chain whose parent changed since is refused.
+    #[test]
+    fn restore_refuses_a_pre_dump_and_a_broken_chain() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let dir = Workdir::new("incremental-refusals");
+        let (pre, last) = (dir.join("pre"), dir.join("dump"));
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), "heap", &dir).unwrap();
+        case.wait_ready().unwrap();
+        step("pre-dump", &case, &dir, &pre, None, &[]);
+        step("dump", &case, &dir, &last, Some(&pre), &["--leave-running"]);
+        let restore = |images: &Path, label: &str| {
+            agent(
+                &["restore", "--images", &images.to_string_lossy(), "--detach"],
+                &dir,
+                label,
+            )
+        };
+        let run = restore(&pre, "restore-pre-dump");
+        assert!(
+            !run.ok() && run.stderr.contains("pre-dump"),
+            "{}",
+            run.describe()
+        );
+        // The parent's inventory rewritten (here: its timestamp bumped).
+        let inv_path = pre.join("inventory.img");
+        let mut inv: ckpt_proto::image::Inventory =
+            ckpt_proto::read_image_file(&inv_path, ckpt_proto::ImageKind::Inventory).unwrap();
+        inv.created_unix_ms += 1;
+        ckpt_proto::write_image_file(&inv_path, ckpt_proto::ImageKind::Inventory, &inv).unwrap();
+        let run = restore(&last, "restore-broken-chain");
+        assert!(
+            !run.ok() && run.stderr.contains("chain is broken"),
+            "{}",
+            run.describe()
+        );
+        case.terminate_and_check("original after refused restores")
+            .unwrap();
+    }
+}
+
 /// Run as jobs (`ckpt-agent run`): own cgroup and PID, IPC, UTS and mount
 /// namespaces, restored into new ones with the same PIDs inside.
 mod job {

@@ -407,7 +407,12 @@ pub fn restorable(dir: &std::path::Path) -> Vec<String> {
         Err(e) => return vec![e.to_string()],
     };
     let mut why = Vec::new();
+    if inv.pre_dump {
+        why.push("it is a pre-dump (memory only): restore the dump made on it instead".into());
+    }
     if let Err(e) = crate::images::verify(dir, &inv) {
+        why.push(e.to_string());
+    } else if let Err(e) = crate::images::chain(dir, &inv) {
         why.push(e.to_string());
     }
     match (fingerprint(), &inv.node) {

@@ -107,31 +107,54 @@ pub fn scan_once(
     Ok((r as usize, arg.walk_end))
 }
 
-/// Scans `[start, end)` and appends matching regions to `out`. Loops until
-/// the whole range is walked, so the result is complete.
+/// Scans `[start, end)` with `flags` (see [`flags`]) and appends matching
+/// regions to `out`. Loops until the whole range is walked, so the result
+/// is complete (and with `WP_MATCHING`, every matching page protected).
+///
+/// The walk is complete when a call leaves room in the vector: the kernel
+/// stops early only when the vector is full. Its `walk_end` is not
+/// trusted alone: when the kernel's own buffer (512 regions) filled during
+/// a call that then walked to the end, 6.x kernels return the walk_end of
+/// that internal stop, and walking again from there reports pages twice,
+/// the second time after WP_MATCHING has reset them (seen on 6.18).
 pub fn scan(
     pagemap: BorrowedFd<'_>,
     start: u64,
     end: u64,
     q: ScanQuery,
+    flags: u64,
     out: &mut Vec<PageRegion>,
 ) -> io::Result<()> {
     let mut buf = vec![PageRegion::default(); 1024];
     let mut cur = start;
+    let first = out.len();
     while cur < end {
-        let (n, walk_end) = scan_once(pagemap, cur, end, q, 0, &mut buf)?;
+        let (n, walk_end) = scan_once(pagemap, cur, end, q, flags, &mut buf)?;
         for reg in &buf[..n] {
+            let mut reg = *reg;
+            if out.len() > first {
+                // Never report a page twice.
+                let last = out.last().expect("checked");
+                if reg.end <= last.end {
+                    continue;
+                }
+                reg.start = reg.start.max(last.end);
+            }
             match out.last_mut() {
                 Some(last) if last.end == reg.start && last.categories == reg.categories => {
                     last.end = reg.end
                 }
-                _ => out.push(*reg),
+                _ => out.push(reg),
             }
         }
-        if walk_end <= cur {
+        if n < buf.len() {
             break;
         }
-        cur = walk_end;
+        let next = walk_end.max(buf[n - 1].end);
+        if next <= cur {
+            break;
+        }
+        cur = next;
     }
     Ok(())
 }
