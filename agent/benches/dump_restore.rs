@@ -7,6 +7,7 @@
 //! cargo bench -p ckpt-agent --bench dump_restore -- --sizes 0.25 # smoke run
 //! cargo bench -p ckpt-agent --bench dump_restore -- --json       # JSON line on stdout
 //! cargo bench -p ckpt-agent --bench dump_restore -- --snapshot --sizes 4
+//! cargo bench -p ckpt-agent --bench dump_restore -- --incremental --sizes 4
 //! ```
 //!
 //! `--snapshot` measures downtime instead: per size, a dump that keeps the
@@ -14,6 +15,12 @@
 //! that lets it run on once its state is captured and copies a
 //! copy-on-write snapshot (both leave it running), next to the time
 //! vmsplice + splice take to copy the same bytes into a /dev/shm file.
+//!
+//! `--incremental` measures increments: per round, a full frozen-copy
+//! dump (the reference), a pre-dump, then CHANGED_PCT of the pages
+//! rewritten, a dump with the pre-dump as parent copying frozen, the same
+//! pages rewritten again, and a dump on that one with a snapshot; all
+//! leave the target running.
 //!
 //! Options: `--sizes A,B` (GiB), `--reps N` (dump/restore cycles per size,
 //! default 3), `--no-prewarm` (skip the touch-and-free of 1.25x the
@@ -514,6 +521,9 @@ fn request(pid: i32, images: &Path, leave_running: bool, snapshot: bool) -> Dump
         leave_running,
         snapshot,
         tasks_in_parallel: true,
+        pre_dump: false,
+        parent: None,
+        track_mem: false,
         ext_unix_sk: false,
         shell_job: false,
         tcp_established: false,
@@ -826,6 +836,146 @@ fn snapshot_main(args: &Args, human: &mut dyn std::io::Write) -> Result<serde_js
     }))
 }
 
+// ---------------------------------------------------------------- incremental
+
+/// Percentage of the target's pages each increment finds changed.
+const CHANGED_PCT: usize = 5;
+
+/// Rewrites every (100/CHANGED_PCT)-th page of the target (its first word,
+/// to `stamp`), as the target would: process_vm_writev writes through its
+/// page tables, so its write tracker sees these pages written.
+fn rewrite(target: &Target, stamp: u64) -> Result<usize> {
+    let stride = 100 / CHANGED_PCT;
+    let mut n = 0;
+    let bytes = stamp.to_le_bytes();
+    for p in (0..target.len / PAGE).step_by(stride) {
+        let local = [std::io::IoSlice::new(&bytes)];
+        let remote = [nix::sys::uio::RemoteIoVec {
+            base: target.base + p * PAGE,
+            len: 8,
+        }];
+        nix::sys::uio::process_vm_writev(nix::unistd::Pid::from_raw(target.pid), &local, &remote)
+            .with_context(|| format!("rewriting page {p} of {}", target.pid))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Checks that the increment in `dir` holds exactly the rewritten pages of
+/// the target's region, with `stamp`, and leaves the rest in its parent.
+fn check_increment(dir: &Path, target: &Target, stamp: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let name = ckpt_agent::images::image_name(ckpt_proto::ImageKind::PageMap, target.pid);
+    let pm: ckpt_proto::image::PageMap =
+        ckpt_proto::read_image_file(&dir.join(&name), ckpt_proto::ImageKind::PageMap)
+            .with_context(|| format!("reading {name}"))?;
+    let pages = std::fs::File::open(dir.join(&pm.pages_file))?;
+    let stride = 100 / CHANGED_PCT;
+    let (lo, hi) = (target.base as u64, (target.base + target.len) as u64);
+    for r in pm.runs.iter().filter(|r| r.vaddr >= lo && r.vaddr < hi) {
+        for i in 0..r.nr_pages {
+            let p = ((r.vaddr - lo) / PAGE as u64 + i) as usize;
+            let present = r.flags & ckpt_agent::pages::PAGE_PRESENT != 0;
+            if present != p.is_multiple_of(stride) {
+                bail!(
+                    "page {p}: in the increment {present}, rewritten {}",
+                    p.is_multiple_of(stride)
+                );
+            }
+            if present {
+                let mut b = [0u8; 8];
+                pages.read_exact_at(&mut b, r.offset + i * PAGE as u64)?;
+                if u64::from_le_bytes(b) != stamp {
+                    bail!("page {p} of the increment is not the rewritten one");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `--incremental`: per size and round, a full frozen-copy dump, a
+/// pre-dump, and two increments (frozen copy, then snapshot) of one
+/// running target after CHANGED_PCT of its pages changed.
+fn incremental_main(args: &Args, human: &mut dyn std::io::Write) -> Result<serde_json::Value> {
+    let mut runs = Vec::new();
+    for &gib in &args.sizes {
+        let len = ((gib * GIB) as usize).div_ceil(PAGE) * PAGE;
+        let target = Target::spawn(len, true)?;
+        let mut cycles = Vec::new();
+        for rep in 0..args.reps {
+            let dir = |what: &str| {
+                ImageDir(PathBuf::from(format!(
+                    "/dev/shm/ckpt-bench-{}-{gib}-{rep}-{what}",
+                    std::process::id()
+                )))
+            };
+            let (full_dir, pre_dir, inc1_dir, inc2_dir) =
+                (dir("full"), dir("pre"), dir("inc1"), dir("inc2"));
+            let step = |d: &ImageDir, req: DumpRequest| -> Result<DumpReport> {
+                let _ = std::fs::remove_dir_all(&d.0);
+                if args.warm {
+                    prewarm(len)?;
+                }
+                dump(&req).with_context(|| format!("dump into {}", d.0.display()))
+            };
+            let full = step(&full_dir, request(target.pid, &full_dir.0, true, false))?;
+            let pre = step(
+                &pre_dir,
+                DumpRequest {
+                    pre_dump: true,
+                    track_mem: true,
+                    ..request(target.pid, &pre_dir.0, true, true)
+                },
+            )?;
+            let incremental = |d: &ImageDir, parent: &ImageDir, snapshot: bool, stamp: u64| {
+                let changed = rewrite(&target, stamp)?;
+                let r = step(
+                    d,
+                    DumpRequest {
+                        parent: Some(parent.0.clone()),
+                        track_mem: true,
+                        ..request(target.pid, &d.0, true, snapshot)
+                    },
+                )?;
+                check_increment(&d.0, &target, stamp)?;
+                anyhow::Ok((changed, r))
+            };
+            let (changed, inc1) =
+                incremental(&inc1_dir, &pre_dir, false, 0xfeed_0001 + rep as u64)?;
+            let (_, inc2) = incremental(&inc2_dir, &inc1_dir, true, 0xfeed_1001 + rep as u64)?;
+            writeln!(
+                human,
+                "  {gib} GiB #{rep}: full frozen-copy dump: frozen {:.0} ms | pre-dump: frozen {:.1} ms, total {:.0} ms | {changed} pages ({CHANGED_PCT}%) changed: increment frozen copy: frozen {:.1} ms ({:.1}% of the full dump's), {} MiB | increment with snapshot: frozen {:.1} ms ({:.1}%), total {:.0} ms",
+                full.frozen_ms,
+                pre.frozen_ms,
+                pre.total_ms,
+                inc1.frozen_ms,
+                100.0 * inc1.frozen_ms / full.frozen_ms,
+                inc1.pages_bytes >> 20,
+                inc2.frozen_ms,
+                100.0 * inc2.frozen_ms / full.frozen_ms,
+                inc2.total_ms,
+            )?;
+            cycles.push(json!({
+                "full": full,
+                "pre_dump": pre,
+                "changed_pages": changed,
+                "increment_frozen_copy": inc1,
+                "increment_snapshot": inc2,
+            }));
+        }
+        runs.push(json!({ "size_gib": gib, "cycles": cycles }));
+    }
+    Ok(json!({
+        "bench": "dump_restore --incremental",
+        "prewarmed": args.warm,
+        "thp": THP.load(std::sync::atomic::Ordering::Relaxed),
+        "changed_pct": CHANGED_PCT,
+        "runs": runs,
+    }))
+}
+
 // ---------------------------------------------------------------- report
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -968,6 +1118,7 @@ struct Args {
     json: bool,
     warm: bool,
     snapshot: bool,
+    incremental: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -977,6 +1128,7 @@ fn parse_args() -> Result<Args> {
         json: false,
         warm: true,
         snapshot: false,
+        incremental: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -993,6 +1145,7 @@ fn parse_args() -> Result<Args> {
             "--json" => a.json = true,
             "--no-prewarm" => a.warm = false,
             "--snapshot" => a.snapshot = true,
+            "--incremental" => a.incremental = true,
             "--thp" => THP.store(true, std::sync::atomic::Ordering::Relaxed),
             // cargo bench passes --bench; ignore harness options we do not use.
             _ => {}
@@ -1013,8 +1166,11 @@ fn main() -> Result<()> {
     let mut err = std::io::stderr();
     let mut out = std::io::stdout();
     let human: &mut dyn std::io::Write = if args.json { &mut err } else { &mut out };
-    if args.snapshot {
-        let line = snapshot_main(&args, human)?;
+    if args.snapshot || args.incremental {
+        let line = match args.snapshot {
+            true => snapshot_main(&args, human)?,
+            false => incremental_main(&args, human)?,
+        };
         if args.json {
             println!("{line}");
         }

@@ -134,7 +134,7 @@ const PROBES: &[ProbeDef] = &[
     ),
     p(
         "soft_dirty",
-        "incremental dump (fallback tracker)",
+        "nothing yet (a tracker for kernels without uffd_wp_async)",
         false,
         mem::soft_dirty,
     ),
