@@ -25,7 +25,9 @@
 //! Options: `--sizes A,B` (GiB), `--reps N` (dump/restore cycles per size,
 //! default 3), `--no-prewarm` (skip the touch-and-free of 1.25x the
 //! working size before each measured step; see docs/PERFORMANCE.md),
-//! `--json` (table on stderr, one JSON line on stdout), `--thp` (the
+//! `--json` (table on stderr, one JSON line on stdout), `--compress ALG`
+//! (the dump/restore cycles store page content compressed: lz4, zstd,
+//! zstd:N), `--thp` (the
 //! target asks for transparent huge pages with MADV_HUGEPAGE; this
 //! machine gives them only when asked).
 //!
@@ -49,6 +51,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ckpt_agent::dump::{dump, DumpReport, DumpRequest};
+use ckpt_agent::pages::Codec;
 use ckpt_agent::restore::{restore, RestoreReport, RestoreRequest};
 use serde_json::json;
 
@@ -524,6 +527,7 @@ fn request(pid: i32, images: &Path, leave_running: bool, snapshot: bool) -> Dump
         pre_dump: false,
         parent: None,
         track_mem: false,
+        compress: Default::default(),
         ext_unix_sk: false,
         shell_job: false,
         tcp_established: false,
@@ -562,7 +566,7 @@ fn check_content(pid: i32, base: usize, len: usize) -> Result<usize> {
     Ok(pages.len())
 }
 
-fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
+fn cycle(len: usize, tag: &str, warm: bool, compress: Codec) -> Result<Cycle> {
     let dir = ImageDir(PathBuf::from(format!(
         "/dev/shm/ckpt-bench-{}-{tag}",
         std::process::id()
@@ -576,7 +580,10 @@ fn cycle(len: usize, tag: &str, warm: bool) -> Result<Cycle> {
         prewarm(len)?;
     }
     perf_ctl("dump", true);
-    let d = dump(&request(pid, &dir.0, false, false));
+    let d = dump(&DumpRequest {
+        compress,
+        ..request(pid, &dir.0, false, false)
+    });
     perf_ctl("dump", false);
     let d = d.with_context(|| format!("dump of {pid}"))?;
     target.kill(); // already reaped by the dump (we are its tracer): ECHILD
@@ -1119,6 +1126,7 @@ struct Args {
     warm: bool,
     snapshot: bool,
     incremental: bool,
+    compress: Codec,
 }
 
 fn parse_args() -> Result<Args> {
@@ -1129,6 +1137,7 @@ fn parse_args() -> Result<Args> {
         warm: true,
         snapshot: false,
         incremental: false,
+        compress: Codec::None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -1146,6 +1155,10 @@ fn parse_args() -> Result<Args> {
             "--no-prewarm" => a.warm = false,
             "--snapshot" => a.snapshot = true,
             "--incremental" => a.incremental = true,
+            "--compress" => {
+                let v = it.next().context("--compress needs lz4, zstd or zstd:N")?;
+                a.compress = v.parse().map_err(anyhow::Error::msg)?;
+            }
             "--thp" => THP.store(true, std::sync::atomic::Ordering::Relaxed),
             // cargo bench passes --bench; ignore harness options we do not use.
             _ => {}
@@ -1200,13 +1213,14 @@ fn main() -> Result<()> {
         let len = bytes(gib);
         let mut cycles = Vec::new();
         for rep in 0..args.reps {
-            let c = cycle(len, &format!("{gib}-{rep}"), args.warm)?;
+            let c = cycle(len, &format!("{gib}-{rep}"), args.warm, args.compress)?;
             writeln!(
                 human,
-                "  {gib} GiB #{rep}: dump {:.0} ms ({:.2} GB/s pages, frozen {:.0} ms), restore {:.0} ms ({:.2} GB/s pages), {} pages checked",
+                "  {gib} GiB #{rep}: dump {:.0} ms ({:.2} GB/s pages, frozen {:.0} ms, stored {:.0}%), restore {:.0} ms ({:.2} GB/s pages), {} pages checked",
                 c.dump.total_ms,
                 gbps(c.dump.pages_bytes, c.dump.pages_ms / 1e3),
                 c.dump.frozen_ms,
+                100.0 * c.dump.stored_bytes as f64 / c.dump.pages_bytes as f64,
                 c.restore.total_ms,
                 gbps(c.restore.pages_bytes, c.restore.pages_ms / 1e3),
                 c.checked_pages

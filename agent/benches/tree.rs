@@ -233,6 +233,7 @@ fn main() {
                 pre_dump: false,
                 parent: None,
                 track_mem: false,
+                compress: Default::default(),
                 ext_unix_sk: false,
                 shell_job: false,
                 tcp_established: false,

@@ -60,6 +60,8 @@ pub struct DumpRequest {
     /// Track which pages the tree writes from now on, for a later dump
     /// with this one as its parent (always on for a pre-dump).
     pub track_mem: bool,
+    /// How page content is stored (compressed in parallel by the copy).
+    pub compress: pages::Codec,
     /// Sign the inventory with this cluster key (the service's dumps): an
     /// agent restores a user's part only from images an agent wrote.
     pub key: Option<ckpt_proto::rpc::Key>,
@@ -71,7 +73,10 @@ pub struct DumpReport {
     pub pid: i32,
     pub threads: usize,
     pub images: PathBuf,
+    /// Bytes of page content saved.
     pub pages_bytes: u64,
+    /// What they take in the pages files (less when compressed).
+    pub stored_bytes: u64,
     /// Of `pages_bytes`, those copied after the tree ran on again (from
     /// snapshots).
     pub snapshot_bytes: u64,
@@ -339,6 +344,7 @@ pub struct DumpSession {
 /// What `DumpSession::dump` wrote.
 struct Written {
     pages_bytes: u64,
+    stored_bytes: u64,
     snapshot_bytes: u64,
     pages_ms: f64,
 }
@@ -477,7 +483,7 @@ impl DumpSession {
         let (pms, snapshot_bytes) = self.copy_pages(&items, progress)?;
         let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
         drop(items);
-        let pages_bytes = write_images(dumped, pms, ids, &self.writer)?;
+        let (pages_bytes, stored_bytes) = write_images(dumped, pms, ids, &self.writer)?;
         let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
         let inv = self.inventory(
             nsd.pids.inner(self.req.pid),
@@ -488,6 +494,7 @@ impl DumpSession {
         self.writer.commit(inv, self.req.key.as_ref())?;
         self.dumped = Some(Written {
             pages_bytes,
+            stored_bytes,
             snapshot_bytes,
             pages_ms,
         });
@@ -566,7 +573,7 @@ impl DumpSession {
         progress: &dyn Progress,
     ) -> Result<(Vec<ckpt_proto::image::PageMap>, u64)> {
         Ok(if self.req.tasks_in_parallel {
-            let mut copy = pages::PageCopy::new(items)?;
+            let mut copy = pages::PageCopy::new(items, self.req.compress)?;
             copy.copy_frozen(progress)?;
             debug!(ms = ms_since(self.frozen_at), "frozen copy done");
             self.hold_locked();
@@ -585,7 +592,11 @@ impl DumpSession {
             // One process at a time, frozen: for comparison in benchmarks.
             let mut v = Vec::new();
             for it in items {
-                v.extend(pages::dump_all(std::slice::from_ref(it), progress)?);
+                v.extend(pages::dump_all(
+                    std::slice::from_ref(it),
+                    self.req.compress,
+                    progress,
+                )?);
             }
             self.hold_locked();
             (v, 0)
@@ -635,7 +646,7 @@ impl DumpSession {
         let (pms, snapshot_bytes) = self.copy_pages(&items, progress)?;
         let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
         drop(items);
-        let mut pages_bytes = 0;
+        let (mut pages_bytes, mut stored_bytes) = (0, 0);
         for pm in pms {
             let pm = ckpt_proto::image::PageMap {
                 pid: ids.inner(pm.pid),
@@ -647,13 +658,15 @@ impl DumpSession {
                 ImageKind::PageMap,
                 &pm,
             )?;
-            pages_bytes += pm.pages_file_size;
+            pages_bytes += pm.content_size;
+            stored_bytes += pm.pages_file_size;
         }
         let pids = live.iter().map(|p| ids.inner(*p)).collect();
         let inv = self.inventory(ids.inner(self.req.pid), pids, Vec::new(), owner_uid);
         self.writer.commit(inv, self.req.key.as_ref())?;
         self.dumped = Some(Written {
             pages_bytes,
+            stored_bytes,
             snapshot_bytes,
             pages_ms,
         });
@@ -769,6 +782,7 @@ impl DumpSession {
             threads: self.threads,
             images: self.req.images.clone(),
             pages_bytes: w.pages_bytes,
+            stored_bytes: w.stored_bytes,
             snapshot_bytes: w.snapshot_bytes,
             frozen_ms,
             pages_ms: w.pages_ms,
@@ -954,14 +968,14 @@ fn keep_snapshots(snaps: Vec<Snapshot>, cow: &[(i32, u64)]) -> Result<Vec<Snapsh
 }
 
 /// Writes the images of every captured process, with the index of its
-/// pages file; returns the bytes of pages.
+/// pages file; returns the bytes of page content, and those stored.
 fn write_images(
     dumped: Vec<Dumped>,
     pms: Vec<ckpt_proto::image::PageMap>,
     ids: &ns::PidMap,
     writer: &ImageWriter,
-) -> Result<u64> {
-    let mut bytes = 0;
+) -> Result<(u64, u64)> {
+    let (mut bytes, mut stored) = (0, 0);
     // Images name every process as the job sees it (the PIDs restore
     // recreates); only the copy needed the agent's view.
     for (mut d, pm) in dumped.into_iter().zip(pms) {
@@ -979,9 +993,10 @@ fn write_images(
         )?;
         writer.write(&image_name(ImageKind::Core, pid), ImageKind::Core, &d.core)?;
         writer.write(&image_name(ImageKind::Files, pid), ImageKind::Files, &d.fds)?;
-        bytes += pm.pages_file_size;
+        bytes += pm.content_size;
+        stored += pm.pages_file_size;
     }
-    Ok(bytes)
+    Ok((bytes, stored))
 }
 
 /// Restore recreates sessions and process groups from their leaders; one

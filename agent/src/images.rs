@@ -80,7 +80,7 @@ impl ImageWriter {
 
     /// Records a pages file whose block checksums are in `pm`.
     pub fn add_pages(&self, pm: &PageMap) {
-        let crc = pages::file_checksum(&pm.block_crc32c);
+        let crc = pages::index_checksum(pm);
         self.record(&pm.pages_file, pm.pages_file_size, crc);
     }
 

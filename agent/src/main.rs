@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use ckpt_agent::{dump, job, restore, show};
+use ckpt_agent::{dump, job, pages, restore, show};
 use clap::{Parser, Subcommand};
 
 /// Checkpoint and restore of process trees on this node.
@@ -70,6 +70,10 @@ enum Cmd {
         /// with --parent on this one (with --leave-running).
         #[arg(long, requires = "leave_running")]
         track_mem: bool,
+        /// Compress page content: lz4, zstd or zstd:LEVEL (1-19), in
+        /// parallel with the copy.
+        #[arg(long, value_name = "ALG", default_value = "none")]
+        compress: pages::Codec,
     },
     /// Copy a tree's memory while it runs on, and track what it writes
     /// after, for a later `dump --parent` that writes only what changed.
@@ -87,6 +91,9 @@ enum Cmd {
         /// copying from snapshots.
         #[arg(long)]
         frozen_copy: bool,
+        /// Compress page content: lz4, zstd or zstd:LEVEL (1-19).
+        #[arg(long, value_name = "ALG", default_value = "none")]
+        compress: pages::Codec,
     },
     /// Recreate a checkpointed process with its PID.
     Restore {
@@ -271,6 +278,7 @@ fn main() -> ExitCode {
             tcp_established,
             parent,
             track_mem,
+            compress,
         } => {
             let req = dump::DumpRequest {
                 pid,
@@ -284,6 +292,7 @@ fn main() -> ExitCode {
                 pre_dump: false,
                 parent,
                 track_mem,
+                compress,
                 key: None,
             };
             run_dump(&req, cli.json, "dumped")
@@ -293,6 +302,7 @@ fn main() -> ExitCode {
             images,
             parent,
             frozen_copy,
+            compress,
         } => {
             let req = dump::DumpRequest {
                 pid,
@@ -306,6 +316,7 @@ fn main() -> ExitCode {
                 pre_dump: true,
                 parent,
                 track_mem: true,
+                compress,
                 key: None,
             };
             run_dump(&req, cli.json, "pre-dumped")

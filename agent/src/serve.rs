@@ -656,6 +656,10 @@ impl Handler {
                 let t = Instant::now();
                 let pid = self.root_of(p)?;
                 check_owner(req.uid, pid)?;
+                let compress = match p.compress.as_str() {
+                    "" => Default::default(),
+                    c => c.parse().map_err(|reason| Error::Refused { pid, reason })?,
+                };
                 let dreq = DumpRequest {
                     pid,
                     images: PathBuf::from(&p.images),
@@ -665,6 +669,7 @@ impl Handler {
                     pre_dump: false,
                     parent: None,
                     track_mem: false,
+                    compress,
                     ext_unix_sk: p.ext_unix_sk,
                     shell_job: false,
                     tcp_established: p.tcp_established,

@@ -27,6 +27,7 @@ fn request(pid: u32, images: &Path) -> DumpRequest {
         pre_dump: false,
         parent: None,
         track_mem: false,
+        compress: Default::default(),
         ext_unix_sk: false,
         shell_job: false,
         tcp_established: false,

@@ -303,6 +303,8 @@ pub struct Finish {
     /// Runs on only once all of its memory is copied (else as soon as its
     /// state is captured, its memory copied from snapshots).
     pub frozen_copy: bool,
+    /// How the parts store their page content.
+    pub compress: ckpt_agent::pages::Codec,
 }
 
 /// Checkpoints every part of job `job` at once (BRIEF §6): every node
@@ -390,6 +392,7 @@ fn checkpoint_locked(
                 ext_unix_sk: false,
                 stop_after_commit: stop,
                 snapshot: !stop && !how.frozen_copy,
+                compress: how.compress.to_string(),
             }),
         )?;
         match r {
@@ -1419,7 +1422,7 @@ pub fn migrate(
         job,
         Finish {
             stop: true,
-            frozen_copy: false,
+            ..Default::default()
         },
         on_step,
     )?;

@@ -91,6 +91,10 @@ enum Cmd {
         /// memory is copied from copy-on-write snapshots).
         #[arg(long, conflicts_with = "stop")]
         frozen_copy: bool,
+        /// Compress the parts' page content: lz4, zstd or zstd:LEVEL
+        /// (1-19), in parallel with the copy.
+        #[arg(long, value_name = "ALG", default_value = "none")]
+        compress: ckpt_agent::pages::Codec,
     },
     /// Restore a job from a checkpoint, on its nodes or on others.
     Restart {
@@ -237,11 +241,13 @@ fn run(cli: &Cli) -> Result<()> {
             job,
             stop,
             frozen_copy,
+            compress,
             ..
         } => {
             let how = flow::Finish {
                 stop: *stop,
                 frozen_copy: *frozen_copy,
+                compress: *compress,
             };
             let r = flow::checkpoint(&cluster, &store, job, how, &progress(cli))?;
             print_checkpoint(cli, &r);

@@ -68,15 +68,20 @@ fn local_only_cluster_launches_checkpoints_and_restarts_with_an_in_process_agent
         wait_for(Duration::from_secs(30), || progress_lines(&out) >= 2),
         "the job makes no progress"
     );
-    assert!(coord(&["checkpoint", &job, "--leave-running"])
-        .status
-        .success());
+    assert!(
+        coord(&["checkpoint", &job, "--leave-running", "--compress", "zstd"])
+            .status
+            .success()
+    );
     let before = progress_lines(&out);
     assert!(
         wait_for(Duration::from_secs(30), || progress_lines(&out) > before),
         "the job stopped after a checkpoint that leaves it running"
     );
-    assert!(coord(&["checkpoint", &job, "--stop"]).status.success());
+    // The restart reads a compressed checkpoint.
+    assert!(coord(&["checkpoint", &job, "--stop", "--compress", "lz4"])
+        .status
+        .success());
     assert!(
         checksum_line(&fs::read_to_string(&out).unwrap()).is_none(),
         "the job had finished before its checkpoint: make it longer"

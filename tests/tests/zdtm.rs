@@ -385,6 +385,20 @@ mod incremental {
         parent: Option<&Path>,
         extra: &[&str],
     ) -> u64 {
+        report(verb, case, dir, images, parent, extra)["pages_bytes"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Like `step`, returning the whole report.
+    fn report(
+        verb: &str,
+        case: &CaseProcess,
+        dir: &Workdir,
+        images: &Path,
+        parent: Option<&Path>,
+        extra: &[&str],
+    ) -> serde_json::Value {
         let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
         let parent_s = parent.map(|p| p.to_string_lossy().into_owned());
         let mut args = vec!["--json", verb, "--tree", &pid, "--images", &images_s];
@@ -399,8 +413,7 @@ mod incremental {
             run.describe(),
             case.log_text()
         );
-        let report: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
-        report["pages_bytes"].as_u64().unwrap()
+        serde_json::from_str(run.stdout.trim()).unwrap()
     }
 
     /// Bytes of memory the page indexes of a checkpoint leave in its parent.
@@ -495,6 +508,71 @@ mod incremental {
     #[test]
     fn a_parent_older_than_the_last_reset_is_not_trusted() {
         memory_writer_chain(&[], true)
+    }
+
+    /// Compressed checkpoints, alone and in a chain whose links use
+    /// different codecs; memory_writer's pages (zeros and one word each)
+    /// shrink to a small fraction. A corrupt frame is refused.
+    #[test]
+    fn compressed_chain_lz4_and_zstd() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let dir = Workdir::new("incremental-compressed");
+        let (pre, last) = (dir.join("pre"), dir.join("dump"));
+        let mut case = CaseProcess::spawn(
+            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
+            "memory_writer",
+            &dir,
+        )
+        .unwrap();
+        case.wait_ready().unwrap();
+        let first = report("pre-dump", &case, &dir, &pre, None, &["--compress", "zstd"]);
+        let (content, stored) = (
+            first["pages_bytes"].as_u64().unwrap(),
+            first["stored_bytes"].as_u64().unwrap(),
+        );
+        assert!(content >= 1024 << 20 && stored < content / 20, "{first}");
+        std::thread::sleep(Duration::from_millis(300));
+        let flags = ["--leave-running", "--compress", "lz4"];
+        let last_report = report("dump", &case, &dir, &last, Some(&pre), &flags);
+        let stored = last_report["stored_bytes"].as_u64().unwrap();
+        assert!(
+            stored < last_report["pages_bytes"].as_u64().unwrap(),
+            "{last_report}"
+        );
+        assert!(in_parent_bytes(&last) >= content / 2);
+        case.terminate_and_check("original after the dumps")
+            .unwrap();
+        if let Err(e) = restore_and_check(&mut case, &last, &dir) {
+            panic!("{e}{}", dir.agent_report());
+        }
+        // One byte of a stored frame of the pre-dump flipped.
+        let pages = std::fs::read_dir(&pre)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("pages-")
+            })
+            .unwrap();
+        let mut bytes = std::fs::read(&pages).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(&pages, bytes).unwrap();
+        let run = agent(
+            &["restore", "--images", &last.to_string_lossy(), "--detach"],
+            &dir,
+            "restore-corrupt",
+        );
+        assert!(
+            !run.ok() && run.stderr.contains("fails its checksum"),
+            "{}",
+            run.describe()
+        );
     }
 
     /// A pre-dump holds memory only: restore refuses it, saying what to
