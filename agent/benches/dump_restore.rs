@@ -25,7 +25,9 @@
 //! Options: `--sizes A,B` (GiB), `--reps N` (dump/restore cycles per size,
 //! default 3), `--no-prewarm` (skip the touch-and-free of 1.25x the
 //! working size before each measured step; see docs/PERFORMANCE.md),
-//! `--json` (table on stderr, one JSON line on stdout), `--compress ALG`
+//! `--json` (table on stderr, one JSON line on stdout), `--lazy` (restore
+//! with --lazy-pages: the table's restore time is until the target runs),
+//! `--compress ALG`
 //! (the dump/restore cycles store page content compressed: lz4, zstd,
 //! zstd:N), `--thp` (the
 //! target asks for transparent huge pages with MADV_HUGEPAGE; this
@@ -566,7 +568,7 @@ fn check_content(pid: i32, base: usize, len: usize) -> Result<usize> {
     Ok(pages.len())
 }
 
-fn cycle(len: usize, tag: &str, warm: bool, compress: Codec) -> Result<Cycle> {
+fn cycle(len: usize, tag: &str, warm: bool, compress: Codec, lazy: bool) -> Result<Cycle> {
     let dir = ImageDir(PathBuf::from(format!(
         "/dev/shm/ckpt-bench-{}-{tag}",
         std::process::id()
@@ -611,6 +613,7 @@ fn cycle(len: usize, tag: &str, warm: bool, compress: Codec) -> Result<Cycle> {
         job: None,
         bridge: None,
         hold: false,
+        lazy_pages: lazy,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;
@@ -1127,6 +1130,7 @@ struct Args {
     snapshot: bool,
     incremental: bool,
     compress: Codec,
+    lazy: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -1138,6 +1142,7 @@ fn parse_args() -> Result<Args> {
         snapshot: false,
         incremental: false,
         compress: Codec::None,
+        lazy: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -1155,6 +1160,7 @@ fn parse_args() -> Result<Args> {
             "--no-prewarm" => a.warm = false,
             "--snapshot" => a.snapshot = true,
             "--incremental" => a.incremental = true,
+            "--lazy" => a.lazy = true,
             "--compress" => {
                 let v = it.next().context("--compress needs lz4, zstd or zstd:N")?;
                 a.compress = v.parse().map_err(anyhow::Error::msg)?;
@@ -1213,7 +1219,20 @@ fn main() -> Result<()> {
         let len = bytes(gib);
         let mut cycles = Vec::new();
         for rep in 0..args.reps {
-            let c = cycle(len, &format!("{gib}-{rep}"), args.warm, args.compress)?;
+            let c = cycle(
+                len,
+                &format!("{gib}-{rep}"),
+                args.warm,
+                args.compress,
+                args.lazy,
+            )?;
+            if let Some(l) = &c.restore.lazy {
+                writeln!(
+                    human,
+                    "  {gib} GiB #{rep}: lazy restore: running after {:.1} ms, every page in {:.0} ms later ({} faults served)",
+                    c.restore.total_ms, l.fill_ms, l.faults
+                )?;
+            }
             writeln!(
                 human,
                 "  {gib} GiB #{rep}: dump {:.0} ms ({:.2} GB/s pages, frozen {:.0} ms, stored {:.0}%), restore {:.0} ms ({:.2} GB/s pages), {} pages checked",

@@ -253,6 +253,7 @@ fn main() {
                 job: None,
                 bridge: None,
                 hold: false,
+                lazy_pages: false,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

@@ -159,6 +159,13 @@ pub fn read_inventory(dir: &Path) -> Result<Inventory> {
 /// anything is restored. Pages files are checked block by block in
 /// parallel against their index.
 pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
+    verify_with(dir, inv, true)
+}
+
+/// Like [`verify`]; without `page_content` the pages files are checked
+/// only against their indexes' sizes and checksum lists, their blocks
+/// left for the lazy restore to check as it reads them.
+pub fn verify_with(dir: &Path, inv: &Inventory, page_content: bool) -> Result<()> {
     let bad = |reason: String| Error::BadImages {
         dir: dir.to_owned(),
         reason,
@@ -197,7 +204,10 @@ pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
             &dir.join(image_name(ImageKind::PageMap, pid)),
             ImageKind::PageMap,
         )?;
-        let crc = pages::verify(&pm, &dir.join(&e.name))?;
+        let crc = match page_content {
+            true => pages::verify(&pm, &dir.join(&e.name))?,
+            false => pages::verify_index(&pm, &dir.join(&e.name))?,
+        };
         if crc != e.crc32c {
             return Err(bad(format!(
                 "{} fails its checksum: the image is corrupt",
@@ -243,6 +253,11 @@ pub fn relative_path(from: &Path, to: &Path) -> Result<PathBuf> {
 /// checkpoint itself (every file against its inventory) and against the
 /// inventory checksum its child recorded.
 pub fn chain(dir: &Path, inv: &Inventory) -> Result<Vec<PathBuf>> {
+    chain_with(dir, inv, true)
+}
+
+/// Like [`chain`], checking the parents' pages as [`verify_with`] does.
+pub fn chain_with(dir: &Path, inv: &Inventory, page_content: bool) -> Result<Vec<PathBuf>> {
     let mut dirs = vec![dir.to_owned()];
     let (mut child_dir, mut child) = (dir.to_owned(), inv.clone());
     while !child.parent.is_empty() {
@@ -263,7 +278,7 @@ pub fn chain(dir: &Path, inv: &Inventory) -> Result<Vec<PathBuf>> {
                 ),
             });
         }
-        verify(&parent, &pinv)?;
+        verify_with(&parent, &pinv, page_content)?;
         dirs.push(parent.clone());
         (child_dir, child) = (parent, pinv);
     }

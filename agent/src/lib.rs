@@ -15,6 +15,7 @@ pub mod inet;
 pub mod inject;
 pub mod ipc;
 pub mod job;
+pub mod lazy;
 pub mod logging;
 pub mod mm;
 pub mod net;

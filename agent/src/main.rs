@@ -128,6 +128,12 @@ enum Cmd {
         /// (implies --detach; needs a job).
         #[arg(long)]
         hold: bool,
+        /// Let the tree run at once and bring its private memory in on
+        /// demand (userfaultfd) while copying the rest in the background;
+        /// the pidfile is written as soon as it runs, and the agent
+        /// returns once every page is in.
+        #[arg(long, conflicts_with = "hold")]
+        lazy_pages: bool,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -331,12 +337,14 @@ fn main() -> ExitCode {
             tcp_established,
             bridge,
             hold,
+            lazy_pages,
         } => {
             let detach = detach || hold;
             let req = restore::RestoreRequest {
                 images,
                 detach,
                 hold,
+                lazy_pages,
                 pidfile,
                 ext_unix_sk,
                 job,

@@ -592,6 +592,68 @@ pub fn file_checksum(blocks: &[u32]) -> u32 {
     crc32c::crc32c(&bytes)
 }
 
+/// Checks a pages file against its index without reading its content:
+/// its size, the shape of its frames; returns the checksum the inventory
+/// records. Its blocks are checked as they are read ([`Source`], and
+/// [`restore`] with `lazy`).
+pub fn verify_index(pm: &PageMap, path: &Path) -> Result<u32> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    let bad = |reason: String| Error::BadImages {
+        dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        reason,
+    };
+    if len != pm.pages_file_size {
+        return Err(bad(format!(
+            "{} is {len} bytes, its index says {}",
+            pm.pages_file, pm.pages_file_size
+        )));
+    }
+    match compression(pm) {
+        Compression::None => {
+            if pm.block_crc32c.len() as u64 != len.div_ceil(BLOCK) {
+                return Err(bad(format!("{}: block count mismatch", pm.pages_file)));
+            }
+        }
+        _ => check_frames(pm).map_err(bad)?,
+    }
+    Ok(index_checksum(pm))
+}
+
+/// Checks the stored bytes that content range `[off, off+len)` of level
+/// `pm` (mapped as `map`) comes from: the blocks it touches, or frame
+/// `frame` of a compressed file.
+fn check_stored(
+    pm: &PageMap,
+    map: &[u8],
+    off: u64,
+    len: u64,
+    frame: Option<usize>,
+) -> std::result::Result<(), String> {
+    let corrupt = |from: u64, to: u64| {
+        format!(
+            "{}: bytes {from}..{to} fail their checksum: the image is corrupt",
+            pm.pages_file
+        )
+    };
+    if let Some(i) = frame {
+        let f = &pm.frames[i];
+        let (a, b) = (f.stored_at, f.stored_at + f.stored_len as u64);
+        if crc32c::crc32c(&map[a as usize..b as usize]) != f.crc32c {
+            return Err(corrupt(a, b));
+        }
+        return Ok(());
+    }
+    for blk in off / BLOCK..(off + len).div_ceil(BLOCK) {
+        let (a, b) = (blk * BLOCK, ((blk + 1) * BLOCK).min(map.len() as u64));
+        if crc32c::crc32c(&map[a as usize..b as usize]) != pm.block_crc32c[blk as usize] {
+            return Err(corrupt(a, b));
+        }
+    }
+    Ok(())
+}
+
 /// The checksum the inventory records for the pages file of `pm`: over its
 /// blocks' checksums, or its frames' for a compressed one.
 pub fn index_checksum(pm: &PageMap) -> u32 {
@@ -650,6 +712,7 @@ fn content_size(pm: &PageMap) -> u64 {
 
 /// One checkpoint of a chain as the restore of a process reads it: the
 /// process's page index there and its pages file.
+#[derive(Debug, Clone)]
 pub struct Level {
     pub pm: PageMap,
     pub path: std::path::PathBuf,
@@ -776,6 +839,7 @@ pub fn restore(
     chain: &[Level],
     progress: &dyn Progress,
     filler: Option<&UffdFiller>,
+    lazy: bool,
 ) -> Result<()> {
     let bad = |path: &Path, reason: String| Error::BadImages {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
@@ -790,6 +854,24 @@ pub fn restore(
     let maps: Vec<&PageMap> = chain.iter().map(|l| &l.pm).collect();
     let mut pieces = Vec::new();
     resolve(&maps, 0, 0, u64::MAX, &mut pieces).map_err(|r| bad(&chain[0].path, r))?;
+    let ranges = filler.map_or(&[][..], |f| &f.ranges[..]);
+    if lazy {
+        // What the filler's ranges hold is served later, on demand.
+        pieces = pieces
+            .into_iter()
+            .flat_map(|p| {
+                split_by(p.va, p.va + p.len, ranges)
+                    .into_iter()
+                    .filter(|&(_, _, by_uffd)| !by_uffd)
+                    .map(move |(s, e, _)| Piece {
+                        va: s,
+                        len: e - s,
+                        level: p.level,
+                        off: p.off + (s - p.va),
+                    })
+            })
+            .collect();
+    }
     let total: u64 = pieces.iter().map(|p| p.len).sum();
     if total == 0 {
         return Ok(());
@@ -805,7 +887,6 @@ pub fn restore(
         let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(&l.path, e))?;
         files.push(Some(map));
     }
-    let ranges = filler.map_or(&[][..], |f| &f.ranges[..]);
     progress.start("restoring pages", total);
     let r = jobs.par_iter().try_for_each_init(
         || vec![0u8; CHUNK as usize],
@@ -814,6 +895,13 @@ pub fn restore(
             let map = files[job.level]
                 .as_ref()
                 .ok_or_else(|| bad(&level.path, "a run points into an empty pages file".into()))?;
+            if lazy {
+                // Not checked up front (see `verify_index`).
+                for p in &job.parts {
+                    check_stored(&level.pm, map, p.off, p.len, job.frame)
+                        .map_err(|r| bad(&level.path, r))?;
+                }
+            }
             let frame = job.frame.map(|i| &level.pm.frames[i]);
             let data: &[u8] = match frame {
                 None => &map[..],
@@ -836,7 +924,7 @@ pub fn restore(
             let base = frame.map_or(0, |f| f.offset);
             for p in &job.parts {
                 let src = &data[(p.off - base) as usize..][..p.len as usize];
-                write_piece(pid, p.va, src, ranges, filler)?;
+                write_piece(pid, p.va, src, ranges, filler, lazy)?;
                 progress.advance(p.len);
             }
             Ok(())
@@ -844,6 +932,109 @@ pub fn restore(
     );
     progress.finish();
     r
+}
+
+/// A process's saved pages, read by address: what a lazy restore serves.
+pub struct Source {
+    /// Pieces of content in address order, each within one frame of a
+    /// compressed file or one chunk of an uncompressed one.
+    chunks: Vec<(Piece, Option<usize>)>,
+    chain: Vec<Level>,
+    files: Vec<Option<memmap2::Mmap>>,
+    /// The last frame decompressed: (level, frame, content).
+    cache: Option<(usize, usize, Vec<u8>)>,
+    /// Chunks whose stored bytes were checked already.
+    checked: Vec<bool>,
+}
+
+impl Source {
+    /// Checks the indexes of a process's chain and maps its pages files.
+    pub fn open(chain: Vec<Level>) -> Result<Source> {
+        let bad = |path: &Path, reason: String| Error::BadImages {
+            dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+            reason,
+        };
+        for l in &chain {
+            check_index(&l.pm).map_err(|r| bad(&l.path, r))?;
+            if compression(&l.pm) != Compression::None {
+                check_frames(&l.pm).map_err(|r| bad(&l.path, r))?;
+            }
+        }
+        let maps: Vec<&PageMap> = chain.iter().map(|l| &l.pm).collect();
+        let mut pieces = Vec::new();
+        resolve(&maps, 0, 0, u64::MAX, &mut pieces).map_err(|r| bad(&chain[0].path, r))?;
+        let mut chunks: Vec<(Piece, Option<usize>)> = restore_jobs(&maps, pieces)
+            .into_iter()
+            .flat_map(|j| j.parts.into_iter().map(move |p| (p, j.frame)))
+            .collect();
+        chunks.sort_unstable_by_key(|(p, _)| p.va);
+        let mut files = Vec::with_capacity(chain.len());
+        for l in &chain {
+            files.push(if l.pm.pages_file_size == 0 {
+                None
+            } else {
+                let file = File::open(&l.path).map_err(|e| Error::io(&l.path, e))?;
+                Some(crate::sys::mmap_readonly(&file).map_err(|e| Error::io(&l.path, e))?)
+            });
+        }
+        Ok(Source {
+            checked: vec![false; chunks.len()],
+            chunks,
+            chain,
+            files,
+            cache: None,
+        })
+    }
+
+    /// The ranges with content, as (address, length), in address order;
+    /// none crosses a piece that `read` takes in one go.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.chunks.iter().map(|(p, _)| (p.va, p.len)).collect()
+    }
+
+    /// The content of the saved page range starting at `va` (a start
+    /// `ranges` gave, or any page inside one), to its range's end; None
+    /// where nothing was saved (the page is zero).
+    pub fn read(&mut self, va: u64) -> Result<Option<&[u8]>> {
+        let i = self.chunks.partition_point(|(p, _)| p.va + p.len <= va);
+        let Some(&(p, frame)) = self.chunks.get(i).filter(|(p, _)| p.va <= va) else {
+            return Ok(None);
+        };
+        let skip = (va - p.va) as usize;
+        let level = &self.chain[p.level];
+        let map = self.files[p.level]
+            .as_ref()
+            .expect("a level with content has its file mapped");
+        if !self.checked[i] {
+            check_stored(&level.pm, map, p.off, p.len, frame).map_err(|reason| {
+                Error::BadImages {
+                    dir: level.path.parent().unwrap_or(Path::new(".")).to_owned(),
+                    reason,
+                }
+            })?;
+            self.checked[i] = true;
+        }
+        let Some(fi) = frame else {
+            let at = p.off as usize + skip;
+            return Ok(Some(&map[at..p.off as usize + p.len as usize]));
+        };
+        let f = &level.pm.frames[fi];
+        let stored = &map[f.stored_at as usize..][..f.stored_len as usize];
+        let base = (p.off - f.offset) as usize;
+        if f.stored_len == f.len {
+            return Ok(Some(&stored[base + skip..base + p.len as usize]));
+        }
+        if !matches!(self.cache, Some((l, c, _)) if l == p.level && c == fi) {
+            let mut out = vec![0u8; f.len as usize];
+            unpack(compression(&level.pm), stored, &mut out).map_err(|r| Error::BadImages {
+                dir: level.path.parent().unwrap_or(Path::new(".")).to_owned(),
+                reason: format!("{}: frame at {}: {r}", level.pm.pages_file, f.offset),
+            })?;
+            self.cache = Some((p.level, fi, out));
+        }
+        let data = &self.cache.as_ref().expect("just filled").2;
+        Ok(Some(&data[base + skip..base + p.len as usize]))
+    }
 }
 
 /// A piece of restore work: parts of one level's content, from one frame
@@ -908,19 +1099,22 @@ fn restore_jobs(maps: &[&PageMap], pieces: Vec<Piece>) -> Vec<RestoreJob> {
 }
 
 /// Writes `src` at `va` of process `pid`: through `filler` where it has
-/// registered the memory, with process_vm_writev elsewhere.
+/// registered the memory (or not at all when `lazy`: those pages are
+/// served on demand later), with process_vm_writev elsewhere.
 fn write_piece(
     pid: i32,
     va: u64,
     src: &[u8],
     ranges: &[(u64, u64)],
     filler: Option<&UffdFiller>,
+    lazy: bool,
 ) -> Result<()> {
     let mut at = 0usize;
     for (start, end, by_uffd) in split_by(va, va + src.len() as u64, ranges) {
         let n = (end - start) as usize;
         let part = &src[at..at + n];
         match (by_uffd, filler) {
+            (true, Some(_)) if lazy => {}
             (true, Some(f)) => f
                 .copy(start, part)
                 .map_err(|e| Error::sys(pid, format!("UFFDIO_COPY at {start:#x}+{n:#x}"), e))?,
@@ -942,13 +1136,16 @@ pub struct UffdFiller {
 
 impl UffdFiller {
     /// Registers `ranges` (whole mappings, so none is split) of the process
-    /// behind `uffd` for missing-page filling.
+    /// behind `uffd` for missing-page filling, with `features` (the events
+    /// a lazy restore must hear of).
     pub fn new(
         pid: i32,
         uffd: crate::sys::uffd::Userfaultfd,
         mut ranges: Vec<(u64, u64)>,
+        features: u64,
     ) -> Result<Self> {
-        uffd.api(0).map_err(|e| Error::sys(pid, "UFFDIO_API", e))?;
+        uffd.api(features)
+            .map_err(|e| Error::sys(pid, "UFFDIO_API", e))?;
         ranges.sort_unstable();
         for &(s, e) in &ranges {
             uffd.register(s, e - s, crate::sys::uffd::UFFDIO_REGISTER_MODE_MISSING)
@@ -959,6 +1156,12 @@ impl UffdFiller {
 
     fn copy(&self, dst: u64, src: &[u8]) -> std::result::Result<(), nix::errno::Errno> {
         self.uffd.copy(dst, src)
+    }
+
+    /// The userfaultfd and its registered ranges, for a lazy restore's
+    /// page server.
+    pub fn into_parts(self) -> (crate::sys::uffd::Userfaultfd, Vec<(u64, u64)>) {
+        (self.uffd, self.ranges)
     }
 
     /// Unregisters every range, leaving the mappings as they were.

@@ -49,6 +49,10 @@ pub struct RestoreRequest {
     /// lock kept), for a coordinator to release all parts of a job at once
     /// (`JobCgroup::thaw`, `netlock::recover`). Needs a job.
     pub hold: bool,
+    /// Let the tree run before its private memory is in: the agent serves
+    /// its page faults from the images and copies the rest meanwhile, and
+    /// returns once every page is in.
+    pub lazy_pages: bool,
 }
 
 /// What a restore did.
@@ -65,6 +69,9 @@ pub struct RestoreReport {
     pub verify_ms: f64,
     pub pages_ms: f64,
     pub total_ms: f64,
+    /// With `lazy_pages`: what the page server did (`total_ms` is then
+    /// until the tree ran).
+    pub lazy: Option<crate::lazy::LazyReport>,
 }
 
 const SCRATCH_LEN: u64 = 64 * 1024;
@@ -438,8 +445,11 @@ pub fn restore_with_progress(
             reason: "it is a pre-dump, which holds memory only: restore the dump made with --parent on it".into(),
         });
     }
-    verify(dir, &inv)?;
-    let chain = crate::images::chain(dir, &inv)?;
+    // A lazy restore checks each block of page content as it first
+    // reads it: checking gigabytes first would delay the start by as long.
+    let content_now = !req.lazy_pages;
+    crate::images::verify_with(dir, &inv, content_now)?;
+    let chain = crate::images::chain_with(dir, &inv, content_now)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(node) = &inv.node {
         let here = crate::check::fingerprint()
@@ -591,9 +601,14 @@ pub fn restore_with_progress(
     shared.shell_job = req.shell_job;
     shared.hosts = guard.host.clone();
     let mut pages_ms = 0.0;
+    let lazies = req.lazy_pages.then(crate::lazy::Server::start);
+    let fill = Fill {
+        progress,
+        lazy: lazies.as_ref(),
+    };
     for img in &live {
         let is_root = img.core.pid == root;
-        pages_ms += build(img, dir, req, is_root, &mut shared, &mut guard, progress)?;
+        pages_ms += build(img, dir, req, is_root, &mut shared, &mut guard, &fill)?;
     }
     for &pid in &inv.pids {
         if cores[&pid].state == "Z" {
@@ -646,7 +661,7 @@ pub fn restore_with_progress(
         g.armed = false;
         g.cg.clone()
     });
-    let report = RestoreReport {
+    let mut report = RestoreReport {
         pid: child,
         job: cgroup.as_ref().map(|cg| cg.job.clone()),
         held_lock,
@@ -658,8 +673,23 @@ pub fn restore_with_progress(
         verify_ms,
         pages_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        lazy: None,
     };
     info!(pid = child, total_ms = report.total_ms, "restored");
+    if let Some(server) = lazies {
+        let pids: Vec<i32> = live.iter().map(|i| guard.host(i.core.pid)).collect();
+        match server.finish() {
+            Ok(l) => report.lazy = Some(l),
+            Err(e) => {
+                // Its missing pages would read as zeros: nothing of it may
+                // run on.
+                for p in pids {
+                    let _ = nix::sys::signal::kill(Pid::from_raw(p), nix::sys::signal::SIGKILL);
+                }
+                return Err(e);
+            }
+        }
+    }
     if req.detach {
         return Ok((report, None));
     }
@@ -671,13 +701,15 @@ pub fn restore_with_progress(
 }
 
 /// Gives the agent a userfaultfd of the child, registered on its private
-/// anonymous mappings that get pages, to fill them with UFFDIO_COPY. None
-/// when the kernel offers no userfaultfd: process_vm_writev does it all.
+/// anonymous mappings that get pages, to fill them with UFFDIO_COPY (with
+/// `features`: the events a lazy restore must hear of). None when the
+/// kernel offers no userfaultfd: process_vm_writev does it all.
 fn attach_filler(
     pid: i32,
     mm: &MmImage,
     pm: &PageMap,
     main: &Remote,
+    features: u64,
 ) -> Result<Option<(pages::UffdFiller, u64)>> {
     let ranges = mm::anon_private_with_pages(mm, pm);
     if ranges.is_empty() {
@@ -697,13 +729,21 @@ fn attach_filler(
     use std::os::fd::AsFd;
     let ours = sys::pidfd::pidfd_getfd(pidfd.as_fd(), fd as i32)
         .ctx(pid, || "pidfd_getfd (userfaultfd)".into())?;
-    let filler = pages::UffdFiller::new(pid, sys::uffd::Userfaultfd::from_fd(ours), ranges)?;
+    let filler =
+        pages::UffdFiller::new(pid, sys::uffd::Userfaultfd::from_fd(ours), ranges, features)?;
     Ok(Some((filler, fd)))
 }
 
 /// The forked child's side: wait to be seized; never runs agent code again.
 fn child_wait_for_agent() -> ! {
     sys::clone::child_park()
+}
+
+/// How a restore fills memory: progress shown, and with a lazy restore's
+/// page server, which takes the private anonymous memory.
+struct Fill<'a> {
+    progress: &'a dyn Progress,
+    lazy: Option<&'a crate::lazy::Server>,
 }
 
 /// Rebuilds one blank, stopped process from its images.
@@ -714,8 +754,9 @@ fn build(
     is_root: bool,
     shared: &mut files::Shared,
     guard: &mut TreeGuard,
-    progress: &dyn Progress,
+    fill: &Fill<'_>,
 ) -> Result<f64> {
+    let (progress, lazies) = (fill.progress, fill.lazy);
     // Everything the agent does to the process uses its own view of the
     // PIDs; injected calls use the job's (the images').
     let pid = guard.host(img.core.pid);
@@ -771,10 +812,31 @@ fn build(
     mm::restore_fields(&img.mm, &main, &mut scratch)?;
     mm::restore_mappings(&img.mm, &main, &mut scratch, &mut shared.shm, dir)?;
     let tp = Instant::now();
-    let filler = attach_filler(pid, &img.mm, &img.pages[0].pm, &main)?;
-    pages::restore(pid, &img.pages, progress, filler.as_ref().map(|f| &f.0))?;
+    let features = match req.lazy_pages {
+        true => crate::lazy::FEATURES,
+        false => 0,
+    };
+    let filler = attach_filler(pid, &img.mm, &img.pages[0].pm, &main, features)?;
+    let lazy = lazies.is_some() && filler.is_some();
+    pages::restore(
+        pid,
+        &img.pages,
+        progress,
+        filler.as_ref().map(|f| &f.0),
+        lazy,
+    )?;
     if let Some((f, remote_fd)) = filler {
-        f.finish(pid)?;
+        if lazy {
+            let (uffd, ranges) = f.into_parts();
+            lazies.expect("lazy").add(crate::lazy::LazyProcess {
+                pid,
+                uffd,
+                ranges,
+                source: pages::Source::open(img.pages.clone())?,
+            });
+        } else {
+            f.finish(pid)?;
+        }
         main.syscall(libc::SYS_close, &[remote_fd])?;
     }
     let pages_ms = tp.elapsed().as_secs_f64() * 1e3;

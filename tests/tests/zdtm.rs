@@ -36,6 +36,7 @@ cases!(
     madvise_fork,
     mm_fields,
     memory_writer,
+    lazy_events,
     // per thread
     threads,
     regs_gpr,
@@ -547,6 +548,13 @@ mod incremental {
         if let Err(e) = restore_and_check(&mut case, &last, &dir) {
             panic!("{e}{}", dir.agent_report());
         }
+        // Again, lazily: pages served from both links, decompressed.
+        let (run, pid) =
+            ckpt_tests::restore_detached_with(&last, &["--lazy-pages"], &dir, "restore-lazy");
+        assert!(run.ok() && pid == Some(case.pid), "{}", run.describe());
+        case.adopt_restored();
+        case.terminate_and_check("restored lazily from the chain")
+            .unwrap();
         // One byte of a stored frame of the pre-dump flipped.
         let pages = std::fs::read_dir(&pre)
             .unwrap()
@@ -616,6 +624,155 @@ mod incremental {
         );
         case.terminate_and_check("original after refused restores")
             .unwrap();
+    }
+}
+
+/// Lazy restore: the tree runs before its memory is in; the agent serves
+/// its page faults from the images and copies the rest meanwhile.
+mod lazy {
+    use std::time::Duration;
+
+    use ckpt_tests::{agent, agent_binary, wait_for, CaseProcess, Workdir};
+
+    /// Dumps case `name` (left running, then told to check itself), then
+    /// restores it with --lazy-pages; with `delay`, the agent serves only
+    /// faults for that long before it prefetches, and the restored case is
+    /// told to check itself (it forks, drops, moves and unmaps memory)
+    /// meanwhile. Returns the restore's report.
+    fn dump_and_restore_lazily(name: &str, delay: Option<u64>) -> serde_json::Value {
+        let dir = Workdir::new(&format!("lazy-{name}-{}", delay.is_some()));
+        let images = dir.join("images");
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
+        case.wait_ready().unwrap();
+        let pid = case.pid.to_string();
+        let images_s = images.to_string_lossy().into_owned();
+        let run = agent(
+            &[
+                "dump",
+                "--tree",
+                &pid,
+                "--images",
+                &images_s,
+                "--leave-running",
+            ],
+            &dir,
+            "dump",
+        );
+        assert!(run.ok(), "{}", run.describe());
+        case.terminate_and_check("original after the dump").unwrap();
+        let pidfile = dir.join("restore.pid");
+        let mut restore = std::process::Command::new(agent_binary());
+        restore
+            .args(["--json", "restore", "--detach", "--lazy-pages", "--images"])
+            .arg(&images)
+            .arg("--pidfile")
+            .arg(&pidfile)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(ms) = delay {
+            restore.env("CKPT_FAULT_LAZY_PREFETCH_DELAY_MS", ms.to_string());
+        }
+        let restore = restore.spawn().unwrap();
+        assert!(
+            wait_for(Duration::from_secs(20), || pidfile.exists()),
+            "the restored tree never ran"
+        );
+        case.adopt_restored();
+        if delay.is_some() {
+            // Told while its pages are still missing: the check runs
+            // against the page server alone.
+            case.terminate("restored lazily").unwrap();
+        }
+        let out = restore.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "restore failed: {stderr}");
+        let verdict = match delay {
+            Some(_) => case.check_exit("restored lazily"),
+            None => case.terminate_and_check("restored lazily"),
+        };
+        if let Err(e) = verdict {
+            panic!("{e}\nrestore: {stderr}{}", dir.agent_report());
+        }
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        eprintln!("lazy restore of {name}: {}", report["lazy"]);
+        report
+    }
+
+    /// memory_writer's writer runs at once and writes page after page
+    /// while the rest comes in; every page is checked at the end.
+    #[test]
+    fn memory_writer_runs_before_its_memory_is_in() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let r = dump_and_restore_lazily("memory_writer", None);
+        let lazy = &r["lazy"];
+        assert!(lazy["prefetched_bytes"].as_u64().unwrap() > 0, "{r}");
+    }
+
+    /// Page content is checked block by block as it is first read, not
+    /// up front: a corrupt block found while the tree runs kills the tree
+    /// (its missing pages would read as zeros), and the restore fails.
+    #[test]
+    fn a_corrupt_block_kills_the_lazily_restored_tree() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let dir = Workdir::new("lazy-corrupt");
+        let images = dir.join("images");
+        let mut case = CaseProcess::spawn(
+            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
+            "memory_writer",
+            &dir,
+        )
+        .unwrap();
+        case.wait_ready().unwrap();
+        let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
+        let run = agent(
+            &[
+                "dump",
+                "--tree",
+                &pid,
+                "--images",
+                &images_s,
+                "--leave-running",
+            ],
+            &dir,
+            "dump",
+        );
+        assert!(run.ok(), "{}", run.describe());
+        case.terminate_and_check("original after the dump").unwrap();
+        let pages = images.join(format!("pages-{pid}.img"));
+        let mut bytes = std::fs::read(&pages).unwrap();
+        let at = bytes.len() - 3 * 4096;
+        bytes[at] ^= 0x01;
+        std::fs::write(&pages, bytes).unwrap();
+        let run = agent(
+            &["restore", "--images", &images_s, "--detach", "--lazy-pages"],
+            &dir,
+            "restore",
+        );
+        assert!(
+            !run.ok() && run.stderr.contains("fail their checksum"),
+            "{}",
+            run.describe()
+        );
+        assert!(
+            wait_for(Duration::from_secs(5), || !ckpt_tests::pid_exists(case.pid)),
+            "the tree restored from a corrupt image runs on"
+        );
+    }
+
+    /// A fork, MADV_DONTNEED, mremap and munmap while pages are missing.
+    #[test]
+    fn events_while_pages_are_missing() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let r = dump_and_restore_lazily("lazy_events", Some(3000));
+        assert!(r["lazy"]["faults"].as_u64().unwrap() > 0, "{r}");
     }
 }
 

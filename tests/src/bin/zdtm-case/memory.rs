@@ -803,3 +803,77 @@ pub fn memory_writer(ctx: &Ctx) -> CaseResult {
     );
     c.finish()
 }
+
+/// What a lazy restore must get right while pages are still missing: its
+/// check (run while the agent serves faults only) forks a child that reads
+/// every page, drops a range (MADV_DONTNEED: it must read zero, not the
+/// saved content), moves one (mremap: the content moves along), unmaps
+/// one, and reads the rest.
+pub fn lazy_events(ctx: &Ctx) -> CaseResult {
+    const PAGES: usize = 4096;
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    let base = mmap_anon(PAGES * PAGE, rw, 0)?;
+    // SAFETY: inside the mapping made above.
+    unsafe { fill(base, PAGES * PAGE, 77) };
+    // A place to move pages to, reserved now so the address is free.
+    let target = mmap_anon(512 * PAGE, libc::PROT_NONE, 0)?;
+
+    ctx.ready_and_wait()?;
+
+    let mut c = Check::new();
+    // SAFETY: the child only reads the mapping and exits.
+    let child = cvt(unsafe { libc::fork() }, "fork")?;
+    if child == 0 {
+        // SAFETY: reads of the mapping, then _exit.
+        unsafe {
+            let ok = verify("child", base, PAGES * PAGE, 77).is_ok();
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+    c.eq("the forked child read every page (exit status)", 0, status);
+    // SAFETY: pages 0-511 of the mapping.
+    unsafe {
+        libc::madvise(base.cast(), 512 * PAGE, libc::MADV_DONTNEED);
+        let words = std::slice::from_raw_parts(base as *const u64, 512 * PAGE / 8);
+        c.ok(
+            "pages dropped with MADV_DONTNEED read zero",
+            words.iter().all(|&w| w == 0),
+        );
+    }
+    // Pages 512-1023 move onto the reserved range.
+    // SAFETY: both ranges are ours; MREMAP_FIXED replaces the reservation.
+    let moved = unsafe {
+        libc::mremap(
+            base.add(512 * PAGE).cast(),
+            512 * PAGE,
+            512 * PAGE,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            target,
+        )
+    };
+    if moved == libc::MAP_FAILED {
+        return Err(os_err("mremap"));
+    }
+    // SAFETY: the moved pages and the rest of the mapping are mapped.
+    unsafe {
+        // Offsets are relative to where `fill` started: check word by word.
+        let words = std::slice::from_raw_parts(moved as *const u64, 512 * PAGE / 8);
+        let first = 512 * PAGE / 8;
+        let bad = words
+            .iter()
+            .enumerate()
+            .find(|&(i, &w)| w != mix(77, (first + i) as u64))
+            .map(|(i, _)| i);
+        c.eq("first wrong word of the moved pages", None, bad);
+        libc::munmap(base.add(1024 * PAGE).cast(), 512 * PAGE);
+        let rest = base.add(1536 * PAGE) as *const u64;
+        let first = 1536 * PAGE / 8;
+        let bad = (0..(PAGES - 1536) * PAGE / 8)
+            .find(|&i| rest.add(i).read_volatile() != mix(77, (first + i) as u64));
+        c.eq("first wrong word of the pages left in place", None, bad);
+    }
+    c.finish()
+}

@@ -114,7 +114,7 @@ pub fn tmp_path(tag: &str) -> PathBuf {
 
 // ---------------------------------------------------------------- patterns
 
-fn mix(seed: u64, i: u64) -> u64 {
+pub fn mix(seed: u64, i: u64) -> u64 {
     // splitmix64: cheap, and every word differs, so shifted or swapped pages
     // are caught.
     let mut z = seed
