@@ -491,13 +491,22 @@ impl DumpSession {
             needs_features,
             owner_uid,
         );
+        self.commit(
+            inv,
+            Written {
+                pages_bytes,
+                stored_bytes,
+                snapshot_bytes,
+                pages_ms,
+            },
+        )
+    }
+
+    /// Commits this checkpoint (its inventory, signed with the request's
+    /// key if any) and records what it wrote.
+    fn commit(&mut self, inv: Inventory, written: Written) -> Result<()> {
         self.writer.commit(inv, self.req.key.as_ref())?;
-        self.dumped = Some(Written {
-            pages_bytes,
-            stored_bytes,
-            snapshot_bytes,
-            pages_ms,
-        });
+        self.dumped = Some(written);
         Ok(())
     }
 
@@ -663,14 +672,15 @@ impl DumpSession {
         }
         let pids = live.iter().map(|p| ids.inner(*p)).collect();
         let inv = self.inventory(ids.inner(self.req.pid), pids, Vec::new(), owner_uid);
-        self.writer.commit(inv, self.req.key.as_ref())?;
-        self.dumped = Some(Written {
-            pages_bytes,
-            stored_bytes,
-            snapshot_bytes,
-            pages_ms,
-        });
-        Ok(())
+        self.commit(
+            inv,
+            Written {
+                pages_bytes,
+                stored_bytes,
+                snapshot_bytes,
+                pages_ms,
+            },
+        )
     }
 
     /// Fault injection for tests: a window, with the tree stopped and its

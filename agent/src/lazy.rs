@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::pages::Source;
-use crate::sys::uffd::{self, UffdMsg, Userfaultfd};
+use crate::sys::uffd::{self, UffdEvent, Userfaultfd};
 
 const PAGE: u64 = 4096;
 
@@ -38,6 +38,8 @@ pub struct LazyProcess {
     pub uffd: Userfaultfd,
     /// The registered ranges.
     pub ranges: Vec<(u64, u64)>,
+    /// Image ranges of MADV_WIPEONFORK mappings: empty in a child.
+    pub wipe_on_fork: Vec<(u64, u64)>,
     pub source: Source,
 }
 
@@ -70,6 +72,18 @@ impl View {
                 (c + (a - is), a, b - a)
             })
             .collect()
+    }
+
+    /// Forgets image range `[s, e)`, wherever it sits.
+    fn drop_image(&mut self, s: u64, e: u64) {
+        let cur: Vec<(u64, u64)> = self
+            .current_of(s, e)
+            .into_iter()
+            .map(|(c, _, len)| (c, c + len))
+            .collect();
+        for (a, b) in cur {
+            self.drop_current(a, b);
+        }
     }
 
     /// Forgets whatever sits at current addresses `[s, e)` now.
@@ -117,6 +131,8 @@ struct Space {
     /// Image ranges with content still to prefetch, in address order
     /// (from the back: popped as done).
     todo: Vec<(u64, u64)>,
+    /// Image ranges a fork leaves empty in the child.
+    wipe_on_fork: Vec<(u64, u64)>,
 }
 
 /// What a lazy restore's page server did.
@@ -177,19 +193,35 @@ impl Server {
         }
     }
 
+    /// Fails if the server has stopped already (on an error, which it
+    /// returns): to check before the tree is let go.
+    pub fn check(&mut self) -> Result<()> {
+        if !self.thread.as_ref().is_some_and(|t| t.is_finished()) {
+            return Ok(());
+        }
+        let thread = self.thread.take().expect("checked");
+        match thread.join().expect("the page server catches its panics") {
+            Ok(_) => Err(Error::Refused {
+                pid: 0,
+                reason: "the lazy page server stopped before the tree ran".into(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The tree runs: prefetch everything, and return once every page is
-    /// in.
+    /// in. On an error the server has killed the tree.
     pub fn finish(mut self) -> Result<LazyReport> {
         self.tx = None;
         self.go.store(true, std::sync::atomic::Ordering::SeqCst);
         let thread = self.thread.take().expect("finished once");
-        thread.join().expect("the page server does not panic")
+        thread.join().expect("the page server catches its panics")
     }
 }
 
 impl Drop for Server {
-    /// A restore that failed before the tree ran: stop serving (the tree
-    /// is being killed).
+    /// A restore that failed (before or after the tree ran): the server
+    /// kills the tree, whose missing pages would read as zeros, and stops.
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -201,20 +233,66 @@ impl Drop for Server {
 /// The server thread: serves faults of the processes it receives, and
 /// once `go` is set, prefetches until every page is in (or their
 /// processes are gone); the userfaultfds are then closed, which leaves the
-/// mappings as plain memory.
+/// mappings as plain memory. When it fails (or panics), or is stopped
+/// before the end, it kills every process it served and their
+/// descendants first: closing the userfaultfds would leave them reading
+/// zeros where pages are missing.
 fn serve(
     rx: std::sync::mpsc::Receiver<LazyProcess>,
     go: &std::sync::atomic::AtomicBool,
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<LazyReport> {
+    let mut sources: Vec<Source> = Vec::new();
+    let mut spaces: Vec<(usize, Space)> = Vec::new();
+    let mut pids: Vec<i32> = Vec::new();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_loop(&rx, go, stop, &mut sources, &mut spaces, &mut pids)
+    }));
+    let r = r.unwrap_or_else(|_| {
+        Err(Error::Refused {
+            pid: pids.first().copied().unwrap_or(0),
+            reason: "the lazy page server panicked".into(),
+        })
+    });
+    if r.is_err() || stop.load(std::sync::atomic::Ordering::SeqCst) {
+        for &pid in &pids {
+            kill_tree(pid);
+        }
+    }
+    drop(spaces);
+    r
+}
+
+/// SIGKILLs `pid` and its descendants (children first found, then killed
+/// with it: a killed process forks no more).
+fn kill_tree(pid: i32) {
+    use nix::sys::signal::{kill, Signal};
+    let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP);
+    let tids = crate::proc::tids(pid).unwrap_or_default();
+    for tid in tids {
+        let kids = crate::proc::read(pid, &format!("task/{tid}/children")).unwrap_or_default();
+        for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
+            kill_tree(k);
+        }
+    }
+    let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+fn serve_loop(
+    rx: &std::sync::mpsc::Receiver<LazyProcess>,
+    go: &std::sync::atomic::AtomicBool,
+    stop: &std::sync::atomic::AtomicBool,
+    sources: &mut Vec<Source>,
+    spaces: &mut Vec<(usize, Space)>,
+    pids: &mut Vec<i32>,
+) -> Result<LazyReport> {
     use std::sync::atomic::Ordering::SeqCst;
     let delay = prefetch_delay();
     let mut report = LazyReport::default();
-    let mut sources: Vec<Source> = Vec::new();
-    let mut spaces: Vec<(usize, Space)> = Vec::new();
     let mut started: Option<Instant> = None;
     loop {
         while let Ok(p) = rx.try_recv() {
+            pids.push(p.pid);
             set_nonblocking(&p.uffd, p.pid)?;
             let mut todo: Vec<(u64, u64)> = p
                 .source
@@ -230,6 +308,7 @@ fn serve(
                     uffd: p.uffd,
                     view: View::identity(&p.ranges),
                     todo,
+                    wipe_on_fork: p.wipe_on_fork,
                 },
             ));
             sources.push(p.source);
@@ -263,14 +342,14 @@ fn serve(
             (None, true) => *started.insert(Instant::now()),
             (None, false) => {
                 if idle {
-                    wait_for_messages(&spaces, 1);
+                    wait_for_messages(spaces, 1);
                 }
                 continue;
             }
         };
         if since.elapsed() < delay {
             if idle {
-                wait_for_messages(&spaces, 1);
+                wait_for_messages(spaces, 1);
             }
             continue;
         }
@@ -327,26 +406,33 @@ fn handle_messages(
     while let Some(msg) = space.uffd.read_msg()? {
         busy = true;
         match msg {
-            UffdMsg::PageFault { address } => {
+            UffdEvent::PageFault { address } => {
                 report.faults += 1;
                 serve_fault(space, source, address & !(PAGE - 1))?;
             }
-            UffdMsg::Fork { ufd } => {
-                let uffd = uffd::adopt_forked(ufd);
-                // The child misses what its parent misses now.
+            UffdEvent::Fork(uffd) => {
+                // The child misses what its parent misses now, but for its
+                // wipe-on-fork mappings, which it gets empty.
+                let mut view = space.view.clone();
+                for &(s, e) in &space.wipe_on_fork {
+                    view.drop_image(s, e);
+                }
                 forked.push(Space {
                     pid: space.pid,
                     uffd,
-                    view: space.view.clone(),
+                    view,
                     todo: space.todo.clone(),
+                    wipe_on_fork: space.wipe_on_fork.clone(),
                 });
                 debug!(pid = space.pid, "forked while its pages were coming in");
             }
-            UffdMsg::Remap { from, to, len } => space.view.moved(from, to, len),
-            UffdMsg::Remove { start, end } | UffdMsg::Unmap { start, end } => {
+            UffdEvent::Remap { from, to, len } => space.view.moved(from, to, len),
+            UffdEvent::Remove { start, end } | UffdEvent::Unmap { start, end } => {
                 space.view.drop_current(start, end)
             }
-            UffdMsg::Other(e) => warn!(pid = space.pid, event = e, "unexpected userfaultfd event"),
+            UffdEvent::Other(e) => {
+                warn!(pid = space.pid, event = e, "unexpected userfaultfd event")
+            }
         }
     }
     Ok((busy, forked))
@@ -396,22 +482,33 @@ fn prefetch_one(space: &mut Space, source: &mut Source) -> std::result::Result<u
                 return Err(Errno::EIO);
             }
         };
+        // Page by page once a copy met a mapping boundary: mprotect,
+        // mlock or madvise split mappings without any event, and one
+        // UFFDIO_COPY must stay inside one mapping.
+        let mut single = false;
         let mut at = 0u64;
         while at < len {
-            let (r, n) = space.uffd.copy_partial(cur + at, &data[at as usize..]);
+            let end = if single { (at + PAGE).min(len) } else { len };
+            let (r, n) = space
+                .uffd
+                .copy_partial(cur + at, &data[at as usize..end as usize]);
             copied += n;
             at += n;
             match r {
-                Ok(()) => break,
+                Ok(()) => at = at.max(end),
                 // A page there already (served on a fault): skip it.
                 Err(Errno::EEXIST) => at += PAGE,
-                // The space is changing: put the rest back, events first.
+                // The space is changing: the rest of the whole range goes
+                // back (the view may change), events first.
                 Err(Errno::EAGAIN) => {
-                    space.todo.push((img + at, img + len));
+                    space.todo.push((img + at, e));
                     return Ok(copied);
                 }
-                // Unmapped meanwhile: its event will say so.
-                Err(Errno::ENOENT) => break,
+                // Not one registered mapping from here: go page by page; a
+                // single page refused is no longer registered (unmapped:
+                // its event drops it from the view).
+                Err(Errno::ENOENT) if !single => single = true,
+                Err(Errno::ENOENT) => at += PAGE,
                 Err(e) => return Err(e),
             }
         }
@@ -448,5 +545,9 @@ mod tests {
         assert_eq!(v.image_of(0x1000), Some(0x7000));
         assert_eq!(v.image_of(0x7000), None);
         assert_eq!(v.image_of(0x2000), Some(0x2000));
+        // Dropping by image address follows the move.
+        v.drop_image(0x5000, 0x6000);
+        assert_eq!(v.image_of(0x20000), None);
+        assert_eq!(v.image_of(0x21000), Some(0x6000));
     }
 }

@@ -344,7 +344,13 @@ pub fn dump(
             };
             let cow = copied_on_fork(kind, m, tracked);
             for r in regions.iter().filter(|r| content(r)) {
-                if since_parent && !has(r, category::WRITTEN) {
+                // In a file mapping, a private page zapped since (by
+                // MADV_DONTNEED or reclaim) leaves a write-protect marker
+                // that reads as swapped and unwritten, while the process
+                // sees the file again: only present pages can stay.
+                let unchanged = !has(r, category::WRITTEN)
+                    && (kind == VmaKind::VmaAnonPrivate || has(r, category::PRESENT));
+                if since_parent && unchanged {
                     match in_parent.last_mut() {
                         Some(last) if last.1 == r.start => last.1 = r.end,
                         _ => in_parent.push((r.start, r.end)),

@@ -536,18 +536,12 @@ fn block_checksums(file: &File, path: &Path, total: u64) -> Result<Vec<u32>> {
 /// Checks every block of a pages file against its index, before anything
 /// is restored from it, and returns the file's checksum (see `file_checksum`).
 pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
+    let len = check_size(pm, path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     let bad = |reason: String| Error::BadImages {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
         reason,
     };
-    if len != pm.pages_file_size {
-        return Err(bad(format!(
-            "{} is {len} bytes, its index says {}",
-            pm.pages_file, pm.pages_file_size
-        )));
-    }
     if compression(pm) != Compression::None {
         check_frames(pm).map_err(bad)?;
         if len == 0 {
@@ -592,24 +586,33 @@ pub fn file_checksum(blocks: &[u32]) -> u32 {
     crc32c::crc32c(&bytes)
 }
 
+/// Checks that a pages file has the size its index says; returns it.
+fn check_size(pm: &PageMap, path: &Path) -> Result<u64> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len != pm.pages_file_size {
+        return Err(Error::BadImages {
+            dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+            reason: format!(
+                "{} is {len} bytes, its index says {}",
+                pm.pages_file, pm.pages_file_size
+            ),
+        });
+    }
+    Ok(len)
+}
+
 /// Checks a pages file against its index without reading its content:
 /// its size, the shape of its frames; returns the checksum the inventory
 /// records. Its blocks are checked as they are read ([`Source`], and
 /// [`restore`] with `lazy`).
 pub fn verify_index(pm: &PageMap, path: &Path) -> Result<u32> {
-    let len = std::fs::metadata(path)
-        .map_err(|e| Error::io(path, e))?
-        .len();
+    let len = check_size(pm, path)?;
     let bad = |reason: String| Error::BadImages {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
         reason,
     };
-    if len != pm.pages_file_size {
-        return Err(bad(format!(
-            "{} is {len} bytes, its index says {}",
-            pm.pages_file, pm.pages_file_size
-        )));
-    }
     match compression(pm) {
         Compression::None => {
             if pm.block_crc32c.len() as u64 != len.div_ceil(BLOCK) {
@@ -647,7 +650,8 @@ fn check_stored(
     }
     for blk in off / BLOCK..(off + len).div_ceil(BLOCK) {
         let (a, b) = (blk * BLOCK, ((blk + 1) * BLOCK).min(map.len() as u64));
-        if crc32c::crc32c(&map[a as usize..b as usize]) != pm.block_crc32c[blk as usize] {
+        let want = pm.block_crc32c.get(blk as usize);
+        if a >= b || want != Some(&crc32c::crc32c(&map[a as usize..b as usize])) {
             return Err(corrupt(a, b));
         }
     }
@@ -688,7 +692,11 @@ fn check_frames(pm: &PageMap) -> std::result::Result<(), String> {
         if f.len == 0 || f.offset / CHUNK != last / CHUNK {
             return Err(bad("it crosses a chunk"));
         }
-        if f.stored_len > f.len || f.stored_at + f.stored_len as u64 > pm.pages_file_size {
+        let stored_end = f.stored_at.checked_add(f.stored_len as u64);
+        if f.stored_len == 0
+            || f.stored_len > f.len
+            || stored_end.is_none_or(|e| e > pm.pages_file_size)
+        {
             return Err(bad("stored outside the file"));
         }
         at += f.len as u64;
@@ -751,13 +759,24 @@ fn check_index(pm: &PageMap) -> std::result::Result<(), String> {
     let mut end = 0u64;
     let mut present = 0u64;
     for r in &pm.runs {
-        let len = r.nr_pages * 4096;
+        // Values from a file: no arithmetic on them may wrap.
+        let (len, run_end, off_end) = r
+            .nr_pages
+            .checked_mul(4096)
+            .and_then(|len| Some((len, r.vaddr.checked_add(len)?, r.offset.checked_add(len)?)))
+            .ok_or_else(|| format!("{}: the run at {:#x} is too long", pm.pages_file, r.vaddr))?;
+        if r.vaddr % 4096 != 0 || (r.flags & PAGE_PRESENT != 0 && r.offset % 4096 != 0) {
+            return Err(format!(
+                "{}: the run at {:#x} is not page-aligned",
+                pm.pages_file, r.vaddr
+            ));
+        }
         if r.vaddr < end {
             return Err(format!("{}: runs overlap at {:#x}", pm.pages_file, r.vaddr));
         }
-        end = r.vaddr + len;
+        end = run_end;
         if r.flags & PAGE_PRESENT != 0 {
-            if r.offset + len > content_size(pm) {
+            if off_end > content_size(pm) {
                 return Err(format!(
                     "{}: the run at {:#x} ends past the pages file",
                     pm.pages_file, r.vaddr

@@ -601,7 +601,7 @@ pub fn restore_with_progress(
     shared.shell_job = req.shell_job;
     shared.hosts = guard.host.clone();
     let mut pages_ms = 0.0;
-    let lazies = req.lazy_pages.then(crate::lazy::Server::start);
+    let mut lazies = req.lazy_pages.then(crate::lazy::Server::start);
     let fill = Fill {
         progress,
         lazy: lazies.as_ref(),
@@ -634,6 +634,11 @@ pub fn restore_with_progress(
     let hold = cgroup.as_ref().filter(|_| req.hold).map(|g| &g.cg);
     if let Some(cg) = hold.filter(|cg| cg.freezer == Freezer::V2) {
         cg.hold()?;
+    }
+    // A page server that failed while the tree was built has nothing
+    // more to give it: the restore fails before anything runs.
+    if let Some(server) = lazies.as_mut() {
+        server.check()?;
     }
     // Everything is built: let every process go at once.
     for img in &live {
@@ -677,18 +682,9 @@ pub fn restore_with_progress(
     };
     info!(pid = child, total_ms = report.total_ms, "restored");
     if let Some(server) = lazies {
-        let pids: Vec<i32> = live.iter().map(|i| guard.host(i.core.pid)).collect();
-        match server.finish() {
-            Ok(l) => report.lazy = Some(l),
-            Err(e) => {
-                // Its missing pages would read as zeros: nothing of it may
-                // run on.
-                for p in pids {
-                    let _ = nix::sys::signal::kill(Pid::from_raw(p), nix::sys::signal::SIGKILL);
-                }
-                return Err(e);
-            }
-        }
+        // On an error the server has killed the tree (its missing pages
+        // would read as zeros).
+        report.lazy = Some(server.finish()?);
     }
     if req.detach {
         return Ok((report, None));
@@ -832,6 +828,13 @@ fn build(
                 pid,
                 uffd,
                 ranges,
+                wipe_on_fork: img
+                    .mm
+                    .vmas
+                    .iter()
+                    .filter(|v| v.madv & mm::madv::WIPEONFORK != 0)
+                    .map(|v| (v.start, v.end))
+                    .collect(),
                 source: pages::Source::open(img.pages.clone())?,
             });
         } else {

@@ -124,7 +124,12 @@ impl Tracker {
     /// address space. Returns None, leaving the process as it was, when
     /// the kernel refuses asynchronous write-protect.
     pub fn install(pid: i32, remote: &Remote) -> Result<Option<Tracker>> {
-        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        // User-mode faults only: the tracker never handles a fault (async
+        // write-protect resolves them in the kernel), and the flag is what
+        // lets a process that is not root make one when
+        // vm.unprivileged_userfaultfd is 0, the default.
+        const UFFD_USER_MODE_ONLY: i32 = 1;
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK | UFFD_USER_MODE_ONLY) as u64;
         let first = match remote.syscall(libc::SYS_userfaultfd, &[flags]) {
             Ok(fd) => fd,
             Err(e @ Error::Remote { .. }) => {

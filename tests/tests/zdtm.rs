@@ -634,6 +634,28 @@ mod lazy {
 
     use ckpt_tests::{agent, agent_binary, wait_for, CaseProcess, Workdir};
 
+    /// Starts case `name`, dumps it leaving it running, tells it to check
+    /// itself; returns it (to be restored) and its images.
+    fn dumped_case(name: &str, dir: &Workdir) -> (CaseProcess, std::path::PathBuf) {
+        let images = dir.join("images");
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, dir).unwrap();
+        case.wait_ready().unwrap();
+        let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
+        let args = [
+            "dump",
+            "--tree",
+            &pid,
+            "--images",
+            &images_s,
+            "--leave-running",
+        ];
+        let run = agent(&args, dir, "dump");
+        assert!(run.ok(), "{}", run.describe());
+        case.terminate_and_check("original after the dump").unwrap();
+        (case, images)
+    }
+
     /// Dumps case `name` (left running, then told to check itself), then
     /// restores it with --lazy-pages; with `delay`, the agent serves only
     /// faults for that long before it prefetches, and the restored case is
@@ -641,26 +663,7 @@ mod lazy {
     /// meanwhile. Returns the restore's report.
     fn dump_and_restore_lazily(name: &str, delay: Option<u64>) -> serde_json::Value {
         let dir = Workdir::new(&format!("lazy-{name}-{}", delay.is_some()));
-        let images = dir.join("images");
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
-        case.wait_ready().unwrap();
-        let pid = case.pid.to_string();
-        let images_s = images.to_string_lossy().into_owned();
-        let run = agent(
-            &[
-                "dump",
-                "--tree",
-                &pid,
-                "--images",
-                &images_s,
-                "--leave-running",
-            ],
-            &dir,
-            "dump",
-        );
-        assert!(run.ok(), "{}", run.describe());
-        case.terminate_and_check("original after the dump").unwrap();
+        let (mut case, images) = dumped_case(name, &dir);
         let pidfile = dir.join("restore.pid");
         let mut restore = std::process::Command::new(agent_binary());
         restore
@@ -721,29 +724,8 @@ mod lazy {
             return;
         }
         let dir = Workdir::new("lazy-corrupt");
-        let images = dir.join("images");
-        let mut case = CaseProcess::spawn(
-            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
-            "memory_writer",
-            &dir,
-        )
-        .unwrap();
-        case.wait_ready().unwrap();
-        let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
-        let run = agent(
-            &[
-                "dump",
-                "--tree",
-                &pid,
-                "--images",
-                &images_s,
-                "--leave-running",
-            ],
-            &dir,
-            "dump",
-        );
-        assert!(run.ok(), "{}", run.describe());
-        case.terminate_and_check("original after the dump").unwrap();
+        let (case, images) = dumped_case("memory_writer", &dir);
+        let (pid, images_s) = (case.pid, images.to_string_lossy().into_owned());
         let pages = images.join(format!("pages-{pid}.img"));
         let mut bytes = std::fs::read(&pages).unwrap();
         let at = bytes.len() - 3 * 4096;
@@ -763,6 +745,18 @@ mod lazy {
             wait_for(Duration::from_secs(5), || !ckpt_tests::pid_exists(case.pid)),
             "the tree restored from a corrupt image runs on"
         );
+    }
+
+    /// lazy_events restored lazily and checked once every page is in: its
+    /// saved pages run across two mappings (split by mprotect), which the
+    /// prefetch must fill page by page at the boundary.
+    #[test]
+    fn prefetch_across_mappings() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let r = dump_and_restore_lazily("lazy_events", None);
+        assert!(r["lazy"]["prefetched_bytes"].as_u64().unwrap() > 0, "{r}");
     }
 
     /// A fork, MADV_DONTNEED, mremap and munmap while pages are missing.

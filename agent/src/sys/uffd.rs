@@ -179,17 +179,7 @@ impl Userfaultfd {
     /// UFFDIO_COPY of `src` into the missing pages at `dst` (registered
     /// MISSING, owned by the caller as plain bytes).
     pub fn copy(&self, dst: u64, src: &[u8]) -> Result<(), Errno> {
-        let mut c = UffdioCopy {
-            dst,
-            src: src.as_ptr() as u64,
-            len: src.len() as u64,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: the kernel reads `src` (alive for the call) and fills only
-        // pages of a uffd-registered range, i.e. memory the caller mapped.
-        unsafe { uffdio_copy(self.fd.as_raw_fd(), &mut c) }?;
-        Ok(())
+        self.copy_partial(dst, src).0
     }
 
     /// UFFDIO_COPY that reports how far it got: with EEXIST (a page of the
@@ -203,7 +193,10 @@ impl Userfaultfd {
             mode: 0,
             copy: 0,
         };
-        // SAFETY: as in `copy`.
+        // SAFETY: the kernel reads `src` (alive for the call) and writes
+        // only pages of ranges registered with this userfaultfd, in the
+        // address space of the process that made it: the agent makes them
+        // in processes it restores or tracks, never in itself.
         let r = unsafe { uffdio_copy(self.fd.as_raw_fd(), &mut c) };
         (r.map(|_| ()), c.copy.max(0) as u64)
     }
@@ -230,10 +223,10 @@ impl Userfaultfd {
 
     /// Reads one pending message without blocking: None when there is
     /// none.
-    pub fn read_msg(&self) -> Result<Option<UffdMsg>, Errno> {
+    pub fn read_msg(&self) -> Result<Option<UffdEvent>, Errno> {
         let mut b = [0u8; 32];
         match nix::unistd::read(&self.fd, &mut b) {
-            Ok(32) => Ok(Some(UffdMsg::parse(&b))),
+            Ok(32) => Ok(Some(UffdEvent::from(UffdMsg::parse(&b)))),
             Ok(_) => Err(Errno::EIO),
             Err(Errno::EAGAIN) => Ok(None),
             Err(e) => Err(e),
@@ -258,21 +251,47 @@ impl Userfaultfd {
     }
 }
 
-/// Takes ownership of the child's userfaultfd a fork message names (the
-/// kernel installed it in this process's fd table for the reader).
-pub fn adopt_forked(ufd: i32) -> Userfaultfd {
-    // SAFETY: the kernel installed `ufd` for us with the fork message and
-    // nothing else owns it.
-    let fd = unsafe { OwnedFd::from_raw_fd(ufd) };
-    Userfaultfd {
-        fd,
-        source: "fork event",
+/// What a userfaultfd reports.
+pub enum UffdEvent {
+    /// A thread faulted on a missing page at `address`.
+    PageFault { address: u64 },
+    /// The process forked: the child's userfaultfd.
+    Fork(Userfaultfd),
+    /// mremap moved `[from, from+len)` to `to`.
+    Remap { from: u64, to: u64, len: u64 },
+    /// MADV_DONTNEED/MADV_REMOVE dropped `[start, end)`.
+    Remove { start: u64, end: u64 },
+    /// munmap of `[start, end)`.
+    Unmap { start: u64, end: u64 },
+    /// Anything else (event number).
+    Other(u8),
+}
+
+impl From<UffdMsg> for UffdEvent {
+    fn from(m: UffdMsg) -> UffdEvent {
+        match m {
+            UffdMsg::PageFault { address } => UffdEvent::PageFault { address },
+            UffdMsg::Fork { ufd } => {
+                // SAFETY: the kernel installed `ufd` in this process's fd
+                // table with the fork message just read; nothing else owns
+                // it, and only a fork message read here gets this far.
+                let fd = unsafe { OwnedFd::from_raw_fd(ufd) };
+                UffdEvent::Fork(Userfaultfd {
+                    fd,
+                    source: "fork event",
+                })
+            }
+            UffdMsg::Remap { from, to, len } => UffdEvent::Remap { from, to, len },
+            UffdMsg::Remove { start, end } => UffdEvent::Remove { start, end },
+            UffdMsg::Unmap { start, end } => UffdEvent::Unmap { start, end },
+            UffdMsg::Other(e) => UffdEvent::Other(e),
+        }
     }
 }
 
-/// A message read from a userfaultfd (struct uffd_msg).
+/// A message as read from a userfaultfd (struct uffd_msg).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UffdMsg {
+enum UffdMsg {
     /// A thread faulted on a missing page at `address`.
     PageFault { address: u64 },
     /// The process forked; `ufd` is the child's userfaultfd, installed in

@@ -815,6 +815,13 @@ pub fn lazy_events(ctx: &Ctx) -> CaseResult {
     let base = mmap_anon(PAGES * PAGE, rw, 0)?;
     // SAFETY: inside the mapping made above.
     unsafe { fill(base, PAGES * PAGE, 77) };
+    // One read-only page splits the mapping in two: the saved pages run
+    // across both, one copy into the restored process cannot.
+    // SAFETY: a page of our mapping.
+    cvt(
+        unsafe { libc::mprotect(base.add(2100 * PAGE).cast(), PAGE, libc::PROT_READ) },
+        "mprotect",
+    )?;
     // A place to move pages to, reserved now so the address is free.
     let target = mmap_anon(512 * PAGE, libc::PROT_NONE, 0)?;
 
