@@ -830,6 +830,25 @@ fn resolve(
     Ok(())
 }
 
+/// Checks the indexes of a chain (the newest first) and resolves where
+/// each saved page of the process is.
+fn resolve_chain(chain: &[Level]) -> Result<Vec<Piece>> {
+    let bad = |path: &Path, reason: String| Error::BadImages {
+        dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
+        reason,
+    };
+    for l in chain {
+        check_index(&l.pm).map_err(|r| bad(&l.path, r))?;
+        if compression(&l.pm) != Compression::None {
+            check_frames(&l.pm).map_err(|r| bad(&l.path, r))?;
+        }
+    }
+    let maps: Vec<&PageMap> = chain.iter().map(|l| &l.pm).collect();
+    let mut pieces = Vec::new();
+    resolve(&maps, 0, 0, u64::MAX, &mut pieces).map_err(|r| bad(&chain[0].path, r))?;
+    Ok(pieces)
+}
+
 /// Cuts pieces so that none is longer than a copy job.
 fn cut(pieces: Vec<Piece>) -> Vec<Piece> {
     let mut out = Vec::with_capacity(pieces.len());
@@ -864,15 +883,8 @@ pub fn restore(
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
         reason,
     };
-    for l in chain {
-        check_index(&l.pm).map_err(|r| bad(&l.path, r))?;
-        if compression(&l.pm) != Compression::None {
-            check_frames(&l.pm).map_err(|r| bad(&l.path, r))?;
-        }
-    }
+    let mut pieces = resolve_chain(chain)?;
     let maps: Vec<&PageMap> = chain.iter().map(|l| &l.pm).collect();
-    let mut pieces = Vec::new();
-    resolve(&maps, 0, 0, u64::MAX, &mut pieces).map_err(|r| bad(&chain[0].path, r))?;
     let ranges = filler.map_or(&[][..], |f| &f.ranges[..]);
     if lazy {
         // What the filler's ranges hold is served later, on demand.
@@ -969,19 +981,8 @@ pub struct Source {
 impl Source {
     /// Checks the indexes of a process's chain and maps its pages files.
     pub fn open(chain: Vec<Level>) -> Result<Source> {
-        let bad = |path: &Path, reason: String| Error::BadImages {
-            dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
-            reason,
-        };
-        for l in &chain {
-            check_index(&l.pm).map_err(|r| bad(&l.path, r))?;
-            if compression(&l.pm) != Compression::None {
-                check_frames(&l.pm).map_err(|r| bad(&l.path, r))?;
-            }
-        }
+        let pieces = resolve_chain(&chain)?;
         let maps: Vec<&PageMap> = chain.iter().map(|l| &l.pm).collect();
-        let mut pieces = Vec::new();
-        resolve(&maps, 0, 0, u64::MAX, &mut pieces).map_err(|r| bad(&chain[0].path, r))?;
         let mut chunks: Vec<(Piece, Option<usize>)> = restore_jobs(&maps, pieces)
             .into_iter()
             .flat_map(|j| j.parts.into_iter().map(move |p| (p, j.frame)))
