@@ -726,6 +726,19 @@ pub struct Level {
     pub path: std::path::PathBuf,
 }
 
+impl Level {
+    /// Decompresses frame `i` of this level's pages file (mapped as `map`)
+    /// into `out`, its exact length.
+    fn unpack_frame(&self, map: &[u8], i: usize, out: &mut [u8]) -> Result<()> {
+        let f = &self.pm.frames[i];
+        let stored = &map[f.stored_at as usize..][..f.stored_len as usize];
+        unpack(compression(&self.pm), stored, out).map_err(|r| Error::BadImages {
+            dir: self.path.parent().unwrap_or(Path::new(".")).to_owned(),
+            reason: format!("{}: frame at {}: {r}", self.pm.pages_file, f.offset),
+        })
+    }
+}
+
 /// Whether a page index sends some pages to the parent checkpoint.
 pub fn needs_parent(pm: &PageMap) -> bool {
     pm.runs.iter().any(|r| r.flags & PAGE_IN_PARENT != 0)
@@ -933,26 +946,19 @@ pub fn restore(
                         .map_err(|r| bad(&level.path, r))?;
                 }
             }
-            let frame = job.frame.map(|i| &level.pm.frames[i]);
-            let data: &[u8] = match frame {
-                None => &map[..],
-                Some(f) => {
-                    let stored = &map[f.stored_at as usize..][..f.stored_len as usize];
+            let (data, base): (&[u8], u64) = match job.frame {
+                None => (&map[..], 0),
+                Some(fi) => {
+                    let f = &level.pm.frames[fi];
                     if f.stored_len == f.len {
-                        stored
+                        (&map[f.stored_at as usize..][..f.len as usize], f.offset)
                     } else {
                         let out = &mut buf[..f.len as usize];
-                        unpack(compression(&level.pm), stored, out).map_err(|r| {
-                            bad(
-                                &level.path,
-                                format!("{}: frame at {}: {r}", level.pm.pages_file, f.offset),
-                            )
-                        })?;
-                        &*out
+                        level.unpack_frame(map, fi, out)?;
+                        (&*out, f.offset)
                     }
                 }
             };
-            let base = frame.map_or(0, |f| f.offset);
             for p in &job.parts {
                 let src = &data[(p.off - base) as usize..][..p.len as usize];
                 write_piece(pid, p.va, src, ranges, filler, lazy)?;
@@ -1046,10 +1052,7 @@ impl Source {
         }
         if !matches!(self.cache, Some((l, c, _)) if l == p.level && c == fi) {
             let mut out = vec![0u8; f.len as usize];
-            unpack(compression(&level.pm), stored, &mut out).map_err(|r| Error::BadImages {
-                dir: level.path.parent().unwrap_or(Path::new(".")).to_owned(),
-                reason: format!("{}: frame at {}: {r}", level.pm.pages_file, f.offset),
-            })?;
+            level.unpack_frame(map, fi, &mut out)?;
             self.cache = Some((p.level, fi, out));
         }
         let data = &self.cache.as_ref().expect("just filled").2;
