@@ -534,6 +534,7 @@ fn request(pid: i32, images: &Path, leave_running: bool, snapshot: bool) -> Dump
         shell_job: false,
         tcp_established: false,
         key: None,
+        stream: None,
     }
 }
 

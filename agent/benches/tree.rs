@@ -238,6 +238,7 @@ fn main() {
                 shell_job: false,
                 tcp_established: false,
                 key: None,
+                stream: None,
             })
             .expect("dump");
             reap(&t.pids);

@@ -65,6 +65,10 @@ pub struct DumpRequest {
     /// Sign the inventory with this cluster key (the service's dumps): an
     /// agent restores a user's part only from images an agent wrote.
     pub key: Option<ckpt_proto::rpc::Key>,
+    /// Stream the checkpoint into another node's agent: `images` is then
+    /// the spool (on tmpfs) of its small images, and its name the level's
+    /// name there.
+    pub stream: Option<crate::stream::StreamTo>,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -73,6 +77,10 @@ pub struct DumpReport {
     pub pid: i32,
     pub threads: usize,
     pub images: PathBuf,
+    /// Where the checkpoint was streamed to (the receiver and its
+    /// directory there); `images` then only holds the spool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streamed_to: Option<String>,
     /// Bytes of page content saved.
     pub pages_bytes: u64,
     /// What they take in the pages files (less when compressed).
@@ -356,7 +364,10 @@ impl DumpSession {
         let t0 = Instant::now();
         let pid = req.pid;
         check_target(pid)?;
-        let writer = ImageWriter::create(&req.images)?;
+        let writer = match &req.stream {
+            Some(to) => ImageWriter::streaming(&req.images, to)?,
+            None => ImageWriter::create(&req.images)?,
+        };
         let parent = req
             .parent
             .as_deref()
@@ -524,6 +535,7 @@ impl DumpSession {
             extents: &mm.extents,
             path: self.writer.dir().join(pages_name(inner)),
             name: pages_name(inner),
+            stream: self.writer.outbox(),
             snapshot: self
                 .snapshots
                 .iter()
@@ -791,6 +803,7 @@ impl DumpSession {
             pid,
             threads: self.threads,
             images: self.req.images.clone(),
+            streamed_to: self.writer.outbox().map(|_| self.writer.destination()),
             pages_bytes: w.pages_bytes,
             stored_bytes: w.stored_bytes,
             snapshot_bytes: w.snapshot_bytes,

@@ -56,6 +56,8 @@ pub enum Error {
     Job { job: String, reason: String },
     #[error("network interface {iface}: {reason}")]
     Net { iface: String, reason: String },
+    #[error("streaming images to {peer}: {reason}")]
+    Stream { peer: String, reason: String },
 }
 
 /// Result with the agent's error type.

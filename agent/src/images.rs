@@ -10,6 +10,7 @@ use ckpt_proto::{read_image_file, write_image_file, ImageKind};
 
 use crate::error::{Error, Result};
 use crate::pages;
+use crate::stream::{Outbox, StreamTo};
 
 /// Name of the inventory file.
 pub const INVENTORY: &str = "inventory.img";
@@ -28,6 +29,9 @@ pub fn pages_name(pid: i32) -> String {
 pub struct ImageWriter {
     dir: PathBuf,
     entries: Mutex<Vec<FileEntry>>,
+    /// Streaming to another node's agent: `dir` is then a spool for the
+    /// small images, sent at the commit; pages go straight to the stream.
+    out: Option<std::sync::Arc<Outbox>>,
 }
 
 impl ImageWriter {
@@ -44,10 +48,38 @@ impl ImageWriter {
         Ok(ImageWriter {
             dir: dir.to_owned(),
             entries: Mutex::new(Vec::new()),
+            out: None,
         })
     }
 
-    /// The checkpoint directory.
+    /// Prepares a checkpoint streamed to `to` as level `dir`'s name, with
+    /// `dir` (on tmpfs) as the spool of its small images: what a later
+    /// level of the chain reads of its parent stays there.
+    pub fn streaming(dir: &Path, to: &StreamTo) -> Result<Self> {
+        let level = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut w = ImageWriter::create(dir)?;
+        w.out = Some(std::sync::Arc::new(Outbox::open(to, &level)?));
+        Ok(w)
+    }
+
+    /// Where the checkpoint goes, for reports: the directory, or the
+    /// stream's receiver and its directory there.
+    pub fn destination(&self) -> String {
+        match &self.out {
+            Some(o) => format!("{}:{}", o.peer(), o.dir()),
+            None => self.dir.display().to_string(),
+        }
+    }
+
+    /// The stream the checkpoint goes to, if it is streamed.
+    pub fn outbox(&self) -> Option<std::sync::Arc<Outbox>> {
+        self.out.clone()
+    }
+
+    /// The checkpoint directory (with a stream: its spool).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -90,6 +122,23 @@ impl ImageWriter {
         inv.files = self.entries.lock().expect("image list lock").clone();
         if let Some(k) = key {
             inv.signature = k.mac(&[&ckpt_proto::image::inventory_signing_bytes(&inv)]);
+        }
+        if let Some(out) = &self.out {
+            // The pages went as they were copied; the rest follows, the
+            // inventory last.
+            let paged: Vec<String> = inv
+                .files
+                .iter()
+                .filter(|f| !self.dir.join(&f.name).exists())
+                .map(|f| f.name.clone())
+                .collect();
+            for f in inv.files.iter().filter(|f| !paged.contains(&f.name)) {
+                out.send_file(&f.name, &self.dir.join(&f.name))?;
+            }
+            out.commit(&ckpt_proto::encode_image(
+                ImageKind::Inventory,
+                std::slice::from_ref(&inv),
+            ))?;
         }
         write_image_file(&self.dir.join(INVENTORY), ImageKind::Inventory, &inv)?;
         let d = std::fs::File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))?;

@@ -30,6 +30,7 @@ pub mod seize;
 pub mod serve;
 pub mod show;
 pub mod snapshot;
+pub mod stream;
 pub mod sys;
 pub mod task;
 pub mod track;

@@ -74,6 +74,8 @@ enum Cmd {
         /// parallel with the copy.
         #[arg(long, value_name = "ALG", default_value = "none")]
         compress: pages::Codec,
+        #[command(flatten)]
+        stream: StreamArgs,
     },
     /// Copy a tree's memory while it runs on, and track what it writes
     /// after, for a later `dump --parent` that writes only what changed.
@@ -94,6 +96,8 @@ enum Cmd {
         /// Compress page content: lz4, zstd or zstd:LEVEL (1-19).
         #[arg(long, value_name = "ALG", default_value = "none")]
         compress: pages::Codec,
+        #[command(flatten)]
+        stream: StreamArgs,
     },
     /// Recreate a checkpointed process with its PID.
     Restore {
@@ -221,11 +225,62 @@ enum Cmd {
         #[arg(long, value_name = "PATH")]
         user_socket: Option<PathBuf>,
     },
+    /// Receive checkpoints that other nodes' agents stream here
+    /// (`dump --stream-to`): each into a sub-directory of DIR named as the
+    /// sender's images directory, which exists once it is whole.
+    PageServer {
+        /// Where received checkpoints go.
+        #[arg(long, short = 'D')]
+        images: PathBuf,
+        /// Address to listen on (port 0: any free port; the address is
+        /// printed once listening).
+        #[arg(long, default_value = "0.0.0.0:7708")]
+        listen: String,
+        /// The cluster key file the senders hold too.
+        #[arg(long, default_value = "/etc/ckpt/cluster.key")]
+        key: PathBuf,
+    },
     /// Decode any image file.
     Show {
         /// The image file.
         path: PathBuf,
     },
+}
+
+/// Where a dump streams its images instead of writing them here.
+#[derive(clap::Args, Debug)]
+struct StreamArgs {
+    /// Stream the checkpoint into the page server (or agent inbox) at
+    /// HOST:PORT: pages go straight onto the connection; --images is then
+    /// a spool for the small images (put it on tmpfs), whose name names
+    /// the checkpoint there, and which a later --parent names.
+    #[arg(long, value_name = "HOST:PORT")]
+    stream_to: Option<String>,
+    /// The inbox at the receiving agent (none for a page server).
+    #[arg(long, requires = "stream_to", default_value = "")]
+    inbox: String,
+    /// The cluster key file the receiver holds too.
+    #[arg(
+        long = "key",
+        requires = "stream_to",
+        default_value = "/etc/ckpt/cluster.key"
+    )]
+    stream_key: PathBuf,
+}
+
+impl StreamArgs {
+    fn target(&self) -> Result<Option<ckpt_agent::stream::StreamTo>, String> {
+        let Some(addr) = &self.stream_to else {
+            return Ok(None);
+        };
+        let key = ckpt_proto::rpc::Key::load(&self.stream_key)
+            .map_err(|e| format!("{}: {e}", self.stream_key.display()))?;
+        Ok(Some(ckpt_agent::stream::StreamTo {
+            addr: addr.clone(),
+            key,
+            inbox: self.inbox.clone(),
+        }))
+    }
 }
 
 /// A progress bar on stderr, drawn only on a terminal.
@@ -285,7 +340,12 @@ fn main() -> ExitCode {
             parent,
             track_mem,
             compress,
+            stream,
         } => {
+            let stream = match stream.target() {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
             let req = dump::DumpRequest {
                 pid,
                 images,
@@ -300,6 +360,7 @@ fn main() -> ExitCode {
                 track_mem,
                 compress,
                 key: None,
+                stream,
             };
             run_dump(&req, cli.json, "dumped")
         }
@@ -309,7 +370,12 @@ fn main() -> ExitCode {
             parent,
             frozen_copy,
             compress,
+            stream,
         } => {
+            let stream = match stream.target() {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
             let req = dump::DumpRequest {
                 pid,
                 images,
@@ -324,6 +390,7 @@ fn main() -> ExitCode {
                 track_mem: true,
                 compress,
                 key: None,
+                stream,
             };
             run_dump(&req, cli.json, "pre-dumped")
         }
@@ -459,6 +526,29 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(e),
         },
+        Cmd::PageServer {
+            images,
+            listen,
+            key,
+        } => {
+            let json = cli.json;
+            let r = ckpt_agent::stream::page_server(&images, &listen, &key, |addr| {
+                if json {
+                    println!("{}", serde_json::json!({ "listening": addr }));
+                } else {
+                    println!(
+                        "page server listening on {addr}, receiving into {}",
+                        images.display()
+                    );
+                }
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            });
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(e),
+            }
+        }
         Cmd::Serve {
             listen,
             key,
@@ -560,12 +650,15 @@ fn run_dump(req: &dump::DumpRequest, json: bool, what: &str) -> ExitCode {
             if json {
                 println!("{}", serde_json::to_string(&r).expect("report serializes"));
             } else {
+                let into = match &r.streamed_to {
+                    Some(to) => format!("streamed to {to}"),
+                    None => format!("into {}", r.images.display()),
+                };
                 eprintln!(
-                    "{what} pid {} ({} threads, {} MiB of pages) into {} in {:.1} ms, frozen {:.1} ms",
+                    "{what} pid {} ({} threads, {} MiB of pages) {into} in {:.1} ms, frozen {:.1} ms",
                     r.pid,
                     r.threads,
                     r.pages_bytes >> 20,
-                    r.images.display(),
                     r.total_ms,
                     r.frozen_ms
                 );

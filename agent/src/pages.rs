@@ -272,6 +272,8 @@ pub struct DumpItem<'a> {
     pub extents: &'a [Extent],
     pub path: std::path::PathBuf,
     pub name: String,
+    /// The stream the pages file goes to instead of `path`, if any.
+    pub stream: Option<std::sync::Arc<crate::stream::Outbox>>,
     /// A stopped copy-on-write child of the process, forked while it was
     /// frozen: its copy-on-write extents are read from there, once the
     /// process runs again.
@@ -282,13 +284,46 @@ pub struct DumpItem<'a> {
     pub tracking: Option<ckpt_proto::image::Tracking>,
 }
 
+/// Where the copy threads write a pages file: a file here, or the same
+/// file of a checkpoint streamed to another node.
+pub enum PagesOut {
+    File {
+        file: File,
+        path: std::path::PathBuf,
+    },
+    Stream {
+        outbox: std::sync::Arc<crate::stream::Outbox>,
+        name: String,
+    },
+}
+
+impl PagesOut {
+    fn write_all_at(&self, data: &[u8], at: u64) -> Result<()> {
+        match self {
+            PagesOut::File { file, path } => {
+                file.write_all_at(data, at).map_err(|e| Error::io(path, e))
+            }
+            PagesOut::Stream { outbox, name } => outbox.write_at(name, at, data),
+        }
+    }
+
+    /// Sizes the file to `len` up front (a stream's file grows by its
+    /// chunks, which cover it).
+    fn set_len(&self, len: u64) -> Result<()> {
+        match self {
+            PagesOut::File { file, path } => file.set_len(len).map_err(|e| Error::io(path, e)),
+            PagesOut::Stream { .. } => Ok(()),
+        }
+    }
+}
+
 /// One process's pages file being filled.
 struct Out {
     runs: Vec<PageRun>,
     jobs: Vec<Job>,
     /// Bytes of page content.
     total: u64,
-    file: File,
+    file: PagesOut,
     mem: File,
     /// Compressed: where the next frame goes in the file.
     stored: std::sync::atomic::AtomicU64,
@@ -314,9 +349,18 @@ impl<'a> PageCopy<'a> {
         let mut outs = Vec::with_capacity(items.len());
         for it in items {
             let (runs, jobs, total) = plan(it.extents);
-            let file = File::create(&it.path).map_err(|e| Error::io(&it.path, e))?;
+            let file = match &it.stream {
+                Some(outbox) => PagesOut::Stream {
+                    outbox: outbox.clone(),
+                    name: it.name.clone(),
+                },
+                None => PagesOut::File {
+                    file: File::create(&it.path).map_err(|e| Error::io(&it.path, e))?,
+                    path: it.path.clone(),
+                },
+            };
             if codec == Codec::None {
-                file.set_len(total).map_err(|e| Error::io(&it.path, e))?;
+                file.set_len(total)?;
             }
             let mem_path = format!("/proc/{}/mem", it.pid);
             let mem = File::open(&mem_path).map_err(|e| Error::io(&mem_path, e))?;
@@ -418,9 +462,7 @@ impl<'a> PageCopy<'a> {
                     let b = &mut buf[..job.len as usize];
                     read_job(reads[i], mems[i].as_ref().unwrap_or(&o.mem), job, b)?;
                     let stored = if codec == Codec::None {
-                        o.file
-                            .write_all_at(b, job.file_off)
-                            .map_err(|e| Error::io(&it.path, e))?;
+                        o.file.write_all_at(b, job.file_off)?;
                         // Checksum while the chunk is still in cache.
                         Stored::Pieces(job_pieces(job, b))
                     } else {
@@ -434,9 +476,7 @@ impl<'a> PageCopy<'a> {
                         let at = o
                             .stored
                             .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                        o.file
-                            .write_all_at(data, at)
-                            .map_err(|e| Error::io(&it.path, e))?;
+                        o.file.write_all_at(data, at)?;
                         Stored::Frame(Frame {
                             offset: job.file_off,
                             len: job.len as u32,

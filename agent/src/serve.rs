@@ -26,6 +26,7 @@ use tracing::{info, warn};
 use crate::dump::{DumpRequest, DumpSession};
 use crate::error::{Error, Result};
 use crate::progress::Quiet;
+use crate::stream::StreamTo;
 
 /// How the service runs.
 #[derive(Debug, Clone)]
@@ -484,6 +485,16 @@ fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
                 break;
             }
         };
+        // Another node's agent streaming a level into an inbox here: the
+        // frames that follow are its chunks, not requests.
+        if let Some(msg::request::Body::Stream(open)) = &req.body {
+            let result = inbox_dir(state_dir, &open.inbox)
+                .and_then(|root| crate::stream::receive(&mut ch, req.id, &root, open));
+            if !crate::stream::answer(&mut ch, req.id, result) {
+                break;
+            }
+            continue;
+        }
         if let Err(e) = ch.send(&handler.respond(&req)) {
             warn!("{e}");
             break;
@@ -505,8 +516,12 @@ pub struct Handler {
     sessions_dir: PathBuf,
     jobs_dir: PathBuf,
     incoming_dir: PathBuf,
-    /// Part directories streamed on this connection (removed with it).
+    /// Part directories streamed on this connection, and its inboxes
+    /// (removed with it).
     staged: Vec<PathBuf>,
+    /// Where this connection's streamed dumps keep their small images, for
+    /// the next level of their chains (removed with it).
+    spool: Option<PathBuf>,
     /// The ckpt-agent binary that starts and restores parts.
     agent_exe: PathBuf,
     /// Who the requests come from, for the logs.
@@ -529,6 +544,9 @@ impl Drop for Handler {
         self.sessions.clear();
         for dir in self.staged.drain(..) {
             remove_staged(&dir);
+        }
+        if let Some(spool) = self.spool.take() {
+            let _ = std::fs::remove_dir_all(spool);
         }
         for (job, held) in self.held.drain() {
             warn!(
@@ -589,6 +607,7 @@ impl Handler {
             jobs_dir: jobs_dir(state_dir),
             incoming_dir: incoming_dir(state_dir),
             staged: Vec::new(),
+            spool: None,
             agent_exe: agent_exe.to_path_buf(),
             peer: peer.to_string(),
             key,
@@ -660,20 +679,28 @@ impl Handler {
                     "" => Default::default(),
                     c => c.parse().map_err(|reason| Error::Refused { pid, reason })?,
                 };
+                if p.pre_dump && p.stop_after_commit {
+                    return Err(Error::Refused {
+                        pid,
+                        reason: "a pre-dump leaves the part running: it cannot stop it".into(),
+                    });
+                }
+                let (images, parent, stream) = self.destination(p, pid)?;
                 let dreq = DumpRequest {
                     pid,
-                    images: PathBuf::from(&p.images),
+                    images,
                     leave_running: false,
                     snapshot: p.snapshot && !p.stop_after_commit,
                     tasks_in_parallel: true,
-                    pre_dump: false,
-                    parent: None,
+                    pre_dump: p.pre_dump,
+                    parent,
                     track_mem: false,
                     compress,
                     ext_unix_sk: p.ext_unix_sk,
                     shell_job: false,
                     tcp_established: p.tcp_established,
                     key: self.key.clone(),
+                    stream,
                 };
                 let id = self.next;
                 self.next += 1;
@@ -904,6 +931,26 @@ impl Handler {
                     killed: killed as u32,
                 }))
             }
+            Q::Inbox(i) => {
+                if req.uid != 0 {
+                    return Err(refuse(format!(
+                        "user {}: only root may have images streamed into an agent",
+                        req.uid
+                    )));
+                }
+                let name = random_name()?;
+                let dir = self.incoming_dir.join(format!("inbox-{name}"));
+                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                info!(peer = self.peer, job = i.job, dir = %dir.display(), "inbox open");
+                self.staged.push(dir.clone());
+                Ok(A::Inbox(msg::InboxReply {
+                    inbox: name,
+                    dir: dir.to_string_lossy().into_owned(),
+                }))
+            }
+            Q::Stream(_) => Err(refuse(
+                "a stream of images goes to an agent's network service, not through a relay".into(),
+            )),
             Q::SignManifest(m) => Ok(A::SignManifest(msg::SignManifestReply {
                 signature: self.sign_manifest(req.uid, &m.manifest)?,
             })),
@@ -922,6 +969,52 @@ impl Handler {
                     .collect(),
             })),
         }
+    }
+
+    /// Where the dump `p` asks for writes (its images directory, or with a
+    /// stream its spool here), its parent, and its stream.
+    fn destination(
+        &mut self,
+        p: &msg::PrepareRequest,
+        pid: i32,
+    ) -> Result<(PathBuf, Option<PathBuf>, Option<StreamTo>)> {
+        let refuse = |reason: String| Error::Refused { pid, reason };
+        let parent = (!p.parent.is_empty()).then_some(p.parent.as_str());
+        if p.stream_to.is_empty() {
+            return Ok((PathBuf::from(&p.images), parent.map(PathBuf::from), None));
+        }
+        let key = self.key.clone().ok_or_else(|| {
+            refuse("streaming to another agent needs the cluster key (a `ckpt-agent serve`)".into())
+        })?;
+        for name in std::iter::once(p.level.as_str()).chain(parent) {
+            if !crate::stream::name_ok(name) {
+                return Err(refuse(format!(
+                    "'{name}' cannot name a level of a streamed chain"
+                )));
+            }
+        }
+        let spool = match &self.spool {
+            Some(s) => s.clone(),
+            None => {
+                let s = crate::stream::spool_root().join(format!(
+                    "{}-{}",
+                    std::process::id(),
+                    random_name()?
+                ));
+                std::fs::create_dir_all(&s).map_err(|e| Error::io(&s, e))?;
+                self.spool = Some(s.clone());
+                s
+            }
+        };
+        Ok((
+            spool.join(&p.level),
+            parent.map(|n| spool.join(n)),
+            Some(StreamTo {
+                addr: p.stream_to.clone(),
+                key,
+                inbox: p.inbox.clone(),
+            }),
+        ))
     }
 
     /// Writes one chunk of a streamed checkpoint file into the part's
@@ -1084,6 +1177,31 @@ impl Handler {
 
 /// Removes a streamed part's directory (incoming/JOB/ID/part-P) and its
 /// checkpoint's and job's directories once empty.
+/// The directory of inbox `name` on this node (opened by a coordinator's
+/// connection, see [`Handler`]'s Inbox).
+fn inbox_dir(state_dir: &Path, name: &str) -> Result<PathBuf> {
+    let dir = incoming_dir(state_dir).join(format!("inbox-{name}"));
+    if !crate::stream::name_ok(name) || !dir.is_dir() {
+        return Err(Error::Job {
+            job: String::new(),
+            reason: format!(
+                "no inbox '{name}' on this node: a coordinator opens one before a stream into it"
+            ),
+        });
+    }
+    Ok(dir)
+}
+
+/// 16 random hex digits, for names no one else picks.
+fn random_name() -> Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| Error::io("/dev/urandom", e))?;
+    Ok(hex::encode(b))
+}
+
 fn remove_staged(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     for d in dir.ancestors().skip(1).take(2) {

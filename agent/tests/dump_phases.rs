@@ -32,6 +32,7 @@ fn request(pid: u32, images: &Path) -> DumpRequest {
         shell_job: false,
         tcp_established: false,
         key: None,
+        stream: None,
     }
 }
 

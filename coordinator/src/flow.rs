@@ -393,6 +393,7 @@ fn checkpoint_locked(
                 stop_after_commit: stop,
                 snapshot: !stop && !how.frozen_copy,
                 compress: how.compress.to_string(),
+                ..Default::default()
             }),
         )?;
         match r {

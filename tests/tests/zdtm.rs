@@ -583,6 +583,166 @@ mod incremental {
         );
     }
 
+    /// A page server (`ckpt-agent page-server`) on this machine, killed
+    /// when dropped.
+    struct PageServer {
+        child: std::process::Child,
+        addr: String,
+    }
+
+    impl PageServer {
+        fn start(root: &Path, key: &Path, dir: &Workdir) -> PageServer {
+            use std::io::BufRead;
+            let log = std::fs::File::create(dir.join("page-server.log")).unwrap();
+            let mut child = std::process::Command::new(ckpt_tests::agent_binary())
+                .arg("page-server")
+                .arg("--images")
+                .arg(root)
+                .args(["--listen", "127.0.0.1:0", "--key"])
+                .arg(key)
+                .stdout(std::process::Stdio::piped())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let addr = line
+                .split_whitespace()
+                .nth(4)
+                .map(|a| a.trim_end_matches(',').to_string())
+                .unwrap_or_else(|| panic!("page server said: {line}"));
+            PageServer { child, addr }
+        }
+    }
+
+    impl Drop for PageServer {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn key_file(dir: &Workdir) -> std::path::PathBuf {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = dir.join("cluster.key");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        let mut key = vec![0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut key)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &key).unwrap();
+        path
+    }
+
+    /// Whether `dir` holds a pages file.
+    fn has_pages(dir: &Path) -> bool {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("pages-"))
+    }
+
+    /// A chain streamed into a page server: `pre-dump` and `dump --parent`
+    /// with `--stream-to` write no page on the sending side (its spool
+    /// keeps the small images only); memory_writer, writing all along, is
+    /// restored exactly from what the server received. A stream cut by the
+    /// server's death fails the dump, leaves the tree running, and leaves
+    /// no checkpoint behind.
+    #[test]
+    fn streamed_chain_into_a_page_server() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        let dir = Workdir::new("incremental-streamed");
+        let key = key_file(&dir);
+        let (key_s, received) = (key.to_string_lossy().into_owned(), dir.join("received"));
+        let server = PageServer::start(&received, &key, &dir);
+        let spool = dir.join("spool");
+        let (pre, last) = (spool.join("pre"), spool.join("final"));
+        let mut case = CaseProcess::spawn(
+            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
+            "memory_writer",
+            &dir,
+        )
+        .unwrap();
+        case.wait_ready().unwrap();
+        let stream = ["--stream-to", &server.addr, "--key", &key_s];
+        let first = report("pre-dump", &case, &dir, &pre, None, &stream);
+        let full = first["pages_bytes"].as_u64().unwrap();
+        assert!(full >= 1024 << 20, "{first}");
+        assert!(
+            first["streamed_to"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("received/pre")),
+            "{first}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let mut flags = vec!["--leave-running"];
+        flags.extend_from_slice(&stream);
+        let second = report("dump", &case, &dir, &last, Some(&pre), &flags);
+        let last_bytes = second["pages_bytes"].as_u64().unwrap();
+        // The writer changes ~128 MiB/s while the first level streams.
+        assert!(last_bytes < full / 2, "{second}");
+        for d in [&pre, &last] {
+            assert!(!has_pages(d), "{} holds pages", d.display());
+        }
+        assert!(has_pages(&received.join("final")));
+        assert!(in_parent_bytes(&received.join("final")) >= full / 2);
+        case.terminate_and_check("original after the streamed dumps")
+            .unwrap();
+        if let Err(e) = restore_and_check(&mut case, &received.join("final"), &dir) {
+            panic!("{e}{}", dir.agent_report());
+        }
+
+        // The server dies while a pre-dump streams into it.
+        let dir = Workdir::new("incremental-streamed-cut");
+        let mut case = CaseProcess::spawn(
+            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
+            "memory_writer",
+            &dir,
+        )
+        .unwrap();
+        case.wait_ready().unwrap();
+        let cut = dir.join("received-cut");
+        let mut server = PageServer::start(&cut, &key, &dir);
+        let stream = ["--stream-to", &server.addr, "--key", &key_s];
+        let (pid, images) = (
+            case.pid.to_string(),
+            spool.join("cut").to_string_lossy().into_owned(),
+        );
+        let mut args = vec!["pre-dump", "--tree", &pid, "--images", &images];
+        args.extend_from_slice(&stream);
+        let killer = {
+            let pid = server.child.id() as i32;
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(150));
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            })
+        };
+        let run = agent(&args, &dir, "pre-dump-cut");
+        killer.join().unwrap();
+        let _ = server.child.wait();
+        assert!(
+            !run.ok() && run.stderr.contains("streaming images to"),
+            "{}",
+            run.describe()
+        );
+        assert!(!cut.join("cut/inventory.img").exists());
+        assert!(!spool.join("cut/inventory.img").exists());
+        case.terminate_and_check("running on after the cut stream")
+            .unwrap();
+    }
+
     /// A pre-dump holds memory only: restore refuses it, saying what to
     /// do; and a chain whose parent changed since is refused.
     #[test]
