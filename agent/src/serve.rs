@@ -661,6 +661,8 @@ impl Handler {
                         report_json: String::new(),
                         images_missing: true,
                     }));
+                } else if c.compat_only {
+                    crate::check::compatible(Path::new(&c.images))
                 } else {
                     crate::check::restorable(Path::new(&c.images))
                 };
@@ -798,6 +800,14 @@ impl Handler {
                     return Err(refuse(
                         "a part restored held needs its job id (the release names it)".into(),
                     ));
+                }
+                // Fault injection for tests: a node whose restores fail
+                // (what a migration does when its target cannot restore).
+                if std::env::var_os("CKPT_FAULT_RESTORE_FAILS").is_some() {
+                    return Err(refuse(format!(
+                        "fault injection: the restore of {} fails (CKPT_FAULT_RESTORE_FAILS)",
+                        r.images
+                    )));
                 }
                 let t = Instant::now();
                 // Recorded before it exists: an agent that dies mid-way
@@ -947,6 +957,31 @@ impl Handler {
                     inbox: name,
                     dir: dir.to_string_lossy().into_owned(),
                 }))
+            }
+            Q::Forward(f) => {
+                let dir = PathBuf::from(&f.dir);
+                if !self.staged.contains(&dir) {
+                    return Err(refuse(format!(
+                        "{} is not an inbox of this connection",
+                        f.dir
+                    )));
+                }
+                let key = self.key.clone().ok_or_else(|| {
+                    refuse("forwarding images needs the cluster key (a `ckpt-agent serve`)".into())
+                })?;
+                let to = StreamTo {
+                    addr: f.stream_to.clone(),
+                    key,
+                    inbox: f.inbox.clone(),
+                };
+                let mut bytes = 0;
+                for level in &f.levels {
+                    if !crate::stream::name_ok(level) {
+                        return Err(refuse(format!("'{level}' cannot name a level")));
+                    }
+                    bytes += crate::stream::forward(&dir.join(level), &to)?;
+                }
+                Ok(A::Forward(msg::ForwardReply { bytes }))
             }
             Q::Stream(_) => Err(refuse(
                 "a stream of images goes to an agent's network service, not through a relay".into(),

@@ -232,6 +232,27 @@ impl Outbox {
     }
 }
 
+/// Streams the checkpoint directory `dir` (received here) on to `to`, as
+/// a level of the same name; returns the bytes sent.
+pub fn forward(dir: &Path, to: &StreamTo) -> Result<u64> {
+    let level = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let inventory =
+        std::fs::read(dir.join(INVENTORY)).map_err(|e| Error::io(dir.join(INVENTORY), e))?;
+    let out = Outbox::open(to, &level)?;
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name != INVENTORY {
+            out.send_file(&name, &e.path())?;
+        }
+    }
+    out.commit(&inventory)?;
+    Ok(out.sent())
+}
+
 /// Receives the level `open` names into `root` over `ch`, the StreamOpen
 /// having been request `id`: answers the open, writes every chunk at its
 /// offset, and writes the inventory last once every file is durable.

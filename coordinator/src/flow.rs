@@ -65,13 +65,13 @@ pub struct Step {
 pub type OnStep<'a> = &'a (dyn Fn(&Step) + Sync);
 
 /// A recorder of timed steps.
-struct Steps<'a> {
-    done: Vec<Step>,
-    on_step: OnStep<'a>,
+pub(crate) struct Steps<'a> {
+    pub(crate) done: Vec<Step>,
+    pub(crate) on_step: OnStep<'a>,
 }
 
 impl Steps<'_> {
-    fn end(&mut self, step: impl Into<String>, since: Instant) {
+    pub(crate) fn end(&mut self, step: impl Into<String>, since: Instant) {
         let s = Step {
             step: step.into(),
             ms: ms(since),
@@ -166,20 +166,11 @@ pub struct NodeCheck {
     pub notes: Vec<String>,
 }
 
-/// A migration: the checkpoint that stopped the job and the restart that
-/// resumed it elsewhere.
-#[derive(Debug, Clone, Serialize)]
-pub struct MigrateReport {
-    pub checkpoint: CheckpointReport,
-    pub restart: RestartReport,
-    pub total_ms: f64,
-}
-
-fn ms(t: Instant) -> f64 {
+pub(crate) fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
-fn open(cluster: &Cluster, node: &str) -> Result<Link, FlowError> {
+pub(crate) fn open(cluster: &Cluster, node: &str) -> Result<Link, FlowError> {
     Link::open(cluster, node).map_err(|reason| FlowError::Node {
         step: "connect",
         node: node.to_string(),
@@ -190,7 +181,10 @@ fn open(cluster: &Cluster, node: &str) -> Result<Link, FlowError> {
 
 /// Runs `f` on every item at once, one scoped thread each, and returns
 /// the results in order.
-fn parallel<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut T) -> R + Sync) -> Vec<R> {
+pub(crate) fn parallel<T: Send, R: Send>(
+    items: &mut [T],
+    f: impl Fn(&mut T) -> R + Sync,
+) -> Vec<R> {
     std::thread::scope(|s| {
         let handles: Vec<_> = items
             .iter_mut()
@@ -207,17 +201,17 @@ fn parallel<T: Send, R: Send>(items: &mut [T], f: impl Fn(&mut T) -> R + Sync) -
 }
 
 /// One part's link during a checkpoint.
-struct Dumping {
-    part: String,
-    agent_job: String,
-    link: Link,
-    session: Option<u64>,
-    report: PartDump,
+pub(crate) struct Dumping {
+    pub(crate) part: String,
+    pub(crate) agent_job: String,
+    pub(crate) link: Link,
+    pub(crate) session: Option<u64>,
+    pub(crate) report: PartDump,
 }
 
 /// Runs `f` on every part's link at once and returns the first failure
 /// (by part order) with its node.
-fn on_all(
+pub(crate) fn on_all(
     conns: &mut [Dumping],
     f: impl Fn(&mut Dumping) -> Result<(), String> + Sync,
 ) -> Result<(), (String, String)> {
@@ -231,7 +225,7 @@ fn on_all(
 /// Undoes every prepared session and names what was undone. An agent
 /// that cannot be asked (it died) leaves its part to its successor, which
 /// thaws and unlocks it when it starts.
-fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
+pub(crate) fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
     let mut undone = Vec::new();
     let mut unreachable = Vec::new();
     for c in conns.iter_mut() {
@@ -265,7 +259,7 @@ fn abort_all(conns: &mut [Dumping], timeout: Duration) -> String {
 
 /// The error of a checkpoint whose `step` failed on a node, once every
 /// prepared part is aborted.
-fn aborted(
+pub(crate) fn aborted(
     conns: &mut [Dumping],
     step: &'static str,
     (node, reason): (String, String),
@@ -282,7 +276,7 @@ fn aborted(
 
 /// Whether parts of `spec` have a network namespace of their own, so that
 /// their established TCP connections are theirs to checkpoint.
-fn tcp_established(spec: &JobSpec) -> bool {
+pub(crate) fn tcp_established(spec: &JobSpec) -> bool {
     spec.parts.iter().any(|p| p.net || p.network.is_some())
 }
 
@@ -332,7 +326,7 @@ pub fn checkpoint(
     checkpoint_locked(cluster, store, job, how, on_step)
 }
 
-fn checkpoint_locked(
+pub(crate) fn checkpoint_locked(
     cluster: &Cluster,
     store: &Store,
     job: &str,
@@ -800,7 +794,11 @@ impl Drop for LaunchUndo {
 
 /// Kills `parts` through the links to their nodes (best effort) and says
 /// what was undone.
-fn kill_parts(links: &mut [&mut Link], parts: &[PartLaunched], timeout: Duration) -> String {
+pub(crate) fn kill_parts(
+    links: &mut [&mut Link],
+    parts: &[PartLaunched],
+    timeout: Duration,
+) -> String {
     let mut undone = Vec::new();
     for p in parts {
         let Some(link) = links.iter_mut().find(|l| l.node() == p.node) else {
@@ -933,6 +931,7 @@ fn check_part(
             timeout,
             Q::Check(msg::CheckRequest {
                 images: dir.to_string_lossy().into_owned(),
+                compat_only: false,
             }),
         )
     };
@@ -1047,7 +1046,7 @@ pub fn restart(
     restart_locked(cluster, store, job, checkpoint, nodes, pack, on_step)
 }
 
-fn restart_locked(
+pub(crate) fn restart_locked(
     cluster: &Cluster,
     store: &Store,
     job: &str,
@@ -1348,6 +1347,7 @@ pub fn check(
                 timeout,
                 Q::Check(msg::CheckRequest {
                     images: String::new(),
+                    compat_only: false,
                 }),
             )
         });
@@ -1365,92 +1365,6 @@ pub fn check(
             notes: Vec::new(),
         }
     }))
-}
-
-/// Moves job `job` to `to`: checks the target nodes' kernels first, then
-/// checkpoints it with `--stop` and restarts that checkpoint on `to`. If
-/// the restart there fails, the job is restarted from the same checkpoint
-/// on the nodes it came from, and the error says so.
-pub fn migrate(
-    cluster: &Cluster,
-    store: &Store,
-    job: &str,
-    to: &[String],
-    pack: bool,
-    on_step: OnStep<'_>,
-) -> Result<MigrateReport, FlowError> {
-    let t0 = Instant::now();
-    let _lock = store.lock_job(job, "migrate", false)?;
-    let spec = store.job_spec(job)?;
-    let from: Vec<String> = {
-        let mut v: Vec<String> = Vec::new();
-        for p in &spec.parts {
-            if let Some(n) = &p.node {
-                if !v.contains(n) {
-                    v.push(n.clone());
-                }
-            }
-        }
-        v
-    };
-    if from.len() > to.len() && !pack {
-        return Err(FlowError::Setup(format!(
-            "job {job} has parts on {} nodes ({}), but {} node{} given ({}); name {} nodes, \
-             or add --pack to put several nodes' parts on one",
-            from.len(),
-            from.join(", "),
-            to.len(),
-            if to.len() == 1 { " is" } else { "s are" },
-            to.join(", "),
-            from.len()
-        )));
-    }
-    // A node that cannot run the job at all refuses before it is touched.
-    let refused: Vec<String> = check(cluster, store, Some(to), None, pack)?
-        .into_iter()
-        .filter(|c| !c.ok)
-        .map(|c| format!("node {}: {}", c.node, c.missing.join("; ")))
-        .collect();
-    if !refused.is_empty() {
-        return Err(FlowError::Setup(format!(
-            "migration of job {job} refused before it was touched: {}",
-            refused.join("; ")
-        )));
-    }
-    let cp = checkpoint_locked(
-        cluster,
-        store,
-        job,
-        Finish {
-            stop: true,
-            ..Default::default()
-        },
-        on_step,
-    )?;
-    let id = cp.checkpoint.to_string();
-    match restart_locked(cluster, store, job, Some(&id), Some(to), pack, on_step) {
-        Ok(restart) => Ok(MigrateReport {
-            checkpoint: cp,
-            restart,
-            total_ms: ms(t0),
-        }),
-        Err(e) => {
-            let back = restart_locked(cluster, store, job, Some(&id), None, false, on_step);
-            Err(FlowError::Setup(match back {
-                Ok(_) => format!(
-                    "migration of job {job} to {} failed: {e}; the job was restarted from checkpoint {id} on {}, where it ran",
-                    to.join(","),
-                    from.join(",")
-                ),
-                Err(e2) => format!(
-                    "migration of job {job} to {} failed: {e}; restarting it back on {} failed too: {e2}; \
-                     the job is stopped, its checkpoint {id} is committed: restart it with `ckpt-coord restart {job} --nodes ...`",
-                    to.join(","),
-                    from.join(",")
-                ),
-            }))
-        }
-    }
 }
 
 /// Where each part of a job runs, as its node's agent sees it.

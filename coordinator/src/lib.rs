@@ -7,6 +7,7 @@ pub mod config;
 pub mod flow;
 pub mod jobspec;
 pub mod link;
+pub mod migrate;
 pub mod plan;
 pub mod store;
 pub mod time;

@@ -161,6 +161,23 @@ enum Cmd {
         /// Allow fewer nodes than the job has.
         #[arg(long)]
         pack: bool,
+        /// Move it through a checkpoint committed to the store (checkpoint
+        /// --stop, restart there) instead of streaming it from agent to
+        /// agent while it runs.
+        #[arg(long)]
+        via_store: bool,
+        /// Most pre-copy rounds while the job runs (0: stream everything
+        /// frozen).
+        #[arg(long, default_value_t = 4, conflicts_with = "via_store")]
+        rounds: u32,
+        /// Compress the streamed pages: lz4, zstd or zstd:LEVEL.
+        #[arg(
+            long,
+            value_name = "ALG",
+            default_value = "none",
+            conflicts_with = "via_store"
+        )]
+        compress: ckpt_agent::pages::Codec,
     },
 }
 
@@ -322,20 +339,49 @@ fn run(cli: &Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Migrate { job, to, pack } => {
-            let r = flow::migrate(&cluster, &store, job, &to.0, *pack, &progress(cli))?;
+        Cmd::Migrate {
+            job,
+            to,
+            pack,
+            via_store,
+            rounds,
+            compress,
+        } => {
+            let how = ckpt_coord::migrate::MigrateHow {
+                via_store: *via_store,
+                rounds: *rounds,
+                compress: *compress,
+            };
+            let r = ckpt_coord::migrate::migrate(
+                &cluster,
+                &store,
+                job,
+                &to.0,
+                *pack,
+                how,
+                &progress(cli),
+            )?;
             if cli.json {
                 println!(
                     "{}",
                     serde_json::to_string(&r).expect("a report serializes")
                 );
             } else {
+                let how = match &r.checkpoint {
+                    Some(cp) => format!("through checkpoint {}", cp.checkpoint),
+                    None => format!(
+                        "streamed in {} pre-copy round{} and a final {} MiB",
+                        r.precopy.len(),
+                        if r.precopy.len() == 1 { "" } else { "s" },
+                        r.final_level.as_ref().map_or(0, |l| l.pages_bytes >> 20)
+                    ),
+                };
                 println!(
-                    "job {} moved to {} in {:.0} ms (checkpoint {})",
-                    r.restart.job,
+                    "job {} moved to {} in {:.0} ms, {how}; it stood still {:.0} ms",
+                    r.job,
                     to.0.join(","),
                     r.total_ms,
-                    r.checkpoint.checkpoint
+                    r.frozen_ms
                 );
             }
             Ok(())

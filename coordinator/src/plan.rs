@@ -156,10 +156,60 @@ pub fn plan_restart(
     pack: bool,
 ) -> Result<RestartPlan, PlanError> {
     let spec = cp.spec()?;
+    let parts: Vec<(String, String, PathBuf)> = cp
+        .manifest
+        .parts
+        .iter()
+        .map(|p| (p.name.clone(), p.node.clone(), cp.part_dir(&p.name)))
+        .collect();
+    let Moves {
+        mapping,
+        orders,
+        unused,
+    } = plan_moves(
+        &format!("checkpoint {}", cp.label()),
+        &spec,
+        &parts,
+        cluster,
+        nodes,
+        pack,
+    )?;
+    Ok(RestartPlan {
+        job: cp.job.clone(),
+        checkpoint: cp.id.clone(),
+        mapping,
+        orders,
+        unused,
+        tcp_established: cp.options().tcp_established,
+    })
+}
+
+/// Parts mapped onto target nodes.
+#[derive(Debug, Clone)]
+pub struct Moves {
+    /// Each old node and the node that takes its parts.
+    pub mapping: Vec<(String, String)>,
+    /// What each target node's agent restores.
+    pub orders: Vec<RestoreOrder>,
+    /// Target nodes given but not needed.
+    pub unused: Vec<String>,
+}
+
+/// Where parts go: [`plan_restart`]'s mapping of old nodes onto `nodes`,
+/// for `parts` (name, node it is on or was dumped on, images) of job
+/// `spec`, named `what` in errors.
+pub fn plan_moves(
+    what: &str,
+    spec: &JobSpec,
+    parts: &[(String, String, PathBuf)],
+    cluster: &Cluster,
+    nodes: Option<&[String]>,
+    pack: bool,
+) -> Result<Moves, PlanError> {
     let mut old: Vec<&str> = Vec::new();
-    for p in &cp.manifest.parts {
-        if !old.contains(&p.node.as_str()) {
-            old.push(&p.node);
+    for (_, node, _) in parts {
+        if !old.contains(&node.as_str()) {
+            old.push(node);
         }
     }
     let (mapping, unused): (Vec<(String, String)>, Vec<String>) = match nodes {
@@ -167,9 +217,8 @@ pub fn plan_restart(
             for n in &old {
                 if cluster.node(n).is_none() {
                     return Err(PlanError::Placement(format!(
-                        "checkpoint {} was taken on node {n}, which is not in the cluster configuration {}; \
+                        "{what} was taken on node {n}, which is not in the cluster configuration {}; \
                          restart it elsewhere with --nodes (it needs {} node{})",
-                        cp.label(),
                         cluster.describe_source(),
                         old.len(),
                         if old.len() == 1 { "" } else { "s" }
@@ -187,9 +236,8 @@ pub fn plan_restart(
             }
             if list.is_empty() || (list.len() < old.len() && !pack) {
                 return Err(PlanError::Placement(format!(
-                    "checkpoint {} has parts on {} nodes ({}), but {} node{} given ({}); \
+                    "{what} has parts on {} nodes ({}), but {} node{} given ({}); \
                      name {} nodes, or add --pack to put several nodes' parts on one",
-                    cp.label(),
                     old.len(),
                     old.join(", "),
                     list.len(),
@@ -207,18 +255,18 @@ pub fn plan_restart(
         }
     };
     let mut orders: Vec<RestoreOrder> = Vec::new();
-    for p in &cp.manifest.parts {
+    for (name, node, images) in parts {
         let target = &mapping
             .iter()
-            .find(|(o, _)| *o == p.node)
-            .expect("every node of the checkpoint is mapped")
+            .find(|(o, _)| o == node)
+            .expect("every old node is mapped")
             .1;
         let restore = PartRestore {
-            part: p.name.clone(),
-            from_node: p.node.clone(),
-            images: cp.part_dir(&p.name),
-            agent_job: spec.agent_job_id(&p.name),
-            network: spec.part(&p.name).and_then(|s| s.network.clone()),
+            part: name.clone(),
+            from_node: node.clone(),
+            images: images.clone(),
+            agent_job: spec.agent_job_id(name),
+            network: spec.part(name).and_then(|s| s.network.clone()),
         };
         match orders.iter_mut().find(|o| &o.node == target) {
             Some(o) => o.parts.push(restore),
@@ -233,13 +281,10 @@ pub fn plan_restart(
             }
         }
     }
-    Ok(RestartPlan {
-        job: cp.job.clone(),
-        checkpoint: cp.id.clone(),
+    Ok(Moves {
         mapping,
         orders,
         unused,
-        tcp_established: cp.options().tcp_established,
     })
 }
 

@@ -1,8 +1,10 @@
 //! `ckpt-coord check` and `ckpt-coord migrate` on a 4-node lab: every
 //! node's agent probes its kernel; a stencil-tcp job launched on nodes 1
-//! and 2 is moved mid-run to nodes 3 and 4 in one command (its TCP
-//! connection with it), a checkpoint of it is checked against nodes 1 and
-//! 2, and it ends with an uninterrupted run's checksum.
+//! and 2 survives a move onto a node whose restores fail (it goes back and
+//! runs on), is moved mid-run to nodes 3 and 4 by streaming with pre-copy
+//! (its TCP connection with it), back to nodes 1 and 2 through the store,
+//! whose checkpoint is checked against nodes 3 and 4, and it ends with an
+//! uninterrupted run's checksum.
 
 use std::fs;
 use std::time::Duration;
@@ -12,7 +14,7 @@ use ckpt_tests::{
     wait_for, CoordCluster, JobCgroupGuard,
 };
 
-const ARGS: [&str; 6] = ["--size", "512", "--iters", "12000", "--every", "600"];
+const ARGS: [&str; 6] = ["--size", "512", "--iters", "24000", "--every", "600"];
 
 #[test]
 fn check_and_migrate_move_a_running_job_to_other_nodes() {
@@ -20,7 +22,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         return;
     }
     let want = stencil_tcp_reference(&ARGS);
-    let cl = CoordCluster::up("migrate", 4);
+    let mut cl = CoordCluster::up("migrate", 4);
     let k = cl.lab.number();
     let job = format!("mig{k}-{}", std::process::id());
     let _cgroups = ["r0", "r1"].map(|p| JobCgroupGuard(format!("{job}.{p}")));
@@ -67,26 +69,90 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         "the refused launch left its job in the store"
     );
     let to = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
+    let from = format!("{},{}", cl.lab.node(1).name(), cl.lab.node(2).name());
+
+    // Node 3 cannot restore: the streamed move fails once the sources have
+    // stopped, and the job goes back where it was, and runs on there.
+    cl.restart_agent(3, &[("CKPT_FAULT_RESTORE_FAILS", "1")]);
+    let before = progress_lines(&out);
+    let o = cl.coord(3, &["migrate", &job, "--to", &to]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "a move onto a failing node succeeded"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("CKPT_FAULT_RESTORE_FAILS")
+            && err.contains("sent back and restored where it was"),
+        "{err}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(30), || progress_lines(&out)
+            > before + 1),
+        "the job makes no progress after the failed move"
+    );
+    let spec_now = fs::read_to_string(cl.store().join(&job).join("job.toml")).unwrap();
+    assert!(
+        spec_now.contains(&format!("node = \"{}\"", cl.lab.node(1).name())),
+        "the failed move changed the job's nodes:\n{spec_now}"
+    );
+    cl.restart_agent(3, &[]);
+
+    // Streamed, live: pre-copy while it runs, then a short freeze.
     let o = cl.coord(3, &["--json", "migrate", &job, "--to", &to]);
     assert!(o.status.success(), "migrate failed");
     let m = json_of(&o);
+    assert_eq!(m["mode"], "streamed", "{m}");
+    assert!(
+        m["precopy"].as_array().is_some_and(|r| !r.is_empty()),
+        "no pre-copy round: {m}"
+    );
     for (part, node) in [("r0", 3), ("r1", 4)] {
         assert!(
-            m["restart"]["parts"]
+            m["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == part
+                    && x["node"] == cl.lab.node(node).name()
+                    && x["streamed_bytes"].as_u64().unwrap_or(0) > 0),
+            "part {part} not moved to node {node}: {m}"
+        );
+    }
+    // Nothing of it went to the store.
+    assert!(
+        !fs::read_dir(cl.store().join(&job))
+            .unwrap()
+            .flatten()
+            .any(|e| e.path().join(ckpt_proto::image::MANIFEST_FILE).exists()),
+        "a streamed move wrote a checkpoint"
+    );
+
+    // Back through the store, which keeps the checkpoint it took.
+    let o = cl.coord(
+        3,
+        &["--json", "migrate", &job, "--to", &from, "--via-store"],
+    );
+    assert!(o.status.success(), "migrate --via-store failed");
+    let m = json_of(&o);
+    assert_eq!(m["mode"], "store", "{m}");
+    for (part, node) in [("r0", 1), ("r1", 2)] {
+        assert!(
+            m["parts"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
-            "part {part} not moved to node {node}: {m}"
+            "part {part} not moved back to node {node}: {m}"
         );
     }
     assert!(
         checksum_line(&fs::read_to_string(&out).unwrap()).is_none(),
-        "the job had finished before the move: make it longer"
+        "the job had finished before the moves: make it longer"
     );
     // The checkpoint the move took, checked against the nodes it left.
     let cp = m["checkpoint"]["checkpoint"].as_str().unwrap().to_string();
-    let from = format!("{},{}", cl.lab.node(1).name(), cl.lab.node(2).name());
     let o = cl.coord(
         3,
         &[
@@ -95,7 +161,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
             "--checkpoint",
             &format!("{job}/{cp}"),
             "--nodes",
-            &from,
+            &to,
         ],
     );
     assert!(o.status.success(), "check of the checkpoint failed");
@@ -113,7 +179,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
     // Later operations find it where it went.
     let spec_now = fs::read_to_string(cl.store().join(&job).join("job.toml")).unwrap();
     assert!(
-        spec_now.contains(&format!("node = \"{}\"", cl.lab.node(3).name())),
+        spec_now.contains(&format!("node = \"{}\"", cl.lab.node(1).name())),
         "the job's spec does not name its new nodes:\n{spec_now}"
     );
     let CoordCluster { lab, agents, .. } = cl;

@@ -227,6 +227,7 @@ fn check_names_a_missing_kernel_feature() {
             0,
             Q::Check(msg::CheckRequest {
                 images: images.to_string_lossy().into_owned(),
+                compat_only: false,
             }),
         )
         .unwrap()

@@ -415,6 +415,22 @@ pub fn restorable(dir: &std::path::Path) -> Vec<String> {
     } else if let Err(e) = crate::images::chain(dir, &inv) {
         why.push(e.to_string());
     }
+    why.extend(incompatible(&inv));
+    why
+}
+
+/// Why this node cannot run what the checkpoint in `dir` was taken on (its
+/// CPU, kernel and the kernel features it needs), without checking the
+/// images themselves: empty if it can.
+pub fn compatible(dir: &std::path::Path) -> Vec<String> {
+    match crate::images::read_inventory(dir) {
+        Ok(inv) => incompatible(&inv),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+fn incompatible(inv: &ckpt_proto::image::Inventory) -> Vec<String> {
+    let mut why = Vec::new();
     match (fingerprint(), &inv.node) {
         (Ok(here), Some(n)) => why.extend(incompatibilities(n, &here)),
         (Ok(_), None) => why.push("the checkpoint does not say which node it was taken on".into()),
@@ -430,6 +446,11 @@ pub fn restorable(dir: &std::path::Path) -> Vec<String> {
         why.push(format!(
             "needs kernel feature {f}, which this ckpt does not know"
         ));
+    }
+    // (No features named: probing all of them would say nothing about
+    // this checkpoint.)
+    if known.is_empty() {
+        return why;
     }
     match run_probes(&known) {
         Ok(results) => why.extend(

@@ -1,0 +1,887 @@
+//! `ckpt-coord migrate`: moving a running job to other nodes.
+//!
+//! By default the move is streamed and live (iterative pre-copy): each
+//! source node's agent streams its part's memory straight into an inbox of
+//! the target node's agent while the part runs on (a pre-dump, its writes
+//! tracked from then on), then again only what changed, round after round
+//! while that shrinks; then every part is frozen together (the barrier of a
+//! checkpoint), only the last changes are streamed, the targets are checked
+//! against what was dumped, the sources stop their parts, and the targets
+//! restore them held and release them together. Nothing touches the source
+//! nodes' disks or the checkpoint store, and the job stands still only for
+//! the final increment and the restore.
+//!
+//! Until the sources stop their parts, any failure aborts and the job runs
+//! on where it was. A restore that fails on a target after that sends the
+//! streamed chain back to the source agents, which restore it there.
+//!
+//! `--via-store` moves the job through a committed checkpoint instead
+//! (checkpoint --stop, restart elsewhere), leaving that checkpoint behind.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ckpt_proto::rpc::msg::{self, request::Body as Q, response::Body as A};
+use serde::Serialize;
+
+use crate::config::{AgentAddr, Cluster};
+use crate::flow::{
+    aborted, check, checkpoint_locked, kill_parts, ms, on_all, open, parallel, restart_locked,
+    tcp_established, CheckpointReport, Dumping, Finish, FlowError, OnStep, PartDump, PartLaunched,
+    PartRestored, RestartReport, Step, Steps,
+};
+use crate::link::Link;
+use crate::plan::{self, RestoreOrder};
+use crate::store::Store;
+
+/// How `migrate` moves a job.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrateHow {
+    /// Through a committed checkpoint in the store (checkpoint --stop,
+    /// then restart), instead of streaming between the agents.
+    pub via_store: bool,
+    /// Most pre-copy rounds before the final freeze (0: the final dump
+    /// streams everything, frozen).
+    pub rounds: u32,
+    /// How the streamed levels store their page content.
+    pub compress: ckpt_agent::pages::Codec,
+}
+
+impl Default for MigrateHow {
+    fn default() -> Self {
+        MigrateHow {
+            via_store: false,
+            rounds: 4,
+            compress: Default::default(),
+        }
+    }
+}
+
+/// Pre-copy ends once a round streams less than this: the final increment
+/// would not get much smaller.
+const ROUND_SMALL: u64 = 64 << 20;
+
+/// One streamed level of every part.
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub level: String,
+    /// Bytes of pages streamed, all parts together.
+    pub pages_bytes: u64,
+    /// Longest any part stood still for it (as its agent measured).
+    pub frozen_ms: f64,
+    pub ms: f64,
+}
+
+/// A migration, as `ckpt-coord migrate` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub job: String,
+    /// "streamed" or "store".
+    pub mode: &'static str,
+    /// Each node the job was on and the node that took its parts.
+    pub mapping: Vec<(String, String)>,
+    /// Streamed: the rounds while the job ran on, then the frozen one.
+    pub precopy: Vec<Round>,
+    pub final_level: Option<Round>,
+    /// How long the job stood still: from the freeze of its parts to
+    /// their release on the new nodes.
+    pub frozen_ms: f64,
+    pub parts: Vec<PartRestored>,
+    /// Through the store: the checkpoint taken and the restart from it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<CheckpointReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartReport>,
+    pub steps: Vec<Step>,
+    pub total_ms: f64,
+}
+
+/// Moves job `job` to the nodes `to` (its nodes mapped onto them in
+/// order; `pack` lets several nodes' parts share one), as `how` says.
+/// Target nodes whose kernel cannot run the job refuse before it is
+/// touched.
+pub fn migrate(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    to: &[String],
+    pack: bool,
+    how: MigrateHow,
+    on_step: OnStep<'_>,
+) -> Result<MigrateReport, FlowError> {
+    let _lock = store.lock_job(job, "migrate", false)?;
+    let refused: Vec<String> = check(cluster, store, Some(to), None, pack)?
+        .into_iter()
+        .filter(|c| !c.ok)
+        .map(|c| format!("node {}: {}", c.node, c.missing.join("; ")))
+        .collect();
+    if !refused.is_empty() {
+        return Err(FlowError::Setup(format!(
+            "migration of job {job} refused before it was touched: {}",
+            refused.join("; ")
+        )));
+    }
+    if how.via_store {
+        via_store(cluster, store, job, to, pack, on_step)
+    } else {
+        streamed(cluster, store, job, to, pack, how, on_step)
+    }
+}
+
+/// The nodes job `spec`'s parts are on, in part order, without repeats.
+fn nodes_of(spec: &crate::jobspec::JobSpec) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for p in &spec.parts {
+        if let Some(n) = &p.node {
+            if !v.contains(n) {
+                v.push(n.clone());
+            }
+        }
+    }
+    v
+}
+
+/// Checkpoints the job with `--stop` and restarts that checkpoint on
+/// `to`. If the restart there fails, the job is restarted from the same
+/// checkpoint on the nodes it came from, and the error says so.
+fn via_store(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    to: &[String],
+    pack: bool,
+    on_step: OnStep<'_>,
+) -> Result<MigrateReport, FlowError> {
+    let t0 = Instant::now();
+    let from = nodes_of(&store.job_spec(job)?);
+    let cp = checkpoint_locked(
+        cluster,
+        store,
+        job,
+        Finish {
+            stop: true,
+            ..Default::default()
+        },
+        on_step,
+    )?;
+    let id = cp.checkpoint.to_string();
+    match restart_locked(cluster, store, job, Some(&id), Some(to), pack, on_step) {
+        Ok(restart) => {
+            let mut steps = cp.steps.clone();
+            steps.extend(restart.steps.iter().cloned());
+            Ok(MigrateReport {
+                job: job.to_string(),
+                mode: "store",
+                mapping: restart.mapping.clone(),
+                precopy: Vec::new(),
+                final_level: None,
+                // Stopped at the checkpoint's freeze, running again at the
+                // restart's release: about all of it.
+                frozen_ms: ms(t0),
+                parts: restart.parts.clone(),
+                checkpoint: Some(cp),
+                restart: Some(restart),
+                steps,
+                total_ms: ms(t0),
+            })
+        }
+        Err(e) => {
+            let back = restart_locked(cluster, store, job, Some(&id), None, false, on_step);
+            Err(FlowError::Setup(match back {
+                Ok(_) => format!(
+                    "migration of job {job} to {} failed: {e}; the job was restarted from checkpoint {id} on {}, where it ran",
+                    to.join(","),
+                    from.join(",")
+                ),
+                Err(e2) => format!(
+                    "migration of job {job} to {} failed: {e}; restarting it back on {} failed too: {e2}; \
+                     the job is stopped, its checkpoint {id} is committed: restart it with `ckpt-coord restart {job} --nodes ...`",
+                    to.join(","),
+                    from.join(",")
+                ),
+            }))
+        }
+    }
+}
+
+/// Where one part streams to.
+#[derive(Debug, Clone)]
+struct Route {
+    /// Index of its target node's order and link.
+    target: usize,
+    /// The target agent, as the source agent reaches it.
+    addr: String,
+    inbox: String,
+    /// The inbox's directory on the target node.
+    dir: PathBuf,
+}
+
+/// The address of a node's agent that other agents connect to.
+fn agent_addr(cluster: &Cluster, node: &str) -> Result<String, FlowError> {
+    match &cluster
+        .require_node(node)
+        .map_err(plan::PlanError::from)?
+        .agent
+    {
+        AgentAddr::Tcp { .. } => Ok(cluster
+            .require_node(node)
+            .map_err(plan::PlanError::from)?
+            .agent
+            .to_string()),
+        AgentAddr::InProcess => Err(FlowError::Setup(format!(
+            "node {node} has no agent service (the local-only cluster): a streamed migration \
+             goes from agent to agent; use --via-store"
+        ))),
+    }
+}
+
+fn streamed(
+    cluster: &Cluster,
+    store: &Store,
+    job: &str,
+    to: &[String],
+    pack: bool,
+    how: MigrateHow,
+    on_step: OnStep<'_>,
+) -> Result<MigrateReport, FlowError> {
+    let t0 = Instant::now();
+    let mut steps = Steps {
+        done: Vec::new(),
+        on_step,
+    };
+    let spec = store.job_spec(job)?;
+    let tcp = tcp_established(&spec);
+    let timeouts = cluster.timeouts;
+    let mut parts = Vec::new();
+    for p in &spec.parts {
+        let node = p.node.clone().ok_or_else(|| {
+            FlowError::Setup(format!(
+                "part {} of job {job} has no node in its recorded spec",
+                p.name
+            ))
+        })?;
+        parts.push((p.name.clone(), node, PathBuf::new()));
+    }
+    let plan::Moves {
+        mapping, orders, ..
+    } = plan::plan_moves(
+        &format!("job {job}"),
+        &spec,
+        &parts,
+        cluster,
+        Some(to),
+        pack,
+    )?;
+    for (_, node, _) in &parts {
+        agent_addr(cluster, node)?;
+    }
+
+    // One link per part on its source (its sessions live there), one per
+    // target node; an inbox there for each part.
+    let t = Instant::now();
+    let mut conns = Vec::new();
+    for (name, node, _) in &parts {
+        conns.push(Dumping {
+            part: name.clone(),
+            agent_job: spec.agent_job_id(name),
+            link: open(cluster, node)?,
+            session: None,
+            report: PartDump {
+                part: name.clone(),
+                node: node.clone(),
+                images: PathBuf::new(),
+                prepare_ms: 0.0,
+                dump_ms: 0.0,
+                frozen_ms: 0.0,
+                pages_bytes: 0,
+                snapshot_bytes: 0,
+            },
+        });
+    }
+    let mut targets: Vec<Link> = Vec::new();
+    let mut routes: HashMap<String, Route> = HashMap::new();
+    for (i, o) in orders.iter().enumerate() {
+        let mut link = open(cluster, &o.node)?;
+        let addr = agent_addr(cluster, &o.node)?;
+        for p in &o.parts {
+            let (inbox, dir) = open_inbox(&mut link, &p.agent_job, timeouts.connect)
+                .map_err(|reason| node_failed("open an inbox", &o.node, reason))?;
+            routes.insert(
+                p.part.clone(),
+                Route {
+                    target: i,
+                    addr: addr.clone(),
+                    inbox,
+                    dir,
+                },
+            );
+        }
+        targets.push(link);
+    }
+    steps.end("connect and open inboxes", t);
+
+    // Pre-copy, the job running.
+    let mut precopy: Vec<Round> = Vec::new();
+    let mut parent = String::new();
+    let mut sent: HashMap<String, u64> = HashMap::new();
+    let mut count = |conns: &[Dumping]| {
+        for c in conns {
+            *sent.entry(c.part.clone()).or_default() += c.report.pages_bytes;
+        }
+    };
+    for r in 1..=how.rounds {
+        let t = Instant::now();
+        let level = format!("pre-{r}");
+        let round = stream_level(
+            &mut conns, &routes, &level, &parent, true, tcp, how, timeouts,
+        )?;
+        count(&conns);
+        steps.end(
+            format!("pre-copy {level} ({} MiB)", round.pages_bytes >> 20),
+            t,
+        );
+        if r == 1 {
+            // Whether the targets can run what the sources run is known
+            // from the first level: refuse before anything stands still.
+            let t = Instant::now();
+            check_targets(&orders, &mut targets, &routes, &level, timeouts.connect).map_err(
+                |e| {
+                    FlowError::Setup(format!(
+                        "migration of job {job} refused: {e}; the job runs on where it was"
+                    ))
+                },
+            )?;
+            steps.end("check the targets", t);
+        }
+        let enough = round.pages_bytes < ROUND_SMALL
+            || precopy
+                .last()
+                .is_some_and(|p| round.pages_bytes * 4 > p.pages_bytes * 3);
+        parent = level;
+        precopy.push(round);
+        if enough {
+            break;
+        }
+    }
+
+    // The final level: every part frozen, the last changes streamed.
+    let frozen_at = Instant::now();
+    let t = Instant::now();
+    let last = stream_level(
+        &mut conns, &routes, "final", &parent, false, tcp, how, timeouts,
+    )?;
+    count(&conns);
+    steps.end(
+        format!("final dump, frozen ({} MiB)", last.pages_bytes >> 20),
+        t,
+    );
+    let t = Instant::now();
+    if let Err(e) = check_targets(&orders, &mut targets, &routes, "final", timeouts.connect) {
+        let undone = crate::flow::abort_all(&mut conns, timeouts.freeze);
+        return Err(FlowError::Setup(format!(
+            "migration of job {job} refused: {e}{undone}"
+        )));
+    }
+    // Every source still holds its part, frozen: past the stop below, the
+    // job lives in the targets' inboxes.
+    let confirmed = on_all(&mut conns, |c| {
+        let session = c.session.expect("prepared");
+        match c.link.call(
+            timeouts.freeze,
+            Q::Status(msg::StatusRequest { jobs: Vec::new() }),
+        )? {
+            A::Status(s) if s.sessions.contains(&session) => Ok(()),
+            A::Status(_) => Err(format!("no longer holds session {session}")),
+            other => Err(format!("answered status with {other:?}")),
+        }
+    });
+    if let Err(failure) = confirmed {
+        return Err(aborted(
+            &mut conns,
+            "confirm before the move",
+            failure,
+            timeouts.freeze,
+        ));
+    }
+    steps.end("check the targets and confirm", t);
+
+    // The sources stop their parts.
+    let t = Instant::now();
+    let finished = parallel(&mut conns, |c| {
+        let session = c.session.take().expect("prepared");
+        match c.link.call(
+            timeouts.freeze,
+            Q::Finish(msg::FinishRequest {
+                session,
+                stop: true,
+            }),
+        ) {
+            Ok(A::Finish(f)) => {
+                c.report.frozen_ms = f.frozen_ms;
+                Ok(())
+            }
+            Ok(other) => Err(format!("answered finish with {other:?}")),
+            Err(e) => Err(e),
+        }
+    });
+    let mut not_stopped = Vec::new();
+    let mut stopped: Vec<String> = Vec::new();
+    for (c, r) in conns.iter().zip(finished) {
+        match r {
+            Ok(()) => stopped.push(c.part.clone()),
+            Err(e) => not_stopped.push(format!("{}@{}: {e}", c.part, c.report.node)),
+        }
+    }
+    steps.end("stop the sources", t);
+
+    // The targets restore what stopped, held, and release it together.
+    let t = Instant::now();
+    let levels: Vec<String> = precopy
+        .iter()
+        .map(|r| r.level.clone())
+        .chain(std::iter::once("final".to_string()))
+        .collect();
+    let restored = restore_held(&orders, &mut targets, &routes, &stopped, tcp, timeouts);
+    let restored = match restored {
+        Ok(r) => r,
+        Err((done, node, reason)) => {
+            let undone = kill_restored(&mut targets, &done, timeouts.freeze);
+            let back = move_back(
+                cluster,
+                &mut conns,
+                &mut targets,
+                &routes,
+                &stopped,
+                &levels,
+                tcp,
+                timeouts,
+            );
+            return Err(FlowError::Setup(match back {
+                Ok(()) => format!(
+                    "migration of job {job}: restore failed on node {node}: {reason}{undone}; \
+                     the job was sent back and restored where it was, and runs there"
+                ),
+                Err(e) => format!(
+                    "migration of job {job}: restore failed on node {node}: {reason}{undone}; \
+                     sending it back failed too: {e}; its images stay on the target nodes only \
+                     until this command ends: the job is lost"
+                ),
+            }));
+        }
+    };
+    steps.end("restore on the targets (held)", t);
+    let t = Instant::now();
+    if let Err((node, reason)) = release(&mut targets, &restored, timeouts.freeze) {
+        let undone = kill_restored(&mut targets, &restored, timeouts.freeze);
+        let back = move_back(
+            cluster,
+            &mut conns,
+            &mut targets,
+            &routes,
+            &stopped,
+            &levels,
+            tcp,
+            timeouts,
+        );
+        return Err(FlowError::Setup(format!(
+            "migration of job {job}: release failed on node {node}: {reason}{undone}; {}",
+            match back {
+                Ok(()) => "the job was sent back and restored where it was, and runs there".into(),
+                Err(e) => format!("sending it back failed too: {e}: the job is lost"),
+            }
+        )));
+    }
+    steps.end("release on the targets", t);
+    let frozen_ms = ms(frozen_at);
+
+    // Later checkpoints find the parts where they now run.
+    let mut spec = spec;
+    for p in spec.parts.iter_mut() {
+        if let Some((_, r)) = restored.iter().find(|(_, r)| r.part == p.name) {
+            p.node = Some(r.node.clone());
+        }
+    }
+    store.record_spec(&spec).map_err(|e| {
+        FlowError::Setup(format!(
+            "job {job} was moved and runs, but its recorded spec could not be updated with \
+             its new nodes (a checkpoint would look for it where it was): {e}"
+        ))
+    })?;
+    if !not_stopped.is_empty() {
+        return Err(FlowError::Setup(format!(
+            "migration of job {job}: the parts that stopped were moved, but these sources \
+             could not stop theirs, which run on where they were: {}",
+            not_stopped.join("; ")
+        )));
+    }
+    let mut parts_report: Vec<PartRestored> = restored.into_iter().map(|(_, p)| p).collect();
+    for p in parts_report.iter_mut() {
+        p.streamed_bytes = sent.get(&p.part).copied().unwrap_or(0);
+    }
+    Ok(MigrateReport {
+        job: job.to_string(),
+        mode: "streamed",
+        mapping,
+        precopy,
+        final_level: Some(last),
+        frozen_ms,
+        parts: parts_report,
+        checkpoint: None,
+        restart: None,
+        steps: steps.done,
+        total_ms: ms(t0),
+    })
+}
+
+fn node_failed(step: &'static str, node: &str, reason: String) -> FlowError {
+    FlowError::Node {
+        step,
+        node: node.to_string(),
+        reason,
+        undone: "; nothing was changed".into(),
+    }
+}
+
+/// Opens an inbox for agent job `job` on `link`'s node: its name and
+/// directory.
+fn open_inbox(link: &mut Link, job: &str, timeout: Duration) -> Result<(String, PathBuf), String> {
+    match link.call(
+        timeout,
+        Q::Inbox(msg::InboxRequest {
+            job: job.to_string(),
+        }),
+    )? {
+        A::Inbox(i) => Ok((i.inbox, PathBuf::from(i.dir))),
+        other => Err(format!("answered inbox with {other:?}")),
+    }
+}
+
+/// Streams level `level` of every part (on `parent`, the previous level)
+/// into its inbox: a pre-dump (`pre`: the parts run on, each frozen only
+/// while its memory is captured), or the final dump (every part frozen
+/// and its network locked before any dumps, as for a checkpoint; left
+/// prepared). A failure aborts every session: the job runs on.
+#[allow(clippy::too_many_arguments)]
+fn stream_level(
+    conns: &mut [Dumping],
+    routes: &HashMap<String, Route>,
+    level: &str,
+    parent: &str,
+    pre: bool,
+    tcp: bool,
+    how: MigrateHow,
+    timeouts: crate::config::Timeouts,
+) -> Result<Round, FlowError> {
+    let t = Instant::now();
+    let prepared = on_all(conns, |c| {
+        let route = &routes[&c.part];
+        let r = c.link.call(
+            timeouts.freeze,
+            Q::Prepare(msg::PrepareRequest {
+                job: c.agent_job.clone(),
+                pid: 0,
+                images: String::new(),
+                tcp_established: tcp,
+                ext_unix_sk: false,
+                stop_after_commit: !pre,
+                snapshot: pre,
+                compress: how.compress.to_string(),
+                pre_dump: pre,
+                parent: parent.to_string(),
+                stream_to: route.addr.clone(),
+                inbox: route.inbox.clone(),
+                level: level.to_string(),
+            }),
+        )?;
+        match r {
+            A::Prepare(p) => {
+                c.session = Some(p.session);
+                c.report.prepare_ms = p.prepare_ms;
+                Ok(())
+            }
+            other => Err(format!("answered prepare with {other:?}")),
+        }
+    });
+    if let Err(failure) = prepared {
+        return Err(aborted(conns, "prepare", failure, timeouts.freeze));
+    }
+    let dumped = on_all(conns, |c| {
+        let session = c.session.expect("prepared");
+        match c
+            .link
+            .call(timeouts.dump, Q::Dump(msg::DumpPartRequest { session }))?
+        {
+            A::Dump(d) => {
+                c.report.dump_ms = d.dump_ms;
+                c.report.pages_bytes = d.pages_bytes;
+                c.report.snapshot_bytes = d.snapshot_bytes;
+                Ok(())
+            }
+            other => Err(format!("answered dump with {other:?}")),
+        }
+    });
+    if let Err(failure) = dumped {
+        return Err(aborted(conns, "dump", failure, timeouts.freeze));
+    }
+    let mut frozen_ms = 0.0f64;
+    if pre {
+        // The parts run on already (snapshots); this ends the sessions.
+        let finished = on_all(conns, |c| {
+            let session = c.session.take().expect("prepared");
+            match c.link.call(
+                timeouts.freeze,
+                Q::Finish(msg::FinishRequest {
+                    session,
+                    stop: false,
+                }),
+            )? {
+                A::Finish(f) => {
+                    c.report.frozen_ms = f.frozen_ms;
+                    Ok(())
+                }
+                other => Err(format!("answered finish with {other:?}")),
+            }
+        });
+        if let Err(failure) = finished {
+            return Err(aborted(
+                conns,
+                "finish a pre-dump",
+                failure,
+                timeouts.freeze,
+            ));
+        }
+        frozen_ms = conns.iter().map(|c| c.report.frozen_ms).fold(0.0, f64::max);
+    }
+    Ok(Round {
+        level: level.to_string(),
+        pages_bytes: conns.iter().map(|c| c.report.pages_bytes).sum(),
+        frozen_ms,
+        ms: ms(t),
+    })
+}
+
+/// Asks every target whether it can run its parts as level `level` shows
+/// them (kernel features and CPU; the restore verifies the images).
+fn check_targets(
+    orders: &[RestoreOrder],
+    targets: &mut [Link],
+    routes: &HashMap<String, Route>,
+    level: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut pairs: Vec<(&RestoreOrder, &mut Link)> =
+        orders.iter().zip(targets.iter_mut()).collect();
+    let answers = parallel(&mut pairs, |(o, link)| {
+        let mut why = Vec::new();
+        for p in &o.parts {
+            let dir = routes[&p.part].dir.join(level);
+            match link.call(
+                timeout,
+                Q::Check(msg::CheckRequest {
+                    images: dir.to_string_lossy().into_owned(),
+                    compat_only: true,
+                }),
+            ) {
+                Ok(A::Check(c)) if c.ok => {}
+                Ok(A::Check(c)) => why.push(format!(
+                    "node {} cannot run part {}: {}",
+                    o.node,
+                    p.part,
+                    c.missing.join("; ")
+                )),
+                Ok(other) => why.push(format!("node {}: answered check with {other:?}", o.node)),
+                Err(e) => why.push(format!("node {}: {e}", o.node)),
+            }
+        }
+        why
+    });
+    let why: Vec<String> = answers.into_iter().flatten().collect();
+    if why.is_empty() {
+        Ok(())
+    } else {
+        Err(why.join("; "))
+    }
+}
+
+/// A part restored held: its agent job and report.
+type Restored = (String, PartRestored);
+
+/// Restores the parts named in `which` from their inboxes' final level,
+/// held, each target node in parallel. On failure: what was restored, and
+/// the first node that failed and why.
+fn restore_held(
+    orders: &[RestoreOrder],
+    targets: &mut [Link],
+    routes: &HashMap<String, Route>,
+    which: &[String],
+    tcp: bool,
+    timeouts: crate::config::Timeouts,
+) -> Result<Vec<Restored>, (Vec<Restored>, String, String)> {
+    let mut pairs: Vec<(&RestoreOrder, &mut Link)> =
+        orders.iter().zip(targets.iter_mut()).collect();
+    let results = parallel(&mut pairs, |(o, link)| {
+        let mut out = Vec::new();
+        for p in o.parts.iter().filter(|p| which.contains(&p.part)) {
+            let images = routes[&p.part].dir.join("final");
+            let r = link.call(
+                timeouts.restore,
+                Q::Restore(msg::RestorePartRequest {
+                    images: images.to_string_lossy().into_owned(),
+                    job: p.agent_job.clone(),
+                    tcp_established: tcp,
+                    ext_unix_sk: false,
+                    bridge: o.bridge.clone(),
+                    hold: true,
+                }),
+            );
+            match r {
+                Ok(A::Restore(r)) => out.push((
+                    p.agent_job.clone(),
+                    PartRestored {
+                        part: p.part.clone(),
+                        node: o.node.clone(),
+                        pid: r.pid,
+                        restore_ms: r.restore_ms,
+                        streamed_bytes: 0,
+                    },
+                )),
+                Ok(other) => {
+                    return (
+                        out,
+                        Err(format!("part {}: answered restore with {other:?}", p.part)),
+                    )
+                }
+                Err(e) => return (out, Err(format!("part {}: {e}", p.part))),
+            }
+        }
+        (out, Ok(()))
+    });
+    let mut done = Vec::new();
+    let mut failure = None;
+    for ((d, r), o) in results.into_iter().zip(orders) {
+        done.extend(d);
+        if let (Err(e), None) = (r, &failure) {
+            failure = Some((o.node.clone(), e));
+        }
+    }
+    match failure {
+        None => Ok(done),
+        Some((node, reason)) => Err((done, node, reason)),
+    }
+}
+
+/// Releases the parts restored held, every target at once.
+fn release(
+    targets: &mut [Link],
+    restored: &[Restored],
+    timeout: Duration,
+) -> Result<(), (String, String)> {
+    let mut per_link: Vec<(&mut Link, Vec<String>)> = targets
+        .iter_mut()
+        .map(|l| {
+            let jobs = restored
+                .iter()
+                .filter(|(_, p)| p.node == l.node())
+                .map(|(j, _)| j.clone())
+                .collect();
+            (l, jobs)
+        })
+        .collect();
+    let released = parallel(&mut per_link, |(link, jobs)| {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let node = link.node().to_string();
+        match link.call(
+            timeout,
+            Q::Release(msg::ReleaseRequest { jobs: jobs.clone() }),
+        ) {
+            Ok(A::Release(_)) => Ok(()),
+            Ok(other) => Err((node, format!("answered release with {other:?}"))),
+            Err(e) => Err((node, e)),
+        }
+    });
+    released.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+}
+
+/// Kills parts restored held on the targets; says what was undone.
+fn kill_restored(targets: &mut [Link], restored: &[Restored], timeout: Duration) -> String {
+    let parts: Vec<PartLaunched> = restored
+        .iter()
+        .map(|(j, p)| PartLaunched {
+            part: p.part.clone(),
+            node: p.node.clone(),
+            agent_job: j.clone(),
+            pid: p.pid,
+            output: None,
+        })
+        .collect();
+    let mut refs: Vec<&mut Link> = targets.iter_mut().collect();
+    kill_parts(&mut refs, &parts, timeout)
+}
+
+/// Sends the chains of the parts in `which` back from the targets'
+/// inboxes to their source agents and restores them there, held, then
+/// releases them together: a move that failed on a target leaves the job
+/// where it was.
+#[allow(clippy::too_many_arguments)]
+fn move_back(
+    cluster: &Cluster,
+    conns: &mut [Dumping],
+    targets: &mut [Link],
+    routes: &HashMap<String, Route>,
+    which: &[String],
+    levels: &[String],
+    tcp: bool,
+    timeouts: crate::config::Timeouts,
+) -> Result<(), String> {
+    let mut held: Vec<usize> = Vec::new();
+    for (i, c) in conns.iter_mut().enumerate() {
+        if !which.contains(&c.part) {
+            continue;
+        }
+        let route = &routes[&c.part];
+        let node = cluster
+            .require_node(&c.report.node)
+            .map_err(|e| e.to_string())?;
+        let addr = node.agent.to_string();
+        let (inbox, dir) = open_inbox(&mut c.link, &c.agent_job, timeouts.connect)?;
+        match targets[route.target].call(
+            timeouts.restore,
+            Q::Forward(msg::ForwardRequest {
+                dir: route.dir.to_string_lossy().into_owned(),
+                levels: levels.to_vec(),
+                stream_to: addr,
+                inbox,
+            }),
+        )? {
+            A::Forward(_) => {}
+            other => return Err(format!("answered forward with {other:?}")),
+        }
+        match c.link.call(
+            timeouts.restore,
+            Q::Restore(msg::RestorePartRequest {
+                images: dir.join("final").to_string_lossy().into_owned(),
+                job: c.agent_job.clone(),
+                tcp_established: tcp,
+                ext_unix_sk: false,
+                bridge: node.bridge.clone(),
+                hold: true,
+            }),
+        )? {
+            A::Restore(_) => held.push(i),
+            other => return Err(format!("answered restore with {other:?}")),
+        }
+    }
+    for i in held {
+        let c = &mut conns[i];
+        c.link.call(
+            timeouts.freeze,
+            Q::Release(msg::ReleaseRequest {
+                jobs: vec![c.agent_job.clone()],
+            }),
+        )?;
+    }
+    Ok(())
+}
