@@ -111,6 +111,19 @@ pub fn migrate(
     on_step: OnStep<'_>,
 ) -> Result<MigrateReport, FlowError> {
     let _lock = store.lock_job(job, "migrate", false)?;
+    let from = nodes_of(&store.job_spec(job)?);
+    if from.len() > to.len() && !pack {
+        return Err(FlowError::Setup(format!(
+            "job {job} has parts on {} nodes ({}), but {} node{} given ({}); name {} nodes, \
+             or add --pack to put several nodes' parts on one",
+            from.len(),
+            from.join(", "),
+            to.len(),
+            if to.len() == 1 { " is" } else { "s are" },
+            to.join(", "),
+            from.len()
+        )));
+    }
     let refused: Vec<String> = check(cluster, store, Some(to), None, pack)?
         .into_iter()
         .filter(|c| !c.ok)
