@@ -27,7 +27,9 @@
 //! working size before each measured step; see docs/PERFORMANCE.md),
 //! `--json` (table on stderr, one JSON line on stdout), `--lazy` (restore
 //! with --lazy-pages: the table's restore time is until the target runs),
-//! `--compress ALG`
+//! `--stream` (the dumps stream into a page server in a thread of the
+//! bench, over loopback, authenticated; the restores read what it
+//! received), `--compress ALG`
 //! (the dump/restore cycles store page content compressed: lz4, zstd,
 //! zstd:N), `--thp` (the
 //! target asks for transparent huge pages with MADV_HUGEPAGE; this
@@ -569,11 +571,73 @@ fn check_content(pid: i32, base: usize, len: usize) -> Result<usize> {
     Ok(pages.len())
 }
 
-fn cycle(len: usize, tag: &str, warm: bool, compress: Codec, lazy: bool) -> Result<Cycle> {
-    let dir = ImageDir(PathBuf::from(format!(
-        "/dev/shm/ckpt-bench-{}-{tag}",
-        std::process::id()
-    )));
+/// A page server in a thread of the bench, receiving into /dev/shm.
+struct Streaming {
+    to: ckpt_agent::stream::StreamTo,
+    root: PathBuf,
+    key: PathBuf,
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+        let _ = std::fs::remove_file(&self.key);
+    }
+}
+
+/// Starts a page server on loopback with a fresh cluster key.
+fn start_page_server() -> Result<Streaming> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let id = std::process::id();
+    let key = PathBuf::from(format!("/dev/shm/ckpt-bench-{id}.key"));
+    let mut bytes = [0u8; 32];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    std::io::Write::write_all(
+        &mut std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&key)?,
+        &bytes,
+    )?;
+    let root = PathBuf::from(format!("/dev/shm/ckpt-bench-{id}-received"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (r, k) = (root.clone(), key.clone());
+    std::thread::spawn(move || {
+        if let Err(e) = ckpt_agent::stream::page_server(&r, "127.0.0.1:0", &k, |a| {
+            let _ = tx.send(a);
+        }) {
+            eprintln!("page server: {e}");
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(5))
+        .context("the page server did not start")?;
+    Ok(Streaming {
+        to: ckpt_agent::stream::StreamTo {
+            addr: addr.to_string(),
+            key: ckpt_proto::rpc::Key::load(&key)?,
+            inbox: String::new(),
+        },
+        root,
+        key,
+    })
+}
+
+fn cycle(
+    len: usize,
+    tag: &str,
+    warm: bool,
+    compress: Codec,
+    lazy: bool,
+    stream: Option<&Streaming>,
+) -> Result<Cycle> {
+    let name = format!("ckpt-bench-{}-{tag}", std::process::id());
+    // Streamed: the dump's directory is the spool of its small images,
+    // the restore reads what the page server received.
+    let dir = ImageDir(PathBuf::from(format!("/dev/shm/{name}")));
+    let received = stream.map(|s| ImageDir(s.root.join(&name)));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0)?;
 
@@ -585,6 +649,7 @@ fn cycle(len: usize, tag: &str, warm: bool, compress: Codec, lazy: bool) -> Resu
     perf_ctl("dump", true);
     let d = dump(&DumpRequest {
         compress,
+        stream: stream.map(|s| s.to.clone()),
         ..request(pid, &dir.0, false, false)
     });
     perf_ctl("dump", false);
@@ -605,7 +670,7 @@ fn cycle(len: usize, tag: &str, warm: bool, compress: Codec, lazy: bool) -> Resu
     }
     perf_ctl("restore", true);
     let r = restore(&RestoreRequest {
-        images: dir.0.clone(),
+        images: received.as_ref().map_or(&dir.0, |r| &r.0).clone(),
         detach: true,
         pidfile: None,
         ext_unix_sk: false,
@@ -632,6 +697,7 @@ fn cycle(len: usize, tag: &str, warm: bool, compress: Codec, lazy: bool) -> Resu
     let check_ms = t.elapsed().as_secs_f64() * 1e3;
     restored.kill();
     drop(dir);
+    drop(received);
     Ok(Cycle {
         dump: d,
         restore: r,
@@ -1132,6 +1198,7 @@ struct Args {
     incremental: bool,
     compress: Codec,
     lazy: bool,
+    stream: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -1144,6 +1211,7 @@ fn parse_args() -> Result<Args> {
         incremental: false,
         compress: Codec::None,
         lazy: false,
+        stream: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -1162,6 +1230,7 @@ fn parse_args() -> Result<Args> {
             "--snapshot" => a.snapshot = true,
             "--incremental" => a.incremental = true,
             "--lazy" => a.lazy = true,
+            "--stream" => a.stream = true,
             "--compress" => {
                 let v = it.next().context("--compress needs lz4, zstd or zstd:N")?;
                 a.compress = v.parse().map_err(anyhow::Error::msg)?;
@@ -1202,6 +1271,7 @@ fn main() -> Result<()> {
     // Cold first touch before anything else has touched memory in this run.
     let cold = first_touch(lim_len(args.sizes.iter().cloned().fold(0.0, f64::max)))?;
 
+    let streaming = args.stream.then(start_page_server).transpose()?;
     let mut limits: Vec<Limits> = Vec::new();
     let mut all_rows = Vec::new();
     let mut runs = Vec::new();
@@ -1226,6 +1296,7 @@ fn main() -> Result<()> {
                 args.warm,
                 args.compress,
                 args.lazy,
+                streaming.as_ref(),
             )?;
             if let Some(l) = &c.restore.lazy {
                 writeln!(
@@ -1252,7 +1323,12 @@ fn main() -> Result<()> {
     }
     writeln!(
         human,
-        "\ndump/restore to /dev/shm, memory {} ({} reps per size):",
+        "\ndump/restore to /dev/shm{}, memory {} ({} reps per size):",
+        if args.stream {
+            " (dumps streamed over loopback into a page server there)"
+        } else {
+            ""
+        },
         if args.warm {
             "prewarmed (1.25x touched and freed before each step)"
         } else {
@@ -1264,6 +1340,7 @@ fn main() -> Result<()> {
     if args.json {
         let line = json!({
             "bench": "dump_restore",
+            "streamed": args.stream,
             "prewarmed": args.warm,
             "reps": args.reps,
             "limits": limits,

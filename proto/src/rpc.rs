@@ -13,8 +13,9 @@
 //! recorded exchange cannot be replayed, and the role tags keep one side's
 //! proof from serving as the other's.
 //!
-//! Every frame after the handshake carries an HMAC-SHA256, under a session
-//! key derived from the cluster key and both nonces, over its direction,
+//! Every frame after the handshake carries a MAC (keyed BLAKE3, 32 bytes),
+//! under a session key derived (HMAC-SHA256) from the cluster key and both
+//! nonces, over its direction,
 //! its sequence number and its body. A proof alone does not bind the rest
 //! of the connection: someone who could make a key holder run a handshake
 //! with them (an agent relaying a user's requests, see the user socket)
@@ -37,7 +38,7 @@ pub mod msg {
 
 /// Version of the wire protocol this build speaks (2: frames after the
 /// handshake are authenticated).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Bytes of the MAC at the end of an authenticated frame.
 const FRAME_MAC_LEN: usize = 32;
 /// Frames larger than this are refused (a broken or hostile peer).
@@ -175,7 +176,10 @@ pub struct Channel {
 
 /// The per-connection key and sequence numbers of an authenticated channel.
 struct Session {
-    key: Key,
+    /// Keys the frame MACs: BLAKE3 in keyed mode, which runs about four
+    /// times as fast as HMAC-SHA256 here, and a stream of images sends
+    /// gigabytes.
+    key: [u8; 32],
     /// Whether this end is the coordinator's (the direction of its frames).
     coordinator: bool,
     sent: u64,
@@ -186,17 +190,35 @@ impl Session {
     /// The session of the connection whose handshake had the agent's nonce
     /// `na` and the coordinator's `nc`, under cluster key `key`.
     fn new(key: &Key, na: &[u8], nc: &[u8], coordinator: bool) -> Session {
+        let derived = key.mac(&[b"ckpt-rpc-v3 session", na, nc]);
         Session {
-            key: Key(key.mac(&[b"ckpt-rpc-v2 session", na, nc])),
+            key: derived.try_into().expect("HMAC-SHA256 gives 32 bytes"),
             coordinator,
             sent: 0,
             received: 0,
         }
     }
 
-    fn mac(&self, from_coordinator: bool, seq: u64, body: &[u8]) -> Vec<u8> {
+    fn frame_mac(&self, from_coordinator: bool, seq: u64, body: &[u8]) -> blake3::Hash {
         let dir: &[u8] = if from_coordinator { b"c>a" } else { b"a>c" };
-        self.key.mac(&[dir, &seq.to_le_bytes(), body])
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(dir);
+        h.update(&seq.to_le_bytes());
+        h.update(body);
+        h.finalize()
+    }
+
+    fn mac(&self, from_coordinator: bool, seq: u64, body: &[u8]) -> [u8; 32] {
+        *self.frame_mac(from_coordinator, seq, body).as_bytes()
+    }
+
+    /// Whether `mac` is the MAC of frame `seq` from the peer (compared in
+    /// constant time).
+    fn verify(&self, seq: u64, body: &[u8], mac: &[u8]) -> bool {
+        let Ok(mac): Result<[u8; 32], _> = mac.try_into() else {
+            return false;
+        };
+        self.frame_mac(!self.coordinator, seq, body) == blake3::Hash::from(mac)
     }
 }
 
@@ -427,11 +449,7 @@ impl Channel {
             return Err(bad());
         }
         let n = body.len() - FRAME_MAC_LEN;
-        let dir: &[u8] = if s.coordinator { b"a>c" } else { b"c>a" };
-        if !s
-            .key
-            .verify(&[dir, &s.received.to_le_bytes(), &body[..n]], &body[n..])
-        {
+        if !s.verify(s.received, &body[..n], &body[n..]) {
             return Err(bad());
         }
         s.received += 1;
@@ -691,7 +709,7 @@ mod tests {
         raw.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
         raw.write_all(&body).unwrap();
         let e = h.join().unwrap().err().expect("refused");
-        assert!(e.to_string().contains("version 99, this side 2"), "{e}");
+        assert!(e.to_string().contains("version 99, this side 3"), "{e}");
     }
 
     #[test]
