@@ -32,6 +32,9 @@ pub struct ImageWriter {
     /// Streaming to another node's agent: `dir` is then a spool for the
     /// small images, sent at the commit; pages go straight to the stream.
     out: Option<std::sync::Arc<Outbox>>,
+    /// Raw files written into `dir` (tmpfs archives, SysV segments): with
+    /// a stream, removed from the spool once sent.
+    raw: Mutex<Vec<String>>,
 }
 
 impl ImageWriter {
@@ -49,6 +52,7 @@ impl ImageWriter {
             dir: dir.to_owned(),
             entries: Mutex::new(Vec::new()),
             out: None,
+            raw: Mutex::new(Vec::new()),
         })
     }
 
@@ -107,6 +111,10 @@ impl ImageWriter {
         let path = self.dir.join(name);
         let (size, crc) = stream_crc(&path)?;
         self.record(name, size, crc);
+        self.raw
+            .lock()
+            .expect("raw list lock")
+            .push(name.to_string());
         Ok(())
     }
 
@@ -139,6 +147,10 @@ impl ImageWriter {
                 ImageKind::Inventory,
                 std::slice::from_ref(&inv),
             ))?;
+            // What the next level reads of this one stays; the bulk goes.
+            for name in self.raw.lock().expect("raw list lock").drain(..) {
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
         }
         write_image_file(&self.dir.join(INVENTORY), ImageKind::Inventory, &inv)?;
         let d = std::fs::File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))?;

@@ -350,10 +350,15 @@ impl<'a> PageCopy<'a> {
         for it in items {
             let (runs, jobs, total) = plan(it.extents);
             let file = match &it.stream {
-                Some(outbox) => PagesOut::Stream {
-                    outbox: outbox.clone(),
-                    name: it.name.clone(),
-                },
+                Some(outbox) => {
+                    // The file exists there even if nothing is copied into
+                    // it (a process that changed nothing since the parent).
+                    outbox.write_at(&it.name, 0, &[])?;
+                    PagesOut::Stream {
+                        outbox: outbox.clone(),
+                        name: it.name.clone(),
+                    }
+                }
                 None => PagesOut::File {
                     file: File::create(&it.path).map_err(|e| Error::io(&it.path, e))?,
                     path: it.path.clone(),

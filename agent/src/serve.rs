@@ -415,7 +415,22 @@ pub fn recover(state_dir: &Path) -> Result<()> {
     }
     crate::netlock::recover(None)?;
     crate::cgroup::recover_frozen()?;
+    remove_dead_spools();
     Ok(())
+}
+
+/// Removes the stream spools of agents that are gone (named PID-RANDOM).
+fn remove_dead_spools() {
+    let Ok(rd) = std::fs::read_dir(crate::stream::spool_root()) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let owner = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if owner.is_some_and(|p| p != std::process::id() && !alive(p)) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn alive(pid: u32) -> bool {
@@ -488,8 +503,19 @@ fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
         // Another node's agent streaming a level into an inbox here: the
         // frames that follow are its chunks, not requests.
         if let Some(msg::request::Body::Stream(open)) = &req.body {
-            let result = inbox_dir(state_dir, &open.inbox)
-                .and_then(|root| crate::stream::receive(&mut ch, req.id, &root, open));
+            let result = if req.uid != 0 {
+                // Relayed for a user: what a user streams, the user chose.
+                Err(Error::Job {
+                    job: String::new(),
+                    reason: format!(
+                        "user {}: only agents (root, with the cluster key) stream images",
+                        req.uid
+                    ),
+                })
+            } else {
+                inbox_dir(state_dir, &open.inbox)
+                    .and_then(|root| crate::stream::receive(&mut ch, req.id, &root, open))
+            };
             if !crate::stream::answer(&mut ch, req.id, result) {
                 break;
             }
@@ -677,6 +703,17 @@ impl Handler {
                 let t = Instant::now();
                 let pid = self.root_of(p)?;
                 check_owner(req.uid, pid)?;
+                if req.uid != 0 && !p.stream_to.is_empty() {
+                    // A stream is signed with the cluster key: where it goes
+                    // is root's to choose.
+                    return Err(Error::Refused {
+                        pid,
+                        reason: format!(
+                            "user {}: only root may stream a checkpoint to another agent",
+                            req.uid
+                        ),
+                    });
+                }
                 let compress = match p.compress.as_str() {
                     "" => Default::default(),
                     c => c.parse().map_err(|reason| Error::Refused { pid, reason })?,
@@ -950,7 +987,7 @@ impl Handler {
                 }
                 let name = random_name()?;
                 let dir = self.incoming_dir.join(format!("inbox-{name}"));
-                std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+                private_dir(&dir)?;
                 info!(peer = self.peer, job = i.job, dir = %dir.display(), "inbox open");
                 self.staged.push(dir.clone());
                 Ok(A::Inbox(msg::InboxReply {
@@ -959,6 +996,12 @@ impl Handler {
                 }))
             }
             Q::Forward(f) => {
+                if req.uid != 0 {
+                    return Err(refuse(format!(
+                        "user {}: only root may forward images to another agent",
+                        req.uid
+                    )));
+                }
                 let dir = PathBuf::from(&f.dir);
                 if !self.staged.contains(&dir) {
                     return Err(refuse(format!(
@@ -1036,7 +1079,7 @@ impl Handler {
                     std::process::id(),
                     random_name()?
                 ));
-                std::fs::create_dir_all(&s).map_err(|e| Error::io(&s, e))?;
+                private_dir(&s)?;
                 self.spool = Some(s.clone());
                 s
             }
@@ -1210,8 +1253,6 @@ impl Handler {
     }
 }
 
-/// Removes a streamed part's directory (incoming/JOB/ID/part-P) and its
-/// checkpoint's and job's directories once empty.
 /// The directory of inbox `name` on this node (opened by a coordinator's
 /// connection, see [`Handler`]'s Inbox).
 fn inbox_dir(state_dir: &Path, name: &str) -> Result<PathBuf> {
@@ -1227,6 +1268,16 @@ fn inbox_dir(state_dir: &Path, name: &str) -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// Makes directory `dir` (and its missing parents) readable by root only.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))
+}
+
 /// 16 random hex digits, for names no one else picks.
 fn random_name() -> Result<String> {
     use std::io::Read;
@@ -1237,6 +1288,8 @@ fn random_name() -> Result<String> {
     Ok(hex::encode(b))
 }
 
+/// Removes a streamed part's directory (incoming/JOB/ID/part-P) and its
+/// checkpoint's and job's directories once empty.
 fn remove_staged(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
     for d in dir.ancestors().skip(1).take(2) {

@@ -37,6 +37,11 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(600);
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest a stream may stand still, either way, before it is given up
+/// (the dump then fails, and its tree runs on): a receiver that hangs must
+/// not keep a job frozen, nor a vanished sender a receiving thread.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Where a dump streams its images.
 #[derive(Debug, Clone)]
 pub struct StreamTo {
@@ -97,6 +102,8 @@ impl Outbox {
             .map_err(|e| stream_err(&to.addr, e.to_string()))?;
         let peer = ch.peer().to_string();
         ch.set_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(|e| stream_err(&peer, e.to_string()))?;
+        ch.set_write_timeout(Some(IDLE_TIMEOUT))
             .map_err(|e| stream_err(&peer, e.to_string()))?;
         let answer = ch
             .call(
@@ -278,9 +285,10 @@ pub fn receive(
             format!("{} already holds a checkpoint", dir.display()),
         ));
     }
-    // What a broken stream left is no checkpoint: start afresh.
+    // What a broken stream left is no checkpoint: start afresh. (The root
+    // must exist: an inbox removed meanwhile is not made again.)
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
     let r = receive_into(ch, id, &dir, &peer);
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -301,6 +309,8 @@ fn receive_into(ch: &mut Channel, id: u64, dir: &Path, peer: &str) -> Result<msg
         })),
     })
     .map_err(rpc)?;
+    // A sender whose host went away must not hold this thread forever.
+    ch.set_timeout(Some(IDLE_TIMEOUT)).map_err(rpc)?;
     let mut files: HashMap<String, File> = HashMap::new();
     let mut bytes = 0u64;
     let mut c = msg::StreamChunk::default();
@@ -318,11 +328,13 @@ fn receive_into(ch: &mut Channel, id: u64, dir: &Path, peer: &str) -> Result<msg
             let inv = dir.join(INVENTORY);
             let tmp = dir.join("inventory.img.tmp");
             std::fs::write(&tmp, &c.data).map_err(|e| Error::io(&tmp, e))?;
-            // A frame that does not decode is no inventory.
-            ckpt_proto::read_image_file::<ckpt_proto::image::Inventory>(
+            // A frame that does not decode is no inventory; one that lists
+            // a file missing or different here commits nothing.
+            let listed = ckpt_proto::read_image_file::<ckpt_proto::image::Inventory>(
                 &tmp,
                 ckpt_proto::ImageKind::Inventory,
             )?;
+            crate::images::verify_with(dir, &listed, false)?;
             File::open(&tmp)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| Error::io(&tmp, e))?;
@@ -461,6 +473,76 @@ pub fn spool_root() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A page server in a thread, with a fresh key, and a level streamed
+    /// into it: an empty file arrives as an empty file, and an inventory
+    /// naming a file that never came commits nothing.
+    #[test]
+    fn a_level_exists_only_whole() {
+        use ckpt_proto::image::{FileEntry, Inventory};
+        use std::os::unix::fs::OpenOptionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let key_path = t.path().join("key");
+        std::io::Write::write_all(
+            &mut std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&key_path)
+                .unwrap(),
+            &[7u8; 32],
+        )
+        .unwrap();
+        let root = t.path().join("received");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (r, k) = (root.clone(), key_path.clone());
+        std::thread::spawn(move || {
+            page_server(&r, "127.0.0.1:0", &k, |a| tx.send(a).unwrap()).unwrap();
+        });
+        let to = StreamTo {
+            addr: rx.recv().unwrap().to_string(),
+            key: Key::load(&key_path).unwrap(),
+            inbox: String::new(),
+        };
+        let inventory = |files: &[(&str, u64, u32)]| {
+            ckpt_proto::encode_image(
+                ckpt_proto::ImageKind::Inventory,
+                &[Inventory {
+                    files: files
+                        .iter()
+                        .map(|&(name, size, crc32c)| FileEntry {
+                            name: name.into(),
+                            size,
+                            crc32c,
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+            )
+        };
+        let out = Outbox::open(&to, "one").unwrap();
+        out.write_at("empty.img", 0, &[]).unwrap();
+        out.write_at("data.img", 3, b"def").unwrap();
+        out.write_at("data.img", 0, b"abc").unwrap();
+        let crc = crc32c::crc32c(b"abcdef");
+        let r = out
+            .commit(&inventory(&[("empty.img", 0, 0), ("data.img", 6, crc)]))
+            .unwrap();
+        assert_eq!(r.bytes, 6);
+        let one = root.join("one");
+        assert!(one.join(INVENTORY).exists());
+        assert_eq!(std::fs::read(one.join("data.img")).unwrap(), b"abcdef");
+        assert_eq!(std::fs::metadata(one.join("empty.img")).unwrap().len(), 0);
+
+        let out = Outbox::open(&to, "two").unwrap();
+        out.write_at("data.img", 0, b"abcdef").unwrap();
+        let e = out
+            .commit(&inventory(&[("data.img", 6, crc), ("lost.img", 4, 0)]))
+            .unwrap_err();
+        assert!(e.to_string().contains("lost.img"), "{e}");
+        assert!(!root.join("two").exists());
+    }
 
     #[test]
     fn names() {

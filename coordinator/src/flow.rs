@@ -794,11 +794,7 @@ impl Drop for LaunchUndo {
 
 /// Kills `parts` through the links to their nodes (best effort) and says
 /// what was undone.
-pub(crate) fn kill_parts(
-    links: &mut [&mut Link],
-    parts: &[PartLaunched],
-    timeout: Duration,
-) -> String {
+fn kill_parts(links: &mut [&mut Link], parts: &[PartLaunched], timeout: Duration) -> String {
     let mut undone = Vec::new();
     for p in parts {
         let Some(link) = links.iter_mut().find(|l| l.node() == p.node) else {

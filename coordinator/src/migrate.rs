@@ -27,9 +27,9 @@ use serde::Serialize;
 
 use crate::config::{AgentAddr, Cluster};
 use crate::flow::{
-    aborted, check, checkpoint_locked, kill_parts, ms, on_all, open, parallel, restart_locked,
-    tcp_established, CheckpointReport, Dumping, Finish, FlowError, OnStep, PartDump, PartLaunched,
-    PartRestored, RestartReport, Step, Steps,
+    aborted, check, checkpoint_locked, ms, on_all, open, parallel, restart_locked, tcp_established,
+    CheckpointReport, Dumping, Finish, FlowError, OnStep, PartDump, PartRestored, RestartReport,
+    Step, Steps,
 };
 use crate::link::Link;
 use crate::plan::{self, RestoreOrder};
@@ -358,7 +358,7 @@ fn streamed(
             // Whether the targets can run what the sources run is known
             // from the first level: refuse before anything stands still.
             let t = Instant::now();
-            check_targets(&orders, &mut targets, &routes, &level, timeouts.connect).map_err(
+            check_targets(&orders, &mut targets, &routes, &level, timeouts.freeze).map_err(
                 |e| {
                     FlowError::Setup(format!(
                         "migration of job {job} refused: {e}; the job runs on where it was"
@@ -390,7 +390,7 @@ fn streamed(
         t,
     );
     let t = Instant::now();
-    if let Err(e) = check_targets(&orders, &mut targets, &routes, "final", timeouts.connect) {
+    if let Err(e) = check_targets(&orders, &mut targets, &routes, "final", timeouts.freeze) {
         let undone = crate::flow::abort_all(&mut conns, timeouts.freeze);
         return Err(FlowError::Setup(format!(
             "migration of job {job} refused: {e}{undone}"
@@ -443,7 +443,16 @@ fn streamed(
     for (c, r) in conns.iter().zip(finished) {
         match r {
             Ok(()) => stopped.push(c.part.clone()),
-            Err(e) => not_stopped.push(format!("{}@{}: {e}", c.part, c.report.node)),
+            // A finish that timed out may have stopped the part all the
+            // same: what runs there decides.
+            Err(e) => match running(cluster, &c.report.node, &c.agent_job) {
+                Ok(false) => stopped.push(c.part.clone()),
+                Ok(true) => not_stopped.push(format!("{}@{}: {e}", c.part, c.report.node)),
+                Err(e2) => not_stopped.push(format!(
+                    "{}@{}: {e}; and whether it still runs is unknown: {e2}",
+                    c.part, c.report.node
+                )),
+            },
         }
     }
     steps.end("stop the sources", t);
@@ -459,7 +468,14 @@ fn streamed(
     let restored = match restored {
         Ok(r) => r,
         Err((done, node, reason)) => {
-            let undone = kill_restored(&mut targets, &done, timeouts.freeze);
+            let undone = match kill_confirmed(cluster, &mut targets, &done, timeouts.freeze) {
+                Ok(u) => u,
+                Err(e) => {
+                    return Err(FlowError::Setup(format!(
+                        "migration of job {job}: restore failed on node {node}: {reason}; {e}"
+                    )))
+                }
+            };
             let back = move_back(
                 cluster,
                 &mut conns,
@@ -486,7 +502,14 @@ fn streamed(
     steps.end("restore on the targets (held)", t);
     let t = Instant::now();
     if let Err((node, reason)) = release(&mut targets, &restored, timeouts.freeze) {
-        let undone = kill_restored(&mut targets, &restored, timeouts.freeze);
+        let undone = match kill_confirmed(cluster, &mut targets, &restored, timeouts.freeze) {
+            Ok(u) => u,
+            Err(e) => {
+                return Err(FlowError::Setup(format!(
+                    "migration of job {job}: release failed on node {node}: {reason}; {e}"
+                )))
+            }
+        };
         let back = move_back(
             cluster,
             &mut conns,
@@ -818,20 +841,69 @@ fn release(
     released.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
 }
 
-/// Kills parts restored held on the targets; says what was undone.
-fn kill_restored(targets: &mut [Link], restored: &[Restored], timeout: Duration) -> String {
-    let parts: Vec<PartLaunched> = restored
-        .iter()
-        .map(|(j, p)| PartLaunched {
-            part: p.part.clone(),
-            node: p.node.clone(),
-            agent_job: j.clone(),
-            pid: p.pid,
-            output: None,
-        })
-        .collect();
-    let mut refs: Vec<&mut Link> = targets.iter_mut().collect();
-    kill_parts(&mut refs, &parts, timeout)
+/// Whether agent job `job` has processes on `node`, asked on a fresh link
+/// (the operation's own may be out of step after a timeout).
+fn running(cluster: &Cluster, node: &str, job: &str) -> Result<bool, String> {
+    let mut link = open(cluster, node).map_err(|e| e.to_string())?;
+    match link.call(
+        Duration::from_secs(30),
+        Q::Status(msg::StatusRequest {
+            jobs: vec![job.to_string()],
+        }),
+    )? {
+        A::Status(s) => Ok(s.running.iter().any(|j| j == job)),
+        other => Err(format!("answered status with {other:?}")),
+    }
+}
+
+/// Kills the restored parts, on the link that restored them (so that its
+/// agent forgets them: it would kill them again, by name, when the link
+/// ends) or else on a fresh one, and makes sure none runs any more: moving
+/// the job back while a copy of it may run on a target would leave two.
+/// Says what was undone, or which part may still run.
+fn kill_confirmed(
+    cluster: &Cluster,
+    targets: &mut [Link],
+    restored: &[Restored],
+    timeout: Duration,
+) -> Result<String, String> {
+    let mut killed = Vec::new();
+    for (job, p) in restored {
+        let kill = || Q::Kill(msg::KillRequest { job: job.clone() });
+        let own = targets
+            .iter_mut()
+            .find(|l| l.node() == p.node)
+            .map(|l| l.call(timeout, kill()));
+        let gone = match own {
+            Some(Ok(_)) => Ok(()),
+            _ => open(cluster, &p.node)
+                .map_err(|e| e.to_string())
+                .and_then(|mut l| l.call(timeout, kill()).map(|_| ())),
+        }
+        .and_then(|()| running(cluster, &p.node, job));
+        match gone {
+            Ok(false) => killed.push(format!("{}@{}", p.part, p.node)),
+            Ok(true) => {
+                return Err(format!(
+                    "part {} still runs on node {} after a kill: the job was NOT moved back; \
+                     see `ckpt-coord status`",
+                    p.part, p.node
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "part {} on node {} could not be killed ({e}): it may run there; the job \
+                     was NOT moved back; see `ckpt-coord status`",
+                    p.part, p.node
+                ))
+            }
+        }
+    }
+    Ok(if killed.is_empty() {
+        String::new()
+    } else {
+        format!("; killed on the targets: {}", killed.join(", "))
+    })
 }
 
 /// Sends the chains of the parts in `which` back from the targets'

@@ -467,6 +467,17 @@ impl Channel {
             })
     }
 
+    /// Bounds how long a send may block on a peer that reads nothing
+    /// (`None`: forever).
+    pub fn set_write_timeout(&mut self, timeout: Option<Duration>) -> Result<(), RpcError> {
+        self.stream
+            .set_write_timeout(timeout)
+            .map_err(|e| RpcError::Io {
+                peer: self.peer.clone(),
+                source: e,
+            })
+    }
+
     /// Sends a request and waits for its response; an error the agent
     /// reports comes back as `RpcError::Protocol` naming the agent.
     pub fn call(

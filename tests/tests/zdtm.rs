@@ -701,6 +701,22 @@ mod incremental {
             panic!("{e}{}", dir.agent_report());
         }
 
+        // A process that changed next to nothing since the parent.
+        let dir = Workdir::new("incremental-streamed-idle");
+        let mut case =
+            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), "heap", &dir).unwrap();
+        case.wait_ready().unwrap();
+        let (pre, last) = (spool.join("idle-pre"), spool.join("idle-final"));
+        report("pre-dump", &case, &dir, &pre, None, &stream);
+        let idle = report("dump", &case, &dir, &last, Some(&pre), &flags);
+        assert!(idle["pages_bytes"].as_u64().unwrap() < 1 << 20, "{idle}");
+        case.terminate_and_check("original after the streamed dumps")
+            .unwrap();
+        if let Err(e) = restore_and_check(&mut case, &received.join("idle-final"), &dir) {
+            panic!("{e}{}", dir.agent_report());
+        }
+        drop(server);
+
         // The server dies while a pre-dump streams into it.
         let dir = Workdir::new("incremental-streamed-cut");
         let mut case = CaseProcess::spawn(
