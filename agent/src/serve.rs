@@ -513,8 +513,15 @@ fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
                     ),
                 })
             } else {
-                inbox_dir(state_dir, &open.inbox)
-                    .and_then(|root| crate::stream::receive(&mut ch, req.id, &root, open))
+                inbox_dir(state_dir, &open.inbox).and_then(|root| {
+                    crate::stream::receive(
+                        &mut ch,
+                        req.id,
+                        &root,
+                        open,
+                        crate::stream::Keep::Transient,
+                    )
+                })
             };
             if !crate::stream::answer(&mut ch, req.id, result) {
                 break;

@@ -260,16 +260,29 @@ pub fn forward(dir: &Path, to: &StreamTo) -> Result<u64> {
     Ok(out.sent())
 }
 
+/// Whether a received level must survive a crash of this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// A page server's checkpoints: every file is synced before the
+    /// inventory is written.
+    Durable,
+    /// An inbox's levels serve one migration, which a crash of this node
+    /// ends anyway (a restarted agent removes them): not synced, so that
+    /// the job does not wait for the disk while frozen.
+    Transient,
+}
+
 /// Receives the level `open` names into `root` over `ch`, the StreamOpen
 /// having been request `id`: answers the open, writes every chunk at its
-/// offset, and writes the inventory last once every file is durable.
-/// Returns what it wrote, for the answer to the end; anything short of the
-/// end removes the level again.
+/// offset, and writes the inventory last, once every file is checked
+/// against it (and durable if `keep` says). Returns what it wrote, for the
+/// answer to the end; anything short of the end removes the level again.
 pub fn receive(
     ch: &mut Channel,
     id: u64,
     root: &Path,
     open: &msg::StreamOpen,
+    keep: Keep,
 ) -> Result<msg::StreamReply> {
     let peer = ch.peer().to_string();
     if !name_ok(&open.level) {
@@ -289,14 +302,20 @@ pub fn receive(
     // must exist: an inbox removed meanwhile is not made again.)
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
-    let r = receive_into(ch, id, &dir, &peer);
+    let r = receive_into(ch, id, &dir, &peer, keep);
     if r.is_err() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     r
 }
 
-fn receive_into(ch: &mut Channel, id: u64, dir: &Path, peer: &str) -> Result<msg::StreamReply> {
+fn receive_into(
+    ch: &mut Channel,
+    id: u64,
+    dir: &Path,
+    peer: &str,
+    keep: Keep,
+) -> Result<msg::StreamReply> {
     let rpc = |e: ckpt_proto::rpc::RpcError| stream_err(peer, e.to_string());
     let dir_s = dir.to_string_lossy().into_owned();
     ch.send(&msg::Response {
@@ -322,7 +341,8 @@ fn receive_into(ch: &mut Channel, id: u64, dir: &Path, peer: &str) -> Result<msg
             ));
         }
         if c.end {
-            for (name, f) in &files {
+            let durable = keep == Keep::Durable;
+            for (name, f) in files.iter().filter(|_| durable) {
                 f.sync_all().map_err(|e| Error::io(dir.join(name), e))?;
             }
             let inv = dir.join(INVENTORY);
@@ -335,13 +355,17 @@ fn receive_into(ch: &mut Channel, id: u64, dir: &Path, peer: &str) -> Result<msg
                 ckpt_proto::ImageKind::Inventory,
             )?;
             crate::images::verify_with(dir, &listed, false)?;
-            File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| Error::io(&tmp, e))?;
+            if durable {
+                File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| Error::io(&tmp, e))?;
+            }
             std::fs::rename(&tmp, &inv).map_err(|e| Error::io(&inv, e))?;
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| Error::io(dir, e))?;
+            if durable {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| Error::io(dir, e))?;
+            }
             info!(
                 peer,
                 dir = dir_s,
@@ -400,7 +424,7 @@ fn serve_connection(stream: std::net::TcpStream, key: &Key, root: &Path) {
         };
         let result = match &req.body {
             Some(msg::request::Body::Stream(open)) if open.inbox.is_empty() => {
-                receive(&mut ch, req.id, root, open)
+                receive(&mut ch, req.id, root, open, Keep::Durable)
             }
             _ => Err(stream_err(
                 ch.peer(),

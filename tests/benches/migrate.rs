@@ -1,0 +1,152 @@
+//! How long a job stands still when `ckpt-coord migrate` moves it, live
+//! (streamed from agent to agent with pre-copy) against through the store
+//! (checkpoint --stop, then restart), on a 2-node lab of this machine.
+//!
+//! ```text
+//! cargo bench -p ckpt-tests --bench migrate                    # 1 and 4 GiB
+//! cargo bench -p ckpt-tests --bench migrate -- --sizes 1 --reps 3 --hot-mib 64
+//! ```
+//!
+//! The job (`hot-cold`, jobs/) holds SIZE GiB and keeps rewriting its first
+//! `--hot-mib` MiB (default 64) every 20 ms: a solver with large read-mostly
+//! tables. Each rep moves it node 1 -> node 2 streamed, then back through
+//! the store (and the next rep the other way round). The figure is the
+//! coordinator's `frozen_ms`: from the freeze of the part to its release
+//! on the other node (through the store: the whole move, which stops the
+//! job at its start and releases it at its end). Memory is prewarmed (1.25x
+//! the size touched and freed) before each move; `--json` prints one JSON
+//! line on stdout. Root only.
+
+use std::time::{Duration, Instant};
+
+use ckpt_tests::{json_of, wait_for, CoordCluster};
+
+struct Args {
+    sizes: Vec<f64>,
+    reps: usize,
+    hot_mib: u64,
+    json: bool,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        sizes: vec![1.0, 4.0],
+        reps: 3,
+        hot_mib: 64,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = |what: &str| it.next().unwrap_or_else(|| panic!("{arg} needs {what}"));
+        match arg.as_str() {
+            "--sizes" => {
+                a.sizes = value("GiB, e.g. 1,4")
+                    .split(',')
+                    .map(|s| s.parse().expect("--sizes: numbers of GiB"))
+                    .collect()
+            }
+            "--reps" => a.reps = value("a count").parse().expect("--reps: a number"),
+            "--hot-mib" => a.hot_mib = value("MiB").parse().expect("--hot-mib: a number"),
+            "--json" => a.json = true,
+            _ => {} // cargo bench's own flags
+        }
+    }
+    a
+}
+
+/// Touches and frees 1.25x `bytes`: this VM hands freed memory back to its
+/// host, and first touches of memory it has to get back are slow.
+fn prewarm(bytes: usize) {
+    let len = bytes + bytes / 4;
+    let mut v: Vec<u8> = Vec::with_capacity(len);
+    v.resize(len, 1);
+    std::hint::black_box(&v);
+}
+
+fn main() {
+    let args = parse_args();
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("the migrate bench builds a lab: run it as root");
+        std::process::exit(1);
+    }
+    let cl = CoordCluster::up("bench-migrate", 2);
+    let bin = cl.shared_bin(&["hot-cold"]).join("hot-cold");
+    let names = [
+        cl.lab.node(1).name().to_string(),
+        cl.lab.node(2).name().to_string(),
+    ];
+    let mut rows = Vec::new();
+    for &gib in &args.sizes {
+        let mib = (gib * 1024.0) as u64;
+        let job = format!("benchmig{}-{mib}", std::process::id());
+        let spec = cl.dir.join(&format!("{job}.toml"));
+        std::fs::write(
+            &spec,
+            format!(
+                "job = \"{job}\"\n[[part]]\nname = \"p\"\nnode = \"{}\"\ncommand = \"{}\"\n\
+                 args = [\"--mib\", \"{mib}\", \"--hot-mib\", \"{}\", \"--seconds\", \"3600\"]\n",
+                names[0],
+                bin.display(),
+                args.hot_mib
+            ),
+        )
+        .unwrap();
+        let o = cl.coord(2, &["launch", spec.to_str().unwrap()]);
+        assert!(o.status.success(), "launch failed");
+        let out = cl.store().join(&job).join("output/p.log");
+        assert!(
+            wait_for(Duration::from_secs(120), || std::fs::read_to_string(&out)
+                .is_ok_and(|t| t.contains("progress:"))),
+            "the job did not start"
+        );
+        for rep in 0..args.reps {
+            let (there, back) = match rep % 2 {
+                0 => (&names[1], &names[0]),
+                _ => (&names[0], &names[1]),
+            };
+            prewarm((mib as usize) << 20);
+            let t = Instant::now();
+            let o = cl.coord(2, &["--json", "migrate", &job, "--to", there]);
+            assert!(o.status.success(), "streamed migrate failed");
+            let s = json_of(&o);
+            let streamed_total = t.elapsed().as_secs_f64() * 1e3;
+            prewarm((mib as usize) << 20);
+            let o = cl.coord(2, &["--json", "migrate", &job, "--to", back, "--via-store"]);
+            assert!(o.status.success(), "migrate --via-store failed");
+            let v = json_of(&o);
+            let rounds: Vec<String> = s["precopy"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| format!("{} MiB", r["pages_bytes"].as_u64().unwrap() >> 20))
+                .collect();
+            let last = s["final_level"]["pages_bytes"].as_u64().unwrap() >> 20;
+            let (sf, vf) = (
+                s["frozen_ms"].as_f64().unwrap(),
+                v["frozen_ms"].as_f64().unwrap(),
+            );
+            eprintln!(
+                "  {gib} GiB #{rep}: streamed: pre-copy [{}], final {last} MiB, frozen {sf:.0} ms, \
+                 total {streamed_total:.0} ms | through the store: frozen {vf:.0} ms | ratio {:.2}",
+                rounds.join(", "),
+                sf / vf
+            );
+            rows.push(serde_json::json!({
+                "size_gib": gib, "rep": rep, "hot_mib": args.hot_mib,
+                "streamed": s, "via_store": v,
+                "streamed_frozen_ms": sf, "store_frozen_ms": vf,
+            }));
+        }
+        let o = cl.coord(2, &["kill", &job]);
+        assert!(o.status.success(), "kill failed");
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "migrate", "prewarmed": true, "rows": rows})
+        );
+    }
+    let CoordCluster { lab, agents, .. } = cl;
+    drop(agents);
+    lab.down().unwrap();
+}
