@@ -136,8 +136,13 @@ enum Cmd {
         /// demand (userfaultfd) while copying the rest in the background;
         /// the pidfile is written as soon as it runs, and the agent
         /// returns once every page is in.
-        #[arg(long, conflicts_with = "hold")]
+        #[arg(long)]
         lazy_pages: bool,
+        /// With --json: print the report once the tree runs (or is held)
+        /// too, before a lazy restore's pages are all in (for the agent
+        /// service, which answers then).
+        #[arg(long, hide = true)]
+        notify_running: bool,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -405,6 +410,7 @@ fn main() -> ExitCode {
             bridge,
             hold,
             lazy_pages,
+            notify_running,
         } => {
             let detach = detach || hold;
             let req = restore::RestoreRequest {
@@ -419,7 +425,14 @@ fn main() -> ExitCode {
                 tcp_established,
                 bridge,
             };
-            match restore::restore_with_progress(&req, &Bar::new(cli.json)) {
+            let running = |r: &restore::RestoreReport| {
+                if notify_running {
+                    println!("{}", serde_json::to_string(r).expect("report serializes"));
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                }
+            };
+            match restore::restore_notify(&req, &Bar::new(cli.json), &running) {
                 Ok((r, code)) => {
                     if cli.json {
                         println!("{}", serde_json::to_string(&r).expect("report serializes"));

@@ -434,6 +434,17 @@ pub fn restore_with_progress(
     req: &RestoreRequest,
     progress: &dyn Progress,
 ) -> Result<(RestoreReport, Option<i32>)> {
+    restore_notify(req, progress, &|_| {})
+}
+
+/// Like `restore_with_progress`, calling `running` with the report as soon
+/// as the tree runs (or is held): with `lazy_pages`, before its memory is
+/// all in.
+pub fn restore_notify(
+    req: &RestoreRequest,
+    progress: &dyn Progress,
+    running: &dyn Fn(&RestoreReport),
+) -> Result<(RestoreReport, Option<i32>)> {
     let t0 = Instant::now();
     let dir = &req.images;
     // What an agent that died here left is undone first.
@@ -681,6 +692,7 @@ pub fn restore_with_progress(
         lazy: None,
     };
     info!(pid = child, total_ms = report.total_ms, "restored");
+    running(&report);
     if let Some(server) = lazies {
         // On an error the server has killed the tree (its missing pages
         // would read as zeros).

@@ -870,7 +870,8 @@ impl Handler {
                     )?;
                 }
                 let ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
-                let restored = restore_detached(&self.agent_exe, r, &images);
+                let log = self.sessions_dir.join(format!("restore-{}.log", r.job));
+                let restored = restore_detached(&self.agent_exe, r, &images, &log);
                 if let (Ok(v), false) = (&restored, r.job.is_empty()) {
                     note_started(&self.jobs_dir, &r.job, v.pid);
                 }
@@ -1413,7 +1414,12 @@ fn run_detached(exe: &Path, r: &msg::RunPartRequest, uid: u32) -> Result<i32> {
 /// could not reap it without stealing the ptrace stops of its dumps; once
 /// the restoring process exits, the tree belongs to init (or the nearest
 /// subreaper), as after a restore from the command line.
-fn restore_detached(exe: &Path, r: &msg::RestorePartRequest, images: &str) -> Result<Restored> {
+fn restore_detached(
+    exe: &Path,
+    r: &msg::RestorePartRequest,
+    images: &str,
+    log: &Path,
+) -> Result<Restored> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--json", "restore", "--detach", "--images", images]);
     if !r.job.is_empty() {
@@ -1431,6 +1437,10 @@ fn restore_detached(exe: &Path, r: &msg::RestorePartRequest, images: &str) -> Re
     if r.hold {
         cmd.arg("--hold");
     }
+    if r.lazy_pages {
+        cmd.args(["--lazy-pages", "--notify-running"]);
+        return restore_lazily(cmd, r, log);
+    }
     let out = cmd
         .stdin(std::process::Stdio::null())
         .output()
@@ -1447,6 +1457,58 @@ fn restore_detached(exe: &Path, r: &msg::RestorePartRequest, images: &str) -> Re
         return Err(err());
     }
     serde_json::from_slice::<Restored>(&out.stdout).map_err(|_| err())
+}
+
+/// Runs the lazy restore `cmd` and answers once its tree runs (or is
+/// held): the restoring process goes on serving the tree's page faults
+/// and copying the rest, and is reaped by a thread of its own, which logs
+/// how it ended (on failure it has killed the tree: its missing pages
+/// would read as zeros). Its stderr goes to `log`.
+fn restore_lazily(
+    mut cmd: std::process::Command,
+    r: &msg::RestorePartRequest,
+    log: &Path,
+) -> Result<Restored> {
+    use std::io::{BufRead, Read};
+    let err_file = std::fs::File::create(log).map_err(|e| Error::io(log, e))?;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(err_file)
+        .spawn()
+        .map_err(|e| Error::io(log, e))?;
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut first = String::new();
+    let _ = out.read_line(&mut first);
+    let failed = |child: &mut std::process::Child| {
+        let _ = child.wait();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let _ = std::fs::remove_file(log);
+        Error::Job {
+            job: r.job.clone(),
+            reason: format!("restore of {} failed: {}", r.images, text.trim()),
+        }
+    };
+    let restored = match serde_json::from_str::<Restored>(first.trim()) {
+        Ok(v) => v,
+        Err(_) => return Err(failed(&mut child)),
+    };
+    let (job, log) = (r.job.clone(), log.to_owned());
+    std::thread::spawn(move || {
+        // The final report follows; nothing else reads it.
+        let _ = out.read_to_end(&mut Vec::new());
+        match child.wait() {
+            Ok(s) if s.success() => info!(job, "every page of the lazily restored part is in"),
+            Ok(s) => warn!(
+                job,
+                "the lazy restore's page server failed ({s}), the part was killed: {}",
+                std::fs::read_to_string(&log).unwrap_or_default().trim()
+            ),
+            Err(e) => warn!(job, "waiting for the lazy restore: {e}"),
+        }
+        let _ = std::fs::remove_file(&log);
+    });
+    Ok(restored)
 }
 
 /// What `ckpt-agent --json restore` reports, as far as the service needs it.

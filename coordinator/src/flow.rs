@@ -222,6 +222,26 @@ pub(crate) fn on_all(
     Ok(())
 }
 
+/// Asks every agent whether it still holds its part's session: the votes
+/// are in, but an agent that died since would leave its part to a
+/// successor that can only guess. The first that does not, with its node.
+pub(crate) fn confirm_sessions(
+    conns: &mut [Dumping],
+    timeout: Duration,
+) -> Result<(), (String, String)> {
+    on_all(conns, |c| {
+        let session = c.session.expect("prepared");
+        match c
+            .link
+            .call(timeout, Q::Status(msg::StatusRequest { jobs: Vec::new() }))?
+        {
+            A::Status(s) if s.sessions.contains(&session) => Ok(()),
+            A::Status(_) => Err(format!("no longer holds session {session}")),
+            other => Err(format!("answered status with {other:?}")),
+        }
+    })
+}
+
 /// Undoes every prepared session and names what was undone. An agent
 /// that cannot be asked (it died) leaves its part to its successor, which
 /// thaws and unlocks it when it starts.
@@ -431,18 +451,7 @@ pub(crate) fn checkpoint_locked(
     // before the commit, that every agent still holds its part.
     fault_hold("CKPT_FAULT_HOLD_COMMIT_MS");
     let t = Instant::now();
-    let confirmed = on_all(&mut conns, |c| {
-        let session = c.session.expect("prepared");
-        match c.link.call(
-            timeouts.freeze,
-            Q::Status(msg::StatusRequest { jobs: Vec::new() }),
-        )? {
-            A::Status(s) if s.sessions.contains(&session) => Ok(()),
-            A::Status(_) => Err(format!("no longer holds session {session}")),
-            other => Err(format!("answered status with {other:?}")),
-        }
-    });
-    if let Err(failure) = confirmed {
+    if let Err(failure) = confirm_sessions(&mut conns, timeouts.freeze) {
         return Err(aborted(
             &mut conns,
             "confirm before commit",
@@ -1142,6 +1151,7 @@ pub(crate) fn restart_locked(
                     ext_unix_sk: false,
                     bridge: o.bridge.clone(),
                     hold: true,
+                    lazy_pages: false,
                 }),
             );
             match r {

@@ -170,6 +170,12 @@ enum Cmd {
         /// frozen).
         #[arg(long, default_value_t = 4, conflicts_with = "via_store")]
         rounds: u32,
+        /// Restore on the targets lazily: the job runs as soon as its
+        /// parts exist, their memory brought in on demand and in the
+        /// background (shorter freeze; a target failing meanwhile loses
+        /// the job).
+        #[arg(long, conflicts_with = "via_store")]
+        lazy: bool,
         /// Compress the streamed pages: lz4, zstd or zstd:LEVEL.
         #[arg(
             long,
@@ -345,12 +351,14 @@ fn run(cli: &Cli) -> Result<()> {
             pack,
             via_store,
             rounds,
+            lazy,
             compress,
         } => {
             let how = ckpt_coord::migrate::MigrateHow {
                 via_store: *via_store,
                 rounds: *rounds,
                 compress: *compress,
+                lazy: *lazy,
             };
             let r = ckpt_coord::migrate::migrate(
                 &cluster,

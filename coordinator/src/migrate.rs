@@ -46,6 +46,11 @@ pub struct MigrateHow {
     pub rounds: u32,
     /// How the streamed levels store their page content.
     pub compress: ckpt_agent::pages::Codec,
+    /// Restore on the targets lazily: the job runs again as soon as its
+    /// parts exist, their memory served from the inboxes on demand and
+    /// copied in the background (a target that fails meanwhile kills its
+    /// part: the job is then lost, as with any post-copy move).
+    pub lazy: bool,
 }
 
 impl Default for MigrateHow {
@@ -54,6 +59,7 @@ impl Default for MigrateHow {
             via_store: false,
             rounds: 4,
             compress: Default::default(),
+            lazy: false,
         }
     }
 }
@@ -66,7 +72,8 @@ const ROUND_SMALL: u64 = 64 << 20;
 #[derive(Debug, Clone, Serialize)]
 pub struct Round {
     pub level: String,
-    /// Bytes of pages streamed, all parts together.
+    /// Bytes of page content streamed, all parts together (before any
+    /// compression).
     pub pages_bytes: u64,
     /// Longest any part stood still for it (as its agent measured).
     pub frozen_ms: f64,
@@ -316,6 +323,13 @@ fn streamed(
     let mut routes: HashMap<String, Route> = HashMap::new();
     for (i, o) in orders.iter().enumerate() {
         let mut link = open(cluster, &o.node)?;
+        if link.uid() != 0 {
+            return Err(FlowError::Setup(format!(
+                "a live migration streams the job from agent to agent, which only root may \
+                 order (user {}): move job {job} with --via-store",
+                link.uid()
+            )));
+        }
         let addr = agent_addr(cluster, &o.node)?;
         for p in &o.parts {
             let (inbox, dir) = open_inbox(&mut link, &p.agent_job, timeouts.connect)
@@ -398,18 +412,7 @@ fn streamed(
     }
     // Every source still holds its part, frozen: past the stop below, the
     // job lives in the targets' inboxes.
-    let confirmed = on_all(&mut conns, |c| {
-        let session = c.session.expect("prepared");
-        match c.link.call(
-            timeouts.freeze,
-            Q::Status(msg::StatusRequest { jobs: Vec::new() }),
-        )? {
-            A::Status(s) if s.sessions.contains(&session) => Ok(()),
-            A::Status(_) => Err(format!("no longer holds session {session}")),
-            other => Err(format!("answered status with {other:?}")),
-        }
-    });
-    if let Err(failure) = confirmed {
+    if let Err(failure) = crate::flow::confirm_sessions(&mut conns, timeouts.freeze) {
         return Err(aborted(
             &mut conns,
             "confirm before the move",
@@ -464,69 +467,39 @@ fn streamed(
         .map(|r| r.level.clone())
         .chain(std::iter::once("final".to_string()))
         .collect();
-    let restored = restore_held(&orders, &mut targets, &routes, &stopped, tcp, timeouts);
+    let restored = restore_held(&orders, &mut targets, &routes, &stopped, tcp, how, timeouts);
+    // A failure from here on: the copies on the targets are killed (and
+    // seen to be gone), and the job goes back where it was.
+    let mut undo =
+        |targets: &mut [Link], step: &str, node: String, reason: String, done: &[Restored]| {
+            let what = format!("migration of job {job}: {step} failed on node {node}: {reason}");
+            let undone = match kill_confirmed(cluster, targets, done, timeouts.freeze) {
+                Ok(u) => u,
+                Err(e) => return FlowError::Setup(format!("{what}; {e}")),
+            };
+            let back = move_back(
+                cluster, &mut conns, targets, &routes, &stopped, &levels, tcp, timeouts,
+            );
+            FlowError::Setup(match back {
+                Ok(()) => format!(
+                "{what}{undone}; the job was sent back and restored where it was, and runs there"
+            ),
+                Err(e) => format!(
+                "{what}{undone}; sending it back failed too: {e}; its images stay on the target \
+                 nodes only until this command ends: the job is lost"
+            ),
+            })
+        };
     let restored = match restored {
         Ok(r) => r,
         Err((done, node, reason)) => {
-            let undone = match kill_confirmed(cluster, &mut targets, &done, timeouts.freeze) {
-                Ok(u) => u,
-                Err(e) => {
-                    return Err(FlowError::Setup(format!(
-                        "migration of job {job}: restore failed on node {node}: {reason}; {e}"
-                    )))
-                }
-            };
-            let back = move_back(
-                cluster,
-                &mut conns,
-                &mut targets,
-                &routes,
-                &stopped,
-                &levels,
-                tcp,
-                timeouts,
-            );
-            return Err(FlowError::Setup(match back {
-                Ok(()) => format!(
-                    "migration of job {job}: restore failed on node {node}: {reason}{undone}; \
-                     the job was sent back and restored where it was, and runs there"
-                ),
-                Err(e) => format!(
-                    "migration of job {job}: restore failed on node {node}: {reason}{undone}; \
-                     sending it back failed too: {e}; its images stay on the target nodes only \
-                     until this command ends: the job is lost"
-                ),
-            }));
+            return Err(undo(&mut targets, "restore", node, reason, &done))
         }
     };
     steps.end("restore on the targets (held)", t);
     let t = Instant::now();
     if let Err((node, reason)) = release(&mut targets, &restored, timeouts.freeze) {
-        let undone = match kill_confirmed(cluster, &mut targets, &restored, timeouts.freeze) {
-            Ok(u) => u,
-            Err(e) => {
-                return Err(FlowError::Setup(format!(
-                    "migration of job {job}: release failed on node {node}: {reason}; {e}"
-                )))
-            }
-        };
-        let back = move_back(
-            cluster,
-            &mut conns,
-            &mut targets,
-            &routes,
-            &stopped,
-            &levels,
-            tcp,
-            timeouts,
-        );
-        return Err(FlowError::Setup(format!(
-            "migration of job {job}: release failed on node {node}: {reason}{undone}; {}",
-            match back {
-                Ok(()) => "the job was sent back and restored where it was, and runs there".into(),
-                Err(e) => format!("sending it back failed too: {e}: the job is lost"),
-            }
-        )));
+        return Err(undo(&mut targets, "release", node, reason, &restored));
     }
     steps.end("release on the targets", t);
     let frozen_ms = ms(frozen_at);
@@ -752,6 +725,7 @@ fn restore_held(
     routes: &HashMap<String, Route>,
     which: &[String],
     tcp: bool,
+    how: MigrateHow,
     timeouts: crate::config::Timeouts,
 ) -> Result<Vec<Restored>, (Vec<Restored>, String, String)> {
     let mut pairs: Vec<(&RestoreOrder, &mut Link)> =
@@ -769,6 +743,7 @@ fn restore_held(
                     ext_unix_sk: false,
                     bridge: o.bridge.clone(),
                     hold: true,
+                    lazy_pages: how.lazy,
                 }),
             );
             match r {
@@ -953,6 +928,7 @@ fn move_back(
                 ext_unix_sk: false,
                 bridge: node.bridge.clone(),
                 hold: true,
+                lazy_pages: false,
             }),
         )? {
             A::Restore(_) => held.push(i),

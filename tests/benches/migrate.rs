@@ -10,7 +10,8 @@
 //! The job (`hot-cold`, jobs/) holds SIZE GiB and keeps rewriting its first
 //! `--hot-mib` MiB (default 64) every 20 ms: a solver with large read-mostly
 //! tables. Each rep moves it node 1 -> node 2 streamed, then back through
-//! the store (and the next rep the other way round). The figure is the
+//! the store (and the next rep the other way round); `--lazy` restores the
+//! streamed moves lazily (`migrate --lazy`). The figure is the
 //! coordinator's `frozen_ms`: from the freeze of the part to its release
 //! on the other node (through the store: the whole move, which stops the
 //! job at its start and releases it at its end). Memory is prewarmed (1.25x
@@ -26,6 +27,7 @@ struct Args {
     reps: usize,
     hot_mib: u64,
     json: bool,
+    lazy: bool,
 }
 
 fn parse_args() -> Args {
@@ -34,6 +36,7 @@ fn parse_args() -> Args {
         reps: 3,
         hot_mib: 64,
         json: false,
+        lazy: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -48,6 +51,7 @@ fn parse_args() -> Args {
             "--reps" => a.reps = value("a count").parse().expect("--reps: a number"),
             "--hot-mib" => a.hot_mib = value("MiB").parse().expect("--hot-mib: a number"),
             "--json" => a.json = true,
+            "--lazy" => a.lazy = true,
             _ => {} // cargo bench's own flags
         }
     }
@@ -106,7 +110,11 @@ fn main() {
             };
             prewarm((mib as usize) << 20);
             let t = Instant::now();
-            let o = cl.coord(2, &["--json", "migrate", &job, "--to", there]);
+            let mut argv = vec!["--json", "migrate", &job, "--to", there];
+            if args.lazy {
+                argv.push("--lazy");
+            }
+            let o = cl.coord(2, &argv);
             assert!(o.status.success(), "streamed migrate failed");
             let s = json_of(&o);
             let streamed_total = t.elapsed().as_secs_f64() * 1e3;

@@ -3,8 +3,9 @@
 //! and 2 survives a move onto a node whose restores fail (it goes back and
 //! runs on), is moved mid-run to nodes 3 and 4 by streaming with pre-copy
 //! (its TCP connection with it), back to nodes 1 and 2 through the store,
-//! whose checkpoint is checked against nodes 3 and 4, and it ends with an
-//! uninterrupted run's checksum.
+//! whose checkpoint is checked against nodes 3 and 4, to nodes 3 and 4
+//! again restored lazily, and it ends with an uninterrupted run's
+//! checksum.
 
 use std::fs;
 use std::time::Duration;
@@ -165,6 +166,22 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         ],
     );
     assert!(o.status.success(), "check of the checkpoint failed");
+
+    // Streamed again, restored lazily: running before its memory is in.
+    let o = cl.coord(3, &["--json", "migrate", &job, "--to", &to, "--lazy"]);
+    assert!(o.status.success(), "migrate --lazy failed");
+    let m = json_of(&o);
+    assert_eq!(m["mode"], "streamed", "{m}");
+    for (part, node) in [("r0", 3), ("r1", 4)] {
+        assert!(
+            m["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
+            "part {part} not moved to node {node}: {m}"
+        );
+    }
     let text = wait_finished(
         &out,
         Duration::from_secs(60),
@@ -179,7 +196,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
     // Later operations find it where it went.
     let spec_now = fs::read_to_string(cl.store().join(&job).join("job.toml")).unwrap();
     assert!(
-        spec_now.contains(&format!("node = \"{}\"", cl.lab.node(1).name())),
+        spec_now.contains(&format!("node = \"{}\"", cl.lab.node(3).name())),
         "the job's spec does not name its new nodes:\n{spec_now}"
     );
     let CoordCluster { lab, agents, .. } = cl;
