@@ -16,7 +16,8 @@
 //! on the other node (through the store: the whole move, which stops the
 //! job at its start and releases it at its end). Memory is prewarmed (1.25x
 //! the size touched and freed) before each move; `--json` prints one JSON
-//! line on stdout. Root only.
+//! line on stdout. Root only. `CKPT_LOG=debug CKPT_BENCH_KEEP_LOGS=DIR`
+//! keeps the agents' logs, with the phases of every dump and restore.
 
 use std::time::{Duration, Instant};
 
@@ -153,6 +154,17 @@ fn main() {
             "{}",
             serde_json::json!({"bench": "migrate", "prewarmed": true, "rows": rows})
         );
+    }
+    // CKPT_BENCH_KEEP_LOGS=DIR keeps the agents' logs (with CKPT_LOG=debug:
+    // the phases of every dump and restore) for a look at where time goes.
+    if let Some(keep) = std::env::var_os("CKPT_BENCH_KEEP_LOGS") {
+        let keep = std::path::PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        for e in std::fs::read_dir(&cl.dir.path).unwrap().flatten() {
+            if e.file_name().to_string_lossy().ends_with(".err") {
+                std::fs::copy(e.path(), keep.join(e.file_name())).unwrap();
+            }
+        }
     }
     let CoordCluster { lab, agents, .. } = cl;
     drop(agents);
