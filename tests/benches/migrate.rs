@@ -84,6 +84,8 @@ fn main() {
     for &gib in &args.sizes {
         let mib = (gib * 1024.0) as u64;
         let job = format!("benchmig{}-{mib}", std::process::id());
+        // Its cgroup goes whatever happens (a failed move included).
+        let _cgroup = ckpt_tests::JobCgroupGuard(format!("{job}.p"));
         let spec = cl.dir.join(&format!("{job}.toml"));
         std::fs::write(
             &spec,

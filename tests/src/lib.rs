@@ -906,8 +906,9 @@ fn reap_descendants(root: i32, images: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// The cgroup of a test job, removed at the end whatever happened (after
-/// the case's processes, dropped first, are gone).
+/// The cgroup of a test job, removed at the end whatever happened: what
+/// still runs in it (a test that failed before ending its job, or whose
+/// lab is torn down after this guard) is killed first.
 pub struct JobCgroupGuard(pub String);
 
 impl Drop for JobCgroupGuard {
@@ -918,6 +919,25 @@ impl Drop for JobCgroupGuard {
             "/sys/fs/cgroup/freezer/ckpt",
         ] {
             let d = Path::new(root).join(&self.0);
+            if !d.exists() {
+                let _ = fs::remove_dir(root);
+                continue;
+            }
+            // A frozen v1 cgroup's tasks die only once thawed.
+            let _ = fs::write(d.join("freezer.state"), "THAWED");
+            if fs::write(d.join("cgroup.kill"), "1").is_err() {
+                for pid in fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                {
+                    if let Ok(pid) = pid.trim().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
             let deadline = Instant::now() + Duration::from_secs(3);
             while d.exists() && fs::remove_dir(&d).is_err() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
