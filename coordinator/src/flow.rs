@@ -222,6 +222,60 @@ pub(crate) fn on_all(
     Ok(())
 }
 
+/// Phase 1 on every part at once: the agent prepares the session `request`
+/// describes (its part stopped and locked, or a pre-dump's capture).
+pub(crate) fn prepare_all(
+    conns: &mut [Dumping],
+    timeout: Duration,
+    request: impl Fn(&Dumping) -> msg::PrepareRequest + Sync,
+) -> Result<(), (String, String)> {
+    on_all(conns, |c| {
+        match c.link.call(timeout, Q::Prepare(request(c)))? {
+            A::Prepare(p) => {
+                c.session = Some(p.session);
+                c.report.prepare_ms = p.prepare_ms;
+                Ok(())
+            }
+            other => Err(format!("answered prepare with {other:?}")),
+        }
+    })
+}
+
+/// Phase 2 on every prepared part at once: each writes its images.
+pub(crate) fn dump_all(conns: &mut [Dumping], timeout: Duration) -> Result<(), (String, String)> {
+    on_all(conns, |c| {
+        let session = c.session.expect("prepared");
+        match c
+            .link
+            .call(timeout, Q::Dump(msg::DumpPartRequest { session }))?
+        {
+            A::Dump(d) => {
+                c.report.dump_ms = d.dump_ms;
+                c.report.pages_bytes = d.pages_bytes;
+                c.report.snapshot_bytes = d.snapshot_bytes;
+                Ok(())
+            }
+            other => Err(format!("answered dump with {other:?}")),
+        }
+    })
+}
+
+/// Phase 3 on one part: its session ends, the part stopped (`stop`) or
+/// running on.
+pub(crate) fn finish_part(c: &mut Dumping, stop: bool, timeout: Duration) -> Result<(), String> {
+    let session = c.session.take().expect("prepared");
+    match c
+        .link
+        .call(timeout, Q::Finish(msg::FinishRequest { session, stop }))?
+    {
+        A::Finish(f) => {
+            c.report.frozen_ms = f.frozen_ms;
+            Ok(())
+        }
+        other => Err(format!("answered finish with {other:?}")),
+    }
+}
+
 /// Asks every agent whether it still holds its part's session: the votes
 /// are in, but an agent that died since would leave its part to a
 /// successor that can only guess. The first that does not, with its node.
@@ -395,29 +449,16 @@ pub(crate) fn checkpoint_locked(
     // Phase 1, the barrier: every part frozen and locked before any dump.
     let t = Instant::now();
     let timeouts = cluster.timeouts;
-    let prepared = on_all(&mut conns, |c| {
-        let r = c.link.call(
-            timeouts.freeze,
-            Q::Prepare(msg::PrepareRequest {
-                job: c.agent_job.clone(),
-                pid: 0,
-                images: c.report.images.to_string_lossy().into_owned(),
-                tcp_established: tcp,
-                ext_unix_sk: false,
-                stop_after_commit: stop,
-                snapshot: !stop && !how.frozen_copy,
-                compress: how.compress.to_string(),
-                ..Default::default()
-            }),
-        )?;
-        match r {
-            A::Prepare(p) => {
-                c.session = Some(p.session);
-                c.report.prepare_ms = p.prepare_ms;
-                Ok(())
-            }
-            other => Err(format!("answered prepare with {other:?}")),
-        }
+    let prepared = prepare_all(&mut conns, timeouts.freeze, |c| msg::PrepareRequest {
+        job: c.agent_job.clone(),
+        pid: 0,
+        images: c.report.images.to_string_lossy().into_owned(),
+        tcp_established: tcp,
+        ext_unix_sk: false,
+        stop_after_commit: stop,
+        snapshot: !stop && !how.frozen_copy,
+        compress: how.compress.to_string(),
+        ..Default::default()
     });
     if let Err(failure) = prepared {
         return Err(aborted(&mut conns, "prepare", failure, timeouts.freeze));
@@ -426,22 +467,7 @@ pub(crate) fn checkpoint_locked(
 
     // Phase 2: every part dumps, in parallel.
     let t = Instant::now();
-    let dumped = on_all(&mut conns, |c| {
-        let session = c.session.expect("prepared");
-        match c
-            .link
-            .call(timeouts.dump, Q::Dump(msg::DumpPartRequest { session }))?
-        {
-            A::Dump(d) => {
-                c.report.dump_ms = d.dump_ms;
-                c.report.pages_bytes = d.pages_bytes;
-                c.report.snapshot_bytes = d.snapshot_bytes;
-                Ok(())
-            }
-            other => Err(format!("answered dump with {other:?}")),
-        }
-    });
-    if let Err(failure) = dumped {
+    if let Err(failure) = dump_all(&mut conns, timeouts.dump) {
         return Err(aborted(&mut conns, "dump", failure, timeouts.freeze));
     }
     steps.end("dump", t);
@@ -489,18 +515,7 @@ pub(crate) fn checkpoint_locked(
     // Phase 3: every part stops or runs on.
     let t = Instant::now();
     let finished = parallel(&mut conns, |c| {
-        let session = c.session.take().expect("prepared");
-        let r = match c.link.call(
-            timeouts.freeze,
-            Q::Finish(msg::FinishRequest { session, stop }),
-        ) {
-            Ok(A::Finish(f)) => {
-                c.report.frozen_ms = f.frozen_ms;
-                Ok(())
-            }
-            Ok(other) => Err(format!("answered finish with {other:?}")),
-            Err(e) => Err(e),
-        };
+        let r = finish_part(c, stop, timeouts.freeze);
         (format!("{}@{}", c.part, c.report.node), r)
     });
     steps.end(

@@ -27,9 +27,9 @@ use serde::Serialize;
 
 use crate::config::{AgentAddr, Cluster};
 use crate::flow::{
-    aborted, check, checkpoint_locked, ms, on_all, open, parallel, restart_locked, tcp_established,
-    CheckpointReport, Dumping, Finish, FlowError, OnStep, PartDump, PartRestored, RestartReport,
-    Step, Steps,
+    aborted, check, checkpoint_locked, confirm_sessions, dump_all, finish_part, ms, on_all, open,
+    parallel, prepare_all, restart_locked, tcp_established, CheckpointReport, Dumping, Finish,
+    FlowError, OnStep, PartDump, PartRestored, RestartReport, Step, Steps,
 };
 use crate::link::Link;
 use crate::plan::{self, RestoreOrder};
@@ -118,19 +118,26 @@ pub fn migrate(
     on_step: OnStep<'_>,
 ) -> Result<MigrateReport, FlowError> {
     let _lock = store.lock_job(job, "migrate", false)?;
-    let from = nodes_of(&store.job_spec(job)?);
-    if from.len() > to.len() && !pack {
-        return Err(FlowError::Setup(format!(
-            "job {job} has parts on {} nodes ({}), but {} node{} given ({}); name {} nodes, \
-             or add --pack to put several nodes' parts on one",
-            from.len(),
-            from.join(", "),
-            to.len(),
-            if to.len() == 1 { " is" } else { "s are" },
-            to.join(", "),
-            from.len()
-        )));
+    // Placed first: a wrong --to is refused without contacting anyone.
+    let spec = store.job_spec(job)?;
+    let mut parts = Vec::new();
+    for p in &spec.parts {
+        let node = p.node.clone().ok_or_else(|| {
+            FlowError::Setup(format!(
+                "part {} of job {job} has no node in its recorded spec",
+                p.name
+            ))
+        })?;
+        parts.push((p.name.clone(), node, PathBuf::new()));
     }
+    let moves = plan::plan_moves(
+        &format!("job {job}"),
+        &spec,
+        &parts,
+        cluster,
+        Some(to),
+        pack,
+    )?;
     let refused: Vec<String> = check(cluster, store, Some(to), None, pack)?
         .into_iter()
         .filter(|c| !c.ok)
@@ -145,7 +152,7 @@ pub fn migrate(
     if how.via_store {
         via_store(cluster, store, job, to, pack, on_step)
     } else {
-        streamed(cluster, store, job, to, pack, how, on_step)
+        streamed(cluster, store, (job, spec, &parts), moves, how, on_step)
     }
 }
 
@@ -256,12 +263,13 @@ fn agent_addr(cluster: &Cluster, node: &str) -> Result<String, FlowError> {
     }
 }
 
+/// The streamed move of job `job` (`spec`, its `parts` with their nodes)
+/// as `moves` places it.
 fn streamed(
     cluster: &Cluster,
     store: &Store,
-    job: &str,
-    to: &[String],
-    pack: bool,
+    (job, spec, parts): (&str, crate::jobspec::JobSpec, &[(String, String, PathBuf)]),
+    moves: plan::Moves,
     how: MigrateHow,
     on_step: OnStep<'_>,
 ) -> Result<MigrateReport, FlowError> {
@@ -270,30 +278,12 @@ fn streamed(
         done: Vec::new(),
         on_step,
     };
-    let spec = store.job_spec(job)?;
     let tcp = tcp_established(&spec);
     let timeouts = cluster.timeouts;
-    let mut parts = Vec::new();
-    for p in &spec.parts {
-        let node = p.node.clone().ok_or_else(|| {
-            FlowError::Setup(format!(
-                "part {} of job {job} has no node in its recorded spec",
-                p.name
-            ))
-        })?;
-        parts.push((p.name.clone(), node, PathBuf::new()));
-    }
     let plan::Moves {
         mapping, orders, ..
-    } = plan::plan_moves(
-        &format!("job {job}"),
-        &spec,
-        &parts,
-        cluster,
-        Some(to),
-        pack,
-    )?;
-    for (_, node, _) in &parts {
+    } = moves;
+    for (_, node, _) in parts {
         agent_addr(cluster, node)?;
     }
 
@@ -301,7 +291,7 @@ fn streamed(
     // target node; an inbox there for each part.
     let t = Instant::now();
     let mut conns = Vec::new();
-    for (name, node, _) in &parts {
+    for (name, node, _) in parts {
         conns.push(Dumping {
             part: name.clone(),
             agent_job: spec.agent_job_id(name),
@@ -412,7 +402,7 @@ fn streamed(
     }
     // Every source still holds its part, frozen: past the stop below, the
     // job lives in the targets' inboxes.
-    if let Err(failure) = crate::flow::confirm_sessions(&mut conns, timeouts.freeze) {
+    if let Err(failure) = confirm_sessions(&mut conns, timeouts.freeze) {
         return Err(aborted(
             &mut conns,
             "confirm before the move",
@@ -424,23 +414,7 @@ fn streamed(
 
     // The sources stop their parts.
     let t = Instant::now();
-    let finished = parallel(&mut conns, |c| {
-        let session = c.session.take().expect("prepared");
-        match c.link.call(
-            timeouts.freeze,
-            Q::Finish(msg::FinishRequest {
-                session,
-                stop: true,
-            }),
-        ) {
-            Ok(A::Finish(f)) => {
-                c.report.frozen_ms = f.frozen_ms;
-                Ok(())
-            }
-            Ok(other) => Err(format!("answered finish with {other:?}")),
-            Err(e) => Err(e),
-        }
-    });
+    let finished = parallel(&mut conns, |c| finish_part(c, true, timeouts.freeze));
     let mut not_stopped = Vec::new();
     let mut stopped: Vec<String> = Vec::new();
     for (c, r) in conns.iter().zip(finished) {
@@ -583,75 +557,34 @@ fn stream_level(
     timeouts: crate::config::Timeouts,
 ) -> Result<Round, FlowError> {
     let t = Instant::now();
-    let prepared = on_all(conns, |c| {
+    let prepared = prepare_all(conns, timeouts.freeze, |c| {
         let route = &routes[&c.part];
-        let r = c.link.call(
-            timeouts.freeze,
-            Q::Prepare(msg::PrepareRequest {
-                job: c.agent_job.clone(),
-                pid: 0,
-                images: String::new(),
-                tcp_established: tcp,
-                ext_unix_sk: false,
-                stop_after_commit: !pre,
-                snapshot: pre,
-                compress: how.compress.to_string(),
-                pre_dump: pre,
-                parent: parent.to_string(),
-                stream_to: route.addr.clone(),
-                inbox: route.inbox.clone(),
-                level: level.to_string(),
-            }),
-        )?;
-        match r {
-            A::Prepare(p) => {
-                c.session = Some(p.session);
-                c.report.prepare_ms = p.prepare_ms;
-                Ok(())
-            }
-            other => Err(format!("answered prepare with {other:?}")),
+        msg::PrepareRequest {
+            job: c.agent_job.clone(),
+            pid: 0,
+            images: String::new(),
+            tcp_established: tcp,
+            ext_unix_sk: false,
+            stop_after_commit: !pre,
+            snapshot: pre,
+            compress: how.compress.to_string(),
+            pre_dump: pre,
+            parent: parent.to_string(),
+            stream_to: route.addr.clone(),
+            inbox: route.inbox.clone(),
+            level: level.to_string(),
         }
     });
     if let Err(failure) = prepared {
         return Err(aborted(conns, "prepare", failure, timeouts.freeze));
     }
-    let dumped = on_all(conns, |c| {
-        let session = c.session.expect("prepared");
-        match c
-            .link
-            .call(timeouts.dump, Q::Dump(msg::DumpPartRequest { session }))?
-        {
-            A::Dump(d) => {
-                c.report.dump_ms = d.dump_ms;
-                c.report.pages_bytes = d.pages_bytes;
-                c.report.snapshot_bytes = d.snapshot_bytes;
-                Ok(())
-            }
-            other => Err(format!("answered dump with {other:?}")),
-        }
-    });
-    if let Err(failure) = dumped {
+    if let Err(failure) = dump_all(conns, timeouts.dump) {
         return Err(aborted(conns, "dump", failure, timeouts.freeze));
     }
     let mut frozen_ms = 0.0f64;
     if pre {
         // The parts run on already (snapshots); this ends the sessions.
-        let finished = on_all(conns, |c| {
-            let session = c.session.take().expect("prepared");
-            match c.link.call(
-                timeouts.freeze,
-                Q::Finish(msg::FinishRequest {
-                    session,
-                    stop: false,
-                }),
-            )? {
-                A::Finish(f) => {
-                    c.report.frozen_ms = f.frozen_ms;
-                    Ok(())
-                }
-                other => Err(format!("answered finish with {other:?}")),
-            }
-        });
+        let finished = on_all(conns, |c| finish_part(c, false, timeouts.freeze));
         if let Err(failure) = finished {
             return Err(aborted(
                 conns,
