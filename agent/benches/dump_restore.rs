@@ -602,18 +602,9 @@ fn start_page_server() -> Result<Streaming> {
         &bytes,
     )?;
     let root = PathBuf::from(format!("/dev/shm/ckpt-bench-{id}-received"));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let (r, k) = (root.clone(), key.clone());
-    std::thread::spawn(move || {
-        if let Err(e) = ckpt_agent::stream::page_server(&r, "127.0.0.1:0", &k, |a| {
-            let _ = tx.send(a);
-        }) {
-            eprintln!("page server: {e}");
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(5))
-        .context("the page server did not start")?;
+    let server = ckpt_agent::stream::PageServer::bind(&root, "127.0.0.1:0", &key)?;
+    let addr = server.local_addr()?;
+    std::thread::spawn(move || server.run());
     Ok(Streaming {
         to: ckpt_agent::stream::StreamTo {
             addr: addr.to_string(),

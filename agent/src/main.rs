@@ -545,22 +545,26 @@ fn main() -> ExitCode {
             key,
         } => {
             let json = cli.json;
-            let r = ckpt_agent::stream::page_server(&images, &listen, &key, |addr| {
-                if json {
-                    println!("{}", serde_json::json!({ "listening": addr }));
-                } else {
-                    println!(
-                        "page server listening on {addr}, receiving into {}",
-                        images.display()
-                    );
-                }
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
-            });
-            match r {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(e),
+            let server = match ckpt_agent::stream::PageServer::bind(&images, &listen, &key) {
+                Ok(s) => s,
+                Err(e) => return fail(e),
+            };
+            let addr = match server.local_addr() {
+                Ok(a) => a,
+                Err(e) => return fail(e),
+            };
+            if json {
+                println!("{}", serde_json::json!({ "listening": addr }));
+            } else {
+                println!(
+                    "page server listening on {addr}, receiving into {}",
+                    images.display()
+                );
             }
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+            server.run();
+            ExitCode::SUCCESS
         }
         Cmd::Serve {
             listen,

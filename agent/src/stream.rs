@@ -437,32 +437,50 @@ fn serve_connection(stream: std::net::TcpStream, key: &Key, root: &Path) {
     }
 }
 
-/// Runs a page server: receives every checkpoint streamed to `listen`
-/// into `root`, a connection per thread, until killed; `on_listening`
-/// gets the bound address.
-pub fn page_server(
-    root: &Path,
-    listen: &str,
-    key_file: &Path,
-    on_listening: impl FnOnce(std::net::SocketAddr),
-) -> Result<()> {
-    let key = Key::load(key_file).map_err(|e| Error::Job {
-        job: String::new(),
-        reason: format!("{}: {e}", key_file.display()),
-    })?;
-    std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let listener = std::net::TcpListener::bind(listen).map_err(|e| Error::io(listen, e))?;
-    on_listening(listener.local_addr().map_err(|e| Error::io(listen, e))?);
-    for conn in listener.incoming() {
-        match conn {
-            Ok(stream) => {
-                let (key, root) = (key.clone(), root.to_owned());
-                std::thread::spawn(move || serve_connection(stream, &key, &root));
+/// A page server: receives the checkpoints streamed to it into a
+/// directory, a connection per thread.
+pub struct PageServer {
+    listener: std::net::TcpListener,
+    key: Key,
+    root: PathBuf,
+}
+
+impl PageServer {
+    /// Listens on `listen` for streams into `root` (created if needed),
+    /// authenticated with the key in `key_file`.
+    pub fn bind(root: &Path, listen: &str, key_file: &Path) -> Result<PageServer> {
+        let key = Key::load(key_file).map_err(|e| Error::Job {
+            job: String::new(),
+            reason: format!("{}: {e}", key_file.display()),
+        })?;
+        std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let listener = std::net::TcpListener::bind(listen).map_err(|e| Error::io(listen, e))?;
+        Ok(PageServer {
+            listener,
+            key,
+            root: root.to_owned(),
+        })
+    }
+
+    /// The address it listens on (a port 0 asked for is chosen now).
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr> {
+        self.listener
+            .local_addr()
+            .map_err(|e| Error::io(&self.root, e))
+    }
+
+    /// Serves until the process ends.
+    pub fn run(self) {
+        for conn in self.listener.incoming() {
+            match conn {
+                Ok(stream) => {
+                    let (key, root) = (self.key.clone(), self.root.clone());
+                    std::thread::spawn(move || serve_connection(stream, &key, &root));
+                }
+                Err(e) => warn!("accept: {e}"),
             }
-            Err(e) => warn!("accept on {listen}: {e}"),
         }
     }
-    Ok(())
 }
 
 /// Answers the StreamOpen `id` with what its stream came to; false when
@@ -519,16 +537,13 @@ mod tests {
         )
         .unwrap();
         let root = t.path().join("received");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (r, k) = (root.clone(), key_path.clone());
-        std::thread::spawn(move || {
-            page_server(&r, "127.0.0.1:0", &k, |a| tx.send(a).unwrap()).unwrap();
-        });
+        let server = PageServer::bind(&root, "127.0.0.1:0", &key_path).unwrap();
         let to = StreamTo {
-            addr: rx.recv().unwrap().to_string(),
+            addr: server.local_addr().unwrap().to_string(),
             key: Key::load(&key_path).unwrap(),
             inbox: String::new(),
         };
+        std::thread::spawn(move || server.run());
         let inventory = |files: &[(&str, u64, u32)]| {
             ckpt_proto::encode_image(
                 ckpt_proto::ImageKind::Inventory,
