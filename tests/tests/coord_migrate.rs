@@ -17,6 +17,23 @@ use ckpt_tests::{
 
 const ARGS: [&str; 6] = ["--size", "512", "--iters", "24000", "--every", "600"];
 
+/// Asserts that migrate's report `m` puts parts r0 and r1 on lab nodes
+/// `to`, each with pages streamed when `streamed`.
+fn assert_moved(m: &serde_json::Value, cl: &CoordCluster, to: (usize, usize), streamed: bool) {
+    for (part, node) in [("r0", to.0), ("r1", to.1)] {
+        assert!(
+            m["parts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x["part"] == part
+                    && x["node"] == cl.lab.node(node).name()
+                    && (!streamed || x["streamed_bytes"].as_u64().unwrap_or(0) > 0)),
+            "part {part} not moved to node {node}: {m}"
+        );
+    }
+}
+
 #[test]
 fn check_and_migrate_move_a_running_job_to_other_nodes() {
     if no_checkpoint() {
@@ -109,18 +126,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         m["precopy"].as_array().is_some_and(|r| !r.is_empty()),
         "no pre-copy round: {m}"
     );
-    for (part, node) in [("r0", 3), ("r1", 4)] {
-        assert!(
-            m["parts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x["part"] == part
-                    && x["node"] == cl.lab.node(node).name()
-                    && x["streamed_bytes"].as_u64().unwrap_or(0) > 0),
-            "part {part} not moved to node {node}: {m}"
-        );
-    }
+    assert_moved(&m, &cl, (3, 4), true);
     // Nothing of it went to the store.
     assert!(
         !fs::read_dir(cl.store().join(&job))
@@ -138,16 +144,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
     assert!(o.status.success(), "migrate --via-store failed");
     let m = json_of(&o);
     assert_eq!(m["mode"], "store", "{m}");
-    for (part, node) in [("r0", 1), ("r1", 2)] {
-        assert!(
-            m["parts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
-            "part {part} not moved back to node {node}: {m}"
-        );
-    }
+    assert_moved(&m, &cl, (1, 2), false);
     assert!(
         checksum_line(&fs::read_to_string(&out).unwrap()).is_none(),
         "the job had finished before the moves: make it longer"
@@ -172,16 +169,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
     assert!(o.status.success(), "migrate --lazy failed");
     let m = json_of(&o);
     assert_eq!(m["mode"], "streamed", "{m}");
-    for (part, node) in [("r0", 3), ("r1", 4)] {
-        assert!(
-            m["parts"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|x| x["part"] == part && x["node"] == cl.lab.node(node).name()),
-            "part {part} not moved to node {node}: {m}"
-        );
-    }
+    assert_moved(&m, &cl, (3, 4), true);
     let text = wait_finished(
         &out,
         Duration::from_secs(60),
