@@ -131,28 +131,18 @@ impl ImageWriter {
         if let Some(k) = key {
             inv.signature = k.mac(&[&ckpt_proto::image::inventory_signing_bytes(&inv)]);
         }
+        let bytes = write_image_file(&self.dir.join(INVENTORY), ImageKind::Inventory, &inv)?;
         if let Some(out) = &self.out {
-            // The pages went as they were copied; the rest follows, the
-            // inventory last.
-            let paged: Vec<String> = inv
-                .files
-                .iter()
-                .filter(|f| !self.dir.join(&f.name).exists())
-                .map(|f| f.name.clone())
-                .collect();
-            for f in inv.files.iter().filter(|f| !paged.contains(&f.name)) {
-                out.send_file(&f.name, &self.dir.join(&f.name))?;
-            }
-            out.commit(&ckpt_proto::encode_image(
-                ImageKind::Inventory,
-                std::slice::from_ref(&inv),
-            ))?;
+            // What is not in the spool (the pages files) went onto the
+            // stream as it was copied; the rest follows, the inventory
+            // last. (A failure here drops the session, whose discard
+            // removes the spool's inventory first.)
+            out.finish_level(&self.dir, &inv, &bytes)?;
             // What the next level reads of this one stays; the bulk goes.
             for name in self.raw.lock().expect("raw list lock").drain(..) {
                 let _ = std::fs::remove_file(self.dir.join(name));
             }
         }
-        write_image_file(&self.dir.join(INVENTORY), ImageKind::Inventory, &inv)?;
         let d = std::fs::File::open(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         d.sync_all().map_err(|e| Error::io(&self.dir, e))?;
         Ok(())

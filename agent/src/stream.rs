@@ -209,6 +209,23 @@ impl Outbox {
         }
     }
 
+    /// Sends the files `inv` lists that are in `dir` (not yet on the
+    /// stream), then commits with `inventory`, the framed image of `inv`.
+    pub fn finish_level(
+        &self,
+        dir: &Path,
+        inv: &ckpt_proto::image::Inventory,
+        inventory: &[u8],
+    ) -> Result<msg::StreamReply> {
+        for f in &inv.files {
+            let path = dir.join(&f.name);
+            if path.exists() {
+                self.send_file(&f.name, &path)?;
+            }
+        }
+        self.commit(inventory)
+    }
+
     /// Ends the stream with the level's inventory (`inventory`, the framed
     /// image) and waits for the receiver to make the level durable.
     pub fn commit(&self, inventory: &[u8]) -> Result<msg::StreamReply> {
@@ -246,17 +263,11 @@ pub fn forward(dir: &Path, to: &StreamTo) -> Result<u64> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let inventory =
-        std::fs::read(dir.join(INVENTORY)).map_err(|e| Error::io(dir.join(INVENTORY), e))?;
+    let path = dir.join(INVENTORY);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let inv = crate::images::read_inventory(dir)?;
     let out = Outbox::open(to, &level)?;
-    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
-        let e = e.map_err(|e| Error::io(dir, e))?;
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name != INVENTORY {
-            out.send_file(&name, &e.path())?;
-        }
-    }
-    out.commit(&inventory)?;
+    out.finish_level(dir, &inv, &bytes)?;
     Ok(out.sent())
 }
 
