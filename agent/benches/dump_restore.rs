@@ -590,8 +590,7 @@ fn start_page_server() -> Result<Streaming> {
     use std::os::unix::fs::OpenOptionsExt;
     let id = std::process::id();
     let key = PathBuf::from(format!("/dev/shm/ckpt-bench-{id}.key"));
-    let mut bytes = [0u8; 32];
-    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    let bytes = ckpt_proto::rpc::random_bytes::<32>()?;
     std::io::Write::write_all(
         &mut std::fs::OpenOptions::new()
             .create(true)

@@ -559,11 +559,7 @@ fn format_mac(m: &[u8; 6]) -> String {
 /// A random unicast, locally administered MAC (so it cannot clash with a
 /// vendor's).
 fn random_mac() -> std::result::Result<[u8; 6], String> {
-    use std::io::Read;
-    let mut m = [0u8; 6];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut m))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let mut m = ckpt_proto::rpc::random_bytes::<6>().map_err(|e| format!("/dev/urandom: {e}"))?;
     m[0] = (m[0] & 0xfe) | 0x02;
     Ok(m)
 }

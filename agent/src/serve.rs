@@ -1288,11 +1288,7 @@ fn private_dir(dir: &Path) -> Result<()> {
 
 /// 16 random hex digits, for names no one else picks.
 fn random_name() -> Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 8];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| Error::io("/dev/urandom", e))?;
+    let b = rpc::random_bytes::<8>().map_err(|e| Error::io("/dev/urandom", e))?;
     Ok(hex::encode(b))
 }
 

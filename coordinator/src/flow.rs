@@ -790,10 +790,7 @@ fn refuse_taken_addresses(
 
 /// A fresh random job token.
 fn job_token() -> std::io::Result<String> {
-    use std::io::Read;
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(hex::encode(b))
+    Ok(hex::encode(ckpt_proto::rpc::random_bytes::<16>()?))
 }
 
 /// Removes what a failed launch made in the store: the job's directory

@@ -222,10 +222,16 @@ impl Session {
     }
 }
 
+/// `N` bytes from the kernel's random source, for nonces, tokens and
+/// names no one else picks.
+pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
+
 fn nonce() -> std::io::Result<Vec<u8>> {
-    let mut n = vec![0u8; 32];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut n)?;
-    Ok(n)
+    Ok(random_bytes::<32>()?.to_vec())
 }
 
 impl Channel {

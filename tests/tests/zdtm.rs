@@ -634,9 +634,7 @@ mod incremental {
             .mode(0o600)
             .open(&path)
             .unwrap();
-        let mut key = vec![0u8; 32];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut key)
-            .unwrap();
+        let key = ckpt_proto::rpc::random_bytes::<32>().unwrap();
         std::io::Write::write_all(&mut f, &key).unwrap();
         path
     }
