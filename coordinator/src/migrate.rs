@@ -251,11 +251,7 @@ fn agent_addr(cluster: &Cluster, node: &str) -> Result<String, FlowError> {
         .map_err(plan::PlanError::from)?
         .agent
     {
-        AgentAddr::Tcp { .. } => Ok(cluster
-            .require_node(node)
-            .map_err(plan::PlanError::from)?
-            .agent
-            .to_string()),
+        a @ AgentAddr::Tcp { .. } => Ok(a.to_string()),
         AgentAddr::InProcess => Err(FlowError::Setup(format!(
             "node {node} has no agent service (the local-only cluster): a streamed migration \
              goes from agent to agent; use --via-store"
