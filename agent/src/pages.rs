@@ -569,18 +569,25 @@ pub fn dump_all(
     Ok(copy.finish())
 }
 
-/// Checksums every block of the pages file, in parallel.
-fn block_checksums(file: &File, path: &Path, total: u64) -> Result<Vec<u32>> {
+/// Checksums every block of the pages file, in parallel; returns the
+/// mapping it read.
+fn block_checksums(
+    file: &File,
+    path: &Path,
+    total: u64,
+) -> Result<(Vec<u32>, Option<memmap2::Mmap>)> {
     if total == 0 {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let map = crate::sys::mmap_readonly(file).map_err(|e| Error::io(path, e))?;
-    Ok(map.par_chunks(BLOCK as usize).map(crc32c::crc32c).collect())
+    let sums = map.par_chunks(BLOCK as usize).map(crc32c::crc32c).collect();
+    Ok((sums, Some(map)))
 }
 
 /// Checks every block of a pages file against its index, before anything
-/// is restored from it, and returns the file's checksum (see `file_checksum`).
-pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
+/// is restored from it, and returns the file's checksum (see
+/// `file_checksum`) and the mapping it read (none for an empty file).
+pub fn verify(pm: &PageMap, path: &Path) -> Result<(u32, Option<memmap2::Mmap>)> {
     let len = check_size(pm, path)?;
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let bad = |reason: String| Error::BadImages {
@@ -590,7 +597,7 @@ pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
     if compression(pm) != Compression::None {
         check_frames(pm).map_err(bad)?;
         if len == 0 {
-            return Ok(index_checksum(pm));
+            return Ok((index_checksum(pm), None));
         }
         let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(path, e))?;
         let broken = pm.frames.par_iter().position_any(|f| {
@@ -606,9 +613,9 @@ pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
                 f.stored_at + f.stored_len as u64
             )));
         }
-        return Ok(index_checksum(pm));
+        return Ok((index_checksum(pm), Some(map)));
     }
-    let sums = block_checksums(&file, path, len)?;
+    let (sums, map) = block_checksums(&file, path, len)?;
     if sums.len() != pm.block_crc32c.len() {
         return Err(bad(format!("{}: block count mismatch", pm.pages_file)));
     }
@@ -620,7 +627,7 @@ pub fn verify(pm: &PageMap, path: &Path) -> Result<u32> {
             ((i as u64 + 1) * BLOCK).min(len)
         )));
     }
-    Ok(file_checksum(&sums))
+    Ok((file_checksum(&sums), map))
 }
 
 /// The checksum the inventory records for a pages file: the crc32c of its
@@ -769,9 +776,25 @@ fn content_size(pm: &PageMap) -> u64 {
 pub struct Level {
     pub pm: PageMap,
     pub path: std::path::PathBuf,
+    /// The pages file, mapped already by the verification before the
+    /// restore; mapped at its first use otherwise.
+    pub map: Option<std::sync::Arc<memmap2::Mmap>>,
 }
 
 impl Level {
+    /// This level's pages file mapped (None when it is empty).
+    fn mapped(&self) -> Result<Option<std::sync::Arc<memmap2::Mmap>>> {
+        if let Some(map) = &self.map {
+            return Ok(Some(map.clone()));
+        }
+        if self.pm.pages_file_size == 0 {
+            return Ok(None);
+        }
+        let file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(&self.path, e))?;
+        Ok(Some(std::sync::Arc::new(map)))
+    }
+
     /// Decompresses frame `i` of this level's pages file (mapped as `map`)
     /// into `out`, its exact length.
     fn unpack_frame(&self, map: &[u8], i: usize, out: &mut [u8]) -> Result<()> {
@@ -966,16 +989,10 @@ pub fn restore(
         return Ok(());
     }
     let jobs = restore_jobs(&maps, pieces);
-    let mut files = Vec::with_capacity(chain.len());
-    for l in chain {
-        if l.pm.pages_file_size == 0 {
-            files.push(None);
-            continue;
-        }
-        let file = File::open(&l.path).map_err(|e| Error::io(&l.path, e))?;
-        let map = crate::sys::mmap_readonly(&file).map_err(|e| Error::io(&l.path, e))?;
-        files.push(Some(map));
-    }
+    let files = chain
+        .iter()
+        .map(Level::mapped)
+        .collect::<Result<Vec<_>>>()?;
     progress.start("restoring pages", total);
     let r = jobs.par_iter().try_for_each_init(
         || vec![0u8; CHUNK as usize],
@@ -1022,7 +1039,7 @@ pub struct Source {
     /// compressed file or one chunk of an uncompressed one.
     chunks: Vec<(Piece, Option<usize>)>,
     chain: Vec<Level>,
-    files: Vec<Option<memmap2::Mmap>>,
+    files: Vec<Option<std::sync::Arc<memmap2::Mmap>>>,
     /// The last frame decompressed: (level, frame, content).
     cache: Option<(usize, usize, Vec<u8>)>,
     /// Chunks whose stored bytes were checked already.
@@ -1039,15 +1056,10 @@ impl Source {
             .flat_map(|j| j.parts.into_iter().map(move |p| (p, j.frame)))
             .collect();
         chunks.sort_unstable_by_key(|(p, _)| p.va);
-        let mut files = Vec::with_capacity(chain.len());
-        for l in &chain {
-            files.push(if l.pm.pages_file_size == 0 {
-                None
-            } else {
-                let file = File::open(&l.path).map_err(|e| Error::io(&l.path, e))?;
-                Some(crate::sys::mmap_readonly(&file).map_err(|e| Error::io(&l.path, e))?)
-            });
-        }
+        let files = chain
+            .iter()
+            .map(Level::mapped)
+            .collect::<Result<Vec<_>>>()?;
         Ok(Source {
             checked: vec![false; chunks.len()],
             chunks,

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::cgroup::{Freezer, JobCgroup};
 use crate::error::{Context, Error, Result};
-use crate::images::{image_name, read_inventory, verify};
+use crate::images::{image_name, read_inventory};
 use crate::inject::{self, Remote, Scratch};
 use crate::progress::{Progress, Quiet};
 use crate::{files, mm, ns, pages, proc, sys, task};
@@ -103,13 +103,13 @@ fn load_core(dir: &Path, pid: i32) -> Result<TaskCore> {
 
 /// Reads the images of a live process; `chain` is the checkpoint's
 /// directory followed by those of its parents.
-fn load(chain: &[PathBuf], core: TaskCore) -> Result<Images> {
+fn load(chain: &[PathBuf], core: TaskCore, mapped: &crate::images::Mapped) -> Result<Images> {
     let pid = core.pid;
     let dir = &chain[0];
     Ok(Images {
         core,
         mm: read_image_file(&dir.join(image_name(ImageKind::Mm, pid)), ImageKind::Mm)?,
-        pages: crate::images::page_chain(chain, pid)?,
+        pages: crate::images::page_chain(chain, pid, mapped)?,
         fds: read_image_file(
             &dir.join(image_name(ImageKind::Files, pid)),
             ImageKind::Files,
@@ -125,7 +125,9 @@ fn load(chain: &[PathBuf], core: TaskCore) -> Result<Images> {
 /// socket.
 pub fn lock_ahead(dir: &Path) -> Result<Option<String>> {
     let inv = read_inventory(dir)?;
-    verify(dir, &inv)?;
+    // The restore that follows checks the pages; the lock needs only the
+    // small images.
+    crate::images::verify_with(dir, &inv, false)?;
     let ns_img: Option<NsImage> = if dir.join(ns::NS_IMAGE).exists() {
         Some(read_image_file(&dir.join(ns::NS_IMAGE), ImageKind::Ns)?)
     } else {
@@ -459,8 +461,9 @@ pub fn restore_notify(
     // A lazy restore checks each block of page content as it first
     // reads it: checking gigabytes first would delay the start by as long.
     let content_now = !req.lazy_pages;
-    crate::images::verify_with(dir, &inv, content_now)?;
-    let chain = crate::images::chain_with(dir, &inv, content_now)?;
+    let mut mapped = crate::images::Mapped::default();
+    crate::images::verify_into(dir, &inv, content_now, &mut mapped)?;
+    let chain = crate::images::chain_with(dir, &inv, content_now, &mut mapped)?;
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(node) = &inv.node {
         let here = crate::check::fingerprint()
@@ -484,9 +487,12 @@ pub fn restore_notify(
     for &pid in &inv.pids {
         let core = cores[&pid].clone();
         if core.state != "Z" {
-            live.push(load(&chain, core)?);
+            live.push(load(&chain, core, &mapped)?);
         }
     }
+    // What no process reads from (levels the chain's newer ones cover) is
+    // unmapped now.
+    drop(mapped);
     let ns_img: Option<NsImage> = if dir.join(ns::NS_IMAGE).exists() {
         Some(read_image_file(&dir.join(ns::NS_IMAGE), ImageKind::Ns)?)
     } else {
