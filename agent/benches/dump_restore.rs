@@ -777,12 +777,12 @@ fn vmsplice_copy(src: &Region, path: &Path, threads: usize) -> Result<f64> {
 /// dump in `dir` against the pattern the target wrote; returns how many
 /// were checked.
 fn check_image(dir: &Path, target: &Target) -> Result<usize> {
-    use std::os::unix::fs::FileExt;
     let name = ckpt_agent::images::image_name(ckpt_proto::ImageKind::PageMap, target.pid);
     let pm: ckpt_proto::image::PageMap =
         ckpt_proto::read_image_file(&dir.join(&name), ckpt_proto::ImageKind::PageMap)
             .with_context(|| format!("reading {name}"))?;
-    let pages = std::fs::File::open(dir.join(&pm.pages_file))?;
+    let pages = ckpt_agent::pages::map_pages(&pm, &dir.join(&pm.pages_file))?
+        .context("an empty pages file")?;
     let mut checked = 0;
     for p in (0..target.len / PAGE).step_by(VERIFY_STRIDE) {
         let va = (target.base + p * PAGE) as u64;
@@ -793,8 +793,8 @@ fn check_image(dir: &Path, target: &Target) -> Result<usize> {
             .with_context(|| format!("page {va:#x} of the target is not in the image"))?;
         let at = run.offset + (va - run.vaddr);
         for w in [0, PAGE / 8 - 1] {
-            let mut b = [0u8; 8];
-            pages.read_exact_at(&mut b, at + (w * 8) as u64)?;
+            let at = (at + (w * 8) as u64) as usize;
+            let b: [u8; 8] = pages[at..at + 8].try_into().expect("8 bytes");
             if u64::from_le_bytes(b) != pattern(p, w) {
                 bail!("page {p} word {w} of the image is not what the target wrote");
             }
@@ -931,12 +931,12 @@ fn rewrite(target: &Target, stamp: u64) -> Result<usize> {
 /// Checks that the increment in `dir` holds exactly the rewritten pages of
 /// the target's region, with `stamp`, and leaves the rest in its parent.
 fn check_increment(dir: &Path, target: &Target, stamp: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
     let name = ckpt_agent::images::image_name(ckpt_proto::ImageKind::PageMap, target.pid);
     let pm: ckpt_proto::image::PageMap =
         ckpt_proto::read_image_file(&dir.join(&name), ckpt_proto::ImageKind::PageMap)
             .with_context(|| format!("reading {name}"))?;
-    let pages = std::fs::File::open(dir.join(&pm.pages_file))?;
+    // Empty when nothing changed.
+    let pages = ckpt_agent::pages::map_pages(&pm, &dir.join(&pm.pages_file))?;
     let stride = 100 / CHANGED_PCT;
     let (lo, hi) = (target.base as u64, (target.base + target.len) as u64);
     for r in pm.runs.iter().filter(|r| r.vaddr >= lo && r.vaddr < hi) {
@@ -950,8 +950,10 @@ fn check_increment(dir: &Path, target: &Target, stamp: u64) -> Result<()> {
                 );
             }
             if present {
-                let mut b = [0u8; 8];
-                pages.read_exact_at(&mut b, r.offset + i * PAGE as u64)?;
+                let at = (r.offset + i * PAGE as u64) as usize;
+                let b: [u8; 8] = pages.as_ref().context("an empty increment")?[at..at + 8]
+                    .try_into()
+                    .expect("8 bytes");
                 if u64::from_le_bytes(b) != stamp {
                     bail!("page {p} of the increment is not the rewritten one");
                 }

@@ -119,10 +119,14 @@ impl ImageWriter {
         Ok(())
     }
 
-    /// Records a pages file whose block checksums are in `pm`.
+    /// Records a pages file whose block checksums are in `pm`: its first
+    /// segment with the checksum over them, the others with their sizes
+    /// (their content is checked through the same block checksums).
     pub fn add_pages(&self, pm: &PageMap) {
         let crc = pages::index_checksum(pm);
-        self.record(&pm.pages_file, pm.pages_file_size, crc);
+        for (k, (name, len)) in pages::segments(pm).into_iter().enumerate() {
+            self.record(&name, len, if k == 0 { crc } else { 0 });
+        }
     }
 
     /// Writes the inventory last, which makes the checkpoint exist; signed
@@ -219,11 +223,11 @@ pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
 /// filled already (mapping a file again and faulting it in costs about 80
 /// ms per GiB here, half as much as the checksums).
 #[derive(Default)]
-pub struct Mapped(HashMap<PathBuf, Arc<memmap2::Mmap>>);
+pub struct Mapped(HashMap<PathBuf, Arc<crate::sys::FilesMap>>);
 
 impl Mapped {
     /// The mapping of the pages file at `path`, if a verification kept one.
-    pub fn get(&self, path: &Path) -> Option<Arc<memmap2::Mmap>> {
+    pub fn get(&self, path: &Path) -> Option<Arc<crate::sys::FilesMap>> {
         self.0.get(path).cloned()
     }
 }
@@ -257,6 +261,10 @@ pub fn verify_into(
                 md.len(),
                 e.size
             )));
+        }
+        if pages::is_later_segment(&e.name) {
+            // Checked with its first segment, against the same index.
+            continue;
         }
         if e.name.starts_with("pages-") {
             page_files.push(e);

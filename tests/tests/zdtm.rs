@@ -282,6 +282,12 @@ mod snapshot {
         } else {
             assert_eq!(copied, 0, "{report}");
         }
+        // Its 512 MiB of pages went into several files written in
+        // parallel (restored below from all of them).
+        assert!(
+            images.join(format!("pages-{}.s1.img", case.pid)).exists(),
+            "no second segment of the pages file"
+        );
         // The case's own child, and no snapshot child.
         let left = children(case.pid);
         assert_eq!(left.len(), 1, "children of the case: {left:?}");
@@ -900,7 +906,12 @@ mod lazy {
         let dir = Workdir::new("lazy-corrupt");
         let (case, images) = dumped_case("memory_writer", &dir);
         let (pid, images_s) = (case.pid, images.to_string_lossy().into_owned());
-        let pages = images.join(format!("pages-{pid}.img"));
+        // The last file of the pages (its 512 MiB are split in several).
+        let pages = (1..)
+            .map(|k| images.join(format!("pages-{pid}.s{k}.img")))
+            .take_while(|p| p.exists())
+            .last()
+            .unwrap_or_else(|| images.join(format!("pages-{pid}.img")));
         let mut bytes = std::fs::read(&pages).unwrap();
         let at = bytes.len() - 3 * 4096;
         bytes[at] ^= 0x01;
@@ -915,8 +926,14 @@ mod lazy {
             "{}",
             run.describe()
         );
+        // Gone, or killed and left to this test (a subreaper) to reap.
+        let dead = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", case.pid)).map_or(true, |st| {
+                st.rsplit(") ").next().unwrap_or("").starts_with('Z')
+            })
+        };
         assert!(
-            wait_for(Duration::from_secs(5), || !ckpt_tests::pid_exists(case.pid)),
+            wait_for(Duration::from_secs(5), dead),
             "the tree restored from a corrupt image runs on"
         );
     }

@@ -44,6 +44,94 @@ pub fn setpriority(pid: i32, nice: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// Files mapped read-only one after the other in one range of the address
+/// space, read as one slice: a pages file split into segments.
+#[derive(Debug)]
+pub struct FilesMap {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the range is read-only shared file memory owned by this value
+// alone; reading it from several threads is sound.
+unsafe impl Send for FilesMap {}
+// SAFETY: as above; nothing mutates through a shared reference.
+unsafe impl Sync for FilesMap {}
+
+impl std::ops::Deref for FilesMap {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: addr..addr+len is mapped readable for the life of self.
+        unsafe { std::slice::from_raw_parts(self.addr as *const u8, self.len) }
+    }
+}
+
+impl Drop for FilesMap {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by mmap_files and belongs to self.
+        unsafe { libc::munmap(self.addr, self.len) };
+    }
+}
+
+/// Maps `files`, each `(file, length)`, read-only one after the other;
+/// every length but the last must be a multiple of the page size, and
+/// their sum not zero.
+pub fn mmap_files(files: &[(&std::fs::File, u64)]) -> io::Result<FilesMap> {
+    use std::os::fd::AsRawFd;
+    let len: u64 = files.iter().map(|f| f.1).sum();
+    if len == 0
+        || files
+            .iter()
+            .rev()
+            .skip(1)
+            .any(|f| !f.1.is_multiple_of(4096))
+    {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // Reserve the whole range first, so that the files land contiguously.
+    // SAFETY: a fresh anonymous, inaccessible mapping; no pointer is given.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // Unmaps the reservation if a file fails to map.
+    let map = FilesMap { addr, len };
+    let mut at = 0usize;
+    for &(file, flen) in files {
+        let flen = flen as usize;
+        if flen == 0 {
+            continue;
+        }
+        // SAFETY: MAP_FIXED replaces only pages of our own reservation
+        // (at + flen <= len); the file is mapped read-only and shared.
+        let r = unsafe {
+            libc::mmap(
+                (addr as *mut u8).add(at) as *mut libc::c_void,
+                flen,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        at += flen;
+    }
+    Ok(map)
+}
+
 /// Maps a whole file read-only.
 pub fn mmap_readonly(file: &std::fs::File) -> io::Result<memmap2::Mmap> {
     // SAFETY: the mapping is read-only and image files are not modified

@@ -11,7 +11,7 @@ pub mod pagemap;
 pub mod pidfd;
 pub mod ptrace;
 
-pub use misc::mmap_readonly;
+pub use misc::{mmap_files, mmap_readonly, FilesMap};
 
 pub mod probe;
 pub mod tcp;
