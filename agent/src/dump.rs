@@ -517,6 +517,9 @@ impl DumpSession {
     /// key if any) and records what it wrote.
     fn commit(&mut self, inv: Inventory, written: Written) -> Result<()> {
         self.writer.commit(inv, self.req.key.as_ref())?;
+        for s in std::mem::take(&mut self.snapshots) {
+            s.end();
+        }
         self.dumped = Some(written);
         Ok(())
     }
@@ -605,8 +608,10 @@ impl DumpSession {
                 fault_hold("CKPT_FAULT_HOLD_RUNNING_MS");
             }
             let bytes = copy.copy_snapshots(progress)?;
-            for s in std::mem::take(&mut self.snapshots) {
-                s.end();
+            // Their address spaces are torn down while the images are
+            // written and committed; `commit` collects them.
+            for s in &self.snapshots {
+                s.kill();
             }
             (copy.finish(), bytes)
         } else {

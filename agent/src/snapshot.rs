@@ -95,12 +95,24 @@ impl Snapshot {
         }
     }
 
-    fn finish(&self) -> Result<()> {
+    /// Kills the child without waiting for it: its address space goes
+    /// meanwhile. [`Snapshot::end`] (or the drop) collects it.
+    pub fn kill(&self) {
+        if let Err(e) = self.signal() {
+            warn!(parent = self.parent, "{e}");
+        }
+    }
+
+    fn signal(&self) -> Result<()> {
         let child = Pid::from_raw(self.child);
         match nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL) {
-            Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-            Err(e) => return Err(Error::sys(self.child, "kill(SIGKILL) of a snapshot", e)),
+            Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
+            Err(e) => Err(Error::sys(self.child, "kill(SIGKILL) of a snapshot", e)),
         }
+    }
+
+    fn finish(&self) -> Result<()> {
+        self.signal()?;
         // Its tracer sees it die first; then it is its parent's zombie.
         crate::seize::collect_killed([self.child]);
         let parent_of = proc::stat(self.child, None).map(|s| s.field(4) as i32);
