@@ -9,6 +9,7 @@
 //! parallel; write the images; commit the inventory; then kill or release.
 //! Any failure before the commit releases every process untouched.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -174,14 +175,21 @@ fn tracker_for(pid: i32, main: &Remote, plan: &TrackPlan) -> Result<Option<(Trac
 /// (resetting it), and forks its snapshot when `snapshot` asks and it has
 /// enough copy-on-write memory. Runs on the ptrace thread (injections);
 /// `beside` runs meanwhile on it, for what else needs ptrace.
+///
+/// `read_ahead`: the process's mappings and flags read before the freeze
+/// (its layout checked since). Their flags are checked here against the
+/// snapshot child's layout, and once it runs on against the child's smaps
+/// (the returned child pid: [`confirm_flags`]); without a snapshot against
+/// smaps now.
 fn capture_memory<T>(
     pid: i32,
     main: &Remote,
     plan: &TrackPlan,
     mm_args: (u64, Option<(u64, u64)>, &ImageWriter),
     snapshot: bool,
+    read_ahead: Option<Vec<proc::MapEntry>>,
     beside: impl FnOnce() -> Result<T>,
-) -> Result<(mm::MmDump, Option<Tracking>, Option<Snapshot>, T)> {
+) -> Result<Captured<T>> {
     let t0 = Instant::now();
     let mut tracker = tracker_for(pid, main, plan)?;
     let tracking = tracker
@@ -193,11 +201,14 @@ fn capture_memory<T>(
         since_parent: *c,
     });
     let (brk, skip, writer) = mm_args;
+    // A tracked dump reads and resets "uw" marks: only while frozen.
+    let read_ahead = read_ahead.filter(|_| track.is_none());
+    let ahead = read_ahead.is_some();
     let (mm, other) = std::thread::scope(|s| {
         // Reading the address space (smaps, page scans: tens of ms per
         // GiB) needs no ptrace: it runs beside what does.
         let mm = s.spawn(|| {
-            let r = mm::dump(pid, brk, skip, Some(writer), track.as_ref());
+            let r = mm::dump(pid, brk, skip, Some(writer), track.as_ref(), read_ahead);
             debug!(pid, ms = ms_since(t0), "address space read");
             r
         });
@@ -209,7 +220,7 @@ fn capture_memory<T>(
             other,
         )
     });
-    let (mm, other) = (mm?, other?);
+    let (mut mm, other) = (mm?, other?);
     let snap = match snapshot && mm.cow_bytes() >= SNAPSHOT_MIN {
         true => match crate::snapshot::take(main) {
             Ok(s) => Some(s),
@@ -222,7 +233,129 @@ fn capture_memory<T>(
         false => None,
     };
     debug!(pid, ms = ms_since(t0), "snapshot forked");
-    Ok((mm, tracking, snap, other))
+    let mut confirm_on = None;
+    if ahead {
+        // The child has every mapping but the MADV_DONTFORK ones; if that
+        // is not what the flags read ahead say, or there is no child to
+        // check them on later, they are checked against smaps now.
+        let forked = snap
+            .as_ref()
+            .map(|s| proc::maps(s.child))
+            .transpose()?
+            .filter(|child| {
+                mm.image.vmas.iter().all(|v| {
+                    let dc = v.vm_flags.iter().any(|f| f == "dc");
+                    child.iter().any(|c| c.start == v.start && c.end == v.end) != dc
+                })
+            });
+        match (forked, &snap) {
+            (Some(_), Some(s)) => confirm_on = Some(s.child),
+            _ => mm::reconcile_flags(pid, &mut mm.image, &proc::smaps(pid)?, &[], |_| false)?,
+        }
+        debug!(pid, ms = ms_since(t0), "flags read ahead checked");
+    }
+    Ok(Captured {
+        mm,
+        tracking,
+        snap,
+        other,
+        confirm_on,
+    })
+}
+
+/// What `capture_memory` captured of a process.
+struct Captured<T> {
+    mm: mm::MmDump,
+    /// The tracker it reset.
+    tracking: Option<Tracking>,
+    snap: Option<Snapshot>,
+    /// What ran beside it returned.
+    other: T,
+    /// The snapshot child to check the flags read ahead against.
+    confirm_on: Option<i32>,
+}
+
+/// Checks the mapping flags a process's image took from before the freeze
+/// against its snapshot child `child`, which has them as they were at
+/// the fork (the process itself runs on). See [`mm::reconcile_flags`].
+fn confirm_flags(image: &mut ckpt_proto::image::MmImage, pid: i32, child: i32) -> Result<()> {
+    let t0 = Instant::now();
+    let actual = proc::smaps(child)?;
+    mm::reconcile_flags(pid, image, &actual, &mm::NOT_INHERITED, |v| {
+        v.vm_flags.iter().any(|f| f == "dc")
+    })?;
+    debug!(pid, ms = ms_since(t0), "flags read ahead confirmed");
+    Ok(())
+}
+
+/// What a dump knows of its tree from before the freeze.
+struct Before<'a> {
+    /// The checkpoint this one is an increment of.
+    parent: Option<&'a Parent>,
+    /// Mappings read ahead, by pid.
+    ahead: &'a HashMap<i32, ReadAhead>,
+}
+
+/// What a snapshot dump reads of a process before its freeze.
+struct ReadAhead {
+    /// Field 22 of /proc/PID/stat: tells a reused pid apart.
+    start_time: u64,
+    maps: Vec<proc::MapEntry>,
+}
+
+/// Reads smaps of `root` and its descendants as they run: smaps walks
+/// every page to count them (about 40 ms per 4 GiB of 4 KiB pages), time
+/// a snapshot dump need not spend frozen.
+fn read_ahead(root: i32) -> HashMap<i32, ReadAhead> {
+    let mut out = HashMap::new();
+    let mut queue = vec![root];
+    while let Some(pid) = queue.pop() {
+        let (Ok(st), Ok(maps)) = (proc::stat(pid, None), proc::smaps(pid)) else {
+            continue;
+        };
+        out.insert(
+            pid,
+            ReadAhead {
+                start_time: st.field(22),
+                maps,
+            },
+        );
+        queue.extend(children(pid));
+    }
+    out
+}
+
+/// The flags read ahead for `pid`, if they still describe it: same
+/// process, same layout (`now`, /proc/PID/maps read frozen), nothing
+/// locked (mlock flags do not reach a snapshot child to be checked).
+fn still_valid(
+    pid: i32,
+    ahead: Option<&ReadAhead>,
+    now: &[proc::MapEntry],
+) -> Option<Vec<proc::MapEntry>> {
+    let a = ahead?;
+    let layout = |m: &proc::MapEntry| {
+        (
+            m.start,
+            m.end,
+            m.perms.clone(),
+            m.offset,
+            m.dev_major,
+            m.dev_minor,
+            m.inode,
+            m.path.clone(),
+        )
+    };
+    let same =
+        a.maps.len() == now.len() && a.maps.iter().zip(now).all(|(x, y)| layout(x) == layout(y));
+    let st = proc::stat(pid, None).ok()?;
+    let locked = proc::read(pid, "status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .map(|v| v.trim() != "0 kB")?;
+    let flagged = a.maps.iter().any(|m| m.has_flag("lo") || m.has_flag("lf"));
+    (same && st.field(22) == a.start_time && !locked && !flagged).then(|| a.maps.clone())
 }
 
 /// A process of the tree being dumped.
@@ -340,6 +473,8 @@ pub struct DumpSession {
     threads: usize,
     /// Snapshots being copied (dropped after the tree is released).
     snapshots: Vec<Snapshot>,
+    /// Mappings of the tree's processes read before the freeze.
+    ahead: HashMap<i32, ReadAhead>,
     /// Set when the tree ran on before the end of the dump: how long it
     /// stood still.
     resumed_ms: Option<f64>,
@@ -386,6 +521,12 @@ impl DumpSession {
         crate::netlock::recover(None)?;
         crate::track::prune();
         let own = ns::own_namespaces(pid)?;
+        // (Not for a tracked dump: it reads the tracker's marks frozen.)
+        let tracked = req.pre_dump || req.track_mem || req.parent.is_some();
+        let ahead = match req.snapshot && !tracked {
+            true => read_ahead(pid),
+            false => HashMap::new(),
+        };
         let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
         if frozen.is_some() {
             // Fault injection for tests: widen the frozen window so that a
@@ -447,6 +588,7 @@ impl DumpSession {
             lock,
             threads,
             snapshots: Vec::new(),
+            ahead,
             resumed_ms: None,
             dumped: None,
             parent,
@@ -472,7 +614,10 @@ impl DumpSession {
             &self.req,
             &nsd,
             self.lock.as_mut(),
-            self.parent.as_ref(),
+            Before {
+                parent: self.parent.as_ref(),
+                ahead: &self.ahead,
+            },
             &mut self.snapshots,
         )?;
         // Known now: the tree and its lock may be gone before the commit.
@@ -485,6 +630,18 @@ impl DumpSession {
             .map(|d| (d.core.pid, d.mm.cow_bytes()))
             .collect();
         self.snapshots = keep_snapshots(std::mem::take(&mut self.snapshots), &cow)?;
+        let mut dumped = dumped;
+        for d in &mut dumped {
+            // Copied frozen after all: its flags are checked while it is.
+            if d
+                .confirm_on
+                .is_some_and(|c| !self.snapshots.iter().any(|s| s.child == c))
+            {
+                let pid = d.core.pid;
+                mm::reconcile_flags(pid, &mut d.mm.image, &proc::smaps(pid)?, &[], |_| false)?;
+                d.confirm_on = None;
+            }
+        }
         let tp = Instant::now();
         let ids = &nsd.pids;
         let items: Vec<pages::DumpItem<'_>> = dumped
@@ -494,6 +651,12 @@ impl DumpSession {
         let (pms, snapshot_bytes) = self.copy_pages(&items, progress)?;
         let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
         drop(items);
+        for d in &mut dumped {
+            if let Some(child) = d.confirm_on {
+                confirm_flags(&mut d.mm.image, d.core.pid, child)?;
+            }
+        }
+        self.kill_snapshots();
         let (pages_bytes, stored_bytes) = write_images(dumped, pms, ids, &self.writer)?;
         let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
         let inv = self.inventory(
@@ -511,6 +674,15 @@ impl DumpSession {
                 pages_ms,
             },
         )
+    }
+
+    /// Kills the snapshot children, whose copy is over: their address
+    /// spaces are torn down while the images are written and committed;
+    /// `commit` collects them.
+    fn kill_snapshots(&self) {
+        for s in &self.snapshots {
+            s.kill();
+        }
     }
 
     /// Commits this checkpoint (its inventory, signed with the request's
@@ -608,11 +780,6 @@ impl DumpSession {
                 fault_hold("CKPT_FAULT_HOLD_RUNNING_MS");
             }
             let bytes = copy.copy_snapshots(progress)?;
-            // Their address spaces are torn down while the images are
-            // written and committed; `commit` collects them.
-            for s in &self.snapshots {
-                s.kill();
-            }
             (copy.finish(), bytes)
         } else {
             // One process at a time, frozen: for comparison in benchmarks.
@@ -654,10 +821,13 @@ impl DumpSession {
                 &plan,
                 (0, None, &self.writer),
                 self.req.snapshot,
+                None,
                 || Ok(()),
             );
             s.reset()?;
-            let (mm, tracking, snap, ()) = r?;
+            let Captured {
+                mm, tracking, snap, ..
+            } = r?;
             snaps.extend(snap);
             mems.push((s.pid, mm, tracking));
         }
@@ -895,6 +1065,8 @@ struct Dumped {
     mm: mm::MmDump,
     /// The write tracker this dump reset, for the page index.
     tracking: Option<Tracking>,
+    /// The snapshot child to check the mapping flags read ahead against.
+    confirm_on: Option<i32>,
 }
 
 /// Captures every live process of the tree, one after the other (ptrace
@@ -907,9 +1079,10 @@ fn capture_tree(
     req: &DumpRequest,
     nsd: &ns::NsDump,
     mut lock: Option<&mut NetLock>,
-    parent: Option<&Parent>,
+    before: Before<'_>,
     snapshots: &mut Vec<Snapshot>,
 ) -> Result<Vec<Dumped>> {
+    let Before { parent, ahead } = before;
     let ids = &nsd.pids;
     let mut dumped = Vec::with_capacity(tree.len());
     for m in tree {
@@ -920,8 +1093,15 @@ fn capture_tree(
                     lock: lock.as_deref_mut(),
                 };
                 let plan = TrackPlan::new(req, parent, ids.inner(s.pid));
-                let (d, snap) =
-                    dump_seized(s, writer, nsd.image.own, &mut net, &plan, req.snapshot)?;
+                let (d, snap) = dump_seized(
+                    s,
+                    writer,
+                    nsd.image.own,
+                    &mut net,
+                    &plan,
+                    req.snapshot,
+                    ahead.get(&s.pid),
+                )?;
                 dumped.push(d);
                 snapshots.extend(snap);
             }
@@ -1133,6 +1313,7 @@ fn dump_seized(
     net: &mut crate::inet::DumpCtx<'_>,
     plan: &TrackPlan,
     snapshot: bool,
+    ahead: Option<&ReadAhead>,
 ) -> Result<(Dumped, Option<Snapshot>)> {
     let pid = seized.pid;
     let t0 = Instant::now();
@@ -1145,7 +1326,9 @@ fn dump_seized(
     let main = Remote::new(Pid::from_raw(pid), gadget)?;
     // The scratch area sits in a gap with free pages on both sides, so it
     // merges with no mapping and can be left out of the image.
-    let busy: Vec<(u64, u64)> = proc::maps(pid)?.iter().map(|m| (m.start, m.end)).collect();
+    let maps = proc::maps(pid)?;
+    let read_ahead = still_valid(pid, ahead, &maps);
+    let busy: Vec<(u64, u64)> = maps.iter().map(|m| (m.start, m.end)).collect();
     let want = mm::find_gap(&busy, SCRATCH_LEN).ok_or_else(|| Error::Refused {
         pid,
         reason: "no free address range for the agent's scratch area".into(),
@@ -1167,20 +1350,21 @@ fn dump_seized(
         let brk = mm::current_brk(&main)?;
         debug!(pid, ms = ms_since(t0), "task state captured");
         let skip = Some((addr, addr + SCRATCH_LEN));
-        let (mm, tracking, snap, fds) =
-            capture_memory(pid, &main, plan, (brk, skip, writer), snapshot, || {
-                let fds = files::dump(pid, writer, own, net);
-                debug!(pid, ms = ms_since(t0), "files captured");
-                fds
-            })?;
+        let args = (brk, skip, writer);
+        let c = capture_memory(pid, &main, plan, args, snapshot, read_ahead, || {
+            let fds = files::dump(pid, writer, own, net);
+            debug!(pid, ms = ms_since(t0), "files captured");
+            fds
+        })?;
         Ok((
             Dumped {
                 core,
-                fds,
-                mm,
-                tracking,
+                fds: c.other,
+                mm: c.mm,
+                tracking: c.tracking,
+                confirm_on: c.confirm_on,
             },
-            snap,
+            c.snap,
         ))
     })();
     // The scratch area is outside every extent to copy: it can go now, and

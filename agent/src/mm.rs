@@ -115,6 +115,99 @@ fn copied_on_fork(kind: VmaKind, m: &MapEntry, tracked: bool) -> bool {
         && (tracked || !m.has_flag("uw"))
 }
 
+/// Flags a snapshot child does not inherit: mlock (VM_LOCKED_MASK is
+/// cleared by fork) and userfaultfd registrations (cleared unless their
+/// monitor asked to hear of forks), and soft-dirty.
+pub const NOT_INHERITED: [&str; 6] = ["lo", "lf", "um", "uw", "ui", "sd"];
+
+/// Makes the flags of `image` (read before the freeze) those of `actual`
+/// (smaps of the process frozen, or of its snapshot child, which has them
+/// as they were at the fork), keeping the image's `keep` flags. Mappings
+/// of the image missing from `actual` are allowed only as `missing_ok`
+/// says (a snapshot child has no MADV_DONTFORK mapping). A change that
+/// decided how a mapping's pages were copied (the copy then read the wrong
+/// source) is refused: the dump must be made again.
+pub fn reconcile_flags(
+    pid: i32,
+    image: &mut MmImage,
+    actual: &[MapEntry],
+    keep: &[&str],
+    missing_ok: impl Fn(&Vma) -> bool,
+) -> Result<()> {
+    for v in &mut image.vmas {
+        let Some(a) = actual.iter().find(|a| a.start == v.start && a.end == v.end) else {
+            if missing_ok(v) {
+                continue;
+            }
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "its mapping at {:#x}-{:#x} changed as the dump began; dump again",
+                    v.start, v.end
+                ),
+            });
+        };
+        let mut flags: Vec<String> = a
+            .vm_flags
+            .iter()
+            .filter(|f| !keep.contains(&f.as_str()))
+            .cloned()
+            .collect();
+        flags.extend(
+            v.vm_flags
+                .iter()
+                .filter(|f| keep.contains(&f.as_str()))
+                .cloned(),
+        );
+        let same = |a: &[String], b: &[String]| {
+            let (mut a, mut b) = (a.to_vec(), b.to_vec());
+            a.sort();
+            b.sort();
+            a == b
+        };
+        if same(&flags, &v.vm_flags) {
+            continue;
+        }
+        let kind = VmaKind::try_from(v.kind).unwrap_or(VmaKind::VmaAnonPrivate);
+        let entry = |f: &[String]| MapEntry {
+            vm_flags: f.to_vec(),
+            ..a.clone()
+        };
+        let decides = ["io", "pf", "ht"];
+        if copied_on_fork(kind, &entry(&v.vm_flags), false)
+            != copied_on_fork(kind, &entry(&flags), false)
+            || decides
+                .iter()
+                .any(|d| entry(&v.vm_flags).has_flag(d) != entry(&flags).has_flag(d))
+        {
+            return Err(Error::Refused {
+                pid,
+                reason: format!(
+                    "the flags of its mapping at {:#x}-{:#x} changed as the dump began \
+                     ({} -> {}); dump again",
+                    v.start,
+                    v.end,
+                    v.vm_flags.join(" "),
+                    flags.join(" ")
+                ),
+            });
+        }
+        tracing::debug!(
+            pid,
+            start = v.start,
+            "mapping flags changed before the freeze"
+        );
+        let e = entry(&flags);
+        v.madv = ADVICE
+            .iter()
+            .filter(|(tok, _, _)| e.has_flag(tok))
+            .fold(0, |m, (_, bit, _)| m | bit);
+        v.growsdown = e.has_flag("gd");
+        v.vm_flags = flags;
+    }
+    Ok(())
+}
+
 /// Whether the write tracker can follow mapping `m`: private memory
 /// (shared memory is saved whole each time), not hugetlb, not registered
 /// with another userfaultfd.
@@ -252,15 +345,23 @@ fn map_memfd(
 ///
 /// With a `writer`, the whole content of each memfd mapped shared is saved
 /// once per object; without one such mappings are refused.
+///
+/// `read_ahead`: the mappings with their flags as read before the process
+/// stopped, its layout checked since (see [`reconcile_flags`]); else
+/// smaps is read now.
 pub fn dump(
     pid: i32,
     brk: u64,
     skip: Option<(u64, u64)>,
     writer: Option<&crate::images::ImageWriter>,
     track: Option<&Track<'_>>,
+    read_ahead: Option<Vec<MapEntry>>,
 ) -> Result<MmDump> {
     let t0 = std::time::Instant::now();
-    let mut maps = proc::smaps(pid)?;
+    let mut maps = match read_ahead {
+        Some(m) => m,
+        None => proc::smaps(pid)?,
+    };
     tracing::debug!(pid, ms = t0.elapsed().as_secs_f64() * 1e3, "smaps read");
     maps.retain(|m| Some((m.start, m.end)) != skip);
     let pm_path = format!("/proc/{pid}/pagemap");
@@ -1063,5 +1164,51 @@ mod tests {
             .into_iter(),
         );
         assert_ne!(layout(&a), layout(&c));
+    }
+
+    #[test]
+    fn flags_read_ahead_are_reconciled() {
+        let vma = |start: u64, flags: &str| Vma {
+            start,
+            end: start + 0x1000,
+            kind: VmaKind::VmaAnonPrivate as i32,
+            vm_flags: flags.split_whitespace().map(String::from).collect(),
+            ..Default::default()
+        };
+        let actual = |start: u64, flags: &str| MapEntry {
+            start,
+            end: start + 0x1000,
+            perms: "rw-p".into(),
+            vm_flags: flags.split_whitespace().map(String::from).collect(),
+            ..Default::default()
+        };
+        let mut img = MmImage {
+            vmas: vec![vma(0x1000, "rd wr lo"), vma(0x3000, "rd wr dc")],
+            ..Default::default()
+        };
+        // The child: no mlock flag, no MADV_DONTFORK mapping, and a
+        // MADV_HUGEPAGE given between the read and the freeze.
+        let child = [actual(0x1000, "rd wr hg")];
+        reconcile_flags(1, &mut img, &child, &NOT_INHERITED, |v| {
+            v.vm_flags.iter().any(|f| f == "dc")
+        })
+        .unwrap();
+        let mut f = img.vmas[0].vm_flags.clone();
+        f.sort();
+        assert_eq!(f, ["hg", "lo", "rd", "wr"]);
+        assert_eq!(img.vmas[0].madv, madv::HUGEPAGE);
+        // A mapping that lost its content in the child (MADV_WIPEONFORK
+        // given late) was copied from the wrong source: refused.
+        let mut img = MmImage {
+            vmas: vec![vma(0x1000, "rd wr")],
+            ..Default::default()
+        };
+        let e = reconcile_flags(1, &mut img, &[actual(0x1000, "rd wr wf")], &[], |_| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dump again"), "{e}");
+        // A mapping gone is refused unless allowed.
+        let e = reconcile_flags(1, &mut img, &[], &[], |_| false).unwrap_err();
+        assert!(e.to_string().contains("0x1000-0x2000"), "{e}");
     }
 }

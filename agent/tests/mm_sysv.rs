@@ -21,7 +21,7 @@ fn dump_records_sysv_attachments_without_pages() {
     let rw_at = rw.bytes().as_ptr() as u64;
     let ro_at = ro.bytes().as_ptr() as u64;
 
-    let d = mm::dump(std::process::id() as i32, 0, None, None, None).unwrap();
+    let d = mm::dump(std::process::id() as i32, 0, None, None, None, None).unwrap();
     let sysv: Vec<_> = d
         .image
         .vmas
