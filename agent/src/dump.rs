@@ -201,8 +201,6 @@ fn capture_memory<T>(
         since_parent: *c,
     });
     let (brk, skip, writer) = mm_args;
-    // A tracked dump reads and resets "uw" marks: only while frozen.
-    let read_ahead = read_ahead.filter(|_| track.is_none());
     let ahead = read_ahead.is_some();
     let (mm, other) = std::thread::scope(|s| {
         // Reading the address space (smaps, page scans: tens of ms per
@@ -521,9 +519,9 @@ impl DumpSession {
         crate::netlock::recover(None)?;
         crate::track::prune();
         let own = ns::own_namespaces(pid)?;
-        // (Not for a tracked dump: it reads the tracker's marks frozen.)
-        let tracked = req.pre_dump || req.track_mem || req.parent.is_some();
-        let ahead = match req.snapshot && !tracked {
+        // (A pre-dump still reads it frozen: its path does not confirm
+        // flags read ahead on the snapshot child.)
+        let ahead = match req.snapshot && !req.pre_dump {
             true => read_ahead(pid),
             false => HashMap::new(),
         };
@@ -633,8 +631,7 @@ impl DumpSession {
         let mut dumped = dumped;
         for d in &mut dumped {
             // Copied frozen after all: its flags are checked while it is.
-            if d
-                .confirm_on
+            if d.confirm_on
                 .is_some_and(|c| !self.snapshots.iter().any(|s| s.child == c))
             {
                 let pid = d.core.pid;

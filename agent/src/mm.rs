@@ -409,13 +409,20 @@ pub fn dump(
                 ),
                 false => (0, 0),
             };
+            // Asking whether a page is file-backed makes the kernel look at
+            // the struct page of every present page (a cache miss each):
+            // only private file mappings hold both kinds.
+            let file = match kind {
+                VmaKind::VmaFilePrivate => category::FILE,
+                _ => 0,
+            };
             pagemap::scan(
                 pm.as_fd(),
                 m.start,
                 m.end,
                 ScanQuery {
                     anyof: seen,
-                    returned: seen | category::PFNZERO | category::FILE | written,
+                    returned: seen | category::PFNZERO | file | written,
                     ..Default::default()
                 },
                 flags,
