@@ -248,7 +248,13 @@ fn capture_memory<T>(
             });
         match (forked, &snap) {
             (Some(_), Some(s)) => confirm_on = Some(s.child),
-            _ => mm::reconcile_flags(pid, &mut mm.image, &proc::smaps(pid)?, &[], |_| false)?,
+            _ => mm::reconcile_flags(
+                pid,
+                &mut mm.image,
+                &proc::smaps(pid)?,
+                &mm::UFFD_FLAGS,
+                |_| false,
+            )?,
         }
         debug!(pid, ms = ms_since(t0), "flags read ahead checked");
     }
@@ -283,6 +289,22 @@ fn confirm_flags(image: &mut ckpt_proto::image::MmImage, pid: i32, child: i32) -
         v.vm_flags.iter().any(|f| f == "dc")
     })?;
     debug!(pid, ms = ms_since(t0), "flags read ahead confirmed");
+    Ok(())
+}
+
+/// Checks the flags read ahead for process `pid` against its smaps now,
+/// frozen, if its snapshot child `confirm_on` was dropped (its memory is
+/// copied frozen after all).
+fn confirm_if_dropped(
+    pid: i32,
+    image: &mut ckpt_proto::image::MmImage,
+    confirm_on: &mut Option<i32>,
+    kept: &[Snapshot],
+) -> Result<()> {
+    if confirm_on.is_some_and(|c| !kept.iter().any(|s| s.child == c)) {
+        mm::reconcile_flags(pid, image, &proc::smaps(pid)?, &mm::UFFD_FLAGS, |_| false)?;
+        *confirm_on = None;
+    }
     Ok(())
 }
 
@@ -519,9 +541,7 @@ impl DumpSession {
         crate::netlock::recover(None)?;
         crate::track::prune();
         let own = ns::own_namespaces(pid)?;
-        // (A pre-dump still reads it frozen: its path does not confirm
-        // flags read ahead on the snapshot child.)
-        let ahead = match req.snapshot && !req.pre_dump {
+        let ahead = match req.snapshot {
             true => read_ahead(pid),
             false => HashMap::new(),
         };
@@ -630,14 +650,12 @@ impl DumpSession {
         self.snapshots = keep_snapshots(std::mem::take(&mut self.snapshots), &cow)?;
         let mut dumped = dumped;
         for d in &mut dumped {
-            // Copied frozen after all: its flags are checked while it is.
-            if d.confirm_on
-                .is_some_and(|c| !self.snapshots.iter().any(|s| s.child == c))
-            {
-                let pid = d.core.pid;
-                mm::reconcile_flags(pid, &mut d.mm.image, &proc::smaps(pid)?, &[], |_| false)?;
-                d.confirm_on = None;
-            }
+            confirm_if_dropped(
+                d.core.pid,
+                &mut d.mm.image,
+                &mut d.confirm_on,
+                &self.snapshots,
+            )?;
         }
         let tp = Instant::now();
         let ids = &nsd.pids;
@@ -812,33 +830,46 @@ impl DumpSession {
             let plan = TrackPlan::new(&self.req, self.parent.as_ref(), ids.inner(s.pid));
             s.block_signals()?;
             let main = Remote::new(Pid::from_raw(s.pid), mm::find_syscall_gadget(s.pid)?)?;
+            let read_ahead = still_valid(s.pid, self.ahead.get(&s.pid), &proc::maps(s.pid)?);
             let r = capture_memory(
                 s.pid,
                 &main,
                 &plan,
                 (0, None, &self.writer),
                 self.req.snapshot,
-                None,
+                read_ahead,
                 || Ok(()),
             );
             s.reset()?;
-            let Captured {
-                mm, tracking, snap, ..
-            } = r?;
-            snaps.extend(snap);
-            mems.push((s.pid, mm, tracking));
+            let c = r?;
+            snaps.extend(c.snap);
+            mems.push((s.pid, c.mm, c.tracking, c.confirm_on));
         }
         debug!(ms = ms_since(self.frozen_at), "memory captured");
-        let cow: Vec<(i32, u64)> = mems.iter().map(|(p, m, _)| (*p, m.cow_bytes())).collect();
+        let cow: Vec<(i32, u64)> = mems
+            .iter()
+            .map(|(p, m, _, _)| (*p, m.cow_bytes()))
+            .collect();
         self.snapshots = keep_snapshots(snaps, &cow)?;
+        for (pid, mm, _, confirm_on) in &mut mems {
+            confirm_if_dropped(*pid, &mut mm.image, confirm_on, &self.snapshots)?;
+        }
         let tp = Instant::now();
         let items: Vec<pages::DumpItem<'_>> = mems
             .iter()
-            .map(|(pid, mm, tracking)| self.item(*pid, ids.inner(*pid), mm, *tracking))
+            .map(|(pid, mm, tracking, _)| self.item(*pid, ids.inner(*pid), mm, *tracking))
             .collect();
         let (pms, snapshot_bytes) = self.copy_pages(&items, progress)?;
         let pages_ms = tp.elapsed().as_secs_f64() * 1e3;
         drop(items);
+        // A pre-dump writes no address space image, but pages it saved
+        // from the wrong source would stay in the chain.
+        for (pid, mm, _, confirm_on) in &mut mems {
+            if let Some(child) = *confirm_on {
+                confirm_flags(&mut mm.image, *pid, child)?;
+            }
+        }
+        self.kill_snapshots();
         let (mut pages_bytes, mut stored_bytes) = (0, 0);
         for pm in pms {
             let pm = ckpt_proto::image::PageMap {

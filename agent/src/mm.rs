@@ -120,6 +120,12 @@ fn copied_on_fork(kind: VmaKind, m: &MapEntry, tracked: bool) -> bool {
 /// monitor asked to hear of forks), and soft-dirty.
 pub const NOT_INHERITED: [&str; 6] = ["lo", "lf", "um", "uw", "ui", "sd"];
 
+/// Userfaultfd registration flags, kept from the read ahead when checked
+/// against the process itself: the dump registers its own tracker while
+/// frozen ("uw"), and a registration made by a monitor in between changes
+/// nothing in what the pages are (only the image's flags miss it).
+pub const UFFD_FLAGS: [&str; 3] = ["um", "uw", "ui"];
+
 /// Makes the flags of `image` (read before the freeze) those of `actual`
 /// (smaps of the process frozen, or of its snapshot child, which has them
 /// as they were at the fork), keeping the image's `keep` flags. Mappings
