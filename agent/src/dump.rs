@@ -545,6 +545,9 @@ impl DumpSession {
             true => read_ahead(pid),
             false => HashMap::new(),
         };
+        // Fault injection for tests: a window between the read ahead and
+        // the freeze, to change the tree's mappings in.
+        fault_hold("CKPT_FAULT_HOLD_READ_AHEAD_MS");
         let frozen = cgroup.as_ref().map(JobCgroup::freeze).transpose()?;
         if frozen.is_some() {
             // Fault injection for tests: widen the frozen window so that a
@@ -1037,6 +1040,7 @@ impl Drop for DumpSession {
 /// tests widen a window of the dump to kill the agent in it.
 fn fault_hold(var: &str) {
     if let Some(ms) = std::env::var(var).ok().and_then(|v| v.parse().ok()) {
+        tracing::info!("fault injection: holding {var} for {ms} ms");
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
 }

@@ -37,6 +37,7 @@ cases!(
     mm_fields,
     memory_writer,
     lazy_events,
+    advice_late,
     // per thread
     threads,
     regs_gpr,
@@ -295,6 +296,73 @@ mod snapshot {
         if let Err(e) = restore_and_check(&mut case, &images, &dir) {
             panic!("{e}{}", dir.agent_report());
         }
+    }
+
+    /// Mapping flags are read before the freeze: MADV_WIPEONFORK given to
+    /// a whole mapping after that read (a fault knob widens the window)
+    /// empties it in the snapshot child. The dump must see it and fail,
+    /// not save the empty copy; the job runs on intact.
+    #[test]
+    fn advice_changed_before_the_freeze_fails_the_dump() {
+        if ckpt_tests::no_checkpoint() {
+            return;
+        }
+        use std::io::BufRead;
+        let dir = Workdir::new("advice_late");
+        let images = dir.join("images");
+        let mut case = CaseProcess::spawn(
+            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
+            "advice_late",
+            &dir,
+        )
+        .unwrap();
+        case.wait_ready().unwrap();
+        let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
+            .args([
+                "dump",
+                "--leave-running",
+                "--tree",
+                &case.pid.to_string(),
+                "--images",
+            ])
+            .arg(&images)
+            .env("CKPT_FAULT_HOLD_READ_AHEAD_MS", "5000")
+            .env("CKPT_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(agent.stderr.take().unwrap());
+        let mut log = String::new();
+        // Its smaps read, the agent holds before the freeze.
+        while !log.contains("CKPT_FAULT_HOLD_READ_AHEAD_MS") {
+            if err.read_line(&mut log).unwrap() == 0 {
+                panic!("the agent ended before its hold:\n{log}");
+            }
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(case.pid),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+        // Given before the hold ends (5 s: ample for a signal).
+        let wf = || {
+            std::fs::read_to_string(format!("/proc/{}/smaps", case.pid))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "wf"))
+        };
+        assert!(wait_for(Duration::from_secs(4), wf), "{log}");
+        std::io::Read::read_to_string(&mut err, &mut log).unwrap();
+        let status = agent.wait().unwrap();
+        assert!(
+            !status.success() && log.contains("dump again"),
+            "{status}:\n{log}"
+        );
+        assert!(!images.join("inventory.img").exists(), "{log}");
+        case.terminate_and_check("the job after the refused dump")
+            .unwrap();
     }
 
     /// The agent killed while it copies the snapshots: the kernel kills

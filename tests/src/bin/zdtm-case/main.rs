@@ -42,6 +42,7 @@ const CASES: &[(&str, CaseFn)] = &[
     ("madvise_fork", memory::madvise_fork),
     ("mm_fields", memory::mm_fields),
     ("memory_writer", memory::memory_writer),
+    ("advice_late", memory::advice_late),
     ("lazy_events", memory::lazy_events),
     // per thread
     ("threads", threads::threads),

@@ -647,6 +647,43 @@ pub fn mm_fields(ctx: &Ctx) -> CaseResult {
     c.finish()
 }
 
+/// The mapping SIGUSR1 gives MADV_WIPEONFORK in `advice_late`.
+static LATE: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+extern "C" fn wipe_on_fork_now(_: libc::c_int) {
+    let (p, len) = (
+        LATE[0].load(std::sync::atomic::Ordering::Relaxed),
+        LATE[1].load(std::sync::atomic::Ordering::Relaxed),
+    );
+    // SAFETY: madvise is async-signal-safe; the range is the case's own.
+    unsafe { libc::madvise(p as *mut libc::c_void, len, libc::MADV_WIPEONFORK) };
+}
+
+/// 8 MiB of private memory whose advice changes without its layout
+/// changing: on SIGUSR1 the whole mapping gets MADV_WIPEONFORK (a dump's
+/// snapshot child would then hold it empty). Its content must stay.
+pub fn advice_late(ctx: &Ctx) -> CaseResult {
+    let len = 2048 * PAGE;
+    let p = mmap_anon(len, libc::PROT_READ | libc::PROT_WRITE, 0)?;
+    // SAFETY: inside the mapping.
+    unsafe { fill(p, len, 77) };
+    LATE[0].store(p as usize, std::sync::atomic::Ordering::Relaxed);
+    LATE[1].store(len, std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: a handler that only calls madvise on the case's own range.
+    let r = unsafe { libc::signal(libc::SIGUSR1, wipe_on_fork_now as *const () as libc::sighandler_t) };
+    if r == libc::SIG_ERR {
+        return Err(os_err("signal(SIGUSR1)"));
+    }
+
+    ctx.ready_and_wait()?;
+
+    // SAFETY: still mapped (nothing unmaps it).
+    unsafe { verify("late-advised mapping", p, len, 77) }
+}
+
 /// A thread appends to memory the whole time, also while the process (and
 /// a forked child that waits on a pipe) is checkpointed: with --leave-running the process runs on while its memory
 /// is copied from a snapshot, and the image must hold memory as it was at
