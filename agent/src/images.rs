@@ -251,7 +251,11 @@ pub fn verify_into(
         reason,
     };
     let mut page_files = Vec::new();
+    let mut later_segments = std::collections::HashSet::new();
     for e in &inv.files {
+        if !crate::stream::name_ok(&e.name) {
+            return Err(bad(format!("it lists a file named {:?}", e.name)));
+        }
         let path = dir.join(&e.name);
         let md = std::fs::metadata(&path).map_err(|err| Error::io(&path, err))?;
         if md.len() != e.size {
@@ -264,6 +268,7 @@ pub fn verify_into(
         }
         if pages::is_later_segment(&e.name) {
             // Checked with its first segment, against the same index.
+            later_segments.insert(e.name.as_str());
             continue;
         }
         if e.name.starts_with("pages-") {
@@ -289,6 +294,11 @@ pub fn verify_into(
             ImageKind::PageMap,
         )?;
         let path = dir.join(&e.name);
+        for (name, _) in pages::segments(&pm).into_iter().skip(1) {
+            if !later_segments.remove(name.as_str()) {
+                return Err(bad(format!("{name} is not listed in the inventory")));
+            }
+        }
         let crc = match page_content {
             true => {
                 let (crc, map) = pages::verify(&pm, &path)?;

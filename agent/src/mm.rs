@@ -180,8 +180,11 @@ pub fn reconcile_flags(
             ..a.clone()
         };
         let decides = ["io", "pf", "ht"];
-        if copied_on_fork(kind, &entry(&v.vm_flags), false)
-            != copied_on_fork(kind, &entry(&flags), false)
+        // "uw" is the same on both sides (kept); counted as the agent's
+        // tracker, so that the other flags decide (a tracked mapping is
+        // copied from the child too).
+        if copied_on_fork(kind, &entry(&v.vm_flags), true)
+            != copied_on_fork(kind, &entry(&flags), true)
             || decides
                 .iter()
                 .any(|d| entry(&v.vm_flags).has_flag(d) != entry(&flags).has_flag(d))
@@ -1220,6 +1223,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dump again"), "{e}");
+        // The same for a mapping the dump's write tracker follows.
+        let mut tracked = MmImage {
+            vmas: vec![vma(0x1000, "rd wr uw")],
+            ..Default::default()
+        };
+        let late = [actual(0x1000, "rd wr wf")];
+        let e = reconcile_flags(1, &mut tracked, &late, &NOT_INHERITED, |_| false).unwrap_err();
+        assert!(e.to_string().contains("dump again"), "{e}");
         // A mapping gone is refused unless allowed.
         let e = reconcile_flags(1, &mut img, &[], &[], |_| false).unwrap_err();
         assert!(e.to_string().contains("0x1000-0x2000"), "{e}");

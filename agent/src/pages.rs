@@ -34,14 +34,19 @@ const MAX_IOV: usize = 1024;
 /// Most files one pages file is split into, and the smallest of them.
 const MAX_SEGMENTS: u64 = 16;
 const SEGMENT_MIN: u64 = 64 << 20;
+/// Most segment files a dump keeps open at once, over all its processes
+/// (a node of 64 ranks of 1 GiB would otherwise need 1024): processes
+/// written in parallel spread the writes over files anyway.
+const SEGMENT_FILES: u64 = 256;
 
 /// How long each segment of an uncompressed pages file of `total` bytes
-/// is; 0: one file. Buffered writes into one file are serialised by its
-/// inode lock (tmpfs, ext4 and xfs alike): copy threads writing different
-/// files run in parallel (two threads into two tmpfs files: 6.7 GB/s,
-/// into one: 3.3 GB/s here). Whole chunks, so no copy job crosses one.
-fn segment_size(total: u64) -> u64 {
-    let n = (total / SEGMENT_MIN).min(MAX_SEGMENTS);
+/// is, in at most `most` files; 0: one file. Buffered writes into one file
+/// are serialised by its inode lock (tmpfs, ext4 and xfs alike): copy
+/// threads writing different files run in parallel (two threads into two
+/// tmpfs files: 6.7 GB/s, into one: 3.3 GB/s here). Whole chunks, so no
+/// copy job crosses one.
+fn segment_size(total: u64, most: u64) -> u64 {
+    let n = (total / SEGMENT_MIN).min(most.min(MAX_SEGMENTS));
     if n < 2 {
         return 0;
     }
@@ -57,11 +62,14 @@ pub fn segment_name(name: &str, k: usize) -> String {
     }
 }
 
-/// Whether `name` is a segment after the first of a split pages file.
+/// Whether `name` is a segment after the first of a split pages file
+/// ("pages-PID.sK.img", K from 1, in plain digits).
 pub fn is_later_segment(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     name.strip_suffix(".img")
-        .and_then(|n| n.rsplit_once(".s"))
-        .is_some_and(|(base, k)| base.starts_with("pages-") && k.parse::<u32>().is_ok())
+        .and_then(|n| n.strip_prefix("pages-"))
+        .and_then(|n| n.split_once(".s"))
+        .is_some_and(|(pid, k)| digits(pid) && digits(k) && !k.starts_with('0'))
 }
 
 /// The files of the pages file of `pm`, as (name, length), in order.
@@ -424,11 +432,12 @@ impl<'a> PageCopy<'a> {
     /// stored as `codec` says.
     pub fn new(items: &'a [DumpItem<'a>], codec: Codec) -> Result<Self> {
         let mut outs = Vec::with_capacity(items.len());
+        let most = SEGMENT_FILES / items.len().max(1) as u64;
         for it in items {
             let (runs, jobs, total) = plan(it.extents);
             // Compressed frames go where the file ends: one file.
             let segment = match codec {
-                Codec::None => segment_size(total),
+                Codec::None => segment_size(total, most),
                 _ => 0,
             };
             let file = match &it.stream {
@@ -743,6 +752,17 @@ fn check_size(pm: &PageMap, path: &Path) -> Result<u64> {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
         reason,
     };
+    // The index names its file: a plain name beside it, never a path.
+    let plain = pm.pages_file.starts_with("pages-")
+        && pm.pages_file.ends_with(".img")
+        && !pm.pages_file.contains('/');
+    if !plain || path.file_name() != Some(std::ffi::OsStr::new(&pm.pages_file)) {
+        return Err(bad(format!(
+            "its index names pages file {:?}, not {}",
+            pm.pages_file,
+            path.display()
+        )));
+    }
     if !pm.segment_size.is_multiple_of(4096) || pm.segment_size.checked_mul(MAX_SEGMENTS).is_none()
     {
         return Err(bad(format!(
@@ -1736,13 +1756,15 @@ mod tests {
 
     #[test]
     fn large_files_are_split_into_whole_chunks() {
-        assert_eq!(segment_size(0), 0);
-        assert_eq!(segment_size(2 * SEGMENT_MIN - 4096), 0);
-        assert_eq!(segment_size(2 * SEGMENT_MIN), SEGMENT_MIN);
+        assert_eq!(segment_size(0, 16), 0);
+        assert_eq!(segment_size(2 * SEGMENT_MIN - 4096, 16), 0);
+        assert_eq!(segment_size(2 * SEGMENT_MIN, 16), SEGMENT_MIN);
         let big = 4u64 << 30;
-        assert_eq!(segment_size(big), big / MAX_SEGMENTS);
+        assert_eq!(segment_size(big, 100), big / MAX_SEGMENTS);
+        assert_eq!(segment_size(big, 4), big / 4);
+        assert_eq!(segment_size(big, 1), 0);
         let odd = 3 * SEGMENT_MIN + 5 * 4096;
-        let s = segment_size(odd);
+        let s = segment_size(odd, 16);
         assert_eq!(s % CHUNK, 0);
         assert!(odd.div_ceil(s) <= 3 && s * 3 >= odd);
         assert_eq!(segment_name("pages-7.img", 0), "pages-7.img");

@@ -125,9 +125,9 @@ fn load(chain: &[PathBuf], core: TaskCore, mapped: &crate::images::Mapped) -> Re
 /// socket.
 pub fn lock_ahead(dir: &Path) -> Result<Option<String>> {
     let inv = read_inventory(dir)?;
-    // The restore that follows checks the pages; the lock needs only the
-    // small images.
-    crate::images::verify_with(dir, &inv, false)?;
+    // All of it: a lock taken for a checkpoint that cannot be restored
+    // would stay.
+    crate::images::verify(dir, &inv)?;
     let ns_img: Option<NsImage> = if dir.join(ns::NS_IMAGE).exists() {
         Some(read_image_file(&dir.join(ns::NS_IMAGE), ImageKind::Ns)?)
     } else {

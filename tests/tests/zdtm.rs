@@ -304,12 +304,30 @@ mod snapshot {
     /// not save the empty copy; the job runs on intact.
     #[test]
     fn advice_changed_before_the_freeze_fails_the_dump() {
+        advice_late(false)
+    }
+
+    /// The same in an increment on a pre-dump: the write tracker the
+    /// pre-dump registered follows the mapping (its flags read ahead hold
+    /// "uw").
+    #[test]
+    fn advice_changed_before_the_freeze_fails_a_tracked_dump() {
+        advice_late(true)
+    }
+
+    fn advice_late(on_pre_dump: bool) {
         if ckpt_tests::no_checkpoint() {
             return;
         }
         use std::io::BufRead;
-        let dir = Workdir::new("advice_late");
+        let dir = Workdir::new(&format!("advice_late-{on_pre_dump}"));
         let images = dir.join("images");
+        let pre = dir.join("pre");
+        let pre_s = pre.to_string_lossy().into_owned();
+        let flags: &[&str] = match on_pre_dump {
+            true => &["--parent", &pre_s],
+            false => &[],
+        };
         let mut case = CaseProcess::spawn(
             env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
             "advice_late",
@@ -317,6 +335,15 @@ mod snapshot {
         )
         .unwrap();
         case.wait_ready().unwrap();
+        if on_pre_dump {
+            let pid = case.pid.to_string();
+            let run = agent(
+                &["pre-dump", "--tree", &pid, "--images", &pre_s],
+                &dir,
+                "pre",
+            );
+            assert!(run.ok(), "{}", run.describe());
+        }
         let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
             .args([
                 "dump",
@@ -326,6 +353,7 @@ mod snapshot {
                 "--images",
             ])
             .arg(&images)
+            .args(flags)
             .env("CKPT_FAULT_HOLD_READ_AHEAD_MS", "5000")
             .env("CKPT_LOG", "info")
             .stdin(std::process::Stdio::null())

@@ -75,7 +75,9 @@ impl Drop for FilesMap {
 
 /// Maps `files`, each `(file, length)`, read-only one after the other;
 /// every length but the last must be a multiple of the page size, and
-/// their sum not zero.
+/// their sum not zero. Each file must hold its length (checked); like any
+/// file mapping, one truncated later faults (SIGBUS) where it is read:
+/// image files are not changed while the agent reads them.
 pub fn mmap_files(files: &[(&std::fs::File, u64)]) -> io::Result<FilesMap> {
     use std::os::fd::AsRawFd;
     let len: u64 = files.iter().map(|f| f.1).sum();
@@ -87,6 +89,14 @@ pub fn mmap_files(files: &[(&std::fs::File, u64)]) -> io::Result<FilesMap> {
             .any(|f| !f.1.is_multiple_of(4096))
     {
         return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (f, flen) in files {
+        if f.metadata()?.len() < *flen {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("a file is shorter than the {flen} bytes to map"),
+            ));
+        }
     }
     let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // Reserve the whole range first, so that the files land contiguously.

@@ -673,7 +673,12 @@ pub fn advice_late(ctx: &Ctx) -> CaseResult {
     LATE[0].store(p as usize, std::sync::atomic::Ordering::Relaxed);
     LATE[1].store(len, std::sync::atomic::Ordering::Relaxed);
     // SAFETY: a handler that only calls madvise on the case's own range.
-    let r = unsafe { libc::signal(libc::SIGUSR1, wipe_on_fork_now as *const () as libc::sighandler_t) };
+    let r = unsafe {
+        libc::signal(
+            libc::SIGUSR1,
+            wipe_on_fork_now as *const () as libc::sighandler_t,
+        )
+    };
     if r == libc::SIG_ERR {
         return Err(os_err("signal(SIGUSR1)"));
     }
