@@ -8,6 +8,15 @@ fn zdtm(name: &str, mode: Mode) {
     run_case(env!("CARGO_BIN_EXE_zdtm-case"), name, mode)
 }
 
+/// Starts zdtm case `name` in `dir`, ready (its state built).
+fn started(name: &str, dir: &ckpt_tests::Workdir) -> ckpt_tests::CaseProcess {
+    let mut case =
+        ckpt_tests::CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, dir)
+            .unwrap();
+    case.wait_ready().unwrap();
+    case
+}
+
 /// One Kill-mode test per case, plus the list of all of them.
 macro_rules! cases {
     ($($(#[$attr:meta])* $name:ident),* $(,)?) => {
@@ -187,7 +196,8 @@ mod leave_running {
 mod snapshot {
     use std::time::Duration;
 
-    use ckpt_tests::{agent, restore_and_check, wait_for, CaseProcess, Workdir};
+    use super::started;
+    use ckpt_tests::{agent, restore_and_check, wait_for, Workdir};
 
     /// Field `key` of /proc/`pid`/status, if the process exists.
     fn status(pid: i32, key: &str) -> Option<String> {
@@ -238,9 +248,7 @@ mod snapshot {
         let name = "memory_writer";
         let dir = Workdir::new(&format!("{name}{}{}", flags.concat(), limit.is_some()));
         let images = dir.join("images");
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started(name, &dir);
         let _cgroup = limit.map(|limit| {
             let cg = MemoryCgroup(format!("/sys/fs/cgroup/memory/ckpt-test-{}", case.pid).into());
             std::fs::create_dir_all(&cg.0).unwrap();
@@ -328,13 +336,7 @@ mod snapshot {
             true => &["--parent", &pre_s],
             false => &[],
         };
-        let mut case = CaseProcess::spawn(
-            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
-            "advice_late",
-            &dir,
-        )
-        .unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started("advice_late", &dir);
         if on_pre_dump {
             let pid = case.pid.to_string();
             let run = agent(
@@ -405,9 +407,7 @@ mod snapshot {
         let dir = Workdir::new("memory_writer-agent-killed");
         let images = dir.join("images");
         std::fs::create_dir_all(&images).unwrap();
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started(name, &dir);
         let pid = case.pid;
         let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
             .args([
@@ -476,6 +476,7 @@ mod incremental {
     use std::path::Path;
     use std::time::Duration;
 
+    use super::started;
     use ckpt_tests::{agent, restore_and_check, CaseProcess, Workdir};
 
     /// Runs `ckpt-agent --json VERB --tree PID --images DIR [--parent P]
@@ -552,9 +553,7 @@ mod incremental {
         let name = "memory_writer";
         let dir = Workdir::new(&format!("incremental{}{stale}", final_flags.concat()));
         let (pre1, pre2, last) = (dir.join("pre1"), dir.join("pre2"), dir.join("dump"));
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, &dir).unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started(name, &dir);
         let full = step("pre-dump", &case, &dir, &pre1, None, &[]);
         // Both processes' 512 MiB, written: all of it, nothing in a parent.
         assert!(full >= 1024 << 20, "first pre-dump wrote {full} bytes");
@@ -623,13 +622,7 @@ mod incremental {
         }
         let dir = Workdir::new("incremental-compressed");
         let (pre, last) = (dir.join("pre"), dir.join("dump"));
-        let mut case = CaseProcess::spawn(
-            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
-            "memory_writer",
-            &dir,
-        )
-        .unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started("memory_writer", &dir);
         let first = report("pre-dump", &case, &dir, &pre, None, &["--compress", "zstd"]);
         let (content, stored) = (
             first["pages_bytes"].as_u64().unwrap(),
@@ -766,13 +759,7 @@ mod incremental {
         let server = PageServer::start(&received, &key, &dir);
         let spool = dir.join("spool");
         let (pre, last) = (spool.join("pre"), spool.join("final"));
-        let mut case = CaseProcess::spawn(
-            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
-            "memory_writer",
-            &dir,
-        )
-        .unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started("memory_writer", &dir);
         let stream = ["--stream-to", &server.addr, "--key", &key_s];
         let first = report("pre-dump", &case, &dir, &pre, None, &stream);
         let full = first["pages_bytes"].as_u64().unwrap();
@@ -803,9 +790,7 @@ mod incremental {
 
         // A process that changed next to nothing since the parent.
         let dir = Workdir::new("incremental-streamed-idle");
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), "heap", &dir).unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started("heap", &dir);
         let (pre, last) = (spool.join("idle-pre"), spool.join("idle-final"));
         report("pre-dump", &case, &dir, &pre, None, &stream);
         let idle = report("dump", &case, &dir, &last, Some(&pre), &flags);
@@ -819,13 +804,7 @@ mod incremental {
 
         // The server dies while a pre-dump streams into it.
         let dir = Workdir::new("incremental-streamed-cut");
-        let mut case = CaseProcess::spawn(
-            env!("CARGO_BIN_EXE_zdtm-case").as_ref(),
-            "memory_writer",
-            &dir,
-        )
-        .unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started("memory_writer", &dir);
         let cut = dir.join("received-cut");
         let mut server = PageServer::start(&cut, &key, &dir);
         let stream = ["--stream-to", &server.addr, "--key", &key_s];
@@ -868,9 +847,7 @@ mod incremental {
         }
         let dir = Workdir::new("incremental-refusals");
         let (pre, last) = (dir.join("pre"), dir.join("dump"));
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), "heap", &dir).unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started("heap", &dir);
         step("pre-dump", &case, &dir, &pre, None, &[]);
         step("dump", &case, &dir, &last, Some(&pre), &["--leave-running"]);
         let restore = |images: &Path, label: &str| {
@@ -908,15 +885,14 @@ mod incremental {
 mod lazy {
     use std::time::Duration;
 
+    use super::started;
     use ckpt_tests::{agent, agent_binary, wait_for, CaseProcess, Workdir};
 
     /// Starts case `name`, dumps it leaving it running, tells it to check
     /// itself; returns it (to be restored) and its images.
     fn dumped_case(name: &str, dir: &Workdir) -> (CaseProcess, std::path::PathBuf) {
         let images = dir.join("images");
-        let mut case =
-            CaseProcess::spawn(env!("CARGO_BIN_EXE_zdtm-case").as_ref(), name, dir).unwrap();
-        case.wait_ready().unwrap();
+        let mut case = started(name, dir);
         let (pid, images_s) = (case.pid.to_string(), images.to_string_lossy().into_owned());
         let args = [
             "dump",
