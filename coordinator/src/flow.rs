@@ -170,6 +170,16 @@ pub(crate) fn ms(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// The node part `p` of `job` runs on, as its recorded spec says.
+pub(crate) fn recorded_node(job: &str, p: &crate::jobspec::Part) -> Result<String, FlowError> {
+    p.node.clone().ok_or_else(|| {
+        FlowError::Setup(format!(
+            "part {} of job {job} has no node in its recorded spec",
+            p.name
+        ))
+    })
+}
+
 pub(crate) fn open(cluster: &Cluster, node: &str) -> Result<Link, FlowError> {
     Link::open(cluster, node).map_err(|reason| FlowError::Node {
         step: "connect",
@@ -420,12 +430,7 @@ pub(crate) fn checkpoint_locked(
     let t = Instant::now();
     let mut conns = Vec::new();
     for p in &spec.parts {
-        let node = p.node.clone().ok_or_else(|| {
-            FlowError::Setup(format!(
-                "part {} of job {job} has no node in its recorded spec",
-                p.name
-            ))
-        })?;
+        let node = recorded_node(job, p)?;
         let link = open(cluster, &node)?;
         conns.push(Dumping {
             agent_job: spec.agent_job_id(&p.name),

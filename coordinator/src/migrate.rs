@@ -28,8 +28,8 @@ use serde::Serialize;
 use crate::config::{AgentAddr, Cluster};
 use crate::flow::{
     aborted, check, checkpoint_locked, confirm_sessions, dump_all, finish_part, ms, on_all, open,
-    parallel, prepare_all, restart_locked, tcp_established, CheckpointReport, Dumping, Finish,
-    FlowError, OnStep, PartDump, PartRestored, RestartReport, Step, Steps,
+    parallel, prepare_all, recorded_node, restart_locked, tcp_established, CheckpointReport,
+    Dumping, Finish, FlowError, OnStep, PartDump, PartRestored, RestartReport, Step, Steps,
 };
 use crate::link::Link;
 use crate::plan::{self, RestoreOrder};
@@ -122,13 +122,7 @@ pub fn migrate(
     let spec = store.job_spec(job)?;
     let mut parts = Vec::new();
     for p in &spec.parts {
-        let node = p.node.clone().ok_or_else(|| {
-            FlowError::Setup(format!(
-                "part {} of job {job} has no node in its recorded spec",
-                p.name
-            ))
-        })?;
-        parts.push((p.name.clone(), node, PathBuf::new()));
+        parts.push((p.name.clone(), recorded_node(job, p)?, PathBuf::new()));
     }
     let moves = plan::plan_moves(
         &format!("job {job}"),
