@@ -242,19 +242,12 @@ fn capture_memory<T>(
             .transpose()?
             .filter(|child| {
                 mm.image.vmas.iter().all(|v| {
-                    let dc = v.vm_flags.iter().any(|f| f == "dc");
-                    child.iter().any(|c| c.start == v.start && c.end == v.end) != dc
+                    child.iter().any(|c| c.start == v.start && c.end == v.end) != dont_fork(v)
                 })
             });
         match (forked, &snap) {
             (Some(_), Some(s)) => confirm_on = Some(s.child),
-            _ => mm::reconcile_flags(
-                pid,
-                &mut mm.image,
-                &proc::smaps(pid)?,
-                &mm::UFFD_FLAGS,
-                |_| false,
-            )?,
+            _ => confirm_frozen(pid, &mut mm.image)?,
         }
         debug!(pid, ms = ms_since(t0), "flags read ahead checked");
     }
@@ -289,11 +282,20 @@ fn confirm_flags(
     smaps: &mut HashMap<i32, Result<Vec<proc::MapEntry>>>,
 ) -> Result<()> {
     let actual = smaps.remove(&child).unwrap_or_else(|| proc::smaps(child))?;
-    mm::reconcile_flags(pid, image, &actual, &mm::NOT_INHERITED, |v| {
-        v.vm_flags.iter().any(|f| f == "dc")
-    })?;
+    mm::reconcile_flags(pid, image, &actual, &mm::NOT_INHERITED, dont_fork)?;
     debug!(pid, "flags read ahead confirmed");
     Ok(())
+}
+
+/// Checks the flags read ahead of stopped process `pid` against its smaps
+/// now (no snapshot child to check them on).
+fn confirm_frozen(pid: i32, image: &mut ckpt_proto::image::MmImage) -> Result<()> {
+    mm::reconcile_flags(pid, image, &proc::smaps(pid)?, &mm::UFFD_FLAGS, |_| false)
+}
+
+/// Whether a mapping had MADV_DONTFORK (a snapshot child lacks it).
+fn dont_fork(v: &ckpt_proto::image::Vma) -> bool {
+    v.vm_flags.iter().any(|f| f == "dc")
 }
 
 /// Reads the smaps of snapshot children `children` (for
@@ -316,7 +318,7 @@ fn confirm_if_dropped(
     kept: &[Snapshot],
 ) -> Result<()> {
     if confirm_on.is_some_and(|c| !kept.iter().any(|s| s.child == c)) {
-        mm::reconcile_flags(pid, image, &proc::smaps(pid)?, &mm::UFFD_FLAGS, |_| false)?;
+        confirm_frozen(pid, image)?;
         *confirm_on = None;
     }
     Ok(())

@@ -37,6 +37,14 @@ const ADVICE: [(&str, u32, i32); 6] = [
     ("mg", madv::MERGEABLE, libc::MADV_MERGEABLE),
 ];
 
+/// The `madv` bits of the advice mapping `m`'s VmFlags record.
+fn advice_bits(m: &MapEntry) -> u32 {
+    ADVICE
+        .iter()
+        .filter(|(tok, _, _)| m.has_flag(tok))
+        .fold(0, |bits, (_, bit, _)| bits | bit)
+}
+
 fn special_kind(path: &str) -> Option<VmaKind> {
     Some(match path {
         "[vdso]" => VmaKind::VmaVdso,
@@ -207,10 +215,7 @@ pub fn reconcile_flags(
             "mapping flags changed before the freeze"
         );
         let e = entry(&flags);
-        v.madv = ADVICE
-            .iter()
-            .filter(|(tok, _, _)| e.has_flag(tok))
-            .fold(0, |m, (_, bit, _)| m | bit);
+        v.madv = advice_bits(&e);
         v.growsdown = e.has_flag("gd");
         v.vm_flags = flags;
     }
@@ -381,12 +386,7 @@ pub fn dump(
     let mut regions = Vec::new();
     for m in &maps {
         let kind = classify(pid, m)?;
-        let mut madv = 0;
-        for (tok, bit, _) in ADVICE {
-            if m.has_flag(tok) {
-                madv |= bit;
-            }
-        }
+        let madv = advice_bits(m);
         let mut guards = Vec::new();
         // Tracked already ("uw": registered by a previous dump), or from
         // now on. A mapping registered only now may carry stale marks (a
