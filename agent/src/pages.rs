@@ -74,15 +74,21 @@ pub fn is_later_segment(name: &str) -> bool {
 
 /// The files of the pages file of `pm`, as (name, length), in order.
 pub fn segments(pm: &PageMap) -> Vec<(String, u64)> {
-    let (total, seg) = (pm.pages_file_size, pm.segment_size);
-    if seg == 0 || total == 0 {
-        return vec![(pm.pages_file.clone(), total)];
+    segment_lengths(pm.pages_file_size, pm.segment_size)
+        .into_iter()
+        .enumerate()
+        .map(|(k, len)| (segment_name(&pm.pages_file, k), len))
+        .collect()
+}
+
+/// The lengths of the files `total` bytes are split into, in segments of
+/// `segment` bytes (0: one file).
+fn segment_lengths(total: u64, segment: u64) -> Vec<u64> {
+    if segment == 0 || total == 0 {
+        return vec![total];
     }
-    (0..total.div_ceil(seg))
-        .map(|k| {
-            let len = seg.min(total - k * seg);
-            (segment_name(&pm.pages_file, k as usize), len)
-        })
+    (0..total.div_ceil(segment))
+        .map(|k| segment.min(total - k * segment))
         .collect()
 }
 
@@ -388,12 +394,7 @@ impl PagesOut {
         let PagesOut::File { files, segment } = self else {
             return Ok(());
         };
-        for (k, (file, path)) in files.iter().enumerate() {
-            let start = k as u64 * *segment;
-            let n = match segment {
-                0 => len,
-                s => (*s).min(len - start),
-            };
+        for ((file, path), n) in files.iter().zip(segment_lengths(len, *segment)) {
             file.set_len(n).map_err(|e| Error::io(path, e))?;
         }
         Ok(())
@@ -452,10 +453,7 @@ impl<'a> PageCopy<'a> {
                     }
                 }
                 None => {
-                    let n = match segment {
-                        0 => 1,
-                        s => total.div_ceil(s) as usize,
-                    };
+                    let n = segment_lengths(total, segment).len();
                     let mut files = Vec::with_capacity(n);
                     for k in 0..n {
                         let path = it.path.with_file_name(segment_name(&it.name, k));
