@@ -269,13 +269,18 @@ fn kill_tree(pid: i32) {
     use nix::sys::signal::{kill, Signal};
     let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP);
     let tids = crate::proc::tids(pid).unwrap_or_default();
-    for tid in tids {
+    for &tid in &tids {
         let kids = crate::proc::read(pid, &format!("task/{tid}/children")).unwrap_or_default();
         for k in kids.split_whitespace().filter_map(|k| k.parse().ok()) {
             kill_tree(k);
         }
     }
     let _ = kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+    // Before the release the restore still traces the tree, and may be
+    // waiting on its leader, which is not reported before its other
+    // threads are reaped, by a tracer: reap them here (any thread of the
+    // tracer may), or that wait never ends. Not ours after the release.
+    crate::seize::collect_killed(tids.into_iter().filter(|&t| t != pid));
 }
 
 fn serve_loop(
