@@ -537,6 +537,7 @@ fn request(pid: i32, images: &Path, leave_running: bool, snapshot: bool) -> Dump
         tcp_established: false,
         key: None,
         stream: None,
+        hold: None,
     }
 }
 
@@ -670,6 +671,7 @@ fn cycle(
         bridge: None,
         hold: false,
         lazy_pages: lazy,
+        key: None,
     });
     perf_ctl("restore", false);
     let (r, _) = r.with_context(|| format!("restore of {pid}"))?;

@@ -239,6 +239,7 @@ fn main() {
                 tcp_established: false,
                 key: None,
                 stream: None,
+                hold: None,
             })
             .expect("dump");
             reap(&t.pids);
@@ -255,6 +256,7 @@ fn main() {
                 bridge: None,
                 hold: false,
                 lazy_pages: false,
+                key: None,
             })
             .expect("restore");
             let restore_ms = t1.elapsed().as_secs_f64() * 1e3;

@@ -70,6 +70,9 @@ pub struct DumpRequest {
     /// the spool (on tmpfs) of its small images, and its name the level's
     /// name there.
     pub stream: Option<crate::stream::StreamTo>,
+    /// With a stream: keep the page content in this hold here instead of
+    /// streaming it (post-copy, see `held`); the level records where.
+    pub hold: Option<crate::held::Hold>,
 }
 
 /// What a dump did, for the command line and benchmarks.
@@ -693,6 +696,10 @@ impl DumpSession {
         }
         self.kill_snapshots();
         let (pages_bytes, stored_bytes) = write_images(dumped, pms, ids, &self.writer)?;
+        if let Some(hold) = &self.req.hold {
+            self.writer
+                .write(crate::held::HELD, ImageKind::Held, &hold.record())?;
+        }
         let pids: Vec<i32> = host_pids.iter().map(|p| nsd.pids.inner(*p)).collect();
         let inv = self.inventory(
             nsd.pids.inner(self.req.pid),
@@ -709,6 +716,11 @@ impl DumpSession {
                 pages_ms,
             },
         )
+    }
+
+    /// The hold this dump keeps its page content in, if any.
+    pub fn hold(&self) -> Option<&crate::held::Hold> {
+        self.req.hold.as_ref()
     }
 
     /// Kills the snapshot children, whose copy is over: their address
@@ -740,12 +752,17 @@ impl DumpSession {
         mm: &'m mm::MmDump,
         tracking: Option<Tracking>,
     ) -> pages::DumpItem<'m> {
+        // Held pages stay here, beside nothing else of the level.
+        let (dir, stream) = match &self.req.hold {
+            Some(h) => (h.dir.as_path(), None),
+            None => (self.writer.dir(), self.writer.outbox()),
+        };
         pages::DumpItem {
             pid,
             extents: &mm.extents,
-            path: self.writer.dir().join(pages_name(inner)),
+            path: dir.join(pages_name(inner)),
             name: pages_name(inner),
-            stream: self.writer.outbox(),
+            stream,
             snapshot: self
                 .snapshots
                 .iter()
@@ -1059,6 +1076,9 @@ impl Drop for DumpSession {
         // Aborted: nothing may look like a checkpoint; sockets out of repair
         // mode and unlocked before the tasks run again as they were.
         self.writer.discard();
+        if let Some(hold) = &self.req.hold {
+            hold.remove();
+        }
         drop(self.lock.take());
         self.tree.clear();
         // After the tree's release: reaping a snapshot stops its parent

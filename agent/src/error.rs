@@ -58,6 +58,8 @@ pub enum Error {
     Net { iface: String, reason: String },
     #[error("streaming images to {peer}: {reason}")]
     Stream { peer: String, reason: String },
+    #[error("held pages {hold}: {reason}")]
+    Held { hold: String, reason: String },
 }
 
 /// Result with the agent's error type.

@@ -26,6 +26,14 @@ pub fn pages_name(pid: i32) -> String {
     format!("pages-{pid}.img")
 }
 
+/// The process a pages file (its first segment) is named after.
+pub fn pages_pid(name: &str) -> Option<i32> {
+    name.strip_prefix("pages-")?
+        .strip_suffix(".img")?
+        .parse()
+        .ok()
+}
+
 /// Writes the files of one checkpoint and remembers them for the inventory.
 pub struct ImageWriter {
     dir: PathBuf,
@@ -222,13 +230,39 @@ pub fn verify(dir: &Path, inv: &Inventory) -> Result<()> {
 /// follows copies from these mappings, whose page tables the checksum pass
 /// filled already (mapping a file again and faulting it in costs about 80
 /// ms per GiB here, half as much as the checksums).
+/// A lazy restore adds the held pages files it fetches (see `held`): their
+/// copies in memory, mapped, and the fetches that fill them.
 #[derive(Default)]
-pub struct Mapped(HashMap<PathBuf, Arc<crate::sys::FilesMap>>);
+pub struct Mapped {
+    maps: HashMap<PathBuf, Arc<crate::sys::FilesMap>>,
+    fetches: HashMap<PathBuf, Arc<crate::held::Fetch>>,
+}
 
 impl Mapped {
     /// The mapping of the pages file at `path`, if a verification kept one.
     pub fn get(&self, path: &Path) -> Option<Arc<crate::sys::FilesMap>> {
-        self.0.get(path).cloned()
+        self.maps.get(path).cloned()
+    }
+
+    /// The fetch bringing in the pages file at `path`, if it is held.
+    pub fn fetch(&self, path: &Path) -> Option<Arc<crate::held::Fetch>> {
+        self.fetches.get(path).cloned()
+    }
+
+    /// Records the fetch of the held pages file at `path`, and the mapping
+    /// of its copy.
+    pub fn add_fetch(
+        &mut self,
+        path: PathBuf,
+        fetch: crate::held::Fetch,
+        map: Option<crate::sys::FilesMap>,
+    ) -> Arc<crate::held::Fetch> {
+        if let Some(m) = map {
+            self.maps.insert(path.clone(), Arc::new(m));
+        }
+        let fetch = Arc::new(fetch);
+        self.fetches.insert(path, fetch.clone());
+        fetch
     }
 }
 
@@ -252,11 +286,29 @@ pub fn verify_into(
     };
     let mut page_files = Vec::new();
     let mut later_segments = std::collections::HashSet::new();
+    // Pages files held on the node that dumped them (post-copy) are not
+    // here: their indexes are checked against the inventory, and each
+    // block against its index as it is fetched.
+    let held = crate::held::absent(dir, inv)?;
+    if page_content && !held.is_empty() {
+        return Err(bad(format!(
+            "{} is held on the node that dumped it (held.img): fetch it first",
+            held[0]
+        )));
+    }
     for e in &inv.files {
         if !crate::stream::name_ok(&e.name) {
             return Err(bad(format!("it lists a file named {:?}", e.name)));
         }
         let path = dir.join(&e.name);
+        if held.contains(&e.name) {
+            if pages::is_later_segment(&e.name) {
+                later_segments.insert(e.name.as_str());
+            } else {
+                page_files.push(e);
+            }
+            continue;
+        }
         let md = std::fs::metadata(&path).map_err(|err| Error::io(&path, err))?;
         if md.len() != e.size {
             return Err(bad(format!(
@@ -283,12 +335,8 @@ pub fn verify_into(
         }
     }
     for e in page_files {
-        let pid: i32 = e
-            .name
-            .trim_start_matches("pages-")
-            .trim_end_matches(".img")
-            .parse()
-            .map_err(|_| bad(format!("unexpected file name {}", e.name)))?;
+        let pid =
+            pages_pid(&e.name).ok_or_else(|| bad(format!("unexpected file name {}", e.name)))?;
         let pm: PageMap = read_image_file(
             &dir.join(image_name(ImageKind::PageMap, pid)),
             ImageKind::PageMap,
@@ -300,10 +348,14 @@ pub fn verify_into(
             }
         }
         let crc = match page_content {
+            _ if held.contains(&e.name) => {
+                pages::check_held_index(&pm, &e.name, e.size).map_err(&bad)?;
+                pages::index_checksum(&pm)
+            }
             true => {
                 let (crc, map) = pages::verify(&pm, &path)?;
                 if let Some(map) = map {
-                    mapped.0.insert(path, Arc::new(map));
+                    mapped.maps.insert(path, Arc::new(map));
                 }
                 crc
             }
@@ -321,7 +373,7 @@ pub fn verify_into(
 
 /// Longest chain of increments restore follows (a loop of parents would
 /// otherwise never end).
-const MAX_CHAIN: usize = 64;
+pub const MAX_CHAIN: usize = 64;
 
 /// crc32c of a checkpoint's inventory file, which a child checkpoint
 /// records to pin its parent.
@@ -407,6 +459,7 @@ pub fn page_chain(dirs: &[PathBuf], pid: i32, mapped: &Mapped) -> Result<Vec<pag
         let path = dir.join(pages_name(pid));
         levels.push(pages::Level {
             map: mapped.get(&path),
+            fetch: mapped.fetch(&path),
             path,
             pm,
         });
@@ -417,6 +470,61 @@ pub fn page_chain(dirs: &[PathBuf], pid: i32, mapped: &Mapped) -> Result<Vec<pag
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint of one process whose 3 MiB pages file is not here: held
+    /// elsewhere when `held`, else simply missing.
+    fn without_pages(held: bool) -> (tempfile::TempDir, Inventory) {
+        let dir = tempfile::tempdir().unwrap();
+        let pm = PageMap {
+            pid: 7,
+            page_size: 4096,
+            pages_file: pages_name(7),
+            pages_file_size: 3 << 20,
+            content_size: 3 << 20,
+            block_size: pages::BLOCK,
+            block_crc32c: vec![1, 2, 3],
+            runs: vec![ckpt_proto::image::PageRun {
+                vaddr: 0x10000,
+                nr_pages: 768,
+                offset: 0,
+                flags: 1,
+            }],
+            ..Default::default()
+        };
+        let w = ImageWriter::create(dir.path()).unwrap();
+        w.write(&image_name(ImageKind::PageMap, 7), ImageKind::PageMap, &pm)
+            .unwrap();
+        w.add_pages(&pm);
+        if held {
+            let rec = ckpt_proto::image::HeldPages {
+                agent: "127.0.0.1:7707".into(),
+                hold: "job.00ff".into(),
+            };
+            w.write(crate::held::HELD, ImageKind::Held, &rec).unwrap();
+        }
+        w.commit(Inventory::default(), None).unwrap();
+        let inv = read_inventory(dir.path()).unwrap();
+        (dir, inv)
+    }
+
+    #[test]
+    fn a_held_pages_file_may_be_absent_only_for_a_lazy_restore() {
+        let (dir, inv) = without_pages(true);
+        assert_eq!(
+            crate::held::absent(dir.path(), &inv).unwrap(),
+            vec!["pages-7.img".to_string()]
+        );
+        verify_with(dir.path(), &inv, false).unwrap();
+        let e = verify_with(dir.path(), &inv, true).unwrap_err().to_string();
+        assert!(e.contains("pages-7.img is held"), "{e}");
+        // Without the record, a missing pages file is just missing.
+        let (dir, inv) = without_pages(false);
+        assert!(crate::held::absent(dir.path(), &inv).unwrap().is_empty());
+        let e = verify_with(dir.path(), &inv, false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pages-7.img"), "{e}");
+    }
 
     #[test]
     fn relative_paths_between_checkpoints() {

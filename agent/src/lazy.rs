@@ -363,6 +363,12 @@ fn serve_loop(
             break;
         };
         let src = spaces[k].0;
+        let next = spaces[k].1.todo.last().map_or(0, |r| r.0);
+        if !sources[src].ready(next) {
+            // Held pages still on their way: faults meanwhile.
+            wait_for_messages(spaces, 1);
+            continue;
+        }
         match prefetch_one(&mut spaces[k].1, &mut sources[src]) {
             Ok(n) => report.prefetched_bytes += n,
             Err(Errno::ESRCH) => {
@@ -448,7 +454,7 @@ fn handle_messages(
 fn serve_fault(space: &Space, source: &mut Source, addr: u64) -> std::result::Result<(), Errno> {
     let content = match space.view.image_of(addr) {
         Some(img) => source
-            .read(img)
+            .read(img, true)
             .map_err(|e| {
                 warn!(pid = space.pid, "cannot read the images: {e}");
                 Errno::EIO
@@ -479,7 +485,7 @@ fn prefetch_one(space: &mut Space, source: &mut Source) -> std::result::Result<u
     };
     let mut copied = 0;
     for (cur, img, len) in space.view.current_of(s, e) {
-        let data = match source.read(img) {
+        let data = match source.read(img, false) {
             Ok(Some(d)) => &d[..len as usize],
             Ok(None) => continue,
             Err(err) => {

@@ -10,6 +10,7 @@ pub mod check;
 pub mod dump;
 pub mod error;
 pub mod files;
+pub mod held;
 pub mod images;
 pub mod inet;
 pub mod inject;

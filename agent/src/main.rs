@@ -143,6 +143,11 @@ enum Cmd {
         /// service, which answers then).
         #[arg(long, hide = true)]
         notify_running: bool,
+        /// The cluster key file: for a checkpoint whose pages are held by
+        /// the agent of the node that dumped it (held.img, a post-copy
+        /// migration's final level), fetched from there.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
     },
     /// Start a command as a job: its own cgroup and PID, IPC, UTS and
     /// mount namespaces, private /tmp and /dev/shm.
@@ -366,6 +371,7 @@ fn main() -> ExitCode {
                 compress,
                 key: None,
                 stream,
+                hold: None,
             };
             run_dump(&req, cli.json, "dumped")
         }
@@ -396,6 +402,7 @@ fn main() -> ExitCode {
                 compress,
                 key: None,
                 stream,
+                hold: None,
             };
             run_dump(&req, cli.json, "pre-dumped")
         }
@@ -411,8 +418,14 @@ fn main() -> ExitCode {
             hold,
             lazy_pages,
             notify_running,
+            key,
         } => {
             let detach = detach || hold;
+            let key = match key.map(|k| ckpt_proto::rpc::Key::load(&k).map_err(|e| (k, e))) {
+                None => None,
+                Some(Ok(k)) => Some(k),
+                Some(Err((k, e))) => return fail(format!("{}: {e}", k.display())),
+            };
             let req = restore::RestoreRequest {
                 images,
                 detach,
@@ -424,6 +437,7 @@ fn main() -> ExitCode {
                 shell_job,
                 tcp_established,
                 bridge,
+                key,
             };
             let running = |r: &restore::RestoreReport| {
                 if notify_running {

@@ -743,6 +743,49 @@ pub fn file_checksum(blocks: &[u32]) -> u32 {
     crc32c::crc32c(&bytes)
 }
 
+/// Checks that an index names pages file `name` (a plain name, never a
+/// path) and splits it sanely into segments.
+fn check_layout(pm: &PageMap, name: &std::ffi::OsStr) -> std::result::Result<(), String> {
+    let plain = pm.pages_file.starts_with("pages-")
+        && pm.pages_file.ends_with(".img")
+        && !pm.pages_file.contains('/');
+    if !plain || name != std::ffi::OsStr::new(&pm.pages_file) {
+        return Err(format!(
+            "its index names pages file {:?}, not {}",
+            pm.pages_file,
+            name.to_string_lossy()
+        ));
+    }
+    if !pm.segment_size.is_multiple_of(4096) || pm.segment_size.checked_mul(MAX_SEGMENTS).is_none()
+    {
+        return Err(format!(
+            "{}: segments of {} bytes",
+            pm.pages_file, pm.segment_size
+        ));
+    }
+    if pm.segment_size != 0 && pm.pages_file_size.div_ceil(pm.segment_size) > MAX_SEGMENTS {
+        return Err(format!(
+            "{}: more than {MAX_SEGMENTS} segments",
+            pm.pages_file
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that an index's checksums fit its pages file's size: a block
+/// checksum per block, or frames that tile the content.
+fn check_shape(pm: &PageMap) -> std::result::Result<(), String> {
+    match compression(pm) {
+        Compression::None => {
+            if pm.block_crc32c.len() as u64 != pm.pages_file_size.div_ceil(BLOCK) {
+                return Err(format!("{}: block count mismatch", pm.pages_file));
+            }
+            Ok(())
+        }
+        _ => check_frames(pm),
+    }
+}
+
 /// Checks that a pages file (each of its segments) has the size its index
 /// says; returns its whole size.
 fn check_size(pm: &PageMap, path: &Path) -> Result<u64> {
@@ -750,30 +793,7 @@ fn check_size(pm: &PageMap, path: &Path) -> Result<u64> {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
         reason,
     };
-    // The index names its file: a plain name beside it, never a path.
-    let plain = pm.pages_file.starts_with("pages-")
-        && pm.pages_file.ends_with(".img")
-        && !pm.pages_file.contains('/');
-    if !plain || path.file_name() != Some(std::ffi::OsStr::new(&pm.pages_file)) {
-        return Err(bad(format!(
-            "its index names pages file {:?}, not {}",
-            pm.pages_file,
-            path.display()
-        )));
-    }
-    if !pm.segment_size.is_multiple_of(4096) || pm.segment_size.checked_mul(MAX_SEGMENTS).is_none()
-    {
-        return Err(bad(format!(
-            "{}: segments of {} bytes",
-            pm.pages_file, pm.segment_size
-        )));
-    }
-    if pm.segment_size != 0 && pm.pages_file_size.div_ceil(pm.segment_size) > MAX_SEGMENTS {
-        return Err(bad(format!(
-            "{}: more than {MAX_SEGMENTS} segments",
-            pm.pages_file
-        )));
-    }
+    check_layout(pm, path.file_name().unwrap_or_default()).map_err(bad)?;
     for (name, want) in segments(pm) {
         let p = path.with_file_name(&name);
         let len = std::fs::metadata(&p).map_err(|e| Error::io(&p, e))?.len();
@@ -789,20 +809,30 @@ fn check_size(pm: &PageMap, path: &Path) -> Result<u64> {
 /// records. Its blocks are checked as they are read ([`Source`], and
 /// [`restore`] with `lazy`).
 pub fn verify_index(pm: &PageMap, path: &Path) -> Result<u32> {
-    let len = check_size(pm, path)?;
-    let bad = |reason: String| Error::BadImages {
+    check_size(pm, path)?;
+    check_shape(pm).map_err(|reason| Error::BadImages {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
         reason,
-    };
-    match compression(pm) {
-        Compression::None => {
-            if pm.block_crc32c.len() as u64 != len.div_ceil(BLOCK) {
-                return Err(bad(format!("{}: block count mismatch", pm.pages_file)));
-            }
-        }
-        _ => check_frames(pm).map_err(bad)?,
-    }
+    })?;
     Ok(index_checksum(pm))
+}
+
+/// Checks the index of pages file `name`, held on the node that dumped it
+/// (not here), as [`verify_index`] does but for the files' sizes: the
+/// inventory says its first segment is `first_len` bytes.
+pub fn check_held_index(
+    pm: &PageMap,
+    name: &str,
+    first_len: u64,
+) -> std::result::Result<(), String> {
+    check_layout(pm, std::ffi::OsStr::new(name))?;
+    let want = segment_lengths(pm.pages_file_size, pm.segment_size)[0];
+    if want != first_len {
+        return Err(format!(
+            "{name} is {first_len} bytes in the inventory, its index says {want}"
+        ));
+    }
+    check_shape(pm)
 }
 
 /// Checks the stored bytes that content range `[off, off+len)` of level
@@ -908,9 +938,45 @@ pub struct Level {
     /// The pages file, mapped already by the verification before the
     /// restore; mapped at its first use otherwise.
     pub map: Option<std::sync::Arc<crate::sys::FilesMap>>,
+    /// A pages file held on the node that dumped it: `map` is its copy in
+    /// memory, which this brings in (see `held`).
+    pub fetch: Option<std::sync::Arc<crate::held::Fetch>>,
 }
 
 impl Level {
+    /// The stored bytes content range `[off, off+len)` comes from: the
+    /// range itself, or frame `frame` of a compressed file.
+    fn stored(&self, off: u64, len: u64, frame: Option<usize>) -> (u64, u64) {
+        match frame {
+            Some(i) => {
+                let f = &self.pm.frames[i];
+                (f.stored_at, f.stored_at + f.stored_len as u64)
+            }
+            None => (off, off + len),
+        }
+    }
+
+    /// Brings in what content range `[off, off+len)` is stored in, if the
+    /// pages file is held elsewhere: at once when `urgent`, else as the
+    /// background fetch gets there.
+    fn ensure(&self, off: u64, len: u64, frame: Option<usize>, urgent: bool) -> Result<()> {
+        match &self.fetch {
+            Some(f) => {
+                let (a, b) = self.stored(off, len, frame);
+                f.ensure(a, b, urgent)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Whether content range `[off, off+len)` can be read without waiting.
+    fn ready(&self, off: u64, len: u64, frame: Option<usize>) -> bool {
+        self.fetch.as_ref().is_none_or(|f| {
+            let (a, b) = self.stored(off, len, frame);
+            f.ready(a, b)
+        })
+    }
+
     /// This level's pages file mapped (None when it is empty).
     fn mapped(&self) -> Result<Option<std::sync::Arc<crate::sys::FilesMap>>> {
         if let Some(map) = &self.map {
@@ -1125,6 +1191,10 @@ pub fn restore(
             let map = files[job.level]
                 .as_ref()
                 .ok_or_else(|| bad(&level.path, "a run points into an empty pages file".into()))?;
+            for p in &job.parts {
+                // Before the tree runs: nothing to wait for but this.
+                level.ensure(p.off, p.len, job.frame, true)?;
+            }
             if lazy {
                 // Not checked up front (see `verify_index`).
                 for p in &job.parts {
@@ -1199,20 +1269,37 @@ impl Source {
         self.chunks.iter().map(|(p, _)| (p.va, p.len)).collect()
     }
 
+    /// The chunk holding saved address `va`, if any.
+    fn chunk(&self, va: u64) -> Option<usize> {
+        let i = self.chunks.partition_point(|(p, _)| p.va + p.len <= va);
+        self.chunks.get(i).filter(|(p, _)| p.va <= va).map(|_| i)
+    }
+
+    /// Whether the content at `va` can be read without waiting for a
+    /// background fetch of held pages (see `read`).
+    pub fn ready(&self, va: u64) -> bool {
+        self.chunk(va).is_none_or(|i| {
+            let (p, frame) = self.chunks[i];
+            self.checked[i] || self.chain[p.level].ready(p.off, p.len, frame)
+        })
+    }
+
     /// The content of the saved page range starting at `va` (a start
     /// `ranges` gave, or any page inside one), to its range's end; None
-    /// where nothing was saved (the page is zero).
-    pub fn read(&mut self, va: u64) -> Result<Option<&[u8]>> {
-        let i = self.chunks.partition_point(|(p, _)| p.va + p.len <= va);
-        let Some(&(p, frame)) = self.chunks.get(i).filter(|(p, _)| p.va <= va) else {
+    /// where nothing was saved (the page is zero). Held pages not in yet
+    /// are fetched at once when `urgent` (a fault), else waited for.
+    pub fn read(&mut self, va: u64, urgent: bool) -> Result<Option<&[u8]>> {
+        let Some(i) = self.chunk(va) else {
             return Ok(None);
         };
+        let (p, frame) = self.chunks[i];
         let skip = (va - p.va) as usize;
         let level = &self.chain[p.level];
         let map = self.files[p.level]
             .as_ref()
             .expect("a level with content has its file mapped");
         if !self.checked[i] {
+            level.ensure(p.off, p.len, frame, urgent)?;
             check_stored(&level.pm, map, p.off, p.len, frame).map_err(|reason| {
                 Error::BadImages {
                     dir: level.path.parent().unwrap_or(Path::new(".")).to_owned(),

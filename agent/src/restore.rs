@@ -53,6 +53,9 @@ pub struct RestoreRequest {
     /// its page faults from the images and copies the rest meanwhile, and
     /// returns once every page is in.
     pub lazy_pages: bool,
+    /// The cluster key, to fetch pages held by another node's agent (a
+    /// post-copy migration's final level, see `held`).
+    pub key: Option<ckpt_proto::rpc::Key>,
 }
 
 /// What a restore did.
@@ -461,9 +464,17 @@ pub fn restore_notify(
     // A lazy restore checks each block of page content as it first
     // reads it: checking gigabytes first would delay the start by as long.
     let content_now = !req.lazy_pages;
+    if content_now {
+        crate::held::fetch_chain(dir, req.key.as_ref())?;
+    }
     let mut mapped = crate::images::Mapped::default();
     crate::images::verify_into(dir, &inv, content_now, &mut mapped)?;
     let chain = crate::images::chain_with(dir, &inv, content_now, &mut mapped)?;
+    // Pages held elsewhere come in as the tree reads them.
+    let held = match content_now {
+        true => Default::default(),
+        false => crate::held::fetch_lazily(&chain, req.key.as_ref(), &mut mapped)?,
+    };
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     if let Some(node) = &inv.node {
         let here = crate::check::fingerprint()
@@ -703,6 +714,9 @@ pub fn restore_notify(
         // On an error the server has killed the tree (its missing pages
         // would read as zeros).
         report.lazy = Some(server.finish()?);
+        // Every page is in: what held them elsewhere may go.
+        drop(live);
+        crate::held::settle(held, req.key.as_ref());
     }
     if req.detach {
         return Ok((report, None));

@@ -164,6 +164,7 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(2));
         sweep_ended(&swept);
+        crate::held::sweep(crate::held::IDLE);
     });
     if let Some(path) = &cfg.user_socket {
         let users = bind_user_socket(path)?;
@@ -191,7 +192,8 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
             }
         };
         let (key, node, dir) = (key.clone(), cfg.node.clone(), cfg.state_dir.clone());
-        std::thread::spawn(move || connection(stream, &key, &node, &dir));
+        let key_file = cfg.key.clone();
+        std::thread::spawn(move || connection(stream, &key, &key_file, &node, &dir));
     }
     Ok(())
 }
@@ -474,7 +476,7 @@ fn kill_job(job: &str, lock: Option<&str>) -> Result<usize> {
     Ok(killed)
 }
 
-fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
+fn connection(stream: TcpStream, key: &Key, key_file: &Path, node: &str, state_dir: &Path) {
     let mut ch = match Channel::accept(stream, key, node, Duration::from_secs(10)) {
         Ok(c) => c,
         Err(e) => {
@@ -491,6 +493,7 @@ fn connection(stream: TcpStream, key: &Key, node: &str, state_dir: &Path) {
         }
     };
     let mut handler = Handler::new(node, state_dir, &exe, ch.peer(), Some(key.clone()));
+    handler.key_file = Some(key_file.to_owned());
     loop {
         let req: msg::Request = match ch.recv() {
             Ok(Some(r)) => r,
@@ -562,6 +565,9 @@ pub struct Handler {
     /// The cluster key (none for the coordinator's in-process agent): signs
     /// inventories and users' manifests, checks the images users restore.
     key: Option<Key>,
+    /// Its file, for the restoring processes this agent starts (they fetch
+    /// held pages from other agents).
+    pub key_file: Option<PathBuf>,
 }
 
 impl Drop for Handler {
@@ -644,6 +650,7 @@ impl Handler {
             agent_exe: agent_exe.to_path_buf(),
             peer: peer.to_string(),
             key,
+            key_file: None,
         }
     }
 
@@ -732,6 +739,18 @@ impl Handler {
                     });
                 }
                 let (images, parent, stream) = self.destination(p, pid)?;
+                let hold = match p.hold_pages.as_str() {
+                    "" => None,
+                    _ if stream.is_none() || p.pre_dump => {
+                        return Err(Error::Refused {
+                            pid,
+                            reason: "pages are held only by the final dump of a stream \
+                                     (hold_pages needs stream_to, and no pre-dump)"
+                                .into(),
+                        })
+                    }
+                    agent => Some(crate::held::Hold::create(&p.job, agent)?),
+                };
                 let dreq = DumpRequest {
                     pid,
                     images,
@@ -747,6 +766,7 @@ impl Handler {
                     tcp_established: p.tcp_established,
                     key: self.key.clone(),
                     stream,
+                    hold,
                 };
                 let id = self.next;
                 self.next += 1;
@@ -778,6 +798,9 @@ impl Handler {
                     Ok(d) => d,
                     Err(e) => {
                         let _ = std::fs::remove_file(&record);
+                        if let Some(h) = &dreq.hold {
+                            h.remove();
+                        }
                         return Err(e);
                     }
                 };
@@ -803,6 +826,7 @@ impl Handler {
                     pages_bytes: dump.pages_bytes().unwrap_or(0),
                     dump_ms: t.elapsed().as_secs_f64() * 1e3,
                     snapshot_bytes: dump.snapshot_bytes().unwrap_or(0),
+                    hold: dump.hold().map(|h| h.name.clone()).unwrap_or_default(),
                 }))
             }
             Q::Finish(f) => {
@@ -871,7 +895,8 @@ impl Handler {
                 }
                 let ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
                 let log = self.sessions_dir.join(format!("restore-{}.log", r.job));
-                let restored = restore_detached(&self.agent_exe, r, &images, &log);
+                let restored =
+                    restore_detached(&self.agent_exe, r, &images, self.key_file.as_deref(), &log);
                 if let (Ok(v), false) = (&restored, r.job.is_empty()) {
                     note_started(&self.jobs_dir, &r.job, v.pid);
                 }
@@ -1030,9 +1055,33 @@ impl Handler {
                     if !crate::stream::name_ok(level) {
                         return Err(refuse(format!("'{level}' cannot name a level")));
                     }
+                    // Whole here first: the level goes on without its hold.
+                    crate::held::fetch_absent(&dir.join(level), self.key.as_ref())?;
                     bytes += crate::stream::forward(&dir.join(level), &to)?;
                 }
                 Ok(A::Forward(msg::ForwardReply { bytes }))
+            }
+            Q::HeldRead(h) => {
+                if req.uid != 0 {
+                    return Err(refuse(format!(
+                        "user {}: only agents (root, with the cluster key) read held pages",
+                        req.uid
+                    )));
+                }
+                Ok(A::HeldRead(msg::HeldReadReply {
+                    data: crate::held::read(&h.hold, &h.file, h.offset, h.len)?,
+                }))
+            }
+            Q::HeldDrop(h) => {
+                if req.uid != 0 {
+                    return Err(refuse(format!(
+                        "user {}: only agents (root, with the cluster key) drop held pages",
+                        req.uid
+                    )));
+                }
+                Ok(A::HeldDrop(msg::HeldDropReply {
+                    dropped: crate::held::drop_hold(&h.hold)?,
+                }))
             }
             Q::Stream(_) => Err(refuse(
                 "a stream of images goes to an agent's network service, not through a relay".into(),
@@ -1414,10 +1463,14 @@ fn restore_detached(
     exe: &Path,
     r: &msg::RestorePartRequest,
     images: &str,
+    key_file: Option<&Path>,
     log: &Path,
 ) -> Result<Restored> {
     let mut cmd = std::process::Command::new(exe);
     cmd.args(["--json", "restore", "--detach", "--images", images]);
+    if let Some(k) = key_file {
+        cmd.arg("--key").arg(k);
+    }
     if !r.job.is_empty() {
         cmd.args(["--job", &r.job]);
     }

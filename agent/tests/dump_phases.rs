@@ -33,6 +33,7 @@ fn request(pid: u32, images: &Path) -> DumpRequest {
         tcp_established: false,
         key: None,
         stream: None,
+        hold: None,
     }
 }
 

@@ -46,9 +46,12 @@ pub struct MigrateHow {
     pub rounds: u32,
     /// How the streamed levels store their page content.
     pub compress: ckpt_agent::pages::Codec,
-    /// Restore on the targets lazily: the job runs again as soon as its
-    /// parts exist, their memory served from the inboxes on demand and
-    /// copied in the background (a target that fails meanwhile kills its
+    /// Post-copy: the final level's pages stay on the source nodes (held
+    /// by their agents, copied there while frozen instead of streamed),
+    /// and the targets restore lazily: the job runs again as soon as its
+    /// parts exist, their memory served on demand from the inboxes and,
+    /// for the last changes, fetched from the sources, the rest copied in
+    /// the background (a target or source that fails meanwhile kills the
     /// part: the job is then lost, as with any post-copy move).
     pub lazy: bool,
 }
@@ -78,6 +81,9 @@ pub struct Round {
     /// Longest any part stood still for it (as its agent measured).
     pub frozen_ms: f64,
     pub ms: f64,
+    /// Its page content stayed on the source nodes (post-copy), fetched
+    /// by the targets as the job reads it.
+    pub held: bool,
 }
 
 /// A migration, as `ckpt-coord migrate` reports it.
@@ -236,6 +242,9 @@ struct Route {
     inbox: String,
     /// The inbox's directory on the target node.
     dir: PathBuf,
+    /// The part's source agent, as the target agent reaches it (where a
+    /// post-copy's held pages are fetched from).
+    source: String,
 }
 
 /// The address of a node's agent that other agents connect to.
@@ -312,6 +321,12 @@ fn streamed(
         }
         let addr = agent_addr(cluster, &o.node)?;
         for p in &o.parts {
+            let source = parts
+                .iter()
+                .find(|(name, _, _)| *name == p.part)
+                .map(|(_, node, _)| agent_addr(cluster, node))
+                .transpose()?
+                .unwrap_or_default();
             let (inbox, dir) = open_inbox(&mut link, &p.agent_job, timeouts.connect)
                 .map_err(|reason| node_failed("open an inbox", &o.node, reason))?;
             routes.insert(
@@ -321,6 +336,7 @@ fn streamed(
                     addr: addr.clone(),
                     inbox,
                     dir,
+                    source,
                 },
             );
         }
@@ -563,6 +579,10 @@ fn stream_level(
             stream_to: route.addr.clone(),
             inbox: route.inbox.clone(),
             level: level.to_string(),
+            hold_pages: match !pre && how.lazy {
+                true => route.source.clone(),
+                false => String::new(),
+            },
         }
     });
     if let Err(failure) = prepared {
@@ -590,6 +610,7 @@ fn stream_level(
         pages_bytes: conns.iter().map(|c| c.report.pages_bytes).sum(),
         frozen_ms,
         ms: ms(t),
+        held: !pre && how.lazy,
     })
 }
 

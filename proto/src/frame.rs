@@ -38,6 +38,8 @@ pub enum ImageKind {
     Net = 9,
     /// A coordinated checkpoint of all parts of a job (the coordinator's).
     Manifest = 10,
+    /// Where a level's pages files are held (a post-copy migration).
+    Held = 11,
 }
 
 impl ImageKind {
@@ -54,6 +56,7 @@ impl ImageKind {
             8 => Self::Ipc,
             9 => Self::Net,
             10 => Self::Manifest,
+            11 => Self::Held,
             _ => return None,
         })
     }
@@ -71,6 +74,7 @@ impl ImageKind {
             Self::Ipc => "ipc",
             Self::Net => "net",
             Self::Manifest => "manifest",
+            Self::Held => "held",
         }
     }
 }

@@ -70,6 +70,7 @@ pub fn describe(bytes: &[u8]) -> Result<(ImageKind, serde_json::Value), FrameErr
         ImageKind::Ipc => one::<IpcImage>(bytes, kind)?,
         ImageKind::Net => one::<NetImage>(bytes, kind)?,
         ImageKind::Manifest => one::<Manifest>(bytes, kind)?,
+        ImageKind::Held => one::<HeldPages>(bytes, kind)?,
     };
     Ok((kind, v))
 }

@@ -892,7 +892,7 @@ pub fn run_case(case_bin: &str, name: &str, mode: Mode) {
 
 /// After a dump killed a whole tree, the root's children were re-parented
 /// to us (a subreaper): collect them, or their PIDs stay taken.
-fn reap_descendants(root: i32, images: &Path) -> Result<(), String> {
+pub fn reap_descendants(root: i32, images: &Path) -> Result<(), String> {
     use ckpt_proto::image::Inventory;
     let inv: Inventory = ckpt_proto::read_image_file(
         &images.join("inventory.img"),

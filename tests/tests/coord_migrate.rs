@@ -1,10 +1,12 @@
 //! `ckpt-coord check` and `ckpt-coord migrate` on a 4-node lab: every
 //! node's agent probes its kernel; a stencil-tcp job launched on nodes 1
-//! and 2 survives a move onto a node whose restores fail (it goes back and
+//! and 2 survives a post-copy move onto a node whose restores fail (its
+//! final pages, held by the sources, are fetched back; it goes back and
 //! runs on), is moved mid-run to nodes 3 and 4 by streaming with pre-copy
 //! (its TCP connection with it), back to nodes 1 and 2 through the store,
 //! whose checkpoint is checked against nodes 3 and 4, to nodes 3 and 4
-//! again restored lazily, and it ends with an uninterrupted run's
+//! again post-copy (restored lazily, the last pages fetched from the
+//! sources, whose holds then go), and it ends with an uninterrupted run's
 //! checksum.
 
 use std::fs;
@@ -16,6 +18,19 @@ use ckpt_tests::{
 };
 
 const ARGS: [&str; 6] = ["--size", "512", "--iters", "24000", "--every", "600"];
+
+/// The holds of page content (post-copy) that agents keep for job `job`'s
+/// parts on this machine (every lab node's agent shares /run).
+fn holds_of(job: &str) -> Vec<String> {
+    fs::read_dir("/run/ckpt/held")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{job}.")))
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Asserts that migrate's report `m` puts parts r0 and r1 on lab nodes
 /// `to`, each with pages streamed when `streamed`.
@@ -89,11 +104,12 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
     let to = format!("{},{}", cl.lab.node(3).name(), cl.lab.node(4).name());
     let from = format!("{},{}", cl.lab.node(1).name(), cl.lab.node(2).name());
 
-    // Node 3 cannot restore: the streamed move fails once the sources have
-    // stopped, and the job goes back where it was, and runs on there.
+    // Node 3 cannot restore: the post-copy move fails once the sources
+    // have stopped, and the job goes back where it was (its last pages
+    // fetched back from the sources' holds first), and runs on there.
     cl.restart_agent(3, &[("CKPT_FAULT_RESTORE_FAILS", "1")]);
     let before = progress_lines(&out);
-    let o = cl.coord(3, &["migrate", &job, "--to", &to]);
+    let o = cl.coord(3, &["migrate", &job, "--to", &to, "--lazy"]);
     assert_eq!(
         o.status.code(),
         Some(1),
@@ -115,6 +131,7 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
         spec_now.contains(&format!("node = \"{}\"", cl.lab.node(1).name())),
         "the failed move changed the job's nodes:\n{spec_now}"
     );
+    assert_eq!(holds_of(&job), Vec::<String>::new(), "holds left");
     cl.restart_agent(3, &[]);
 
     // Streamed, live: pre-copy while it runs, then a short freeze.
@@ -164,12 +181,19 @@ fn check_and_migrate_move_a_running_job_to_other_nodes() {
     );
     assert!(o.status.success(), "check of the checkpoint failed");
 
-    // Streamed again, restored lazily: running before its memory is in.
+    // Streamed again, post-copy: running before its memory is in, the
+    // last changes fetched from the sources as it reads them.
     let o = cl.coord(3, &["--json", "migrate", &job, "--to", &to, "--lazy"]);
     assert!(o.status.success(), "migrate --lazy failed");
     let m = json_of(&o);
     assert_eq!(m["mode"], "streamed", "{m}");
+    assert_eq!(m["final_level"]["held"], true, "{m}");
     assert_moved(&m, &cl, (3, 4), true);
+    assert!(
+        wait_for(Duration::from_secs(60), || holds_of(&job).is_empty()),
+        "the sources still hold pages once the targets have them all: {:?}",
+        holds_of(&job)
+    );
     let text = wait_finished(
         &out,
         Duration::from_secs(60),

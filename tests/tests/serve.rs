@@ -2,7 +2,8 @@
 //! it: a checkpoint in its phases (prepare, dump, finish) and a restore; a
 //! connection that goes away aborts its checkpoint and the process runs on;
 //! a coordinator with the wrong key is refused; `check` names what a node
-//! lacks to restore a checkpoint.
+//! lacks to restore a checkpoint; a post-copy between two agents: a final
+//! level whose pages the source agent holds, restored lazily by the other.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_proto::rpc::msg::{self, request::Body as Q, response::Body as A};
 use ckpt_proto::rpc::{Channel, Key};
-use ckpt_tests::{agent_binary, no_checkpoint, CaseProcess, Workdir};
+use ckpt_tests::{agent_binary, no_checkpoint, reap_descendants, wait_for, CaseProcess, Workdir};
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
 
@@ -38,6 +39,12 @@ fn key_file(dir: &Workdir, name: &str, byte: u8) -> PathBuf {
 }
 
 fn serve(dir: &Workdir) -> Served {
+    serve_named(dir, "state")
+}
+
+/// An agent keeping its state in `dir`/`name` (several may share `dir`
+/// and its key).
+fn serve_named(dir: &Workdir, name: &str) -> Served {
     let key = key_file(dir, "cluster.key", 0x42);
     let mut child = Command::new(agent_binary())
         .args([
@@ -50,10 +57,10 @@ fn serve(dir: &Workdir) -> Served {
         ])
         .arg(&key)
         .arg("--state-dir")
-        .arg(dir.join("state"))
+        .arg(dir.join(name))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("serve.err")).unwrap())
+        .stderr(std::fs::File::create(dir.join(&format!("{name}.err"))).unwrap())
         .spawn()
         .unwrap();
     let mut line = String::new();
@@ -197,7 +204,7 @@ fn a_coordinator_with_another_key_is_refused() {
     // after the coordinator saw it close.
     let deadline = Instant::now() + Duration::from_secs(5);
     let log = loop {
-        let log = std::fs::read_to_string(dir.join("serve.err")).unwrap_or_default();
+        let log = std::fs::read_to_string(dir.join("state.err")).unwrap_or_default();
         if log.contains("refused a connection") || Instant::now() > deadline {
             break log;
         }
@@ -255,4 +262,173 @@ fn check_names_a_missing_kernel_feature() {
         c.missing
     );
     case.terminate_and_check("after check").unwrap();
+}
+
+/// Sends `body` on `ch` and returns the answer, failing the test on an
+/// error.
+fn call(ch: &mut Channel, what: &str, body: Q) -> A {
+    match ch.call(0, body) {
+        Ok(Some(a)) => a,
+        other => panic!("{what} answered {other:?}"),
+    }
+}
+
+/// Prepares and dumps `req` on `ch`; returns the session and the dump's
+/// answer.
+fn prepare_and_dump(ch: &mut Channel, req: msg::PrepareRequest) -> (u64, msg::DumpPartReply) {
+    let A::Prepare(p) = call(ch, "prepare", Q::Prepare(req)) else {
+        panic!("prepare answered something else")
+    };
+    let session = p.session;
+    match call(ch, "dump", Q::Dump(msg::DumpPartRequest { session })) {
+        A::Dump(d) => (session, d),
+        other => panic!("dump answered {other:?}"),
+    }
+}
+
+/// Post-copy between two agents: a pre-dump streamed into the target's
+/// inbox while the case writes on, then the final level streamed without
+/// its pages, which the source agent holds; the source part stops, the
+/// target restores lazily and fetches them; the case checks every page of
+/// its memory, and the hold goes once every page is in.
+#[test]
+fn a_final_level_held_by_its_source_is_restored_lazily_elsewhere() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("serve-held");
+    let source = serve_named(&dir, "source");
+    let target = serve_named(&dir, "target");
+    let mut case = CaseProcess::spawn(Path::new(CASE_BIN), "memory_writer", &dir).unwrap();
+    case.wait_ready().unwrap();
+    let mut t = connect(&target);
+    let A::Inbox(inbox) = call(
+        &mut t,
+        "inbox",
+        Q::Inbox(msg::InboxRequest { job: "held".into() }),
+    ) else {
+        panic!("inbox answered something else")
+    };
+    let mut s = connect(&source);
+    let level = |level: &str| msg::PrepareRequest {
+        pid: case.pid,
+        stream_to: target.addr.clone(),
+        inbox: inbox.inbox.clone(),
+        level: level.into(),
+        ..Default::default()
+    };
+    let (session, _) = prepare_and_dump(
+        &mut s,
+        msg::PrepareRequest {
+            pre_dump: true,
+            snapshot: true,
+            ..level("pre-1")
+        },
+    );
+    call(
+        &mut s,
+        "finish",
+        Q::Finish(msg::FinishRequest {
+            session,
+            stop: false,
+        }),
+    );
+    // The writer changes pages meanwhile: the final level has some.
+    std::thread::sleep(Duration::from_millis(300));
+    let (session, d) = prepare_and_dump(
+        &mut s,
+        msg::PrepareRequest {
+            stop_after_commit: true,
+            parent: "pre-1".into(),
+            hold_pages: source.addr.clone(),
+            ..level("final")
+        },
+    );
+    assert!(d.pages_bytes > 0 && !d.hold.is_empty(), "{d:?}");
+    let held = Path::new("/run/ckpt/held").join(&d.hold);
+    let names = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert!(
+        names(&held).iter().any(|n| n.starts_with("pages-")),
+        "the hold has no pages: {:?}",
+        names(&held)
+    );
+    let final_dir = Path::new(&inbox.dir).join("final");
+    let received = names(&final_dir);
+    assert!(
+        received.iter().any(|n| n == "held.img")
+            && !received.iter().any(|n| n.starts_with("pages-")),
+        "the final level should name its hold and carry no pages: {received:?}"
+    );
+    call(
+        &mut s,
+        "finish",
+        Q::Finish(msg::FinishRequest {
+            session,
+            stop: true,
+        }),
+    );
+    case.expect_gone().unwrap();
+    reap_descendants(case.pid, &final_dir).unwrap();
+    let r = call(
+        &mut t,
+        "restore",
+        Q::Restore(msg::RestorePartRequest {
+            images: final_dir.to_string_lossy().into_owned(),
+            lazy_pages: true,
+            ..Default::default()
+        }),
+    );
+    match r {
+        A::Restore(r) => assert_eq!(r.pid, case.pid),
+        other => panic!("restore answered {other:?}"),
+    }
+    case.adopt_restored();
+    assert!(
+        wait_for(Duration::from_secs(60), || !held.exists()),
+        "the hold stayed after the lazy restore: {}",
+        std::fs::read_to_string(dir.join("target.err")).unwrap_or_default()
+    );
+    // Dropped only once the level is whole here: what a migration undone
+    // now would send back.
+    assert!(
+        names(&final_dir).iter().any(|n| n.starts_with("pages-")),
+        "the held pages were not saved into the level: {:?}",
+        names(&final_dir)
+    );
+    let o = Command::new(agent_binary())
+        .args(["check", "--images"])
+        .arg(&final_dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "the saved level does not verify: {}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    // Ours once the restoring process has ended (we are a subreaper).
+    let ppid = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", case.pid))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse::<u32>()
+                    .ok()
+            })
+    };
+    assert!(
+        wait_for(Duration::from_secs(30), || ppid()
+            == Some(std::process::id())),
+        "the restored case was not handed to the test"
+    );
+    case.terminate_and_check("restored from a level held by its source")
+        .unwrap();
 }
