@@ -48,9 +48,43 @@ const DEPTH: usize = 4;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Where this node keeps its holds: tmpfs, beside the stream spools.
-pub fn root() -> PathBuf {
-    PathBuf::from("/run/ckpt/held")
+/// Where this node keeps its holds: tmpfs (memory, never throttled by
+/// the writeback of dirty pages, as a disk is right after a checkpoint
+/// went to it), which survives a restart of the agent; on Debian up to
+/// half of RAM, where /run has a tenth.
+const ROOT: &str = "/dev/shm/ckpt-held";
+
+/// The holds' directory, made if needed: /dev/shm is everyone's, so it
+/// must be root's own directory, private, not a link (anyone could have
+/// made it first, and swapped holds or pointed reads elsewhere).
+pub fn root() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let root = PathBuf::from(ROOT);
+    match std::fs::DirBuilder::new().mode(0o700).create(&root) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(&root, e)),
+    }
+    let md = std::fs::symlink_metadata(&root).map_err(|e| Error::io(&root, e))?;
+    if !md.is_dir() || md.uid() != 0 || md.mode() & 0o077 != 0 {
+        return Err(held_err(
+            "",
+            format!(
+                "{ROOT} is not a private directory of root's (someone else made it?): \
+                 remove it, the agent makes it again"
+            ),
+        ));
+    }
+    Ok(root)
+}
+
+/// Whether `name` is a hold's: JOB.16-HEX-DIGITS, as `Hold::create`
+/// names them.
+fn is_hold_name(name: &str) -> bool {
+    crate::stream::name_ok(name)
+        && name.rsplit_once('.').is_some_and(|(job, rnd)| {
+            !job.is_empty() && rnd.len() == 16 && rnd.chars().all(|c| c.is_ascii_hexdigit())
+        })
 }
 
 fn held_err(hold: &str, reason: impl Into<String>) -> Error {
@@ -87,10 +121,9 @@ impl Hold {
             .collect();
         let job = if job.is_empty() { "hold" } else { job.as_str() };
         let name = format!("{job}.{}", hex::encode(rnd));
-        let dir = root().join(&name);
+        let dir = root()?.join(&name);
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
             .create(&dir)
             .map_err(|e| Error::io(&dir, e))?;
@@ -119,10 +152,10 @@ impl Hold {
 /// The directory of hold `name` on this node, refusing names that are not
 /// a hold's.
 fn hold_dir(name: &str) -> Result<PathBuf> {
-    if !crate::stream::name_ok(name) {
+    if !is_hold_name(name) {
         return Err(held_err(name, "not the name of a hold"));
     }
-    let dir = root().join(name);
+    let dir = root()?.join(name);
     if !dir.is_dir() {
         return Err(held_err(
             name,
@@ -151,7 +184,12 @@ pub fn read(name: &str, file: &str, offset: u64, len: u32) -> Result<Vec<u8>> {
         ));
     }
     let path = dir.join(file);
-    let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
     let size = f.metadata().map_err(|e| Error::io(&path, e))?.len();
     let n = size.saturating_sub(offset).min(len as u64) as usize;
     let mut buf = vec![0u8; n];
@@ -166,10 +204,10 @@ pub fn read(name: &str, file: &str, offset: u64, len: u32) -> Result<Vec<u8>> {
 
 /// Removes hold `name`; false when it was not there.
 pub fn drop_hold(name: &str) -> Result<bool> {
-    if !crate::stream::name_ok(name) {
+    if !is_hold_name(name) {
         return Err(held_err(name, "not the name of a hold"));
     }
-    let dir = root().join(name);
+    let dir = root()?.join(name);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {
             info!(hold = name, "hold dropped");
@@ -184,10 +222,19 @@ pub fn drop_hold(name: &str) -> Result<bool> {
 /// names.
 pub fn sweep(idle: Duration) -> Vec<String> {
     let mut gone = Vec::new();
-    let Ok(rd) = std::fs::read_dir(root()) else {
+    // Not made here: a node that never held anything keeps no directory.
+    let made = std::path::Path::new(ROOT).exists();
+    let Some(rd) = made
+        .then(root)
+        .and_then(|r| r.ok())
+        .and_then(|r| std::fs::read_dir(r).ok())
+    else {
         return gone;
     };
     for e in rd.flatten() {
+        if !is_hold_name(&e.file_name().to_string_lossy()) {
+            continue;
+        }
         let stale = e
             .metadata()
             .and_then(|m| m.modified())
@@ -214,7 +261,7 @@ pub fn record(dir: &Path, inv: &Inventory) -> Result<Option<HeldPages>> {
         return Ok(None);
     }
     let rec: HeldPages = read_image_file(&dir.join(HELD), ImageKind::Held)?;
-    if !crate::stream::name_ok(&rec.hold) || rec.agent.is_empty() {
+    if !is_hold_name(&rec.hold) || rec.agent.is_empty() {
         return Err(Error::BadImages {
             dir: dir.to_owned(),
             reason: format!("{HELD} names hold {:?} at {:?}", rec.hold, rec.agent),
@@ -293,10 +340,18 @@ impl Client {
     }
 
     fn drop_hold(&mut self) -> Result<bool> {
-        let body = msg::request::Body::HeldDrop(msg::HeldDropRequest {
-            hold: self.hold.clone(),
-        });
-        match self.ch.call(0, body) {
+        let id = self.next;
+        self.next += 1;
+        let req = msg::Request {
+            id,
+            uid: 0,
+            body: Some(msg::request::Body::HeldDrop(msg::HeldDropRequest {
+                hold: self.hold.clone(),
+            })),
+        };
+        self.ch.send(&req).map_err(|e| self.err(e))?;
+        let r = self.ch.recv::<msg::Response>().map_err(|e| self.err(e))?;
+        match ckpt_proto::rpc::answer_to(self.ch.peer(), id, r) {
             Ok(Some(msg::response::Body::HeldDrop(r))) => Ok(r.dropped),
             Ok(other) => Err(self.err(format!("answered a drop with {other:?}"))),
             Err(e) => Err(self.err(e)),
@@ -367,8 +422,8 @@ pub fn fetch_absent(dir: &Path, key: Option<&Key>) -> Result<u64> {
         match r {
             Ok(()) => bytes += size,
             // A lazy restore of the level saved it meanwhile (and dropped
-            // the hold).
-            Err(_) if dir.join(name).exists() => {}
+            // the hold); the connection may be out of step now.
+            Err(_) if dir.join(name).exists() => client = Client::connect(&rec, key)?,
             Err(e) => return Err(e),
         }
     }
@@ -483,35 +538,58 @@ pub fn fetch_lazily(
     Ok(held)
 }
 
-/// Once a lazy restore has every page in: lets each hold it read go, but
-/// only once a whole copy of its level exists without it, so that a
-/// migration undone after this restore (the part killed, its chain sent
-/// back) still finds every page. Each held file is fetched to its end
-/// (pages the tree dropped were never read) and saved beside the level's
-/// other files, which makes the level whole here; then the hold is
-/// dropped. A level whose directory is gone (the inbox of a migration
-/// that ended) is needed by no one. On a failure the hold stays (until
-/// it stands idle), and why is logged.
-pub fn settle(held: Lazily, key: Option<&Key>) {
-    for (dir, rec, fetches) in held.0 {
-        let settled = (|| -> Result<()> {
-            for f in &fetches {
-                f.ensure(0, u64::MAX, false)?;
-            }
-            if dir.is_dir() {
-                for f in &fetches {
-                    f.save(&dir)?;
+impl Lazily {
+    /// Lets each hold go once a whole copy of its level exists without it,
+    /// on a thread of its own (the tree need not have every page in: the
+    /// pages are in the level): each held file is fetched to its end
+    /// (pages the tree dropped are never read), saved beside the level's
+    /// other files, which makes the level whole here, and then the hold
+    /// is dropped. A migration undone after that (the part killed, its
+    /// chain sent back) still finds every page. A level whose directory is
+    /// gone (the inbox of a migration that ended) is needed by no one. On
+    /// a failure the hold stays (until it stands idle), and why is logged.
+    /// Join the thread before the process ends.
+    pub fn settle(self, key: Option<Key>) -> Option<std::thread::JoinHandle<()>> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let t = std::thread::Builder::new()
+            .name("ckpt-held-settle".into())
+            .spawn(move || {
+                for (dir, rec, fetches) in self.0 {
+                    match settle_level(&dir, &rec, &fetches, key.as_ref()) {
+                        Ok(()) => info!(hold = rec.hold, dir = %dir.display(), "held pages all in and saved"),
+                        Err(e) => warn!(hold = rec.hold, "the hold stays: {e}"),
+                    }
                 }
+            });
+        match t {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!("the held pages stay held: no thread to settle them: {e}");
+                None
             }
-            let key = key.ok_or_else(|| held_err(&rec.hold, "no cluster key"))?;
-            Client::connect(&rec, key)?.drop_hold()?;
-            Ok(())
-        })();
-        match settled {
-            Ok(()) => info!(hold = rec.hold, dir = %dir.display(), "held pages all in and saved"),
-            Err(e) => warn!(hold = rec.hold, "the hold stays: {e}"),
         }
     }
+}
+
+fn settle_level(
+    dir: &Path,
+    rec: &HeldPages,
+    fetches: &[Arc<Fetch>],
+    key: Option<&Key>,
+) -> Result<()> {
+    for f in fetches {
+        f.complete()?;
+    }
+    if dir.is_dir() {
+        for f in fetches {
+            f.save(dir)?;
+        }
+    }
+    let key = key.ok_or_else(|| held_err(&rec.hold, "no cluster key"))?;
+    Client::connect(rec, key)?.drop_hold()?;
+    Ok(())
 }
 
 /// What the fetch of one held pages file has brought in.
@@ -595,6 +673,8 @@ pub struct Fetch {
     shared: Arc<Shared>,
     /// For faults: blocks the background fetch has not reached yet.
     urgent: Mutex<Option<Client>>,
+    /// The file's index: what a saved copy is checked against.
+    pm: PageMap,
     rec: HeldPages,
     key: Key,
     background: Option<std::thread::JoinHandle<()>>,
@@ -658,6 +738,7 @@ impl Fetch {
         let fetch = Fetch {
             shared,
             urgent: Mutex::new(Some(urgent)),
+            pm: pm.clone(),
             rec: rec.clone(),
             key: key.clone(),
             background: Some(background),
@@ -705,8 +786,39 @@ impl Fetch {
         }
     }
 
-    /// Writes the copy (every block in) into `dir` as the pages file.
+    /// Brings in every block: waits for the background fetch, then
+    /// fetches what it left (it failed) on a connection of its own, not
+    /// the one faults use.
+    fn complete(&self) -> Result<()> {
+        let mut p = self.shared.lock();
+        while !p.ended {
+            p = self
+                .shared
+                .changed
+                .wait(p)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        let runs = self.shared.missing(&p, 0, self.shared.size);
+        drop(p);
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let mut c = Client::connect(&self.rec, &self.key)?;
+        for (s, e) in runs {
+            self.shared.fetch(&mut c, s, e)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the copy (every block in) into `dir` as the pages file, and
+    /// checks what it wrote against the index: the hold, the only other
+    /// copy, goes next (blocks the tree never read were never checked).
     fn save(&self, dir: &Path) -> Result<()> {
+        let first = dir.join(&self.pm.pages_file);
+        if first.exists() {
+            // Saved by another (a forward's fetch), and checked there.
+            return Ok(());
+        }
         for (name, file, path) in &self.shared.segments {
             let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
             place(dir, name, len, |out, part| {
@@ -723,20 +835,34 @@ impl Fetch {
                 Ok(())
             })?;
         }
+        if let Err(e) = pages::verify(&self.pm, &first) {
+            for (name, _) in pages::segments(&self.pm) {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
+    /// Fetches `runs` on the connection of faults, a run at a time (what
+    /// another fetched meanwhile is not fetched again).
     fn fetch_now(&self, runs: &[(u64, u64)]) -> Result<()> {
-        let mut urgent = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
-        if urgent.is_none() {
-            *urgent = Some(Client::connect(&self.rec, &self.key)?);
-        }
-        let c = urgent.as_mut().expect("connected");
         for &(s, e) in runs {
-            if let Err(err) = self.shared.fetch(c, s, e) {
-                // A broken connection is made again for the next fault.
-                *urgent = None;
-                return Err(err);
+            let mut urgent = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
+            let still = self.shared.missing(&self.shared.lock(), s, e);
+            if still.is_empty() {
+                continue;
+            }
+            if urgent.is_none() {
+                *urgent = Some(Client::connect(&self.rec, &self.key)?);
+            }
+            let c = urgent.as_mut().expect("connected");
+            for (a, b) in still {
+                if let Err(err) = self.shared.fetch(c, a, b) {
+                    // A broken connection is made again for the next fault.
+                    *urgent = None;
+                    return Err(err);
+                }
             }
         }
         Ok(())
@@ -799,18 +925,22 @@ mod tests {
     use ckpt_proto::rpc::msg::{request::Body as Q, response::Body as A};
 
     /// An agent holding `files` (name -> content) in a thread: answers
-    /// reads and drops as `ckpt-agent serve` does, on any connection.
-    fn holder(files: HashMap<String, Vec<u8>>) -> (HeldPages, Key) {
+    /// reads and drops as `ckpt-agent serve` does, on any connection, and
+    /// counts the drops.
+    fn holder(
+        files: HashMap<String, Vec<u8>>,
+    ) -> (HeldPages, Key, Arc<std::sync::atomic::AtomicUsize>) {
         let key = Key::from_bytes(vec![9u8; 32]).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let rec = HeldPages {
             agent: listener.local_addr().unwrap().to_string(),
-            hold: "job.0123".into(),
+            hold: "job.0123456789abcdef".into(),
         };
-        let (k, files) = (key.clone(), Arc::new(files));
+        let drops = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (k, files, d) = (key.clone(), Arc::new(files), drops.clone());
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
-                let (k, files) = (k.clone(), files.clone());
+                let (k, files, d) = (k.clone(), files.clone(), d.clone());
                 std::thread::spawn(move || {
                     let mut ch = Channel::accept(conn, &k, "holder", CONNECT_TIMEOUT).unwrap();
                     while let Ok(Some(req)) = ch.recv::<msg::Request>() {
@@ -823,7 +953,10 @@ mod tests {
                                     data: f[a..b].to_vec(),
                                 })
                             }
-                            _ => A::HeldDrop(msg::HeldDropReply { dropped: true }),
+                            _ => {
+                                d.fetch_add(1, Ordering::SeqCst);
+                                A::HeldDrop(msg::HeldDropReply { dropped: true })
+                            }
                         };
                         let r = msg::Response {
                             id: req.id,
@@ -837,19 +970,30 @@ mod tests {
                 });
             }
         });
-        (rec, key)
+        (rec, key, drops)
     }
 
     /// A pages file of `len` bytes split into segments of `segment`: its
-    /// index (block checksums are not looked at here) and content.
+    /// index and content, and the content by segment file.
     fn held_file(len: u64, segment: u64) -> (PageMap, Vec<u8>, HashMap<String, Vec<u8>>) {
+        let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         let pm = PageMap {
+            pid: 7,
+            page_size: 4096,
             pages_file: "pages-7.img".into(),
             pages_file_size: len,
+            content_size: len,
             segment_size: segment,
+            block_size: BLOCK,
+            block_crc32c: content.chunks(BLOCK as usize).map(crc32c::crc32c).collect(),
+            runs: vec![ckpt_proto::image::PageRun {
+                vaddr: 0x10000,
+                nr_pages: len / 4096,
+                offset: 0,
+                flags: 1,
+            }],
             ..Default::default()
         };
-        let content: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
         let mut files = HashMap::new();
         let mut at = 0usize;
         for (name, n) in pages::segments(&pm) {
@@ -862,7 +1006,7 @@ mod tests {
     #[test]
     fn a_fetch_brings_in_a_segmented_file_in_any_order() {
         let (pm, content, files) = held_file(5 * BLOCK + 12288, 2 * BLOCK);
-        let (rec, key) = holder(files);
+        let (rec, key, _) = holder(files);
         let (fetch, map) = Fetch::start(&rec, &key, &pm).unwrap();
         let map = map.unwrap();
         // A fault in the last segment, before the background fetch could
@@ -927,5 +1071,62 @@ mod tests {
         assert!(gone.contains(&hold.name), "{gone:?}");
         assert!(!hold.dir.exists() && fresh.dir.exists());
         fresh.remove();
+    }
+
+    /// A level dumped with `pm`'s pages held as `rec`: everything but the
+    /// pages file.
+    fn held_level(pm: &PageMap, rec: &HeldPages) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let w = crate::images::ImageWriter::create(dir.path()).unwrap();
+        let name = crate::images::image_name(ImageKind::PageMap, pm.pid);
+        w.write(&name, ImageKind::PageMap, pm).unwrap();
+        w.add_pages(pm);
+        w.write(HELD, ImageKind::Held, rec).unwrap();
+        w.commit(Inventory::default(), None).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_forward_or_an_eager_restore_fetches_a_held_level_whole() {
+        let (pm, _, files) = held_file(3 * BLOCK + 8192, 2 * BLOCK);
+        let (rec, key, drops) = holder(files);
+        let dir = held_level(&pm, &rec);
+        let e = fetch_absent(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("needs the cluster key"), "{e}");
+        assert_eq!(
+            fetch_absent(dir.path(), Some(&key)).unwrap(),
+            pm.pages_file_size
+        );
+        let inv = crate::images::read_inventory(dir.path()).unwrap();
+        crate::images::verify(dir.path(), &inv).unwrap();
+        assert_eq!(drops.load(Ordering::SeqCst), 1, "the hold was not dropped");
+        // Whole now: nothing more to fetch.
+        assert_eq!(fetch_absent(dir.path(), Some(&key)).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_lazy_restore_saves_what_it_fetched_before_the_hold_goes() {
+        let (pm, _, files) = held_file(2 * BLOCK + 4096, 0);
+        let (rec, key, drops) = holder(files);
+        let dir = held_level(&pm, &rec);
+        let (fetch, _map) = Fetch::start(&rec, &key, &pm).unwrap();
+        settle_level(dir.path(), &rec, &[Arc::new(fetch)], Some(&key)).unwrap();
+        let inv = crate::images::read_inventory(dir.path()).unwrap();
+        crate::images::verify(dir.path(), &inv).unwrap();
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+
+        // A holder whose copy differs from the index: nothing is saved,
+        // and the hold stays.
+        let (pm, _, mut files) = held_file(2 * BLOCK, 0);
+        files.get_mut("pages-7.img").unwrap()[BLOCK as usize + 5] ^= 1;
+        let (rec, key, drops) = holder(files);
+        let dir = held_level(&pm, &rec);
+        let (fetch, _map) = Fetch::start(&rec, &key, &pm).unwrap();
+        let e = settle_level(dir.path(), &rec, &[Arc::new(fetch)], Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fails its checksum"), "{e}");
+        assert!(!dir.path().join("pages-7.img").exists());
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
     }
 }

@@ -498,7 +498,7 @@ mod tests {
         if held {
             let rec = ckpt_proto::image::HeldPages {
                 agent: "127.0.0.1:7707".into(),
-                hold: "job.00ff".into(),
+                hold: "job.0123456789abcdef".into(),
             };
             w.write(crate::held::HELD, ImageKind::Held, &rec).unwrap();
         }

@@ -826,6 +826,13 @@ pub fn check_held_index(
     first_len: u64,
 ) -> std::result::Result<(), String> {
     check_layout(pm, std::ffi::OsStr::new(name))?;
+    // Fetched a block at a time: no block may straddle two segments.
+    if !pm.segment_size.is_multiple_of(BLOCK) {
+        return Err(format!(
+            "{name}: segments of {} bytes, not whole MiB",
+            pm.segment_size
+        ));
+    }
     let want = segment_lengths(pm.pages_file_size, pm.segment_size)[0];
     if want != first_len {
         return Err(format!(
@@ -1142,13 +1149,17 @@ fn cut(pieces: Vec<Piece>) -> Vec<Piece> {
 /// Writes the saved pages into process `pid`, whose mappings must already
 /// exist and be writable, from a chain of checkpoints (the newest first;
 /// one level for a full checkpoint): through `filler` where it has
-/// registered the memory, with process_vm_writev elsewhere.
+/// registered the memory, with process_vm_writev elsewhere. With `lazy`,
+/// what the filler registered is left for the page server; `verified`
+/// says whether page content was checked up front (a lazy restore's is
+/// checked here, each block as it is copied).
 pub fn restore(
     pid: i32,
     chain: &[Level],
     progress: &dyn Progress,
     filler: Option<&UffdFiller>,
     lazy: bool,
+    verified: bool,
 ) -> Result<()> {
     let bad = |path: &Path, reason: String| Error::BadImages {
         dir: path.parent().unwrap_or(Path::new(".")).to_owned(),
@@ -1195,7 +1206,7 @@ pub fn restore(
                 // Before the tree runs: nothing to wait for but this.
                 level.ensure(p.off, p.len, job.frame, true)?;
             }
-            if lazy {
+            if !verified {
                 // Not checked up front (see `verify_index`).
                 for p in &job.parts {
                     check_stored(&level.pm, map, p.off, p.len, job.frame)

@@ -710,13 +710,16 @@ pub fn restore_notify(
     };
     info!(pid = child, total_ms = report.total_ms, "restored");
     running(&report);
+    // Once the tree runs (the saving competes with the build): the holds
+    // of the pages read from other nodes go once the levels are whole here.
+    let settling = held.settle(req.key.clone());
     if let Some(server) = lazies {
         // On an error the server has killed the tree (its missing pages
         // would read as zeros).
         report.lazy = Some(server.finish()?);
-        // Every page is in: what held them elsewhere may go.
-        drop(live);
-        crate::held::settle(held, req.key.as_ref());
+    }
+    if let Some(t) = settling {
+        let _ = t.join();
     }
     if req.detach {
         return Ok((report, None));
@@ -852,6 +855,7 @@ fn build(
         progress,
         filler.as_ref().map(|f| &f.0),
         lazy,
+        !req.lazy_pages,
     )?;
     if let Some((f, remote_fd)) = filler {
         if lazy {

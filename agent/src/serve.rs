@@ -170,12 +170,16 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
         let users = bind_user_socket(path)?;
         info!(socket = %path.display(), "serving users");
         let (key, node, dir) = (key.clone(), cfg.node.clone(), cfg.state_dir.clone());
+        let key_file = cfg.key.clone();
         std::thread::spawn(move || {
             for conn in users.incoming() {
                 match conn {
                     Ok(stream) => {
                         let (key, node, dir) = (key.clone(), node.clone(), dir.clone());
-                        std::thread::spawn(move || user_connection(stream, &key, &node, &dir));
+                        let key_file = key_file.clone();
+                        std::thread::spawn(move || {
+                            user_connection(stream, (&key, &key_file), &node, &dir)
+                        });
                     }
                     Err(e) => warn!("accept on the user socket: {e}"),
                 }
@@ -238,7 +242,12 @@ fn bind_user_socket(path: &Path) -> Result<UnixListener> {
 /// with their uid, so that agents let them act on their own jobs alone.
 /// The requests go to the agent the hello names, over a connection made
 /// with the cluster key (the user never holds it), or to this agent.
-fn user_connection(mut stream: UnixStream, key: &Key, node: &str, state_dir: &Path) {
+fn user_connection(
+    mut stream: UnixStream,
+    (key, key_file): (&Key, &Path),
+    node: &str,
+    state_dir: &Path,
+) {
     let cred =
         match nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials) {
             Ok(c) => c,
@@ -277,13 +286,9 @@ fn user_connection(mut stream: UnixStream, key: &Key, node: &str, state_dir: &Pa
     } else if hello.agent.is_empty() {
         std::env::current_exe()
             .map(|exe| {
-                Target::Here(Box::new(Handler::new(
-                    node,
-                    state_dir,
-                    &exe,
-                    &peer,
-                    Some(key.clone()),
-                )))
+                let mut h = Handler::new(node, state_dir, &exe, &peer, Some(key.clone()));
+                h.key_file = Some(key_file.to_owned());
+                Target::Here(Box::new(h))
             })
             .map_err(|e| format!("/proc/self/exe: {e}"))
     } else {
@@ -741,13 +746,16 @@ impl Handler {
                 let (images, parent, stream) = self.destination(p, pid)?;
                 let hold = match p.hold_pages.as_str() {
                     "" => None,
-                    _ if stream.is_none() || p.pre_dump => {
+                    _ if stream.is_none() || p.inbox.is_empty() || p.pre_dump => {
+                        // A page server keeps whole checkpoints: none that
+                        // needs a hold that goes when idle.
                         return Err(Error::Refused {
                             pid,
-                            reason: "pages are held only by the final dump of a stream \
-                                     (hold_pages needs stream_to, and no pre-dump)"
+                            reason: "pages are held only by the final dump of a stream into \
+                                     an agent's inbox (hold_pages needs stream_to and inbox, \
+                                     and no pre-dump)"
                                 .into(),
-                        })
+                        });
                     }
                     agent => Some(crate::held::Hold::create(&p.job, agent)?),
                 };
@@ -780,8 +788,14 @@ impl Handler {
                     images: dreq.images.clone(),
                     stop_after_commit: p.stop_after_commit,
                 };
-                std::fs::write(&record, serde_json::to_vec(&rec).expect("serializes"))
-                    .map_err(|e| Error::io(&record, e))?;
+                if let Err(e) =
+                    std::fs::write(&record, serde_json::to_vec(&rec).expect("serializes"))
+                {
+                    if let Some(h) = &dreq.hold {
+                        h.remove();
+                    }
+                    return Err(Error::io(&record, e));
+                }
                 let dump = match DumpSession::prepare(&dreq).and_then(|d| {
                     // A user's checkpoint holds nothing but the user's: a
                     // process that gained privileges (a set-user-ID
@@ -895,8 +909,9 @@ impl Handler {
                 }
                 let ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
                 let log = self.sessions_dir.join(format!("restore-{}.log", r.job));
-                let restored =
-                    restore_detached(&self.agent_exe, r, &images, self.key_file.as_deref(), &log);
+                // The key reaches the held pages of other agents: root's.
+                let key_file = self.key_file.as_deref().filter(|_| req.uid == 0);
+                let restored = restore_detached(&self.agent_exe, r, &images, key_file, &log);
                 if let (Ok(v), false) = (&restored, r.job.is_empty()) {
                     note_started(&self.jobs_dir, &r.job, v.pid);
                 }

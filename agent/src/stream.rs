@@ -366,6 +366,13 @@ fn receive_into(
                 ckpt_proto::ImageKind::Inventory,
             )?;
             crate::images::verify_with(dir, &listed, false)?;
+            if durable && !crate::held::absent(dir, &listed)?.is_empty() {
+                return Err(stream_err(
+                    peer,
+                    "a page server keeps whole checkpoints: this level's pages are held \
+                     by the agent that dumped it",
+                ));
+            }
             if durable {
                 File::open(&tmp)
                     .and_then(|f| f.sync_all())

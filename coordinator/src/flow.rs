@@ -94,6 +94,10 @@ pub struct PartDump {
     pub pages_bytes: u64,
     /// Of `pages_bytes`, copied from snapshots once the part ran on.
     pub snapshot_bytes: u64,
+    /// The hold its agent keeps the page content in (a post-copy
+    /// migration's final level), if any.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub hold: String,
 }
 
 /// A committed checkpoint, as `ckpt-coord checkpoint` reports it.
@@ -263,6 +267,7 @@ pub(crate) fn dump_all(conns: &mut [Dumping], timeout: Duration) -> Result<(), (
                 c.report.dump_ms = d.dump_ms;
                 c.report.pages_bytes = d.pages_bytes;
                 c.report.snapshot_bytes = d.snapshot_bytes;
+                c.report.hold = d.hold;
                 Ok(())
             }
             other => Err(format!("answered dump with {other:?}")),
@@ -446,6 +451,7 @@ pub(crate) fn checkpoint_locked(
                 frozen_ms: 0.0,
                 pages_bytes: 0,
                 snapshot_bytes: 0,
+                hold: String::new(),
             },
         });
     }

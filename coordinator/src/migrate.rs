@@ -305,6 +305,7 @@ fn streamed(
                 frozen_ms: 0.0,
                 pages_bytes: 0,
                 snapshot_bytes: 0,
+                hold: String::new(),
             },
         });
     }
@@ -610,7 +611,8 @@ fn stream_level(
         pages_bytes: conns.iter().map(|c| c.report.pages_bytes).sum(),
         frozen_ms,
         ms: ms(t),
-        held: !pre && how.lazy,
+        // What the agents did, not what was asked.
+        held: !conns.is_empty() && conns.iter().all(|c| !c.report.hold.is_empty()),
     })
 }
 

@@ -107,10 +107,8 @@ fn main() {
             "the job did not start"
         );
         for rep in 0..args.reps {
-            let (there, back) = match rep % 2 {
-                0 => (&names[1], &names[0]),
-                _ => (&names[0], &names[1]),
-            };
+            // Each rep brings the job back where it started.
+            let (there, back) = (&names[1], &names[0]);
             prewarm((mib as usize) << 20);
             let t = Instant::now();
             let mut argv = vec!["--json", "migrate", &job, "--to", there];
@@ -121,6 +119,23 @@ fn main() {
             assert!(o.status.success(), "streamed migrate failed");
             let s = json_of(&o);
             let streamed_total = t.elapsed().as_secs_f64() * 1e3;
+            // Post-copy: the target still fetches the last pages from the
+            // source meanwhile; the next move must not compete with it.
+            let holds = || {
+                std::fs::read_dir("/dev/shm/ckpt-held")
+                    .map(|rd| {
+                        rd.flatten().any(|e| {
+                            e.file_name()
+                                .to_string_lossy()
+                                .starts_with(&format!("{job}."))
+                        })
+                    })
+                    .unwrap_or(false)
+            };
+            assert!(
+                wait_for(Duration::from_secs(300), || !holds()),
+                "the source still holds pages 300 s after the move"
+            );
             prewarm((mib as usize) << 20);
             let o = cl.coord(2, &["--json", "migrate", &job, "--to", back, "--via-store"]);
             assert!(o.status.success(), "migrate --via-store failed");

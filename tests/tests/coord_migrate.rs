@@ -20,9 +20,9 @@ use ckpt_tests::{
 const ARGS: [&str; 6] = ["--size", "512", "--iters", "24000", "--every", "600"];
 
 /// The holds of page content (post-copy) that agents keep for job `job`'s
-/// parts on this machine (every lab node's agent shares /run).
+/// parts on this machine (every lab node's agent shares /dev/shm).
 fn holds_of(job: &str) -> Vec<String> {
-    fs::read_dir("/run/ckpt/held")
+    fs::read_dir("/dev/shm/ckpt-held")
         .map(|rd| {
             rd.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())

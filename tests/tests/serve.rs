@@ -345,7 +345,7 @@ fn a_final_level_held_by_its_source_is_restored_lazily_elsewhere() {
         },
     );
     assert!(d.pages_bytes > 0 && !d.hold.is_empty(), "{d:?}");
-    let held = Path::new("/run/ckpt/held").join(&d.hold);
+    let held = Path::new("/dev/shm/ckpt-held").join(&d.hold);
     let names = |dir: &Path| -> Vec<String> {
         std::fs::read_dir(dir)
             .unwrap()
