@@ -677,7 +677,6 @@ pub struct Fetch {
     pm: PageMap,
     rec: HeldPages,
     key: Key,
-    background: Option<std::thread::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Fetch {
@@ -728,20 +727,20 @@ impl Fetch {
             stop: AtomicBool::new(false),
         });
         let urgent = Client::connect(rec, key)?;
-        let background = {
+        {
+            // Not joined: `Drop` only tells it to stop (see there).
             let (shared, rec, key) = (shared.clone(), rec.clone(), key.clone());
             std::thread::Builder::new()
                 .name("ckpt-held-fetch".into())
                 .spawn(move || fetch_all(&shared, &rec, &key))
-                .map_err(|e| Error::io("spawning the fetch thread", e))?
-        };
+                .map_err(|e| Error::io("spawning the fetch thread", e))?;
+        }
         let fetch = Fetch {
             shared,
             urgent: Mutex::new(Some(urgent)),
             pm: pm.clone(),
             rec: rec.clone(),
             key: key.clone(),
-            background: Some(background),
         };
         Ok((fetch, map))
     }
@@ -870,11 +869,11 @@ impl Fetch {
 }
 
 impl Drop for Fetch {
+    /// Stops the background fetch without waiting for it: a read it waits
+    /// on from an agent that hangs would hold the restore's end (its
+    /// failure, mostly) for as long as the read timeout.
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.background.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -358,17 +358,19 @@ fn serve_loop(
             }
             continue;
         }
-        // Then one chunk of prefetch, from the first space with work left.
-        let Some(k) = spaces.iter().position(|(_, s)| !s.todo.is_empty()) else {
+        // Then one chunk of prefetch, from the first space with work left
+        // that can be read now (held pages may still be on their way).
+        if spaces.iter().all(|(_, s)| s.todo.is_empty()) {
             break;
-        };
-        let src = spaces[k].0;
-        let next = spaces[k].1.todo.last().map_or(0, |r| r.0);
-        if !sources[src].ready(next) {
-            // Held pages still on their way: faults meanwhile.
+        }
+        let ready =
+            |(src, s): &(usize, Space)| s.todo.last().is_some_and(|r| sources[*src].ready(r.0));
+        let Some(k) = spaces.iter().position(ready) else {
+            // Faults meanwhile.
             wait_for_messages(spaces, 1);
             continue;
-        }
+        };
+        let src = spaces[k].0;
         match prefetch_one(&mut spaces[k].1, &mut sources[src]) {
             Ok(n) => report.prefetched_bytes += n,
             Err(Errno::ESRCH) => {
