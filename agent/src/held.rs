@@ -307,22 +307,27 @@ impl Client {
         held_err(&self.hold, format!("{}: {reason}", self.ch.peer()))
     }
 
-    /// Sends a read of `len` bytes of `file` at `offset`; its id.
-    fn ask(&mut self, file: &str, offset: u64, len: u64) -> Result<u64> {
+    /// Sends request `body` (several may be in flight); its id.
+    fn send(&mut self, body: msg::request::Body) -> Result<u64> {
         let id = self.next;
         self.next += 1;
         let req = msg::Request {
             id,
             uid: 0,
-            body: Some(msg::request::Body::HeldRead(msg::HeldReadRequest {
-                hold: self.hold.clone(),
-                file: file.to_string(),
-                offset,
-                len: len as u32,
-            })),
+            body: Some(body),
         };
         self.ch.send(&req).map_err(|e| self.err(e))?;
         Ok(id)
+    }
+
+    /// Sends a read of `len` bytes of `file` at `offset`; its id.
+    fn ask(&mut self, file: &str, offset: u64, len: u64) -> Result<u64> {
+        self.send(msg::request::Body::HeldRead(msg::HeldReadRequest {
+            hold: self.hold.clone(),
+            file: file.to_string(),
+            offset,
+            len: len as u32,
+        }))
     }
 
     /// The answer to read `id`, which must be `len` bytes.
@@ -340,16 +345,9 @@ impl Client {
     }
 
     fn drop_hold(&mut self) -> Result<bool> {
-        let id = self.next;
-        self.next += 1;
-        let req = msg::Request {
-            id,
-            uid: 0,
-            body: Some(msg::request::Body::HeldDrop(msg::HeldDropRequest {
-                hold: self.hold.clone(),
-            })),
-        };
-        self.ch.send(&req).map_err(|e| self.err(e))?;
+        let id = self.send(msg::request::Body::HeldDrop(msg::HeldDropRequest {
+            hold: self.hold.clone(),
+        }))?;
         let r = self.ch.recv::<msg::Response>().map_err(|e| self.err(e))?;
         match ckpt_proto::rpc::answer_to(self.ch.peer(), id, r) {
             Ok(Some(msg::response::Body::HeldDrop(r))) => Ok(r.dropped),
@@ -391,21 +389,15 @@ impl Client {
 /// then drops the hold: the level is whole here. Returns the bytes
 /// fetched.
 pub fn fetch_absent(dir: &Path, key: Option<&Key>) -> Result<u64> {
-    let inv = crate::images::read_inventory(dir)?;
-    let files = absent(dir, &inv)?;
-    let Some(rec) = record(dir, &inv)?.filter(|_| !files.is_empty()) else {
+    let Some(Wanted {
+        inv,
+        files,
+        rec,
+        key,
+    }) = wanted(dir, key)?
+    else {
         return Ok(0);
     };
-    let key = key.ok_or_else(|| {
-        held_err(
-            &rec.hold,
-            format!(
-                "the pages of {} are held by the agent at {}: fetching them needs the cluster key (--key)",
-                dir.display(),
-                rec.agent
-            ),
-        )
-    })?;
     let t = Instant::now();
     let mut client = Client::connect(&rec, key)?;
     let sizes: HashMap<&str, u64> = inv
@@ -438,6 +430,42 @@ pub fn fetch_absent(dir: &Path, key: Option<&Key>) -> Result<u64> {
         warn!("{e}");
     }
     Ok(bytes)
+}
+
+/// What of a level is held elsewhere and not here.
+struct Wanted<'k> {
+    inv: Inventory,
+    /// The pages files (and segments) to fetch.
+    files: Vec<String>,
+    rec: HeldPages,
+    /// The key that reaches the agent holding them.
+    key: &'k Key,
+}
+
+/// What of checkpoint `dir` is to be fetched (None: nothing), refused
+/// without the key that reaches it.
+fn wanted<'k>(dir: &Path, key: Option<&'k Key>) -> Result<Option<Wanted<'k>>> {
+    let inv = crate::images::read_inventory(dir)?;
+    let files = absent(dir, &inv)?;
+    let Some(rec) = record(dir, &inv)?.filter(|_| !files.is_empty()) else {
+        return Ok(None);
+    };
+    let key = key.ok_or_else(|| {
+        held_err(
+            &rec.hold,
+            format!(
+                "the pages of {} are held by the agent at {}: fetching them needs the cluster key (--key)",
+                dir.display(),
+                rec.agent
+            ),
+        )
+    })?;
+    Ok(Some(Wanted {
+        inv,
+        files,
+        rec,
+        key,
+    }))
 }
 
 /// Writes file `name` (`size` bytes) of checkpoint `dir` with `fill`, under
@@ -499,21 +527,12 @@ pub fn fetch_lazily(
 ) -> Result<Lazily> {
     let mut held = Lazily::default();
     for dir in dirs {
-        let inv = crate::images::read_inventory(dir)?;
-        let files = absent(dir, &inv)?;
-        let Some(rec) = record(dir, &inv)?.filter(|_| !files.is_empty()) else {
+        let Some(Wanted {
+            files, rec, key, ..
+        }) = wanted(dir, key)?
+        else {
             continue;
         };
-        let key = key.ok_or_else(|| {
-            held_err(
-                &rec.hold,
-                format!(
-                    "the pages of {} are held by the agent at {}: fetching them needs the cluster key (--key)",
-                    dir.display(),
-                    rec.agent
-                ),
-            )
-        })?;
         let mut fetches = Vec::new();
         for name in files.iter().filter(|n| !pages::is_later_segment(n)) {
             let pid = crate::images::pages_pid(name).ok_or_else(|| Error::BadImages {

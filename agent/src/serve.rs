@@ -1076,28 +1076,16 @@ impl Handler {
                 }
                 Ok(A::Forward(msg::ForwardReply { bytes }))
             }
-            Q::HeldRead(h) => {
-                if req.uid != 0 {
-                    return Err(refuse(format!(
-                        "user {}: only agents (root, with the cluster key) read held pages",
-                        req.uid
-                    )));
-                }
-                Ok(A::HeldRead(msg::HeldReadReply {
-                    data: crate::held::read(&h.hold, &h.file, h.offset, h.len)?,
-                }))
-            }
-            Q::HeldDrop(h) => {
-                if req.uid != 0 {
-                    return Err(refuse(format!(
-                        "user {}: only agents (root, with the cluster key) drop held pages",
-                        req.uid
-                    )));
-                }
-                Ok(A::HeldDrop(msg::HeldDropReply {
-                    dropped: crate::held::drop_hold(&h.hold)?,
-                }))
-            }
+            Q::HeldRead(_) | Q::HeldDrop(_) if req.uid != 0 => Err(refuse(format!(
+                "user {}: only agents (root, with the cluster key) read or drop held pages",
+                req.uid
+            ))),
+            Q::HeldRead(h) => Ok(A::HeldRead(msg::HeldReadReply {
+                data: crate::held::read(&h.hold, &h.file, h.offset, h.len)?,
+            })),
+            Q::HeldDrop(h) => Ok(A::HeldDrop(msg::HeldDropReply {
+                dropped: crate::held::drop_hold(&h.hold)?,
+            })),
             Q::Stream(_) => Err(refuse(
                 "a stream of images goes to an agent's network service, not through a relay".into(),
             )),
