@@ -384,11 +384,11 @@ mod tests {
 
     #[test]
     fn kinds_round_trip_and_net_describes() {
-        for k in 1..=10 {
+        for k in 1..=11 {
             let kind = ImageKind::from_u32(k).expect("known kind");
             assert_eq!(kind as u32, k);
         }
-        assert_eq!(ImageKind::from_u32(11), None);
+        assert_eq!(ImageKind::from_u32(12), None);
         let net = crate::image::NetImage {
             links: vec![crate::image::NetLink {
                 name: "eth0".into(),
