@@ -1434,6 +1434,11 @@ pub fn part_state(job: &str) -> String {
 /// for the tests that act as one (created on first use).
 pub fn test_user() -> (u32, u32) {
     const NAME: &str = "ckpt-test-user";
+    // The tests of one binary run in threads: two useradds at once on a
+    // fresh machine left a user whose uid no longer existed a moment
+    // later (setpriv: "uid 999 not found").
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MAKING.lock().unwrap_or_else(|e| e.into_inner());
     let id = |flag: &str| -> Option<u32> {
         let o = Command::new("id").args([flag, NAME]).output().ok()?;
         String::from_utf8_lossy(&o.stdout).trim().parse().ok()
