@@ -419,6 +419,27 @@ pub fn fetch_absent(dir: &Path, key: Option<&Key>) -> Result<u64> {
             Err(e) => return Err(e),
         }
     }
+    // Checked before the hold, the only other copy, goes.
+    for name in files.iter().filter(|n| !pages::is_later_segment(n)) {
+        let checked = crate::images::pages_pid(name)
+            .ok_or_else(|| Error::BadImages {
+                dir: dir.to_owned(),
+                reason: format!("unexpected file name {name}"),
+            })
+            .and_then(|pid| {
+                let pm: PageMap = read_image_file(
+                    &dir.join(crate::images::image_name(ImageKind::PageMap, pid)),
+                    ImageKind::PageMap,
+                )?;
+                pages::verify(&pm, &dir.join(name)).map(|_| ())
+            });
+        if let Err(e) = checked {
+            for f in &files {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+            return Err(e);
+        }
+    }
     info!(
         hold = rec.hold,
         agent = rec.agent,
@@ -1120,6 +1141,19 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 1, "the hold was not dropped");
         // Whole now: nothing more to fetch.
         assert_eq!(fetch_absent(dir.path(), Some(&key)).unwrap(), 0);
+
+        // A holder whose copy differs from the index: nothing is kept,
+        // and the hold stays.
+        let (pm, _, mut files) = held_file(2 * BLOCK, 0);
+        files.get_mut("pages-7.img").unwrap()[7] ^= 1;
+        let (rec, key, drops) = holder(files);
+        let dir = held_level(&pm, &rec);
+        let e = fetch_absent(dir.path(), Some(&key))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fails its checksum"), "{e}");
+        assert!(!dir.path().join("pages-7.img").exists());
+        assert_eq!(drops.load(Ordering::SeqCst), 0);
     }
 
     #[test]
