@@ -409,6 +409,9 @@ mod snapshot {
         std::fs::create_dir_all(&images).unwrap();
         let mut case = started(name, &dir);
         let pid = case.pid;
+        // The case's own child, traced too until the release: not the
+        // snapshot.
+        let own = children(pid);
         let mut agent = std::process::Command::new(ckpt_tests::agent_binary())
             .args([
                 "dump",
@@ -429,7 +432,9 @@ mod snapshot {
         let mut snap = None;
         assert!(
             wait_for(Duration::from_secs(20), || {
-                snap = children(pid).into_iter().find(|&c| traced(c));
+                snap = children(pid)
+                    .into_iter()
+                    .find(|&c| traced(c) && !own.contains(&c));
                 snap.is_some() && !traced(pid)
             }),
             "the dump never ran the case on with a snapshot"
