@@ -419,26 +419,13 @@ pub fn fetch_absent(dir: &Path, key: Option<&Key>) -> Result<u64> {
             Err(e) => return Err(e),
         }
     }
-    // Checked before the hold, the only other copy, goes.
-    for name in files.iter().filter(|n| !pages::is_later_segment(n)) {
-        let checked = crate::images::pages_pid(name)
-            .ok_or_else(|| Error::BadImages {
-                dir: dir.to_owned(),
-                reason: format!("unexpected file name {name}"),
-            })
-            .and_then(|pid| {
-                let pm: PageMap = read_image_file(
-                    &dir.join(crate::images::image_name(ImageKind::PageMap, pid)),
-                    ImageKind::PageMap,
-                )?;
-                pages::verify(&pm, &dir.join(name)).map(|_| ())
-            });
-        if let Err(e) = checked {
-            for f in &files {
-                let _ = std::fs::remove_file(dir.join(f));
-            }
-            return Err(e);
+    // Checked, as any restore checks a level, before the hold (the only
+    // other copy) goes.
+    if let Err(e) = crate::images::verify(dir, &inv) {
+        for f in &files {
+            let _ = std::fs::remove_file(dir.join(f));
         }
+        return Err(e);
     }
     info!(
         hold = rec.hold,
