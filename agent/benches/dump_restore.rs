@@ -866,6 +866,44 @@ fn fork_ms() -> Result<f64> {
     Ok(best)
 }
 
+/// How long write-protecting the touched region `src` takes (best of 3),
+/// with a userfaultfd (UFFDIO_WRITEPROTECT) and with mprotect: what a
+/// write-protect snapshot (instead of a fork) would pay while the process
+/// is frozen, one page-table entry at a time like the fork.
+fn write_protect_ms(src: &Region) -> Result<(f64, f64)> {
+    use ckpt_agent::sys::uffd::{Userfaultfd, UFFDIO_REGISTER_MODE_WP};
+    let (start, len) = (src.ptr as u64, src.len as u64);
+    let uffd = Userfaultfd::open().context("userfaultfd")?;
+    uffd.api(0).context("UFFDIO_API")?;
+    uffd.register(start, len, UFFDIO_REGISTER_MODE_WP)
+        .context("UFFDIO_REGISTER (write-protect)")?;
+    let (mut wp, mut mp) = (f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let t = Instant::now();
+        uffd.writeprotect(start, len, true)
+            .context("UFFDIO_WRITEPROTECT")?;
+        wp = wp.min(t.elapsed().as_secs_f64() * 1e3);
+        uffd.writeprotect(start, len, false)
+            .context("UFFDIO_WRITEPROTECT (off)")?;
+    }
+    uffd.unregister(start, len).context("UFFDIO_UNREGISTER")?;
+    for _ in 0..3 {
+        let t = Instant::now();
+        // SAFETY: the region is this bench's own mapping; nothing writes
+        // it until it is writable again below.
+        let r = unsafe { libc::mprotect(src.ptr.cast(), src.len, libc::PROT_READ) };
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        // SAFETY: as above.
+        let back =
+            unsafe { libc::mprotect(src.ptr.cast(), src.len, libc::PROT_READ | libc::PROT_WRITE) };
+        if r != 0 || back != 0 {
+            bail!("mprotect: {}", std::io::Error::last_os_error());
+        }
+        mp = mp.min(ms);
+    }
+    Ok((wp, mp))
+}
+
 /// `--snapshot`: per size, vmsplice + splice of the same bytes (1 and 2
 /// threads, best of 3), then `reps` rounds of a frozen-copy dump and a
 /// snapshot dump of one running target.
@@ -877,9 +915,10 @@ fn snapshot_main(args: &Args, human: &mut dyn std::io::Write) -> Result<serde_js
             "/dev/shm/ckpt-bench-vmsplice-{}",
             std::process::id()
         ));
-        let (vs1, vs2, fork_ms) = {
+        let (vs1, vs2, fork_ms, (wp_ms, mprotect_ms)) = {
             let src = Region::touched(len, 0x55)?;
             let fork_ms = fork_ms()?;
+            let wp = write_protect_ms(&src)?;
             let mut best = [f64::MAX; 2];
             for (i, threads) in [1, 2].into_iter().enumerate() {
                 for _ in 0..3 {
@@ -890,12 +929,13 @@ fn snapshot_main(args: &Args, human: &mut dyn std::io::Write) -> Result<serde_js
                     let _ = std::fs::remove_file(&shm);
                 }
             }
-            (best[0] * 1e3, best[1] * 1e3, fork_ms)
+            (best[0] * 1e3, best[1] * 1e3, fork_ms, wp)
         };
         writeln!(
             human,
             "{gib} GiB: vmsplice+splice into /dev/shm: {vs1:.0} ms (1 thread), {vs2:.0} ms (2 threads); \
-             fork() of this bench holding them: {fork_ms:.1} ms"
+             fork() of this bench holding them (4 KiB pages): {fork_ms:.1} ms; write-protecting \
+             them: {wp_ms:.1} ms (userfaultfd), {mprotect_ms:.1} ms (mprotect)"
         )?;
         let target = Target::spawn(len, true)?;
         let mut cycles = Vec::new();
@@ -921,6 +961,8 @@ fn snapshot_main(args: &Args, human: &mut dyn std::io::Write) -> Result<serde_js
             "vmsplice_ms_1t": vs1,
             "vmsplice_ms_2t": vs2,
             "fork_ms": fork_ms,
+            "uffd_wp_ms": wp_ms,
+            "mprotect_ms": mprotect_ms,
             "cycles": cycles,
         }));
     }
