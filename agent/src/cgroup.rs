@@ -418,11 +418,76 @@ impl JobCgroup {
         }
     }
 
+    /// Moves the job's tasks, stopped and about to be killed, into a
+    /// cgroup beside it with a name no job id holds, and removes the job's
+    /// own: the job may come back to this node, or to another agent of the
+    /// same hierarchy, while they exit. [`JobCgroup::remove`] then removes
+    /// the one they are in. (cgroup v2 cannot rename a cgroup, and no
+    /// kernel moves an exiting task: hence before the kill.) On failure
+    /// the tasks are back in the job's cgroup.
+    pub fn set_aside(&mut self) -> Result<()> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let aside = JobCgroup {
+            job: self.job.clone(),
+            dir: self
+                .dir
+                .with_file_name(format!("{}{GONE}{}-{seq}", self.job, std::process::id())),
+            freezer: self.freezer,
+        };
+        std::fs::create_dir(&aside.dir).map_err(|e| Error::io(&aside.dir, e))?;
+        let moved = self.procs().and_then(|procs| {
+            procs
+                .iter()
+                .try_for_each(|pid| aside.write("cgroup.procs", &pid.to_string()))
+        });
+        let emptied = moved
+            .and_then(|()| std::fs::remove_dir(&self.dir).map_err(|e| Error::io(&self.dir, e)));
+        if let Err(e) = emptied {
+            for pid in aside.procs().unwrap_or_default() {
+                let _ = self.write("cgroup.procs", &pid.to_string());
+            }
+            let _ = std::fs::remove_dir(&aside.dir);
+            return Err(e);
+        }
+        debug!(job = self.job, dir = %aside.dir.display(), "job cgroup set aside");
+        self.dir = aside.dir;
+        Ok(())
+    }
+
     /// Moves the calling process into the cgroup (v1, where clone3 cannot
     /// place a child directly).
     pub fn enter_self(dir: &Path) -> Result<()> {
         let p = dir.join("cgroup.procs");
         std::fs::write(&p, "0").map_err(|e| Error::io(&p, e))
+    }
+}
+
+/// What names a cgroup set aside ([`JobCgroup::set_aside`]); no job id
+/// holds it ('~').
+const GONE: &str = "~gone-";
+
+/// Removes the empty cgroups set aside that an agent left (it died before
+/// its killed tasks were gone); those with tasks are still exiting.
+pub fn sweep_set_aside() {
+    let Ok((v2, v1)) = hierarchies() else { return };
+    for root in [v2, v1].into_iter().flatten() {
+        let Ok(rd) = std::fs::read_dir(root.join(PARENT)) else {
+            continue;
+        };
+        let mut removed = false;
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().contains(GONE)
+                && std::fs::remove_dir(e.path()).is_ok()
+            {
+                debug!(dir = %e.path().display(), "cgroup set aside removed");
+                removed = true;
+            }
+        }
+        if removed {
+            // As JobCgroup::remove does for the node's last job.
+            let _ = std::fs::remove_dir(root.join(PARENT));
+        }
     }
 }
 
@@ -566,6 +631,54 @@ mod tests {
         assert_eq!(v2, Some(PathBuf::from("/sys/fs/cgroup/unified")));
         assert_eq!(v1, Some(PathBuf::from("/sys/fs/cgroup/freezer")));
         assert_eq!(freezer_roots(&proc::parse_mountinfo("")), (None, None));
+    }
+
+    /// A killed job's cgroup renamed aside frees its name for the job's
+    /// return while its tasks still live there; the sweep takes it once
+    /// it is empty.
+    #[test]
+    fn a_cgroup_set_aside_frees_the_job_name() {
+        /// Kills the test's child and removes its cgroups, pass or fail.
+        struct Cleanup(std::process::Child, String);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+                sweep_set_aside();
+                if let Ok(cg) = JobCgroup::find(&self.1) {
+                    cg.remove();
+                }
+            }
+        }
+        let job = format!("unit-aside-{}", std::process::id());
+        let mut cg = JobCgroup::create(&job).expect("create the job cgroup");
+        let child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = child.id() as i32;
+        let mut cleanup = Cleanup(child, job.clone());
+        std::fs::write(cg.dir.join("cgroup.procs"), pid.to_string())
+            .or_else(|_| std::fs::write(cg.dir.join("tasks"), pid.to_string()))
+            .expect("move the child into the job cgroup");
+        let old = cg.dir.clone();
+        cg.set_aside().expect("rename the cgroup");
+        assert_ne!(cg.dir, old);
+        assert_eq!(cg.procs().unwrap(), vec![pid], "its task went along");
+        let back = JobCgroup::create(&job).expect("the name is free again");
+        assert!(back.procs().unwrap().is_empty());
+        back.remove();
+        // Still populated: the sweep leaves it.
+        sweep_set_aside();
+        assert!(cg.dir.exists());
+        cleanup.0.kill().unwrap();
+        cleanup.0.wait().unwrap();
+        let gone = Instant::now() + Duration::from_secs(5);
+        while cg.dir.exists() && Instant::now() < gone {
+            sweep_set_aside();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!cg.dir.exists(), "the empty cgroup set aside was swept");
     }
 
     #[test]

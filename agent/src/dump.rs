@@ -996,7 +996,25 @@ impl DumpSession {
     /// Lets the tree run on (`stop` false) or kills it (`stop` true: the
     /// job has left this node; its cgroup goes, and its network lock stays
     /// until the restore when its addresses stay on this node).
-    pub fn finish(mut self, stop: bool) -> Result<DumpReport> {
+    pub fn finish(self, stop: bool) -> Result<DumpReport> {
+        let (mut report, departure) = self.finish_now(stop)?;
+        if let Some(d) = departure {
+            // A killed tree is frozen until it is gone, and the dump ends
+            // then.
+            let t = Instant::now();
+            d.complete()?;
+            report.frozen_ms += ms_since(t);
+            report.total_ms += ms_since(t);
+        }
+        Ok(report)
+    }
+
+    /// [`DumpSession::finish`], except that a tree to stop is only killed:
+    /// it never runs again, but waiting for its exit (its memory freed),
+    /// closing its sockets and removing its cgroup are left to the
+    /// returned [`Departure`], so that a migration's target can restore
+    /// the job meanwhile.
+    pub fn finish_now(mut self, stop: bool) -> Result<(DumpReport, Option<Departure>)> {
         let Some(w) = self.dumped.take() else {
             return Err(Error::Refused {
                 pid: self.req.pid,
@@ -1018,42 +1036,51 @@ impl DumpSession {
             })
             .collect();
         let lock = self.lock.take();
-        if !stop {
+        let pid = self.req.pid;
+        let departure = if !stop {
             for s in live {
                 s.release()?;
             }
             if let Some(l) = lock {
                 l.release()?;
             }
+            None
         } else {
             let mut lock = lock;
             if let Some(l) = lock.as_mut() {
+                // Closed in repair mode, whoever closes them last (the
+                // agent or the dying tasks): no FIN, no reset.
                 l.repair_for_close()?;
             }
-            Seized::kill_all(live)?;
-            if let Some(mut l) = lock {
-                // Closed in repair mode: no FIN, no reset.
-                l.drop_sockets()?;
-                if self.own_net {
-                    // The namespace went with the job, and its rules with it.
-                    l.release()?;
-                } else {
-                    // The job's addresses stay on this node: a peer's
-                    // retransmission must not meet a reset before the restore.
-                    l.keep()?;
+            // The job's cgroup name is free before the answer, or the
+            // departure ends before it.
+            let mut cgroup = self.cgroup.take();
+            let aside = match cgroup.as_mut().map(|cg| cg.set_aside()) {
+                Some(Err(e)) => {
+                    warn!(pid, "{e}: the answer waits for the killed tree to go");
+                    false
                 }
+                _ => true,
+            };
+            let departure = Departure {
+                pid,
+                killed: Seized::kill_all_now(live)?,
+                lock,
+                own_net: self.own_net,
+                cgroup,
+            };
+            if aside {
+                Some(departure)
+            } else {
+                departure.complete()?;
+                None
             }
-            // The job has left this node.
-            if let Some(cg) = &self.cgroup {
-                cg.remove();
-            }
-        }
-        let pid = self.req.pid;
+        };
         let frozen_ms = self
             .resumed_ms
             .unwrap_or_else(|| self.frozen_at.elapsed().as_secs_f64() * 1e3);
         info!(pid, pages_bytes = w.pages_bytes, frozen_ms, "dump complete");
-        Ok(DumpReport {
+        let report = DumpReport {
             pid,
             threads: self.threads,
             images: self.req.images.clone(),
@@ -1064,7 +1091,46 @@ impl DumpSession {
             frozen_ms,
             pages_ms: w.pages_ms,
             total_ms: self.t0.elapsed().as_secs_f64() * 1e3,
-        })
+        };
+        Ok((report, departure))
+    }
+}
+
+/// A tree killed by [`DumpSession::finish_now`] on its way out of this
+/// node: what is left is to wait for its tasks' exit and to clear what
+/// the job held here.
+pub struct Departure {
+    pid: i32,
+    killed: crate::seize::Killed,
+    lock: Option<NetLock>,
+    own_net: bool,
+    cgroup: Option<JobCgroup>,
+}
+
+impl Departure {
+    /// Waits until every task has exited, then drops the agent's copies of
+    /// the sockets, keeps or releases the network lock, and removes the
+    /// job's cgroup. Runs on any thread of the agent.
+    pub fn complete(self) -> Result<()> {
+        let t = Instant::now();
+        self.killed.wait()?;
+        if let Some(mut l) = self.lock {
+            l.drop_sockets()?;
+            if self.own_net {
+                // The namespace went with the job, and its rules with it.
+                l.release()?;
+            } else {
+                // The job's addresses stay on this node: a peer's
+                // retransmission must not meet a reset before the restore.
+                l.keep()?;
+            }
+        }
+        // The job has left this node.
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
+        debug!(pid = self.pid, ms = ms_since(t), "killed tree gone");
+        Ok(())
     }
 }
 

@@ -73,6 +73,68 @@ struct StartedRecord {
 /// not pass for the cgroup of a job that ended.
 static CGROUP_OPS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
+/// Parts killed on their way out of this node (a migration's sources,
+/// `FinishRequest.background`) whose tasks are still exiting, one entry
+/// per part, by job. A restore, dump or kill of the same job here waits
+/// for them (link ends and addresses are named after the job), and Status
+/// lists them.
+static DEPARTING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static DEPARTED: std::sync::Condvar = std::sync::Condvar::new();
+
+/// How long a request waits for a departing part of its job.
+const DEPARTURE_WAIT: Duration = Duration::from_secs(60);
+
+/// Completes the departure of a part of job `job` on a thread of its own.
+fn depart(job: String, d: crate::dump::Departure) {
+    DEPARTING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(job.clone());
+    std::thread::spawn(move || {
+        if let Err(e) = d.complete() {
+            warn!(job, "a part killed on its way out: {e}");
+        }
+        let t = Instant::now();
+        if !job.is_empty() {
+            remove_node_ends(&job);
+        }
+        tracing::debug!(job, ms = t.elapsed().as_secs_f64() * 1e3, "departed");
+        let mut left = DEPARTING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = left.iter().position(|j| *j == job) {
+            left.swap_remove(i);
+        }
+        DEPARTED.notify_all();
+    });
+}
+
+/// Whether a part of job `job` is still on its way out of this node.
+fn departing(job: &str) -> bool {
+    DEPARTING
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .any(|j| j == job)
+}
+
+/// Waits until no part of job `job` is on its way out of this node.
+fn wait_departed(job: &str) -> Result<()> {
+    let left = DEPARTING.lock().unwrap_or_else(|e| e.into_inner());
+    let (_left, waited) = DEPARTED
+        .wait_timeout_while(left, DEPARTURE_WAIT, |l| l.iter().any(|j| j == job))
+        .unwrap_or_else(|e| e.into_inner());
+    if waited.timed_out() {
+        return Err(Error::Job {
+            job: job.to_string(),
+            reason: format!(
+                "its part killed on this node is still exiting after {} s: retry once it is \
+                 gone (`ckpt-agent` logs why)",
+                DEPARTURE_WAIT.as_secs()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Records that this agent started or restored job `job` with root `pid`.
 fn note_started(jobs_dir: &Path, job: &str, pid: i32) {
     if let Err(e) = std::fs::create_dir_all(jobs_dir) {
@@ -164,6 +226,7 @@ pub fn serve(cfg: &ServeConfig, ready: impl FnOnce(&str)) -> Result<()> {
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_secs(2));
         sweep_ended(&swept);
+        crate::cgroup::sweep_set_aside();
         crate::held::sweep(crate::held::IDLE);
     });
     if let Some(path) = &cfg.user_socket {
@@ -720,6 +783,7 @@ impl Handler {
             }
             Q::Prepare(p) => {
                 let t = Instant::now();
+                wait_departed(&p.job)?;
                 let pid = self.root_of(p)?;
                 check_owner(req.uid, pid)?;
                 if req.uid != 0 && !p.stream_to.is_empty() {
@@ -853,10 +917,19 @@ impl Handler {
                 // dead agent to undo.
                 let job = std::mem::take(&mut s.job);
                 drop(s);
-                let r = dump.finish(f.stop)?;
-                if f.stop && !job.is_empty() {
-                    remove_node_ends(&job);
-                }
+                let r = if f.stop && f.background {
+                    let (r, departure) = dump.finish_now(true)?;
+                    if let Some(d) = departure {
+                        depart(job, d);
+                    }
+                    r
+                } else {
+                    let r = dump.finish(f.stop)?;
+                    if f.stop && !job.is_empty() {
+                        remove_node_ends(&job);
+                    }
+                    r
+                };
                 Ok(A::Finish(msg::FinishReply {
                     frozen_ms: r.frozen_ms,
                 }))
@@ -883,6 +956,7 @@ impl Handler {
                         "a part restored held needs its job id (the release names it)".into(),
                     ));
                 }
+                wait_departed(&r.job)?;
                 // Fault injection for tests: a node whose restores fail
                 // (what a migration does when its target cannot restore).
                 if std::env::var_os("CKPT_FAULT_RESTORE_FAILS").is_some() {
@@ -1014,6 +1088,7 @@ impl Handler {
                 Ok(A::Run(msg::RunPartReply { pid }))
             }
             Q::Kill(k) => {
+                wait_departed(&k.job)?;
                 if let Ok(cg) = crate::cgroup::JobCgroup::find(&k.job) {
                     for pid in cg.procs()? {
                         check_owner(req.uid, pid)?;
@@ -1105,6 +1180,7 @@ impl Handler {
                     })
                     .cloned()
                     .collect(),
+                departing: st.jobs.iter().filter(|j| departing(j)).cloned().collect(),
             })),
         }
     }

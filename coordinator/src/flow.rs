@@ -275,14 +275,27 @@ pub(crate) fn dump_all(conns: &mut [Dumping], timeout: Duration) -> Result<(), (
     })
 }
 
-/// Phase 3 on one part: its session ends, the part stopped (`stop`) or
-/// running on.
-pub(crate) fn finish_part(c: &mut Dumping, stop: bool, timeout: Duration) -> Result<(), String> {
+/// How a part's session ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The part runs on.
+    RunOn,
+    /// The part is killed, and gone when the agent answers.
+    Stop,
+    /// The part is killed; the agent answers at once and its exit (the
+    /// memory freed) goes on after: what a migration waits for last.
+    Depart,
+}
+
+/// Phase 3 on one part: its session ends as `end` says.
+pub(crate) fn finish_part(c: &mut Dumping, end: End, timeout: Duration) -> Result<(), String> {
     let session = c.session.take().expect("prepared");
-    match c
-        .link
-        .call(timeout, Q::Finish(msg::FinishRequest { session, stop }))?
-    {
+    let finish = msg::FinishRequest {
+        session,
+        stop: end != End::RunOn,
+        background: end == End::Depart,
+    };
+    match c.link.call(timeout, Q::Finish(finish))? {
         A::Finish(f) => {
             c.report.frozen_ms = f.frozen_ms;
             Ok(())
@@ -526,7 +539,8 @@ pub(crate) fn checkpoint_locked(
     // Phase 3: every part stops or runs on.
     let t = Instant::now();
     let finished = parallel(&mut conns, |c| {
-        let r = finish_part(c, stop, timeouts.freeze);
+        let end = if stop { End::Stop } else { End::RunOn };
+        let r = finish_part(c, end, timeouts.freeze);
         (format!("{}@{}", c.part, c.report.node), r)
     });
     steps.end(

@@ -29,7 +29,7 @@ use crate::config::{AgentAddr, Cluster};
 use crate::flow::{
     aborted, check, checkpoint_locked, confirm_sessions, dump_all, finish_part, ms, on_all, open,
     parallel, prepare_all, recorded_node, restart_locked, tcp_established, CheckpointReport,
-    Dumping, Finish, FlowError, OnStep, PartDump, PartRestored, RestartReport, Step, Steps,
+    Dumping, End, Finish, FlowError, OnStep, PartDump, PartRestored, RestartReport, Step, Steps,
 };
 use crate::link::Link;
 use crate::plan::{self, RestoreOrder};
@@ -421,7 +421,7 @@ fn streamed(
 
     // The sources stop their parts.
     let t = Instant::now();
-    let finished = parallel(&mut conns, |c| finish_part(c, true, timeouts.freeze));
+    let finished = parallel(&mut conns, |c| finish_part(c, End::Depart, timeouts.freeze));
     let mut not_stopped = Vec::new();
     let mut stopped: Vec<String> = Vec::new();
     for (c, r) in conns.iter().zip(finished) {
@@ -484,6 +484,11 @@ fn streamed(
     }
     steps.end("release on the targets", t);
     let frozen_ms = ms(frozen_at);
+    // The sources answered the stop once their parts were killed; the
+    // command ends once they are gone too.
+    let t = Instant::now();
+    let still = sources_gone(&mut conns, &stopped, timeouts.freeze);
+    steps.end("sources gone", t);
 
     // Later checkpoints find the parts where they now run.
     let mut spec = spec;
@@ -503,6 +508,13 @@ fn streamed(
             "migration of job {job}: the parts that stopped were moved, but these sources \
              could not stop theirs, which run on where they were: {}",
             not_stopped.join("; ")
+        )));
+    }
+    if !still.is_empty() {
+        return Err(FlowError::Setup(format!(
+            "migration of job {job}: the job was moved and runs on its targets, but these \
+             sources, killed, were not seen gone (see their agents' logs): {}",
+            still.join("; ")
         )));
     }
     let mut parts_report: Vec<PartRestored> = restored.into_iter().map(|(_, p)| p).collect();
@@ -595,7 +607,7 @@ fn stream_level(
     let mut frozen_ms = 0.0f64;
     if pre {
         // The parts run on already (snapshots); this ends the sessions.
-        let finished = on_all(conns, |c| finish_part(c, false, timeouts.freeze));
+        let finished = on_all(conns, |c| finish_part(c, End::RunOn, timeouts.freeze));
         if let Err(failure) = finished {
             return Err(aborted(
                 conns,
@@ -775,6 +787,40 @@ fn running(cluster: &Cluster, node: &str, job: &str) -> Result<bool, String> {
         A::Status(s) => Ok(s.running.iter().any(|j| j == job)),
         other => Err(format!("answered status with {other:?}")),
     }
+}
+
+/// Waits until every stopped source part (`stopped`) is gone from its
+/// node: killed at the stop, its tasks were still exiting (their memory
+/// being freed) when its agent answered. Returns the parts not seen gone
+/// within `timeout`, with why.
+fn sources_gone(conns: &mut [Dumping], stopped: &[String], timeout: Duration) -> Vec<String> {
+    let results = parallel(conns, |c| {
+        if !stopped.contains(&c.part) {
+            return Ok(());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = Q::Status(msg::StatusRequest {
+                jobs: vec![c.agent_job.clone()],
+            });
+            match c.link.call(timeout, status)? {
+                A::Status(s) if !s.departing.contains(&c.agent_job) => return Ok(()),
+                A::Status(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                A::Status(_) => return Err(format!("still exiting after {} s", timeout.as_secs())),
+                other => return Err(format!("answered status with {other:?}")),
+            }
+        }
+    });
+    conns
+        .iter()
+        .zip(results)
+        .filter_map(|(c, r)| {
+            r.err()
+                .map(|e: String| format!("{}@{}: {e}", c.part, c.report.node))
+        })
+        .collect()
 }
 
 /// Kills the restored parts, on the link that restored them (so that its

@@ -642,7 +642,7 @@ mod tests {
                 body: Some(msg::response::Body::Status(msg::StatusReply {
                     node: "node-a".into(),
                     sessions: vec![3],
-                    running: Vec::new(),
+                    ..Default::default()
                 })),
             })
             .unwrap();

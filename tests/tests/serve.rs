@@ -134,6 +134,7 @@ fn checkpoint_in_phases_then_restore() {
         Q::Finish(msg::FinishRequest {
             session,
             stop: true,
+            background: false,
         }),
     )
     .unwrap();
@@ -331,6 +332,7 @@ fn a_final_level_held_by_its_source_is_restored_lazily_elsewhere() {
         Q::Finish(msg::FinishRequest {
             session,
             stop: false,
+            background: false,
         }),
     );
     // The writer changes pages meanwhile: the final level has some.
@@ -371,6 +373,9 @@ fn a_final_level_held_by_its_source_is_restored_lazily_elsewhere() {
         Q::Finish(msg::FinishRequest {
             session,
             stop: true,
+            // As a migration stops its sources: the answer comes once the
+            // part is killed, its exit goes on after.
+            background: true,
         }),
     );
     case.expect_gone().unwrap();
