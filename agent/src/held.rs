@@ -611,7 +611,15 @@ fn settle_level(
     }
     if dir.is_dir() {
         for f in fetches {
-            f.save(dir)?;
+            if let Err(e) = f.save(dir) {
+                // The inbox goes with the migration's connection, maybe
+                // while this saves into it: then no one needs the level.
+                if dir.is_dir() {
+                    return Err(e);
+                }
+                debug!(hold = rec.hold, dir = %dir.display(), "the level went while its held pages were saved: {e}");
+                break;
+            }
         }
     }
     let key = key.ok_or_else(|| held_err(&rec.hold, "no cluster key"))?;

@@ -1626,7 +1626,18 @@ fn restore_lazily(
         // The final report follows; nothing else reads it.
         let _ = out.read_to_end(&mut Vec::new());
         match child.wait() {
-            Ok(s) if s.success() => info!(job, "every page of the lazily restored part is in"),
+            Ok(s) if s.success() => {
+                info!(job, "every page of the lazily restored part is in");
+                // Its log goes with it: what went wrong on the way (a
+                // hold it could not drop) stays in this agent's.
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                for line in text
+                    .lines()
+                    .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                {
+                    warn!(job, "lazy restore: {line}");
+                }
+            }
             Ok(s) => warn!(
                 job,
                 "the lazy restore's page server failed ({s}), the part was killed: {}",
