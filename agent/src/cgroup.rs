@@ -467,8 +467,21 @@ impl JobCgroup {
 /// holds it ('~').
 const GONE: &str = "~gone-";
 
-/// Removes the empty cgroups set aside that an agent left (it died before
-/// its killed tasks were gone); those with tasks are still exiting.
+/// Whether the cgroup set aside named `name` was left by an agent that
+/// is gone (another agent's may be in the middle of its move; this one's
+/// go with their departures).
+fn left_by_dead_agent(name: &str) -> bool {
+    let Some((_, rest)) = name.split_once(GONE) else {
+        return false;
+    };
+    let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+        return false;
+    };
+    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes the empty cgroups set aside that a dead agent left (it died
+/// before its killed tasks were gone); those with tasks are still exiting.
 pub fn sweep_set_aside() {
     let Ok((v2, v1)) = hierarchies() else { return };
     for root in [v2, v1].into_iter().flatten() {
@@ -477,7 +490,7 @@ pub fn sweep_set_aside() {
         };
         let mut removed = false;
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().contains(GONE)
+            if left_by_dead_agent(&e.file_name().to_string_lossy())
                 && std::fs::remove_dir(e.path()).is_ok()
             {
                 debug!(dir = %e.path().display(), "cgroup set aside removed");
@@ -668,17 +681,21 @@ mod tests {
         let back = JobCgroup::create(&job).expect("the name is free again");
         assert!(back.procs().unwrap().is_empty());
         back.remove();
-        // Still populated: the sweep leaves it.
-        sweep_set_aside();
-        assert!(cg.dir.exists());
         cleanup.0.kill().unwrap();
         cleanup.0.wait().unwrap();
-        let gone = Instant::now() + Duration::from_secs(5);
-        while cg.dir.exists() && Instant::now() < gone {
-            sweep_set_aside();
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(!cg.dir.exists(), "the empty cgroup set aside was swept");
+        // This agent's own: its departure removes it, not the sweep.
+        sweep_set_aside();
+        assert!(cg.dir.exists());
+        cg.remove();
+        assert!(!cg.dir.exists());
+        // One a dead agent left (no process has pid 0x7fffffff here).
+        let left = cg.dir.with_file_name(format!("{job}{GONE}2147483647-0"));
+        std::fs::create_dir_all(&left).unwrap();
+        sweep_set_aside();
+        assert!(
+            !left.exists(),
+            "the empty cgroup a dead agent set aside was swept"
+        );
     }
 
     #[test]

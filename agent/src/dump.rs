@@ -997,7 +997,7 @@ impl DumpSession {
     /// job has left this node; its cgroup goes, and its network lock stays
     /// until the restore when its addresses stay on this node).
     pub fn finish(self, stop: bool) -> Result<DumpReport> {
-        let (mut report, departure) = self.finish_now(stop)?;
+        let (mut report, departure) = self.end(stop, false)?;
         if let Some(d) = departure {
             // A killed tree is frozen until it is gone, and the dump ends
             // then.
@@ -1009,12 +1009,18 @@ impl DumpSession {
         Ok(report)
     }
 
-    /// [`DumpSession::finish`], except that a tree to stop is only killed:
-    /// it never runs again, but waiting for its exit (its memory freed),
-    /// closing its sockets and removing its cgroup are left to the
-    /// returned [`Departure`], so that a migration's target can restore
-    /// the job meanwhile.
-    pub fn finish_now(mut self, stop: bool) -> Result<(DumpReport, Option<Departure>)> {
+    /// [`DumpSession::finish`] stopping the tree, except that the tree is
+    /// only killed: it never runs again, but waiting for its exit (its
+    /// memory freed), closing its sockets and removing its cgroup are left
+    /// to the returned [`Departure`], so that a migration's target can
+    /// restore the job meanwhile. Its tasks are moved into a cgroup set
+    /// aside first, so that the job's own name is free at once; when that
+    /// fails, the departure is completed here (None).
+    pub fn finish_departing(self) -> Result<(DumpReport, Option<Departure>)> {
+        self.end(true, true)
+    }
+
+    fn end(mut self, stop: bool, depart: bool) -> Result<(DumpReport, Option<Departure>)> {
         let Some(w) = self.dumped.take() else {
             return Err(Error::Refused {
                 pid: self.req.pid,
@@ -1052,16 +1058,22 @@ impl DumpSession {
                 // agent or the dying tasks): no FIN, no reset.
                 l.repair_for_close()?;
             }
-            // The job's cgroup name is free before the answer, or the
-            // departure ends before it.
             let mut cgroup = self.cgroup.take();
-            let aside = match cgroup.as_mut().map(|cg| cg.set_aside()) {
-                Some(Err(e)) => {
-                    warn!(pid, "{e}: the answer waits for the killed tree to go");
-                    false
+            let departing = depart && {
+                // Out of its cgroup the tree would pass for gone: an agent
+                // dying from here on must not let it run on.
+                Seized::exit_kill(&live)?;
+                match cgroup.as_mut().map(|cg| cg.set_aside()) {
+                    Some(Err(e)) => {
+                        warn!(pid, "{e}: the answer waits for the killed tree to go");
+                        false
+                    }
+                    _ => true,
                 }
-                _ => true,
             };
+            if let (true, Some(l), false) = (departing, lock.as_mut(), self.own_net) {
+                l.mark_kept()?;
+            }
             let departure = Departure {
                 pid,
                 killed: Seized::kill_all_now(live)?,
@@ -1069,7 +1081,7 @@ impl DumpSession {
                 own_net: self.own_net,
                 cgroup,
             };
-            if aside {
+            if departing {
                 Some(departure)
             } else {
                 departure.complete()?;
@@ -1111,18 +1123,26 @@ impl Departure {
     /// Waits until every task has exited, then drops the agent's copies of
     /// the sockets, keeps or releases the network lock, and removes the
     /// job's cgroup. Runs on any thread of the agent.
+    /// Each step is taken whatever the one before gave (a lock dropped
+    /// unkept would take the sockets out of repair mode); the first error
+    /// is returned.
     pub fn complete(self) -> Result<()> {
         let t = Instant::now();
-        self.killed.wait()?;
+        let mut first = self.killed.wait().err();
         if let Some(mut l) = self.lock {
-            l.drop_sockets()?;
-            if self.own_net {
+            if let Err(e) = l.drop_sockets() {
+                first.get_or_insert(e);
+            }
+            let r = if self.own_net {
                 // The namespace went with the job, and its rules with it.
-                l.release()?;
+                l.release()
             } else {
                 // The job's addresses stay on this node: a peer's
                 // retransmission must not meet a reset before the restore.
-                l.keep()?;
+                l.keep()
+            };
+            if let Err(e) = r {
+                first.get_or_insert(e);
             }
         }
         // The job has left this node.
@@ -1130,7 +1150,7 @@ impl Departure {
             cg.remove();
         }
         debug!(pid = self.pid, ms = ms_since(t), "killed tree gone");
-        Ok(())
+        first.map_or(Ok(()), Err)
     }
 }
 

@@ -329,6 +329,14 @@ impl NetLock {
         r
     }
 
+    /// Records already that the rules stay once the job is killed (as
+    /// [`NetLock::keep`] will): an agent that dies before that leaves them
+    /// for the restore, not unlocked by its successor.
+    pub fn mark_kept(&mut self) -> Result<()> {
+        self.rec.kept = true;
+        self.save()
+    }
+
     /// Leaves the rules in place after the job was killed, until it is
     /// restored on this node or `cleanup --job` releases them.
     pub fn keep(mut self) -> Result<()> {

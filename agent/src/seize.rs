@@ -183,26 +183,57 @@ impl Seized {
         Self::kill_all_now(all)?.wait()
     }
 
+    /// Has the kernel kill every task should this agent die before it
+    /// does (PTRACE_O_EXITKILL): the tree is then past the point where it
+    /// may run on. Call from the thread that seized it.
+    pub fn exit_kill(all: &[Seized]) -> Result<()> {
+        for t in all.iter().flat_map(|s| &s.threads) {
+            ptrace::setoptions(
+                Pid::from_raw(t.tid),
+                crate::inject::seize_options(false) | ptrace::Options::PTRACE_O_EXITKILL,
+            )
+            .ctx(t.tid, || "PTRACE_SETOPTIONS (exit kill)".into())?;
+        }
+        Ok(())
+    }
+
     /// Sends SIGKILL to every process, and returns as soon as it is sent:
     /// from then on none of them runs another instruction of its own,
     /// though tearing their address spaces down (about 0.1 s per GiB here)
-    /// has just begun. [`Killed::wait`] waits for the end.
-    pub fn kill_all_now(all: Vec<Seized>) -> Result<Killed> {
-        let mut pidfds = Vec::with_capacity(all.len());
-        for mut s in all {
+    /// has just begun. [`Killed::wait`] waits for the end. None is ever
+    /// resumed, even when one could not be killed (that one is the error).
+    pub fn kill_all_now(mut all: Vec<Seized>) -> Result<Killed> {
+        let mut failed = None;
+        for s in &mut all {
             s.released = true;
-            let pidfd = sys::pidfd::pidfd_open(s.pid).ctx(s.pid, || "pidfd_open".into())?;
-            nix::sys::signal::kill(Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL)
-                .ctx(s.pid, || "kill(SIGKILL)".into())?;
-            pidfds.push((s, pidfd));
+            match nix::sys::signal::kill(Pid::from_raw(s.pid), nix::sys::signal::Signal::SIGKILL) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => {
+                    failed.get_or_insert(Error::sys(s.pid, "kill(SIGKILL)", e));
+                }
+            }
         }
-        Ok(Killed { pidfds })
+        // A pidfd (of a zombie too) tells when each has exited; without
+        // one (no fd left), its /proc entry does.
+        let killed = Killed {
+            pidfds: all
+                .into_iter()
+                .map(|s| {
+                    let fd = sys::pidfd::pidfd_open(s.pid).ok();
+                    (s, fd)
+                })
+                .collect(),
+        };
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(killed),
+        }
     }
 }
 
 /// Processes killed by [`Seized::kill_all_now`], still exiting.
 pub struct Killed {
-    pidfds: Vec<(Seized, std::os::fd::OwnedFd)>,
+    pidfds: Vec<(Seized, Option<std::os::fd::OwnedFd>)>,
 }
 
 impl Killed {
@@ -216,14 +247,27 @@ impl Killed {
                 .flat_map(|(s, _)| s.threads.iter().map(|t| t.tid)),
         );
         for (s, pidfd) in &pidfds {
-            use std::os::fd::AsFd;
-            let mut fds = [nix::poll::PollFd::new(
-                pidfd.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
-            let ready = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
-                .ctx(s.pid, || "waiting for the process to exit".into())?;
-            if ready == 0 {
+            let exited = match pidfd {
+                Some(fd) => {
+                    use std::os::fd::AsFd;
+                    let mut fds = [nix::poll::PollFd::new(
+                        fd.as_fd(),
+                        nix::poll::PollFlags::POLLIN,
+                    )];
+                    nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(10_000u16))
+                        .ctx(s.pid, || "waiting for the process to exit".into())?
+                        > 0
+                }
+                None => {
+                    let deadline = std::time::Instant::now() + COLLECT_TIMEOUT;
+                    let gone = || proc::stat(s.pid, None).map_or(true, |st| st.state() == 'Z');
+                    while !gone() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                    gone()
+                }
+            };
+            if !exited {
                 warn!(pid = s.pid, "killed 10 s ago and still exiting");
             }
         }

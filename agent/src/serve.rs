@@ -75,36 +75,58 @@ static CGROUP_OPS: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Parts killed on their way out of this node (a migration's sources,
 /// `FinishRequest.background`) whose tasks are still exiting, one entry
-/// per part, by job. A restore, dump or kill of the same job here waits
-/// for them (link ends and addresses are named after the job), and Status
-/// lists them.
+/// per part, by job. A run, restore, dump or kill of the same job here
+/// waits for them (its network lock and addresses are the job's), and
+/// Status lists them.
 static DEPARTING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 static DEPARTED: std::sync::Condvar = std::sync::Condvar::new();
 
 /// How long a request waits for a departing part of its job.
 const DEPARTURE_WAIT: Duration = Duration::from_secs(60);
 
-/// Completes the departure of a part of job `job` on a thread of its own.
+/// Completes the departure of a part of job `job` on a thread of its own
+/// (here, when no thread can be had).
 fn depart(job: String, d: crate::dump::Departure) {
+    fn complete(job: &str, d: crate::dump::Departure) {
+        if let Err(e) = d.complete() {
+            warn!(job, "a part killed on its way out: {e}");
+        }
+    }
+    fn done(job: &str) {
+        let mut left = DEPARTING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = left.iter().position(|j| j == job) {
+            left.swap_remove(i);
+        }
+        DEPARTED.notify_all();
+    }
     DEPARTING
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .push(job.clone());
-    std::thread::spawn(move || {
-        if let Err(e) = d.complete() {
-            warn!(job, "a part killed on its way out: {e}");
+    // The departure comes back if the thread cannot be made.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let j = job.clone();
+    let spawned = std::thread::Builder::new()
+        .name("ckpt-departure".into())
+        .spawn(move || {
+            if let Ok(d) = rx.recv() {
+                complete(&j, d);
+            }
+            done(&j);
+        });
+    match spawned {
+        Ok(_) => {
+            let _ = tx.send(d);
         }
-        let t = Instant::now();
-        if !job.is_empty() {
-            remove_node_ends(&job);
+        Err(e) => {
+            warn!(
+                job,
+                "no thread for a departure, completed before the answer: {e}"
+            );
+            complete(&job, d);
+            done(&job);
         }
-        tracing::debug!(job, ms = t.elapsed().as_secs_f64() * 1e3, "departed");
-        let mut left = DEPARTING.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = left.iter().position(|j| *j == job) {
-            left.swap_remove(i);
-        }
-        DEPARTED.notify_all();
-    });
+    }
 }
 
 /// Whether a part of job `job` is still on its way out of this node.
@@ -118,6 +140,9 @@ fn departing(job: &str) -> bool {
 
 /// Waits until no part of job `job` is on its way out of this node.
 fn wait_departed(job: &str) -> Result<()> {
+    if job.is_empty() {
+        return Ok(());
+    }
     let left = DEPARTING.lock().unwrap_or_else(|e| e.into_inner());
     let (_left, waited) = DEPARTED
         .wait_timeout_while(left, DEPARTURE_WAIT, |l| l.iter().any(|j| j == job))
@@ -917,19 +942,23 @@ impl Handler {
                 // dead agent to undo.
                 let job = std::mem::take(&mut s.job);
                 drop(s);
-                let r = if f.stop && f.background {
-                    let (r, departure) = dump.finish_now(true)?;
+                // A part of a job may leave in the background: what waits
+                // for its departure goes by the job's name.
+                let r = if f.stop && f.background && !job.is_empty() {
+                    let (r, departure) = dump.finish_departing()?;
                     if let Some(d) = departure {
-                        depart(job, d);
+                        depart(job.clone(), d);
                     }
                     r
                 } else {
-                    let r = dump.finish(f.stop)?;
-                    if f.stop && !job.is_empty() {
-                        remove_node_ends(&job);
-                    }
-                    r
+                    dump.finish(f.stop)?
                 };
+                if f.stop && !job.is_empty() {
+                    // Before the answer: the killed part's namespace lives
+                    // on while its tasks exit, and its end on the node's
+                    // bridge would still answer for the job's address.
+                    remove_node_ends(&job);
+                }
                 Ok(A::Finish(msg::FinishReply {
                     frozen_ms: r.frozen_ms,
                 }))
@@ -1082,6 +1111,7 @@ impl Handler {
                 }))
             }
             Q::Run(r) => {
+                wait_departed(&r.job)?;
                 let _ops = CGROUP_OPS.read().unwrap_or_else(|e| e.into_inner());
                 let pid = run_detached(&self.agent_exe, r, req.uid)?;
                 note_started(&self.jobs_dir, &r.job, pid);

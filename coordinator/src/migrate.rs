@@ -424,9 +424,15 @@ fn streamed(
     let finished = parallel(&mut conns, |c| finish_part(c, End::Depart, timeouts.freeze));
     let mut not_stopped = Vec::new();
     let mut stopped: Vec<String> = Vec::new();
+    // Those whose agents answered: their killed parts' exit is waited for
+    // last, on the same links.
+    let mut departing: Vec<String> = Vec::new();
     for (c, r) in conns.iter().zip(finished) {
         match r {
-            Ok(()) => stopped.push(c.part.clone()),
+            Ok(()) => {
+                stopped.push(c.part.clone());
+                departing.push(c.part.clone());
+            }
             // A finish that timed out may have stopped the part all the
             // same: what runs there decides.
             Err(e) => match running(cluster, &c.report.node, &c.agent_job) {
@@ -487,7 +493,7 @@ fn streamed(
     // The sources answered the stop once their parts were killed; the
     // command ends once they are gone too.
     let t = Instant::now();
-    let still = sources_gone(&mut conns, &stopped, timeouts.freeze);
+    let still = sources_gone(&mut conns, &departing, timeouts.freeze);
     steps.end("sources gone", t);
 
     // Later checkpoints find the parts where they now run.
@@ -789,10 +795,10 @@ fn running(cluster: &Cluster, node: &str, job: &str) -> Result<bool, String> {
     }
 }
 
-/// Waits until every stopped source part (`stopped`) is gone from its
-/// node: killed at the stop, its tasks were still exiting (their memory
-/// being freed) when its agent answered. Returns the parts not seen gone
-/// within `timeout`, with why.
+/// Waits until every source part in `stopped` (their agents answered the
+/// stop) is gone from its node: killed at the stop, its tasks were still
+/// exiting (their memory being freed) when its agent answered. Returns
+/// the parts not seen gone within `timeout`, with why.
 fn sources_gone(conns: &mut [Dumping], stopped: &[String], timeout: Duration) -> Vec<String> {
     let results = parallel(conns, |c| {
         if !stopped.contains(&c.part) {
