@@ -1127,6 +1127,7 @@ impl Departure {
     /// unkept would take the sockets out of repair mode); the first error
     /// is returned.
     pub fn complete(self) -> Result<()> {
+        fault_hold("CKPT_FAULT_HOLD_DEPARTURE_MS");
         let t = Instant::now();
         let mut first = self.killed.wait().err();
         if let Some(mut l) = self.lock {

@@ -1515,9 +1515,13 @@ fn run_detached(exe: &Path, r: &msg::RunPartRequest, uid: u32) -> Result<i32> {
             cmd.args(["--mtu", &r.mtu.to_string()]);
         }
     }
-    if !r.output.is_empty() {
-        cmd.args(["--output", &r.output]);
-    }
+    // Without one, the job would inherit the pipe this reads the helper's
+    // report from, and hold it open for as long as it runs.
+    let output = match r.output.as_str() {
+        "" => "/dev/null",
+        o => o,
+    };
+    cmd.args(["--output", output]);
     cmd.arg("--").args(&r.argv);
     cmd.env_clear().envs(&r.env);
     if !r.env.contains_key("PATH") {

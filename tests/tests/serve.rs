@@ -3,7 +3,9 @@
 //! connection that goes away aborts its checkpoint and the process runs on;
 //! a coordinator with the wrong key is refused; `check` names what a node
 //! lacks to restore a checkpoint; a post-copy between two agents: a final
-//! level whose pages the source agent holds, restored lazily by the other.
+//! level whose pages the source agent holds, restored lazily by the other;
+//! a job's part stopped in the background (a migration's source), gone
+//! before the answer, its exit waited for by the job's next request.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -45,8 +47,14 @@ fn serve(dir: &Workdir) -> Served {
 /// An agent keeping its state in `dir`/`name` (several may share `dir`
 /// and its key).
 fn serve_named(dir: &Workdir, name: &str) -> Served {
+    serve_with(dir, name, &[])
+}
+
+/// [`serve_named`] with more environment for the agent.
+fn serve_with(dir: &Workdir, name: &str, env: &[(&str, &str)]) -> Served {
     let key = key_file(dir, "cluster.key", 0x42);
     let mut child = Command::new(agent_binary())
+        .envs(env.iter().copied())
         .args([
             "serve",
             "--listen",
@@ -436,4 +444,186 @@ fn a_final_level_held_by_its_source_is_restored_lazily_elsewhere() {
     );
     case.terminate_and_check("restored from a level held by its source")
         .unwrap();
+}
+
+/// Where job `job`'s cgroup would be (v2 or the v1 freezer), if it exists.
+fn job_cgroup(job: &str) -> Option<PathBuf> {
+    [
+        "/sys/fs/cgroup/unified/ckpt",
+        "/sys/fs/cgroup/ckpt",
+        "/sys/fs/cgroup/freezer/ckpt",
+    ]
+    .iter()
+    .map(|root| Path::new(root).join(job))
+    .find(|d| d.join("cgroup.procs").exists())
+}
+
+/// The cgroups set aside for job `job`'s departing parts.
+fn set_aside(job: &str) -> Vec<PathBuf> {
+    [
+        "/sys/fs/cgroup/unified/ckpt",
+        "/sys/fs/cgroup/ckpt",
+        "/sys/fs/cgroup/freezer/ckpt",
+    ]
+    .iter()
+    .filter_map(|root| std::fs::read_dir(root).ok())
+    .flat_map(|rd| rd.flatten())
+    .filter(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{job}~gone-"))
+    })
+    .map(|e| e.path())
+    .collect()
+}
+
+/// Whether `pid` no longer runs (gone, or a zombie).
+fn dead(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// Starts job `job` (`sleep`) on `ch`'s agent; its root's pid.
+fn run_job(ch: &mut Channel, job: &str) -> i32 {
+    match call(
+        ch,
+        "run",
+        Q::Run(msg::RunPartRequest {
+            job: job.into(),
+            argv: vec!["sleep".into(), "1000".into()],
+            ..Default::default()
+        }),
+    ) {
+        A::Run(r) => r.pid,
+        other => panic!("run answered {other:?}"),
+    }
+}
+
+fn departing(ch: &mut Channel, job: &str) -> bool {
+    match call(
+        ch,
+        "status",
+        Q::Status(msg::StatusRequest {
+            jobs: vec![job.into()],
+        }),
+    ) {
+        A::Status(s) => s.departing.iter().any(|j| j == job),
+        other => panic!("status answered {other:?}"),
+    }
+}
+
+#[test]
+fn a_part_stopped_in_the_background_is_dead_at_the_answer_and_waited_for() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("serve-depart");
+    // The departure (waiting for the exit, removing the cgroup set aside)
+    // is held 2 s after the answer, so the test sees inside it.
+    let agent = serve_with(&dir, "state", &[("CKPT_FAULT_HOLD_DEPARTURE_MS", "2000")]);
+    let job = format!("depart-{}", std::process::id());
+    let mut ch = connect(&agent);
+    let pid = run_job(&mut ch, &job);
+    let (session, _) = prepare_and_dump(
+        &mut ch,
+        msg::PrepareRequest {
+            job: job.clone(),
+            images: dir.join("images").to_string_lossy().into_owned(),
+            stop_after_commit: true,
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    call(
+        &mut ch,
+        "finish",
+        Q::Finish(msg::FinishRequest {
+            session,
+            stop: true,
+            background: true,
+        }),
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "the answer waited for the departure"
+    );
+    assert!(
+        departing(&mut ch, &job),
+        "Status does not list the departing part"
+    );
+    assert!(
+        job_cgroup(&job).is_none(),
+        "the job's cgroup is still there"
+    );
+    assert_eq!(set_aside(&job).len(), 1, "no cgroup set aside");
+    assert!(
+        wait_for(Duration::from_secs(1), || dead(pid)),
+        "the part still runs after the answer"
+    );
+    // The job comes back to this node at once: its Run waits for the
+    // departure, then starts it afresh.
+    let t = Instant::now();
+    let again = run_job(&mut ch, &job);
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "the run did not wait for the departure"
+    );
+    assert!(!departing(&mut ch, &job));
+    assert!(set_aside(&job).is_empty(), "the cgroup set aside stayed");
+    assert!(job_cgroup(&job).is_some() && !dead(again));
+    call(
+        &mut ch,
+        "kill",
+        Q::Kill(msg::KillRequest { job: job.clone() }),
+    );
+    assert!(wait_for(Duration::from_secs(5), || dead(again)));
+}
+
+#[test]
+fn a_departure_cut_short_by_its_agent_leaves_nothing_running() {
+    if no_checkpoint() {
+        return;
+    }
+    let dir = Workdir::new("serve-depart-dies");
+    let mut agent = serve_with(&dir, "state", &[("CKPT_FAULT_HOLD_DEPARTURE_MS", "60000")]);
+    let job = format!("depart-dies-{}", std::process::id());
+    let mut ch = connect(&agent);
+    let pid = run_job(&mut ch, &job);
+    let (session, _) = prepare_and_dump(
+        &mut ch,
+        msg::PrepareRequest {
+            job: job.clone(),
+            images: dir.join("images").to_string_lossy().into_owned(),
+            stop_after_commit: true,
+            ..Default::default()
+        },
+    );
+    call(
+        &mut ch,
+        "finish",
+        Q::Finish(msg::FinishRequest {
+            session,
+            stop: true,
+            background: true,
+        }),
+    );
+    // The agent dies inside the departure.
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    assert!(
+        wait_for(Duration::from_secs(5), || dead(pid)),
+        "the part runs on after its agent died"
+    );
+    // Its successor sweeps the cgroup it left set aside.
+    let _next = serve_named(&dir, "state");
+    assert!(
+        wait_for(Duration::from_secs(10), || set_aside(&job).is_empty()),
+        "the cgroup set aside stayed: {:?}",
+        set_aside(&job)
+    );
+    assert!(job_cgroup(&job).is_none());
 }
