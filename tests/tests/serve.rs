@@ -503,6 +503,33 @@ fn run_job(ch: &mut Channel, job: &str) -> i32 {
     }
 }
 
+/// Starts job `job` on `ch`'s agent, checkpoints it and stops it in the
+/// background, as a migration stops its sources: the job's root and how
+/// long the stop took to be answered.
+fn run_and_depart(ch: &mut Channel, dir: &Workdir, job: &str) -> (i32, Duration) {
+    let pid = run_job(ch, job);
+    let (session, _) = prepare_and_dump(
+        ch,
+        msg::PrepareRequest {
+            job: job.into(),
+            images: dir.join("images").to_string_lossy().into_owned(),
+            stop_after_commit: true,
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    call(
+        ch,
+        "finish",
+        Q::Finish(msg::FinishRequest {
+            session,
+            stop: true,
+            background: true,
+        }),
+    );
+    (pid, t.elapsed())
+}
+
 fn departing(ch: &mut Channel, job: &str) -> bool {
     match call(
         ch,
@@ -527,28 +554,9 @@ fn a_part_stopped_in_the_background_is_dead_at_the_answer_and_waited_for() {
     let agent = serve_with(&dir, "state", &[("CKPT_FAULT_HOLD_DEPARTURE_MS", "2000")]);
     let job = format!("depart-{}", std::process::id());
     let mut ch = connect(&agent);
-    let pid = run_job(&mut ch, &job);
-    let (session, _) = prepare_and_dump(
-        &mut ch,
-        msg::PrepareRequest {
-            job: job.clone(),
-            images: dir.join("images").to_string_lossy().into_owned(),
-            stop_after_commit: true,
-            ..Default::default()
-        },
-    );
-    let t = Instant::now();
-    call(
-        &mut ch,
-        "finish",
-        Q::Finish(msg::FinishRequest {
-            session,
-            stop: true,
-            background: true,
-        }),
-    );
+    let (pid, answered) = run_and_depart(&mut ch, &dir, &job);
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        answered < Duration::from_secs(2),
         "the answer waited for the departure"
     );
     assert!(
@@ -592,25 +600,7 @@ fn a_departure_cut_short_by_its_agent_leaves_nothing_running() {
     let mut agent = serve_with(&dir, "state", &[("CKPT_FAULT_HOLD_DEPARTURE_MS", "60000")]);
     let job = format!("depart-dies-{}", std::process::id());
     let mut ch = connect(&agent);
-    let pid = run_job(&mut ch, &job);
-    let (session, _) = prepare_and_dump(
-        &mut ch,
-        msg::PrepareRequest {
-            job: job.clone(),
-            images: dir.join("images").to_string_lossy().into_owned(),
-            stop_after_commit: true,
-            ..Default::default()
-        },
-    );
-    call(
-        &mut ch,
-        "finish",
-        Q::Finish(msg::FinishRequest {
-            session,
-            stop: true,
-            background: true,
-        }),
-    );
+    let (pid, _) = run_and_depart(&mut ch, &dir, &job);
     // The agent dies inside the departure.
     let _ = agent.child.kill();
     let _ = agent.child.wait();
