@@ -65,6 +65,21 @@ struct StartedRecord {
     job: String,
     /// Its root process (host PID).
     pid: i32,
+    /// Its cgroup's inode: where agents share a cgroup hierarchy (a lab on
+    /// one machine), the job may have been moved to another node since,
+    /// whose agent made a cgroup of the same name; that one is not ours
+    /// to remove. 0: not known (records of older agents).
+    #[serde(default)]
+    cgroup_ino: u64,
+}
+
+/// The inode of job `job`'s cgroup, 0 when it has none.
+fn cgroup_ino(job: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    crate::cgroup::JobCgroup::find(job)
+        .ok()
+        .and_then(|cg| std::fs::metadata(&cg.dir).ok())
+        .map_or(0, |m| m.ino())
 }
 
 /// Making job cgroups (starts and restores, shared: they run side by side)
@@ -172,6 +187,7 @@ fn note_started(jobs_dir: &Path, job: &str, pid: i32) {
         &StartedRecord {
             job: job.to_string(),
             pid,
+            cgroup_ino: cgroup_ino(job),
         },
     ) {
         warn!("{e}");
@@ -203,10 +219,13 @@ pub fn sweep_ended(state_dir: &Path) -> Vec<String> {
             continue;
         }
         if let Ok(cg) = crate::cgroup::JobCgroup::find(&rec.job) {
-            if !cg.procs().map(|p| p.is_empty()).unwrap_or(false) {
-                continue;
+            let ours = rec.cgroup_ino == 0 || cgroup_ino(&rec.job) == rec.cgroup_ino;
+            if ours {
+                if !cg.procs().map(|p| p.is_empty()).unwrap_or(false) {
+                    continue;
+                }
+                cg.remove();
             }
-            cg.remove();
         }
         remove_node_ends(&rec.job);
         let _ = std::fs::remove_file(&path);
@@ -1704,4 +1723,40 @@ fn check_owner(uid: u32, pid: i32) -> Result<()> {
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job that ended here after it moved to another node of the same
+    /// cgroup hierarchy: its record goes, the cgroup of that name (the
+    /// other node's) stays; its own cgroup would go.
+    #[test]
+    fn an_ended_job_leaves_another_agents_cgroup_of_its_name() {
+        let state = tempfile::tempdir().unwrap();
+        let job = format!("unit-sweep-{}", std::process::id());
+        let mut ended = std::process::Command::new("true").spawn().unwrap();
+        let pid = ended.id() as i32;
+        ended.wait().unwrap();
+        let cg = crate::cgroup::JobCgroup::create(&job).unwrap();
+        let record = |ino: u64| {
+            std::fs::create_dir_all(jobs_dir(state.path())).unwrap();
+            write_record(
+                &jobs_dir(state.path()).join(format!("{job}.json")),
+                &StartedRecord {
+                    job: job.clone(),
+                    pid,
+                    cgroup_ino: ino,
+                },
+            )
+            .unwrap();
+        };
+        record(cgroup_ino(&job) + 1);
+        assert_eq!(sweep_ended(state.path()), vec![job.clone()]);
+        assert!(cg.dir.exists(), "another agent's cgroup was removed");
+        record(cgroup_ino(&job));
+        assert_eq!(sweep_ended(state.path()), vec![job.clone()]);
+        assert!(!cg.dir.exists(), "its own cgroup stayed");
+    }
 }
