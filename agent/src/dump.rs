@@ -1072,7 +1072,11 @@ impl DumpSession {
                 }
             };
             if let (true, Some(l), false) = (departing, lock.as_mut(), self.own_net) {
-                l.mark_kept()?;
+                // Not a reason to let the tree run on outside its cgroup:
+                // the lock is kept at the end of the departure all the same.
+                if let Err(e) = l.mark_kept() {
+                    warn!(pid, "{e}");
+                }
             }
             let departure = Departure {
                 pid,
@@ -1108,7 +1112,7 @@ impl DumpSession {
     }
 }
 
-/// A tree killed by [`DumpSession::finish_now`] on its way out of this
+/// A tree killed by [`DumpSession::finish_departing`] on its way out of this
 /// node: what is left is to wait for its tasks' exit and to clear what
 /// the job held here.
 pub struct Departure {
