@@ -190,6 +190,14 @@ pub fn pid_exists(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether process `pid` no longer runs: gone, or a zombie not yet reaped.
+pub fn dead(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |st| {
+        st.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'))
+    })
+}
+
 /// PIDs of processes whose command line contains `needle` (a work dir path
 /// identifies a test's own processes, whatever else runs in parallel).
 pub fn pids_mentioning(needle: &str) -> Vec<i32> {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use ckpt_lab::{Lab, Node, UPLINK};
 use ckpt_tests::{
-    agent, agent_in, dump_in, no_checkpoint, on, pids_mentioning, restore_detached_in, strs,
+    agent, agent_in, dead, dump_in, no_checkpoint, on, pids_mentioning, restore_detached_in, strs,
     CaseProcess, JobCgroupGuard, JobOptions, Workdir,
 };
 
@@ -480,12 +480,6 @@ fn veth_job_moves_onto_a_bridge_of_another_name() {
     assert_eq!(job_ports(new, "br0"), ["patch0"], "the job is not on br0");
     case.terminate_and_check("job restored on another node's br1")
         .unwrap_or_else(|e| panic!("{e}{}", dir.agent_report()));
-}
-
-/// Whether process `pid` is gone (or a zombie, not yet reaped).
-fn dead(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.is_empty() || stat.contains(") Z")
 }
 
 /// Losing a node takes its jobs with it, though each has network and UTS

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use ckpt_proto::rpc::msg::{self, request::Body as Q, response::Body as A};
 use ckpt_proto::rpc::{Channel, Key};
-use ckpt_tests::{agent_binary, no_checkpoint, reap_descendants, wait_for, CaseProcess, Workdir};
+use ckpt_tests::{
+    agent_binary, dead, no_checkpoint, reap_descendants, wait_for, CaseProcess, Workdir,
+};
 
 const CASE_BIN: &str = env!("CARGO_BIN_EXE_zdtm-case");
 
@@ -475,16 +477,6 @@ fn set_aside(job: &str) -> Vec<PathBuf> {
     })
     .map(|e| e.path())
     .collect()
-}
-
-/// Whether `pid` no longer runs (gone, or a zombie).
-fn dead(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z'))
-        })
-        .unwrap_or(true)
 }
 
 /// Starts job `job` (`sleep`) on `ch`'s agent; its root's pid.

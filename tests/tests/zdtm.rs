@@ -1004,13 +1004,8 @@ mod lazy {
             run.describe()
         );
         // Gone, or killed and left to this test (a subreaper) to reap.
-        let dead = || {
-            std::fs::read_to_string(format!("/proc/{}/stat", case.pid)).map_or(true, |st| {
-                st.rsplit(") ").next().unwrap_or("").starts_with('Z')
-            })
-        };
         assert!(
-            wait_for(Duration::from_secs(5), dead),
+            wait_for(Duration::from_secs(5), || ckpt_tests::dead(case.pid)),
             "the tree restored from a corrupt image runs on"
         );
     }
